@@ -1,0 +1,243 @@
+"""The benchmark's datasets: where they live, what they must contain, and how to read them.
+
+Layout (upstream release of DeepMicroscopy/AMi-Br_Benchmark)::
+
+    <root>/amibr_train_split.csv
+    <root>/AMi-Br/{Atypical,Normal}/*.png
+    <root>/AtNorM-Br/{Atypical,Normal}/*.png
+    <root>/AtNorM-MD/{Atypical,Normal}/*.png
+
+Every dataset is treated alike. A dataset that is not on disk is a reported state
+(:class:`DatasetMissing`), never a crash and never faked.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ENV_DATA_ROOT = "AMI_DATA_ROOT"
+CLASS_DIRS = {"Normal": 0, "Atypical": 1}
+IMAGE_SUFFIXES = (".png",)
+TRAIN_SPLIT_CSV = "amibr_train_split.csv"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    folder: str
+    n_total: int
+    n_atypical: int
+    description: str
+
+    @property
+    def n_normal(self) -> int:
+        return self.n_total - self.n_atypical
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "AMi-Br": DatasetSpec("AMi-Br", "AMi-Br", 3720, 832,
+                          "human breast cancer (TUPAC16, MIDOG21), 3-expert majority; train + test"),
+    "AtNorM-Br": DatasetSpec("AtNorM-Br", "AtNorM-Br", 746, 128,
+                             "TCGA-BRCA, single expert; out-of-domain test set"),
+    "AtNorM-MD": DatasetSpec("AtNorM-MD", "AtNorM-MD", 2107, 219,
+                             "MIDOG++ non-breast domains, human + canine, 5-expert majority; out-of-domain test set"),
+}
+AMIBR_TRAIN_SIZE = 2894
+AMIBR_TEST_SIZE = 826
+# The evaluation sets of the paper, in table order.
+TEST_SETS = ("AMi-Br-test", "AtNorM-Br", "AtNorM-MD")
+
+
+class DatasetMissing(FileNotFoundError):
+    """A dataset folder is absent under the data root."""
+
+
+class DatasetError(ValueError):
+    """A dataset is present but does not match what the benchmark expects."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int  # 1 = Atypical, 0 = Normal
+    name: str  # file name, unique within a dataset (AMi-Br: the `dataset_uid`)
+    slide: str | None = None
+
+
+def default_data_root() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "ami" / "ami-br-benchmark"
+
+
+def resolve_data_root(flag: str | os.PathLike | None = None) -> Path:
+    """``--data-root`` flag > ``$AMI_DATA_ROOT`` > the per-user default."""
+    if flag:
+        return Path(flag).expanduser()
+    env = os.environ.get(ENV_DATA_ROOT)
+    if env:
+        return Path(env).expanduser()
+    return default_data_root()
+
+
+def missing_message(root: Path, name: str) -> str:
+    return (f"dataset {name} is not present: expected {root / DATASETS[name].folder}/{{Atypical,Normal}}/*.png "
+            f"under data root {root} (set --data-root or ${ENV_DATA_ROOT}, or run `ami-data download`)")
+
+
+def scan(root: Path, name: str) -> list[Sample]:
+    """All crops of one dataset, sorted by (label folder, file name). Raises DatasetMissing."""
+    spec = DATASETS[name]
+    base = Path(root) / spec.folder
+    if not base.is_dir():
+        raise DatasetMissing(missing_message(Path(root), name))
+    out: list[Sample] = []
+    for cls, label in sorted(CLASS_DIRS.items()):
+        d = base / cls
+        if not d.is_dir():
+            continue
+        for p in sorted(d.iterdir()):
+            if p.suffix.lower() in IMAGE_SUFFIXES:
+                out.append(Sample(p, label, p.name))
+    return out
+
+
+def read_train_split(root: Path) -> list[dict]:
+    p = Path(root) / TRAIN_SPLIT_CSV
+    if not p.is_file():
+        raise DatasetMissing(f"{p} not found: the AMi-Br train split ships with the public release")
+    with p.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def amibr_split(root: Path) -> tuple[list[Sample], list[Sample]]:
+    """(train, test) for AMi-Br: train = the crops of amibr_train_split.csv, test = all others."""
+    root = Path(root)
+    by_name = {s.name: s for s in scan(root, "AMi-Br")}
+    rows = read_train_split(root)
+    train: list[Sample] = []
+    for r in rows:
+        name = r["dataset_uid"]
+        s = by_name.get(name)
+        if s is None:
+            raise DatasetError(f"{name} is listed in {TRAIN_SPLIT_CSV} but not found under {root / 'AMi-Br'}")
+        want = CLASS_DIRS[r["final_label"]]
+        if s.label != want:
+            raise DatasetError(f"{name}: {TRAIN_SPLIT_CSV} says {r['final_label']} but it is in the other class folder")
+        train.append(Sample(s.path, s.label, s.name, r["slide"]))
+    names = {s.name for s in train}
+    test = [s for s in by_name.values() if s.name not in names]
+    return train, test
+
+
+def load_eval_set(root: Path, name: str) -> list[Sample]:
+    """One of TEST_SETS. Raises DatasetMissing when its folder is absent."""
+    if name == "AMi-Br-test":
+        return amibr_split(root)[1]
+    if name not in DATASETS:
+        raise KeyError(f"unknown evaluation set {name!r}; known: {', '.join(TEST_SETS)}")
+    return scan(root, name)
+
+
+def available_eval_sets(root: Path) -> dict[str, list[Sample] | str]:
+    """Every evaluation set: its samples, or the message saying why it is absent."""
+    out: dict[str, list[Sample] | str] = {}
+    for name in TEST_SETS:
+        try:
+            out[name] = load_eval_set(root, name)
+        except DatasetMissing as e:
+            out[name] = str(e)
+    return out
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def fingerprint(samples: list[Sample]) -> str:
+    """Content fingerprint of a set of crops: sha256 over (label, name, sha256(bytes)), sorted."""
+    h = hashlib.sha256()
+    for s in sorted(samples, key=lambda s: (s.label, s.name)):
+        h.update(f"{s.label}\t{s.name}\t{file_sha256(s.path)}\n".encode())
+    return h.hexdigest()
+
+
+@dataclass
+class VerifyReport:
+    name: str
+    present: bool
+    counts: dict[str, int] = field(default_factory=dict)  # found per class
+    expected: dict[str, int] = field(default_factory=dict)
+    fingerprint: str | None = None
+    problems: list[str] = field(default_factory=list)
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.present and not self.problems
+
+
+def _png_ok(path: Path) -> str | None:
+    """A cheap, torch-free readability check: PNG signature and a full decode by Pillow."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a finding, not a crash
+        return f"{path.name}: unreadable ({type(e).__name__}: {e})"
+    return None
+
+
+def verify_dataset(root: Path, name: str, check_images: bool = True) -> VerifyReport:
+    spec = DATASETS[name]
+    rep = VerifyReport(name, present=False, expected={"Atypical": spec.n_atypical, "Normal": spec.n_normal})
+    base = Path(root) / spec.folder
+    if not base.is_dir():
+        rep.message = missing_message(Path(root), name)
+        return rep
+    rep.present = True
+    seen: dict[str, str] = {}
+    samples: list[Sample] = []
+    for cls, label in CLASS_DIRS.items():
+        d = base / cls
+        if not d.is_dir():
+            rep.problems.append(f"class folder {cls}/ is missing")
+            rep.counts[cls] = 0
+            continue
+        n = 0
+        for p in sorted(d.iterdir()):
+            if p.name.startswith("."):
+                continue
+            if p.suffix.lower() not in IMAGE_SUFFIXES or not p.is_file():
+                rep.problems.append(f"extra file {cls}/{p.name}")
+                continue
+            if p.name in seen:
+                rep.problems.append(f"{p.name} is in both {seen[p.name]}/ and {cls}/")
+            seen[p.name] = cls
+            n += 1
+            samples.append(Sample(p, label, p.name))
+            if check_images and (err := _png_ok(p)):
+                rep.problems.append(err)
+        rep.counts[cls] = n
+    for cls, want in rep.expected.items():
+        got = rep.counts.get(cls, 0)
+        if got != want:
+            rep.problems.append(f"{cls}: found {got} crops, expected {want}")
+    rep.fingerprint = fingerprint(samples)
+    if name == "AMi-Br":
+        try:
+            train, test = amibr_split(root)
+            if (len(train), len(test)) != (AMIBR_TRAIN_SIZE, AMIBR_TEST_SIZE):
+                rep.problems.append(f"train/test split is {len(train)}/{len(test)}, expected "
+                                    f"{AMIBR_TRAIN_SIZE}/{AMIBR_TEST_SIZE}")
+        except (DatasetError, DatasetMissing) as e:
+            rep.problems.append(str(e))
+    return rep

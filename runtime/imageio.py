@@ -1,0 +1,74 @@
+"""Decoding crops into RGB, robustly and without torch.
+
+Handles RGB, RGBA (composited on white), greyscale, 16-bit, palette and CMYK images, guards
+against decompression bombs, and turns every failure into an :class:`ImageError` with a reason
+a person can act on.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+# A crop is ~128x128; anything over this many pixels is refused before decoding.
+MAX_PIXELS = 64_000_000
+
+
+class ImageError(Exception):
+    """A crop could not be turned into an RGB image; str(e) says why."""
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(im, dtype=np.float64)
+        hi = 65535.0 if mode.startswith("I;16") or a.max() > 255 else 255.0
+        a = np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        a = np.clip(a * (255.0 if a.max() <= 1.0 else 1.0) + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if mode == "P":
+        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
+        mode = im.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, im).convert("RGB")
+    return im.convert("RGB")
+
+
+def decode_rgb(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open, fully decode and convert one crop to RGB. Raises ImageError with the reason."""
+    p = Path(path)
+    try:
+        if p.is_symlink() and not p.exists():
+            raise ImageError("broken symbolic link")
+        if p.is_dir():
+            raise ImageError("is a directory")
+        if p.stat().st_size == 0:
+            raise ImageError("empty file")
+        with Image.open(p) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ImageError(f"image too large ({w}x{h} pixels > {max_pixels}); refusing to decode")
+            im.load()
+            return _to_rgb(im)
+    except ImageError:
+        raise
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except FileNotFoundError:
+        raise ImageError("file not found") from None
+    except UnidentifiedImageError:
+        raise ImageError("not an image (unrecognised format)") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"decompression bomb refused: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"corrupt or truncated image ({e})") from None

@@ -1,0 +1,1 @@
+"""ami.train: PyTorch training that reproduces the benchmark (torch, timm, peft)."""

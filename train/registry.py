@@ -1,0 +1,160 @@
+"""One registry of model configurations, in the spirit of timm's.
+
+Each :class:`ModelConfig` knows everything needed to build, adapt, train and export a model:
+timm architecture and creation kwargs, weight source, preprocessing, where the classifier head
+lives, how an embedding is formed from the backbone's tokens, and the exact LoRA targets.
+Adding a foundation model is one ``register(ModelConfig(...))`` call.
+
+This module is import-light (no torch) so that ``ami-train --list`` and the export/runtime
+metadata can use it anywhere; :mod:`ami.train.models` turns an entry into a network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+from ami.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+
+METHODS = ("full", "linear", "lora")
+
+# LoRA targets: the attention qkv/proj and MLP fc1/fc2 linears of every transformer block, and
+# nothing else (a bare "proj" suffix would also catch patch_embed.proj, the stem convolution).
+VIT_LORA_TARGETS = r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
+SWIN_LORA_TARGETS = r".*layers\.\d+\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Training hyper-parameters. Defaults are the paper's protocol."""
+
+    epochs: int = 100
+    batch_size: int = 8
+    optimizer: str = "adam"  # adam | adamw
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    scheduler: str = "plateau"  # plateau (on val BA: factor 0.5, patience 3, min 1e-7) | cosine
+    warmup_epochs: int = 0
+    early_stop_patience: int = 15  # on validation balanced accuracy; 0 = off
+    augment: str = "paper"  # paper | edge
+    sampling: str = "balanced"  # balanced (inverse class frequency) | uniform
+    loss: str = "bce"  # bce | focal
+    label_smoothing: float = 0.0
+    ema_decay: float = 0.0  # 0 = no weight averaging
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.3
+    seed: int = 0
+
+    def override(self, **kw) -> "Recipe":
+        unknown = set(kw) - set(asdict(self))
+        if unknown:
+            raise KeyError(f"unknown recipe keys: {sorted(unknown)}; known: {sorted(asdict(self))}")
+        return replace(self, **kw)
+
+
+PAPER_RECIPE = Recipe()
+LORA_RECIPE = Recipe(lr=5e-5, early_stop_patience=10)  # the public LoRA scripts
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str  # registry key, e.g. "virchow2"
+    arch: str  # timm architecture name
+    display: str  # name used in tables, e.g. "Virchow2"
+    family: str  # "edge" | "e2e" | "foundation"
+    methods: tuple[str, ...]
+    preprocess: Preprocess
+    hub_id: str | None = None  # e.g. "hf-hub:paige-ai/Virchow2"; None = timm's own ImageNet weights or none
+    pretrained: bool = True  # False: the benchmark trains this architecture from scratch
+    create_kwargs: dict = field(default_factory=dict)  # timm kwargs; "timm.layers.X" strings are resolved
+    head: str = "head"  # attribute path of the classifier (the module replaced / kept trainable)
+    embedding: str = "cls"  # cls | cls+mean (class token ++ mean of patch tokens) | pool (timm's pooled features)
+    embed_dim: int = 0
+    num_prefix_tokens: int = 1  # class + register tokens: excluded from the patch mean
+    lora_targets: str | None = None  # regex over module names
+    params_m: float = 0.0  # parameter count of the real model, millions (paper / model card)
+    recipe: Recipe = PAPER_RECIPE
+    lora_recipe: Recipe = LORA_RECIPE
+    tiny_kwargs: dict = field(default_factory=dict)  # shrink depth/width for the CPU test stand-in
+    notes: str = ""
+
+    def recipe_for(self, method: str) -> Recipe:
+        return self.lora_recipe if method == "lora" else self.recipe
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["preprocess"] = asdict(self.preprocess)
+        return d
+
+
+REGISTRY: dict[str, ModelConfig] = {}
+
+
+def register(cfg: ModelConfig) -> ModelConfig:
+    if cfg.name in REGISTRY:
+        raise KeyError(f"model {cfg.name!r} is already registered")
+    bad = set(cfg.methods) - set(METHODS)
+    if bad:
+        raise ValueError(f"{cfg.name}: unknown methods {bad}")
+    REGISTRY[cfg.name] = cfg
+    return cfg
+
+
+def get(name: str) -> ModelConfig:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; `ami-train --list` shows the registry: "
+                       f"{', '.join(sorted(REGISTRY))}") from None
+
+
+def table3_configs() -> list[tuple[str, str]]:
+    """The 17 (model, method) configurations of the paper's Table 3, in table order."""
+    out = [(n, "full") for n, c in REGISTRY.items() if c.family == "e2e"]
+    fms = [n for n, c in REGISTRY.items() if c.family == "foundation" and "table3" in c.notes]
+    out += [(n, "linear") for n in fms] + [(n, "lora") for n in fms]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The edge model: trained here from scratch, shipped inside the package.
+EDGE_RECIPE = Recipe(
+    epochs=40, batch_size=64, optimizer="adamw", lr=2e-3, weight_decay=0.05, scheduler="cosine",
+    warmup_epochs=3, early_stop_patience=0, augment="edge", sampling="balanced", loss="bce",
+    label_smoothing=0.0, ema_decay=0.998, drop_rate=0.2, drop_path_rate=0.0, seed=0,
+)
+register(ModelConfig(
+    name="edge", arch="regnetx_002", display="ami-edge (RegNetX-200MF, 128 px)", family="edge",
+    methods=("full",), pretrained=False,
+    preprocess=Preprocess(input_size=128, resize=None, interpolation="bicubic",
+                          mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
+    head="head.fc", embedding="pool", embed_dim=368, params_m=2.32, recipe=EDGE_RECIPE,
+    notes="from scratch at the crops' native 128 px; recipe chosen on AMi-Br folds",
+))
+
+# ---------------------------------------------------------------------------------------------
+# End-to-end baselines of the paper (timm, single-logit head, whole network trained).
+register(ModelConfig(
+    name="efficientnetv2_m", arch="efficientnetv2_m", display="EfficientNetV2", family="e2e",
+    methods=("full",), pretrained=False, preprocess=Preprocess(224, None, "bicubic"),
+    head="classifier", embedding="pool", embed_dim=1280, params_m=54.1,
+    tiny_kwargs={"_tiny_arch": "efficientnetv2_rw_t"},
+    notes="table3; the public script builds it with no pretrained weights",
+))
+register(ModelConfig(
+    name="vit_large_patch16_224", arch="vit_large_patch16_224", display="ViT-L (e2e)", family="e2e",
+    methods=("full",), hub_id="timm/vit_large_patch16_224.augreg_in21k_ft_in1k",
+    preprocess=Preprocess(224, None, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    head="head", embedding="cls", embed_dim=1024, lora_targets=VIT_LORA_TARGETS, params_m=304.3,
+    tiny_kwargs={"embed_dim": 64, "depth": 2, "num_heads": 2}, notes="table3; ImageNet weights",
+))
+register(ModelConfig(
+    name="swin_base_patch4_window7_224", arch="swin_base_patch4_window7_224", display="Swin-B (e2e)",
+    family="e2e", methods=("full",), hub_id="timm/swin_base_patch4_window7_224.ms_in22k_ft_in1k",
+    preprocess=Preprocess(224, None, "bicubic", IMAGENET_MEAN, IMAGENET_STD),
+    head="head.fc", embedding="pool", embed_dim=1024, lora_targets=SWIN_LORA_TARGETS, params_m=87.8,
+    tiny_kwargs={"embed_dim": 32, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 2, 4)},
+    notes="table3; ImageNet weights",
+))
