@@ -371,7 +371,7 @@ class Run:
                     ema.update(model)
                 if r.scheduler == "cosine":
                     sched.step()
-                loss_sum += float(loss)
+                loss_sum += loss.item()
                 bar.set_postfix(loss=f"{loss_sum / (step + 1):.4f}")
             bar.close()
             eval_model = ema.module if ema is not None else model

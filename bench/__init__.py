@@ -1,0 +1,1 @@
+"""ami.bench: results tables, the parity suite and latency benchmarks."""

@@ -1,0 +1,1 @@
+"""ami.export: merge, export and check deployable engines (onnx, onnxruntime, tensorrt)."""

@@ -1,0 +1,141 @@
+"""ami-data: check, fetch and split the benchmark's datasets."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..datasets import DATASETS, ENV_DATA_ROOT, resolve_data_root, verify_dataset
+from ..splits import FOLDS_FILE, SplitError, check_against_data, folds_sha256, load_folds, pinned_sha256
+from . import DATA_ROOT_HELP
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=(
+    "Check, download and split the AMi-Br / AtNorM-Br / AtNorM-MD datasets.\n\n"
+    "Examples:\n\n"
+    "  ami-data verify --data-root ../shared/data/ami-br-benchmark\n\n"
+    "  AMI_DATA_ROOT=/data/ami ami-data folds\n\n"
+    "  ami-data download --data-root ~/data/ami-br-benchmark"))
+
+UPSTREAM_REPO = "DeepMicroscopy/AMi-Br_Benchmark"
+UPSTREAM_COMMIT = "3acf4da"  # the commit shared/data was copied from
+
+
+@app.command()
+def verify(data_root: Optional[Path] = typer.Option(None, "--data-root", help=DATA_ROOT_HELP),
+           quick: bool = typer.Option(False, "--quick", help="Skip decoding every PNG (counts and fingerprints only).")):
+    """Count every dataset's crops per class against the expected numbers and fingerprint them.
+
+    A missing dataset is reported, not an error. Exit code 1 on any mismatch: missing or extra
+    files, a crop in both class folders, an unreadable PNG, a wrong train/test split.
+    """
+    root = resolve_data_root(data_root)
+    typer.echo(f"data root: {root}")
+    bad = False
+    header = f"{'dataset':<10} {'status':<8} {'Atypical':>14} {'Normal':>14}  fingerprint (sha256)"
+    typer.echo(header)
+    typer.echo("-" * len(header))
+    reports = [verify_dataset(root, name, check_images=not quick) for name in DATASETS]
+    for r in reports:
+        if not r.present:
+            typer.echo(f"{r.name:<10} {'MISSING':<8} {'-':>14} {'-':>14}  -")
+            continue
+        cells = [f"{r.counts.get(c, 0)}/{r.expected[c]}" for c in ("Atypical", "Normal")]
+        typer.echo(f"{r.name:<10} {'ok' if r.ok else 'MISMATCH':<8} {cells[0]:>14} {cells[1]:>14}  {r.fingerprint}")
+        bad |= not r.ok
+    for r in reports:
+        if not r.present:
+            typer.echo(f"\n{r.name}: {r.message}")
+        for p in r.problems[:20]:
+            typer.echo(f"  {r.name}: {p}")
+        if len(r.problems) > 20:
+            typer.echo(f"  {r.name}: ... and {len(r.problems) - 20} more problems")
+    try:
+        rows = load_folds()
+        from ..datasets import amibr_split
+
+        check_against_data(rows, amibr_split(root)[0])
+        typer.echo(f"\nfolds: {FOLDS_FILE.name} sha256 {folds_sha256()[:16]}... matches the data")
+    except (SplitError, FileNotFoundError, ValueError) as e:
+        typer.echo(f"\nfolds: {e}")
+        bad = True
+    raise typer.Exit(1 if bad else 0)
+
+
+@app.command()
+def folds(data_root: Optional[Path] = typer.Option(None, "--data-root", help=DATA_ROOT_HELP),
+          write: bool = typer.Option(False, "--write", help="Rewrite the pinned folds file (maintainers only).")):
+    """Show the pinned 5-fold split (slide-grouped, stratified) and check it equals a fresh computation."""
+    from ..splits import compute_folds, write_folds
+
+    root = resolve_data_root(data_root)
+    fresh = compute_folds(root)
+    if write:
+        digest = write_folds(fresh)
+        typer.echo(f"wrote {FOLDS_FILE} (sha256 {digest})")
+        raise typer.Exit(0)
+    stored = load_folds()
+    typer.echo(f"{FOLDS_FILE.name}: sha256 {folds_sha256()} (pinned {pinned_sha256()})")
+    typer.echo(f"{'fold':>4} {'crops':>6} {'atypical':>9} {'rate':>6} {'slides':>6}")
+    for k in range(5):
+        rows = [r for r in stored if r.fold == k]
+        n_pos = sum(r.label for r in rows)
+        typer.echo(f"{k:>4} {len(rows):>6} {n_pos:>9} {n_pos / len(rows):>6.1%} {len({r.slide for r in rows}):>6}")
+    same = fresh == stored
+    typer.echo("stored file equals a fresh StratifiedGroupKFold(5, shuffle=True, random_state=42): "
+               + ("yes" if same else "NO"))
+    raise typer.Exit(0 if same else 1)
+
+
+@app.command()
+def download(data_root: Optional[Path] = typer.Option(None, "--data-root", help=DATA_ROOT_HELP),
+             commit: str = typer.Option(UPSTREAM_COMMIT, help="Upstream commit to fetch."),
+             timeout: float = typer.Option(20.0, help="Network timeout, seconds.")):
+    """Fetch the public release (GitHub DeepMicroscopy/AMi-Br_Benchmark at a pinned commit).
+
+    Downloads into a temporary folder, verifies the counts, and only then moves the datasets
+    into place: an interrupted download never leaves a half-written tree. Offline it fails fast.
+    """
+    root = resolve_data_root(data_root)
+    url = f"https://codeload.github.com/{UPSTREAM_REPO}/zip/{commit}"
+    typer.echo(f"fetching {url}")
+    with tempfile.TemporaryDirectory(prefix="ami-download-") as tmp:
+        zpath = Path(tmp) / "release.zip"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp, open(zpath, "wb") as f:
+                shutil.copyfileobj(resp, f)
+        except (urllib.error.URLError, OSError) as e:
+            typer.echo(f"download failed ({e}).\nOffline? Copy the release by hand and point --data-root "
+                       f"(or ${ENV_DATA_ROOT}) at the folder that holds AMi-Br/ and amibr_train_split.csv.", err=True)
+            raise typer.Exit(1) from None
+        with zipfile.ZipFile(zpath) as z:
+            z.extractall(tmp)
+        found = [p.parent for p in Path(tmp).rglob("amibr_train_split.csv")]
+        if not found:
+            typer.echo("the downloaded release has no amibr_train_split.csv; nothing was written", err=True)
+            raise typer.Exit(1)
+        src = found[0]
+        reports = [verify_dataset(src, n, check_images=False) for n in DATASETS]
+        if any(r.present and not r.ok for r in reports):
+            typer.echo("downloaded data does not match the expected counts; nothing was written", err=True)
+            raise typer.Exit(1)
+        root.mkdir(parents=True, exist_ok=True)
+        for item in src.iterdir():
+            dest = root / item.name
+            if dest.exists():
+                continue
+            staged = root / f".{item.name}.partial"
+            shutil.rmtree(staged, ignore_errors=True)
+            shutil.copytree(item, staged) if item.is_dir() else shutil.copy2(item, staged)
+            staged.rename(dest)
+    typer.echo(f"data in {root}; run `ami-data verify --data-root {root}`")
+
+
+def main() -> None:  # console script
+    app()

@@ -1,0 +1,113 @@
+"""ami-train: train one registry configuration over the 5 slide-grouped AMi-Br folds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ami.runtime.cli import DATA_ROOT_HELP
+from ami.runtime.datasets import resolve_data_root
+
+from .registry import METHODS, REGISTRY, Recipe
+
+app = typer.Typer(add_completion=False, rich_markup_mode=None)
+
+EPILOG = """Examples:
+
+  ami-train                                   # the shipped edge model, 5 folds, this CPU
+  ami-train --list                            # every configuration of the benchmark
+  ami-train -m virchow2 --method lora         # Virchow2 + LoRA, 5 folds (GPU, hub access)
+  ami-train -m uni --method linear --folds 0,2 --out runs/uni-linear
+  ami-train -m uni --method lora --weights ~/models/uni/pytorch_model.bin
+  ami-train -m vit_large_patch16_224 --set lr=5e-5 --set batch_size=16
+  ami-train --folds full                      # the recipe on all training crops (no validation)
+
+A run directory is resumable: run the same command again after an interruption."""
+
+
+def _parse_set(items: list[str]) -> dict:
+    fields = Recipe.__dataclass_fields__
+    out = {}
+    for it in items:
+        if "=" not in it:
+            raise typer.BadParameter(f"--set takes key=value, got {it!r}")
+        k, v = it.split("=", 1)
+        if k not in fields:
+            raise typer.BadParameter(f"unknown recipe key {k!r}; known: {', '.join(fields)}")
+        typ = type(getattr(Recipe(), k))
+        out[k] = typ(v) if typ is not bool else v.lower() in ("1", "true", "yes")
+    return out
+
+
+def print_registry() -> None:
+    typer.echo(f"{'model':<30} {'methods':<18} {'params':>8} {'embed':>6} {'input':>5}  weights")
+    for name, c in REGISTRY.items():
+        src = c.hub_id or ("none (from scratch)" if not c.pretrained else "timm default")
+        typer.echo(f"{name:<30} {','.join(c.methods):<18} {c.params_m:>7.1f}M {c.embed_dim:>6} "
+                   f"{c.preprocess.input_size:>5}  {src}")
+
+
+@app.command(epilog=EPILOG)
+def train(
+    model: str = typer.Option("edge", "--model", "-m", help="Registry name (see --list)."),
+    method: str = typer.Option("full", help=f"One of {', '.join(METHODS)}: end-to-end, frozen backbone + "
+                               "linear head on cached embeddings, or PEFT LoRA."),
+    folds: str = typer.Option("all", help="'all' (0-4), a list like '0,2', or 'full' (all training crops, "
+                              "fixed schedule, no validation)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory. Default: runs/<model>-<method>."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help=DATA_ROOT_HELP),
+    config: Optional[Path] = typer.Option(None, "--config", help="JSON file of recipe overrides (same keys as --set)."),
+    set_: List[str] = typer.Option([], "--set", help="Override one recipe key, e.g. --set epochs=20 (repeatable)."),
+    epochs: Optional[int] = typer.Option(None, help="Shortcut for --set epochs=N."),
+    weights: Optional[str] = typer.Option(None, help="Local weights (safetensors or state dict), or hf-hub:ID."),
+    random_init: bool = typer.Option(False, "--random-init", help="Train a pretrained architecture from random "
+                                     "weights (recorded in every file of the run)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
+    amp: str = typer.Option("none", help="Mixed precision on CUDA: none, bf16, fp16."),
+    threads: int = typer.Option(0, help="CPU threads for torch (0 = torch's default)."),
+    max_train: int = typer.Option(0, help="Use a stratified subset of N training crops (smoke tests)."),
+    max_eval: int = typer.Option(0, help="Evaluate on at most N crops per set (smoke tests)."),
+    tiny: bool = typer.Option(False, "--tiny", help="Tiny random stand-in of the architecture (tests)."),
+    list_: bool = typer.Option(False, "--list", help="Print every registered configuration and exit."),
+):
+    """Train MODEL with METHOD over the AMi-Br folds; evaluate each fold on every test set present.
+
+    Each fold's best epoch is chosen by validation balanced accuracy only; the test sets are
+    never used for selection. Results land in the run directory (config.json, split.json,
+    fold*/metrics.json, fold*/best.safetensors).
+    """
+    if list_:
+        print_registry()
+        raise typer.Exit(0)
+    from .fit import RunSpec, parse_folds, run  # torch is imported here, not for --help/--list
+
+    if model not in REGISTRY:
+        typer.echo(f"unknown model {model!r}; known: {', '.join(REGISTRY)}", err=True)
+        raise typer.Exit(2)
+    overrides = json.loads(config.read_text()) if config else {}
+    overrides.update(_parse_set(set_))
+    if epochs is not None:
+        overrides["epochs"] = epochs
+    try:
+        fold_list = parse_folds(folds)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    spec = RunSpec(model=model, method=method, run_dir=out or Path("runs") / f"{model}-{method}",
+                   data_root=resolve_data_root(data_root), recipe_overrides=overrides, device=device, amp=amp,
+                   weights=weights, random_init=random_init, tiny=tiny, max_train=max_train, max_eval=max_eval,
+                   threads=threads)
+    from .models import WeightsUnavailable
+
+    try:
+        results = run(spec, fold_list, log=typer.echo)
+    except WeightsUnavailable as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(3) from None
+    typer.echo(f"\n{len(results)} fold(s) in {spec.run_dir}; render the table with: ami-bench table {spec.run_dir}")
+
+
+def main() -> None:
+    app()
