@@ -1,0 +1,93 @@
+"""Datasets, data-root resolution and ami-data on the real data (and on broken copies of it)."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ami.runtime import datasets as ds
+from ami.runtime.cli.data import app
+
+runner = CliRunner()
+
+
+def test_data_root_resolution(monkeypatch, tmp_path):
+    monkeypatch.setenv("AMI_DATA_ROOT", str(tmp_path / "env"))
+    assert ds.resolve_data_root(tmp_path / "flag") == tmp_path / "flag"
+    assert ds.resolve_data_root(None) == tmp_path / "env"
+    monkeypatch.delenv("AMI_DATA_ROOT")
+    assert ds.resolve_data_root(None) == ds.default_data_root()
+
+
+def test_counts_and_split(data_root):
+    amibr = ds.scan(data_root, "AMi-Br")
+    assert len(amibr) == 3720 and sum(s.label for s in amibr) == 832
+    train, test = ds.amibr_split(data_root)
+    assert (len(train), len(test)) == (2894, 826)
+    assert not {s.name for s in train} & {s.name for s in test}
+    assert all(s.slide for s in train)
+    md = ds.scan(data_root, "AtNorM-MD")
+    assert len(md) == 2107 and sum(s.label for s in md) == 219
+
+
+def test_missing_dataset_is_reported_not_faked(data_root):
+    if (data_root / "AtNorM-Br").exists():
+        pytest.skip("AtNorM-Br is present in this data root")
+    with pytest.raises(ds.DatasetMissing, match="AtNorM-Br is not present"):
+        ds.scan(data_root, "AtNorM-Br")
+    sets = ds.available_eval_sets(data_root)
+    assert isinstance(sets["AtNorM-Br"], str) and "not present" in sets["AtNorM-Br"]
+    assert len(sets["AMi-Br-test"]) == 826 and len(sets["AtNorM-MD"]) == 2107
+
+
+def test_verify_cli_on_real_data(data_root):
+    res = runner.invoke(app, ["verify", "--data-root", str(data_root), "--quick"])
+    assert res.exit_code == 0, res.output
+    assert "832/832" in res.output and "2888/2888" in res.output and "219/219" in res.output
+    assert "AtNorM-Br  MISSING" in res.output
+
+
+def _mini_copy(data_root: Path, dst: Path, n: int = 6) -> Path:
+    """A small copy of AtNorM-MD, the dataset verify checks class by class."""
+    for cls in ("Atypical", "Normal"):
+        (dst / "AtNorM-MD" / cls).mkdir(parents=True)
+        for p in sorted((data_root / "AtNorM-MD" / cls).iterdir())[:n]:
+            shutil.copy(p, dst / "AtNorM-MD" / cls / p.name)
+    return dst
+
+
+def test_verify_finds_every_kind_of_damage(data_root, tmp_path):
+    root = _mini_copy(data_root, tmp_path)
+    rep = ds.verify_dataset(root, "AtNorM-MD")
+    assert rep.present and any("found 6 crops, expected 219" in p for p in rep.problems)
+    a = root / "AtNorM-MD" / "Atypical"
+    n = root / "AtNorM-MD" / "Normal"
+    shutil.copy(next(iter(sorted(a.iterdir()))), n / sorted(a.iterdir())[0].name)  # in both folders
+    (a / "notes.txt").write_text("x")  # extra file
+    (a / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage")  # unreadable
+    rep = ds.verify_dataset(root, "AtNorM-MD")
+    text = "\n".join(rep.problems)
+    assert "1007.png is in both Normal/ and Atypical/" in text
+    assert "extra file Atypical/notes.txt" in text
+    assert "broken.png: unreadable" in text
+    res = runner.invoke(app, ["verify", "--data-root", str(root)])
+    assert res.exit_code == 1
+    assert "AMi-Br     MISSING" in res.output and "AtNorM-MD  MISMATCH" in res.output
+
+
+def test_fingerprint_changes_with_content(data_root, tmp_path):
+    root = _mini_copy(data_root, tmp_path, n=2)
+    s = ds.scan(root, "AtNorM-MD")
+    f1 = ds.fingerprint(s)
+    assert f1 == ds.fingerprint(list(reversed(s)))  # order-independent
+    p = s[0].path
+    p.write_bytes(p.read_bytes() + b"\0")
+    assert ds.fingerprint(s) != f1
+
+
+def test_download_offline_fails_fast_with_alternative(tmp_path):
+    res = runner.invoke(app, ["download", "--data-root", str(tmp_path / "d"), "--timeout", "3"])
+    assert res.exit_code == 1
+    assert "--data-root" in res.output
+    assert not (tmp_path / "d" / "AMi-Br").exists()  # nothing half-written
