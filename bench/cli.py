@@ -12,9 +12,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
 
 
 def _register() -> None:
-    from . import latency, parity, table
+    from . import card, latency, parity, table
 
-    for mod in (table, parity, latency):
+    for mod in (table, parity, latency, card):
         mod.register(app)
 
 

@@ -1,0 +1,309 @@
+"""ami-bench card: the shipped model's card, generated from files and fresh measurements.
+
+Everything in the card comes from the run directory (config.json, split.json, fold*/metrics.json,
+all/metrics.json), from the exported artefacts (their metadata, and their predictions on the
+present test sets, computed here through the runtime engine), and from measurements made in the
+same invocation (FLOPs, parameters, ONNX Runtime throughput of the shipped single model and of the
+5-fold ensemble graph, dihedral test-time augmentation on the VALIDATION folds). No number is typed.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+
+from ami.runtime.datasets import available_eval_sets, resolve_data_root
+from ami.runtime.metrics import MetricError, balanced_accuracy, best_threshold, evaluate, mean_std
+
+REPRODUCE = [
+    "ami-train --threads 1 --folds 0,2,4 & ami-train --threads 1 --folds 1,3,full  # 5 folds + all-crops model",
+    "ami-export runs/edge-full --folds full --engine onnx -o runtime/assets/edge.onnx",
+    "ami-export runtime/assets/edge.onnx --engine onnx-int8 -o runtime/assets/edge-int8.onnx",
+    "cp runs/edge-full/all/best.safetensors runtime/assets/edge.safetensors",
+    "ami-bench card runs/edge-full --out runtime/assets",
+]
+
+
+def _fold_metrics(run: Path) -> dict[str, dict]:
+    out = {}
+    for p in sorted(run.glob("fold*/metrics.json")):
+        out[p.parent.name.removeprefix("fold")] = json.loads(p.read_text())
+    return out
+
+
+def _metric_rows(rows: list) -> tuple[list[str], np.ndarray, np.ndarray]:
+    return [r[0] for r in rows], np.array([r[1] for r in rows]), np.array([r[2] for r in rows], dtype=np.float64)
+
+
+def nested_threshold_check(folds: dict[str, dict]) -> dict:
+    """Does tuning the threshold on validation beat 0.5 on data it was not tuned on?
+
+    For each fold k: choose the BA-maximising threshold on the other folds' out-of-fold validation
+    predictions, apply it to fold k's validation predictions; compare with 0.5 there.
+    """
+    preds = {k: _metric_rows(m["predictions"]["validation"]) for k, m in folds.items()
+             if m.get("predictions", {}).get("validation")}
+    per = {}
+    for k, (_, y, p) in preds.items():
+        oy = np.concatenate([v[1] for j, v in preds.items() if j != k])
+        op = np.concatenate([v[2] for j, v in preds.items() if j != k])
+        t, _ = best_threshold(oy, op)
+        per[k] = {"threshold": t, "ba_tuned": balanced_accuracy(y, p, t), "ba_0.5": balanced_accuracy(y, p, 0.5)}
+    tuned = [v["ba_tuned"] for v in per.values()]
+    half = [v["ba_0.5"] for v in per.values()]
+    return {"per_fold": per, "mean_ba_tuned": float(np.mean(tuned)), "mean_ba_0.5": float(np.mean(half)),
+            "tuned_beats_0.5": bool(np.mean(tuned) > np.mean(half))}
+
+
+def _ensemble_tests(folds: dict[str, dict]) -> dict:
+    """Mean of the fold models' probabilities per test crop (the fold ensemble, measured from files)."""
+    out = {}
+    names = sorted({n for m in folds.values() for n in m.get("predictions", {}) if n != "validation"})
+    for name in names:
+        probs, labels = {}, {}
+        for m in folds.values():
+            for crop, y, p in m["predictions"].get(name, []):
+                probs.setdefault(crop, []).append(p)
+                labels[crop] = y
+        if not probs or any(len(v) != len(folds) for v in probs.values()):
+            continue
+        keys = sorted(probs)
+        out[name] = evaluate([labels[k] for k in keys], [float(np.mean(probs[k])) for k in keys]).to_dict()
+    return out
+
+
+def _tta_on_validation(run: Path, data_root: Path, log) -> dict:
+    """Dihedral (8-fold) test-time augmentation vs none, per fold, on the VALIDATION crops."""
+    import torch
+
+    from ami.export.ensemble import build_fold_model
+    from ami.export.source import resolve_source
+    from ami.runtime.splits import fold_samples
+    from ami.train import data as D
+
+    res = {}
+    for k in sorted(p.parent.name.removeprefix("fold") for p in run.glob("fold*/metrics.json")):
+        src = resolve_source(run, folds=k)
+        model = build_fold_model(src, int(k), log=log)
+        _, va = fold_samples(data_root, int(k))
+        cs = D.load_crops(va, src.cfg.preprocess)
+        with torch.no_grad():
+            x = D.eval_batch(cs.images, src.cfg.preprocess)
+            views = []
+            for flip in (False, True):
+                xf = torch.flip(x, dims=[3]) if flip else x
+                for rot in range(4):
+                    views.append(torch.sigmoid(model(torch.rot90(xf, rot, dims=[2, 3]))).numpy())
+        y = cs.labels.numpy()
+        plain, tta = views[0], np.mean(views, axis=0)
+        res[k] = {"plain": {"balanced_accuracy": balanced_accuracy(y, plain), "auroc": evaluate(y, plain).auroc},
+                  "dihedral8": {"balanced_accuracy": balanced_accuracy(y, tta), "auroc": evaluate(y, tta).auroc}}
+        log(f"  TTA fold {k}: BA {res[k]['plain']['balanced_accuracy']:.4f} -> {res[k]['dihedral8']['balanced_accuracy']:.4f}")
+    for v in ("plain", "dihedral8"):
+        for m in ("balanced_accuracy", "auroc"):
+            res.setdefault("mean", {}).setdefault(v, {})[m] = float(np.mean([r[v][m] for kk, r in res.items() if kk != "mean"]))
+    return res
+
+
+def _throughput(path: Path, batch: int, threads: int, rounds: int, size: int) -> dict:
+    from ami.runtime.engine import load_engine
+
+    eng = load_engine(path, provider="cpu", threads=threads)
+    x = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    for _ in range(3):
+        eng.predict(x)
+    ts = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        eng.predict(x)
+        ts.append(time.perf_counter() - t0)
+    ts = np.array(ts)
+    return {"batch": batch, "threads": threads, "rounds": rounds, "p50_ms": float(np.median(ts) * 1e3),
+            "crops_per_s": float(batch / np.median(ts)), "provider": eng.provider}
+
+
+def _engine_tests(path: Path, data_root: Path) -> dict:
+    from ami.runtime.engine import load_engine
+    from ami.runtime.imageio import decode_rgb
+
+    eng = load_engine(path, provider="cpu")
+    out = {}
+    for name, samples in available_eval_sets(data_root).items():
+        if isinstance(samples, str):
+            out[name] = {"absent": samples}
+            continue
+        imgs = np.stack([eng.meta.preprocess.to_uint8(decode_rgb(s.path)) for s in samples])
+        p = np.concatenate([eng.predict(imgs[i:i + 256]) for i in range(0, len(imgs), 256)])
+        out[name] = evaluate([s.label for s in samples], p, eng.meta.threshold).to_dict()
+    return out
+
+
+def build_card(run: Path, onnx: Path, int8: Path | None, data_root: Path, threads: int = 2, log=print) -> dict:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ami.export.ensemble import build_fold_model
+    from ami.export.source import resolve_source
+    from ami.runtime.engine import load_engine
+
+    cfg_json = json.loads((run / "config.json").read_text())
+    split = json.loads((run / "split.json").read_text())
+    folds = _fold_metrics(run)
+    alldata = json.loads((run / "all" / "metrics.json").read_text()) if (run / "all" / "metrics.json").exists() else None
+    card: dict = {"model": cfg_json["model"], "arch": cfg_json["arch"], "weights_source": cfg_json["weights_source"],
+                  "recipe": cfg_json["recipe"], "preprocess": cfg_json["preprocess"], "split": split,
+                  "reproduce": REPRODUCE, "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                  "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()}}
+    # per-fold validation (selection) and test metrics
+    card["folds"] = {k: {"best_epoch": m["best_epoch"], "epochs_run": m["epochs_run"], "train_seconds": m["train_seconds"],
+                         "validation": {x: m["validation"][x] for x in ("balanced_accuracy", "auroc", "n", "n_atypical")},
+                         "tests": {n: ({x: t[x] for x in ("balanced_accuracy", "auroc", "n")} if "auroc" in t else t)
+                                   for n, t in m["tests"].items()}}
+                     for k, m in folds.items()}
+    summary = {}
+    for where in ("validation",) + tuple(sorted({n for m in folds.values() for n in m["tests"]})):
+        for metric in ("balanced_accuracy", "auroc"):
+            vals = [(m["validation"] if where == "validation" else m["tests"].get(where, {})).get(metric)
+                    for m in folds.values()]
+            vals = [v for v in vals if v is not None]
+            if vals:
+                mu, sd = mean_std(vals)
+                summary.setdefault(where, {})[metric] = {"mean": mu, "std": sd, "values": vals}
+    card["fold_summary"] = summary
+    card["fold_ensemble_tests"] = _ensemble_tests(folds)
+    if alldata:
+        card["all_crops_model_pytorch_tests"] = alldata["tests"]
+    log("threshold check (nested over validation folds)")
+    card["threshold_check"] = nested_threshold_check(folds)
+    log("shipped artefact on the test sets")
+    meta = load_engine(onnx, provider="cpu").meta
+    card["shipped"] = {"file": onnx.name, "threshold": meta.threshold, "threshold_rule": meta.threshold_rule,
+                       "folds": meta.folds, "tests": _engine_tests(onnx, data_root)}
+    if int8 is not None and int8.exists():
+        m8 = load_engine(int8, provider="cpu").meta
+        card["shipped_int8"] = {"file": int8.name, "calibration": m8.calibration, "tests": _engine_tests(int8, data_root)}
+    # size and cost
+    src = resolve_source(run, folds="full" if (run / "all").exists() else "0")
+    model = build_fold_model(src, src.folds[0], log=lambda *a: None)
+    size = cfg_json["preprocess"]["input_size"]
+    with FlopCounterMode(display=False) as fc:
+        model(torch.zeros(1, 3, size, size))
+    card["params"] = int(sum(p.numel() for p in model.parameters()))
+    card["flops_per_crop"] = int(fc.get_total_flops())
+    log("throughput (ONNX Runtime fp32, CPU, model only)")
+    speed = {"single": _throughput(onnx, 64, threads, 20, size)}
+    if int8 is not None and int8.exists():
+        speed["single_int8"] = _throughput(int8, 64, threads, 20, size)
+    if len(folds) > 1:
+        from ami.export import export_onnx
+
+        with tempfile.TemporaryDirectory() as tmp:
+            ens = Path(tmp) / "ensemble.onnx"
+            export_onnx(run, ens, folds=",".join(sorted(folds)), data_root=data_root, log=lambda *a: None)
+            speed["fold_ensemble"] = _throughput(ens, 64, threads, 10, size)
+    card["throughput"] = speed
+    log("dihedral TTA on validation folds")
+    card["tta_validation"] = _tta_on_validation(run, data_root, log)
+    return card
+
+
+def _fmt(d: dict | None, k: str = "balanced_accuracy") -> str:
+    return f"{d[k]:.4f}" if d and k in d else "absent"
+
+
+def render_markdown(c: dict) -> str:
+    L = [f"# Model card: ami `{c['model']}` ({c['arch']}, {c['preprocess']['input_size']} px)", "",
+         f"Generated by `ami-bench card` on {c['generated']} from the run directory and the artefacts; "
+         "no number below is typed by hand.", "",
+         "## What it is",
+         f"- Architecture: timm `{c['arch']}`, {c['params']:,} parameters, "
+         f"{c['flops_per_crop'] / 1e9:.3f} GFLOPs per crop (torch FlopCounterMode, one {c['preprocess']['input_size']} px crop).",
+         f"- Weights: {c['weights_source']}; trained on the 2894 AMi-Br training crops only.",
+         f"- Preprocessing (inside the ONNX graph): mean {c['preprocess']['mean']}, std {c['preprocess']['std']}; "
+         f"crops of another size are resized ({c['preprocess']['interpolation']}) to {c['preprocess']['input_size']} px.",
+         f"- Decision threshold: {c['shipped']['threshold']} - {c['shipped']['threshold_rule']}",
+         f"- Shipped artefact: `{c['shipped']['file']}` = the recipe trained on all training crops "
+         f"(folds {c['shipped']['folds']}).",
+         "", "## Reproduce", "```"] + c["reproduce"] + ["```", "",
+         f"Folds file sha256 `{c['split']['folds_sha256']}`; training-crop fingerprint `{c['split'].get('train_fingerprint')}`.",
+         "", "## Recipe", "```json", json.dumps(c["recipe"], indent=1), "```", "",
+         "## Cross-validation (model selection: validation balanced accuracy only)", "",
+         "| fold | best epoch | val BA | val AUROC | " + " | ".join(f"{n} BA | {n} AUROC" for n in ("AMi-Br-test", "AtNorM-Br", "AtNorM-MD")) + " |",
+         "|---|---|---|---|" + "---|---|" * 3]
+    for k, f in c["folds"].items():
+        cells = []
+        for n in ("AMi-Br-test", "AtNorM-Br", "AtNorM-MD"):
+            t = f["tests"].get(n, {})
+            cells += [_fmt(t), _fmt(t, "auroc")]
+        L.append(f"| {k} | {f['best_epoch'] + 1} | {f['validation']['balanced_accuracy']:.4f} | "
+                 f"{f['validation']['auroc']:.4f} | " + " | ".join(cells) + " |")
+    L += ["", "Mean ± std over folds (sample std):", "", "| set | BA | AUROC |", "|---|---|---|"]
+    for where, m in c["fold_summary"].items():
+        L.append(f"| {where} | {m['balanced_accuracy']['mean']:.4f} ± {m['balanced_accuracy']['std']:.4f} | "
+                 f"{m['auroc']['mean']:.4f} ± {m['auroc']['std']:.4f} |")
+    L += ["", "## Test sets (never used for any choice)", "", "| artefact | " + " | ".join(
+        f"{n} BA / AUROC" for n in ("AMi-Br-test", "AtNorM-Br", "AtNorM-MD")) + " |", "|---|---|---|---|"]
+
+    def row(name, tests):
+        cells = []
+        for n in ("AMi-Br-test", "AtNorM-Br", "AtNorM-MD"):
+            t = tests.get(n)
+            cells.append(f"{t['balanced_accuracy']:.4f} / {t['auroc']:.4f}" if t and "auroc" in t else "absent")
+        L.append(f"| {name} | " + " | ".join(cells) + " |")
+
+    fs = c["fold_summary"]
+    L.append("| fold models, mean | " + " | ".join(
+        f"{fs[n]['balanced_accuracy']['mean']:.4f} / {fs[n]['auroc']['mean']:.4f}" if n in fs else "absent"
+        for n in ("AMi-Br-test", "AtNorM-Br", "AtNorM-MD")) + " |")
+    row("5-fold ensemble (mean probability, PyTorch)", c["fold_ensemble_tests"])
+    if "all_crops_model_pytorch_tests" in c:
+        row("all-crops model (PyTorch)", c["all_crops_model_pytorch_tests"])
+    row(f"**shipped** `{c['shipped']['file']}` (ONNX Runtime fp32)", c["shipped"]["tests"])
+    if "shipped_int8" in c:
+        row(f"`{c['shipped_int8']['file']}` (ONNX Runtime int8)", c["shipped_int8"]["tests"])
+    sp = c["throughput"]
+    L += ["", "## Speed (this machine, ONNX Runtime CPU, batch 64, model only, one run)", "",
+          "| artefact | p50 ms / batch | crops/s |", "|---|---|---|"]
+    for k, v in sp.items():
+        L.append(f"| {k} | {v['p50_ms']:.1f} | {v['crops_per_s']:.0f} |")
+    if "fold_ensemble" in sp:
+        L.append(f"\nThe single model is {sp['single']['crops_per_s'] / sp['fold_ensemble']['crops_per_s']:.1f}x "
+                 "faster than the 5-fold ensemble graph, measured in the same run.")
+    tc = c["threshold_check"]
+    L += ["", "## Choices measured on validation folds", "",
+          f"- Threshold: tuning it on 4 folds' validation predictions and applying it to the 5th gives mean BA "
+          f"{tc['mean_ba_tuned']:.4f} vs {tc['mean_ba_0.5']:.4f} at 0.5 "
+          f"({'tuning helps' if tc['tuned_beats_0.5'] else 'tuning does not help: 0.5 kept'})."]
+    tta = c["tta_validation"]["mean"]
+    L.append(f"- Dihedral test-time augmentation (8 views) on validation: BA {tta['plain']['balanced_accuracy']:.4f} -> "
+             f"{tta['dihedral8']['balanced_accuracy']:.4f}, AUROC {tta['plain']['auroc']:.4f} -> {tta['dihedral8']['auroc']:.4f} "
+             "at 8x the cost.")
+    return "\n".join(L) + "\n"
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("card")
+    def card_cmd(
+        run: Path = typer.Argument(..., help="Run directory of the edge model (folds + all/)."),
+        onnx: Path = typer.Option(Path(__file__).resolve().parents[1] / "runtime" / "assets" / "edge.onnx",
+                                  help="The shipped fp32 ONNX."),
+        int8: Optional[Path] = typer.Option(None, help="The shipped int8 ONNX (default: edge-int8.onnx beside --onnx)."),
+        out: Path = typer.Option(Path("."), help="Folder for <model>-card.md and <model>-card.json."),
+        data_root: Optional[Path] = typer.Option(None, "--data-root"),
+        threads: int = typer.Option(2, help="ONNX Runtime threads for the speed rows."),
+    ):
+        """Write the model card (Markdown + JSON) of a shipped model from its run and artefacts."""
+        root = resolve_data_root(data_root)
+        int8 = int8 or onnx.with_name(onnx.stem + "-int8.onnx")
+        c = build_card(run, onnx, int8, root, threads=threads, log=typer.echo)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{c['model']}-card.json").write_text(json.dumps(c, indent=1) + "\n")
+        (out / f"{c['model']}-card.md").write_text(render_markdown(c))
+        typer.echo(f"wrote {out / (c['model'] + '-card.md')} and .json")

@@ -1,0 +1,43 @@
+"""The model-card arithmetic: fold ensemble from per-crop predictions, nested threshold check."""
+
+import numpy as np
+import pytest
+
+from ami.bench.card import _ensemble_tests, nested_threshold_check
+from ami.runtime.metrics import auroc
+
+
+def _folds(rng, shift):
+    folds = {}
+    for k in range(5):
+        y = rng.integers(0, 2, 120)
+        y[:2] = [0, 1]
+        p = np.clip(0.5 * y + rng.random(120) * 0.6 + shift, 0, 1)
+        test_y = np.r_[np.zeros(30, int), np.ones(10, int)]
+        test_p = np.clip(0.4 * test_y + rng.random(40) * 0.7, 0, 1)
+        folds[str(k)] = {"predictions": {
+            "validation": [[f"v{k}_{i}", int(a), float(b)] for i, (a, b) in enumerate(zip(y, p))],
+            "AMi-Br-test": [[f"t{i}", int(a), float(b)] for i, (a, b) in enumerate(zip(test_y, test_p))]}}
+    return folds
+
+
+def test_ensemble_is_mean_of_fold_probabilities():
+    folds = _folds(np.random.default_rng(0), 0.0)
+    ens = _ensemble_tests(folds)["AMi-Br-test"]
+    mean_p = np.mean([[r[2] for r in f["predictions"]["AMi-Br-test"]] for f in folds.values()], axis=0)
+    y = [r[1] for r in folds["0"]["predictions"]["AMi-Br-test"]]
+    assert ens["auroc"] == pytest.approx(auroc(y, mean_p)) and ens["n"] == 40
+
+
+def test_ensemble_skips_sets_not_scored_by_every_fold():
+    folds = _folds(np.random.default_rng(1), 0.0)
+    del folds["3"]["predictions"]["AMi-Br-test"][0]
+    assert "AMi-Br-test" not in _ensemble_tests(folds)
+
+
+def test_nested_threshold_detects_a_miscalibrated_model():
+    # scores shifted up by 0.3: 0.5 is a poor cut, a tuned threshold must win out of sample
+    shifted = nested_threshold_check(_folds(np.random.default_rng(2), 0.3))
+    assert shifted["tuned_beats_0.5"] and shifted["mean_ba_tuned"] > shifted["mean_ba_0.5"] + 0.05
+    for v in shifted["per_fold"].values():
+        assert v["threshold"] > 0.5
