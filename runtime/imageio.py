@@ -8,6 +8,7 @@ a person can act on.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,9 @@ from PIL import Image, UnidentifiedImageError
 
 # A crop is ~128x128; anything over this many pixels is refused before decoding.
 MAX_PIXELS = 64_000_000
+# Formats a crop may come in. Pillow would otherwise try every plugin it has (EPS, for one, hands
+# the file to Ghostscript): a file named .png that is something else is refused, not interpreted.
+FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP")
 
 
 class ImageError(Exception):
@@ -50,11 +54,15 @@ def decode_rgb(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.I
     try:
         if p.is_symlink() and not p.exists():
             raise ImageError("broken symbolic link")
-        if p.is_dir():
-            raise ImageError("is a directory")
-        if p.stat().st_size == 0:
+        st = p.stat()
+        if stat.S_ISDIR(st.st_mode):
+            unlisted = not os.access(p, os.R_OK | os.X_OK)
+            raise ImageError("is a directory" + ("; permission denied, its crops could not be listed" if unlisted else ""))
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError("not a regular file (device, pipe or socket)")
+        if st.st_size == 0:
             raise ImageError("empty file")
-        with Image.open(p) as im:
+        with Image.open(p, formats=FORMATS) as im:
             w, h = im.size
             if w * h > max_pixels:
                 raise ImageError(f"image too large ({w}x{h} pixels > {max_pixels}); refusing to decode")
@@ -67,8 +75,9 @@ def decode_rgb(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.I
     except FileNotFoundError:
         raise ImageError("file not found") from None
     except UnidentifiedImageError:
-        raise ImageError("not an image (unrecognised format)") from None
+        raise ImageError("not an image (not a PNG, JPEG, TIFF, BMP or WebP file)") from None
     except Image.DecompressionBombError as e:
-        raise ImageError(f"decompression bomb refused: {e}") from None
+        raise ImageError("image too large: refused as a possible decompression bomb "
+                         f"(over {Image.MAX_IMAGE_PIXELS * 2} pixels)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"corrupt or truncated image ({e})") from None

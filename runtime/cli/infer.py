@@ -1,17 +1,155 @@
-"""ami-infer: batched inference on crops (filled in by the inference work)."""
+"""ami-infer: classify crops as Atypical / Normal with an exported ami model, without torch."""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Optional
 
 import typer
 
-from . import not_yet
+from ..artifact import ArtifactError
+from ..engine import ASSETS, EngineError, load_engine
+from ..infer import IMAGE_SUFFIXES, InputError, format_for, iter_inputs, run_inference
 
-app = typer.Typer(add_completion=False)
+SAMPLES = ASSETS / "samples"
+HELP = """Classify mitotic-figure crops as Atypical or Normal, fast, on CPU or GPU, with no PyTorch.
+
+PATH can be a folder (searched recursively for .png .jpg .jpeg .tif .tiff), a single image, or a .txt / .csv
+list of image paths (relative paths are relative to the list's folder). One row per input is written to
+the output as soon as its batch is done: path, prob_atypical, label, status (ok | error), error. Bad
+inputs (empty, truncated, not an image, too large, unreadable) become error rows and never stop the run.
+
+Exit code: 0 every input classified; 1 some inputs failed (see their rows); 2 bad usage, model or
+output file; 3 the engine failed; 130 interrupted (rows so far are kept: rerun with --resume).
+
+\b
+Examples:
+  ami-infer crops/                          shipped model, writes ./ami-infer.csv
+  ami-infer slide1/ slide2/ -o res.jsonl    JSON Lines (format from the extension)
+  ami-infer list.txt --model ens.onnx --threshold 0.4 --batch-size 128
+  ami-infer crops/ -o out.csv --resume      finish an interrupted run
+  ami-infer crops/ --model edge.plan        a TensorRT plan (ami[trt] and a GPU)
+  ami-infer --sample                        the real crops shipped with ami
+"""
 
 
-@app.command()
-def infer(paths: list[str] = typer.Argument(None)):
-    """Classify crops as Atypical / Normal."""
-    not_yet("ami-infer", "issue 5")
+class Fmt(str, Enum):
+    csv = "csv"
+    jsonl = "jsonl"
+
+
+class Provider(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    tensorrt = "tensorrt"
+
+
+class Pool(str, Enum):
+    thread = "thread"
+    process = "process"
+
+
+app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False, rich_markup_mode=None)
+
+
+def _err(msg: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"ami-infer: error: {msg}", err=True)
+    return typer.Exit(code)
+
+
+def sample_inputs() -> list[str]:
+    if not SAMPLES.is_dir():
+        raise _err(f"no sample crops shipped at {SAMPLES} (this install lacks them); run ami-infer on your own crops")
+    crops = list(iter_inputs([str(SAMPLES)]))
+    if not crops:
+        raise _err(f"the sample folder {SAMPLES} holds no crops yet (this install lacks them); "
+                   "run ami-infer on your own crops")
+    return crops
+
+
+@app.command(help=HELP, no_args_is_help=False)
+def infer(
+    paths: Optional[list[str]] = typer.Argument(None, metavar="PATH...", show_default=False,
+                                                help="Folders, images or .txt/.csv lists of image paths."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", metavar="FILE",
+                                          help="Result file. Default: ./ami-infer.csv (./ami-infer.jsonl with --format jsonl)."),
+    fmt: Optional[Fmt] = typer.Option(None, "--format", case_sensitive=False,
+                                      help="csv or jsonl. Default: from the output's extension, else csv."),
+    model: Optional[Path] = typer.Option(None, "--model", metavar="FILE",
+                                         help="An exported ami ONNX model or TensorRT plan. Default: the edge model shipped in the package."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", min=0.0, max=1.0,
+                                              help="Decision threshold on prob_atypical. Default: the model's (from its metadata)."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Crops per engine call."),
+    workers: int = typer.Option(0, "--workers", min=0, help="Decoding workers (0 = one per CPU core, at most 8)."),
+    threads: int = typer.Option(0, "--threads", min=0, help="ONNX Runtime CPU threads (0 = its default: one per physical core)."),
+    provider: Provider = typer.Option(Provider.auto, "--provider", case_sensitive=False,
+                                      help="ONNX Runtime provider: auto = TensorRT > CUDA > CPU, whichever is installed."),
+    resume: bool = typer.Option(False, "--resume", help="Skip inputs already in the output file and append the rest."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+    sample: bool = typer.Option(False, "--sample", help="Run on the sample crops shipped with the package."),
+    pool: Pool = typer.Option(Pool.thread, "--pool", case_sensitive=False,
+                              help="Decoding pool: threads (default, fastest here) or processes."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress line with crops/s on stderr."),
+):
+    if resume and overwrite:
+        raise _err("--resume and --overwrite exclude each other")
+    if not paths and not sample:
+        raise _err("give at least one PATH (a folder, an image or a list of paths), or --sample; see --help")
+    out = output or Path("ami-infer." + ("jsonl" if fmt == Fmt.jsonl else "csv"))
+    try:
+        out_fmt = format_for(out, fmt.value if fmt else None)
+    except InputError as e:
+        raise _err(str(e)) from None
+
+    if out.is_dir():
+        raise _err(f"output {out} is a directory; give a file name with -o")
+    if out.is_file() and out.stat().st_size > 0 and not (resume or overwrite):
+        raise _err(f"{out} already exists: pass --resume to continue it or --overwrite to replace it")
+
+    try:
+        engine = load_engine(model, provider=provider.value, threads=threads)
+    except (ArtifactError, EngineError) as e:
+        raise _err(str(e)) from None
+    typer.echo(f"model: {engine.describe()}", err=True)
+
+    try:
+        crops = sample_inputs() if sample and not paths else []
+        if paths:
+            crops += list(iter_inputs(paths))
+    except InputError as e:
+        raise _err(str(e)) from None
+    if not crops:
+        where = ", ".join(paths or [])
+        raise _err(f"no crops found in {where} (looked for {' '.join(IMAGE_SUFFIXES)} files, recursively)")
+    typer.echo(f"inputs: {len(crops)} crops -> {out} ({out_fmt})", err=True)
+
+    try:
+        summary = run_inference(crops, engine, out, out_fmt, batch_size=batch_size, workers=workers,
+                                threshold=threshold, resume=resume, progress=progress, pool=pool.value,
+                                overwrite=overwrite)
+    except InputError as e:
+        raise _err(str(e)) from None
+    except EngineError as e:
+        raise _err(f"{e}\nrows written so far are kept in {out}; rerun with --resume", 3) from None
+    except OSError as e:
+        raise _err(f"cannot write {out}: {e.strerror or e}") from None
+
+    for line in summary.lines():
+        typer.echo(line)
+    if summary.interrupted:
+        raise typer.Exit(summary.exit_code)
+    if summary.any_failed:
+        n = summary.failed + summary.skipped_failed
+        typer.echo(f"exit code 1: {n} of {summary.found} inputs failed", err=True)
+    raise typer.Exit(summary.exit_code)
 
 
 def main() -> None:
-    app()
+    # Never leave half a line on the terminal after a broken pipe (e.g. `ami-infer ... | head`).
+    try:
+        app()
+    except BrokenPipeError:  # pragma: no cover
+        os._exit(1)

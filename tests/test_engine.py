@@ -1,0 +1,297 @@
+"""ami.runtime.engine / ami.runtime.trt: loading artefacts, refusing bad ones, running them.
+
+Uses tiny ONNX models built by tests/onnx_factory.py (no trained model needed). TensorRT tests
+that need a GPU skip with the reason on CPU machines."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+from onnx import TensorProto
+from onnx_factory import TINY_PRE, build_model, reference_probs, tiny_meta, write_model
+
+from ami.runtime import engine as E
+from ami.runtime import trt as T
+from ami.runtime.artifact import ArtifactError, ArtifactMeta
+from ami.runtime.preprocess import Preprocess
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_model(tmp_path_factory.mktemp("m") / "tiny.onnx")
+
+
+def _pixels(n, s=128, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, s, s, 3), dtype=np.uint8)
+
+
+def test_loads_and_matches_reference(tiny):
+    eng = E.load_engine(tiny, provider="cpu", threads=1)
+    assert eng.provider == "CPUExecutionProvider"
+    assert eng.input_size == 128 and eng.threshold == 0.5
+    assert eng.meta.model == "tiny-test" and eng.meta.preprocess == TINY_PRE
+    for n in (1, 7, 64):
+        x = _pixels(n, seed=n)
+        p = eng.predict(x)
+        assert p.dtype == np.float32 and p.shape == (n,)
+        np.testing.assert_allclose(p, reference_probs(x), atol=1e-6)
+    assert eng.predict(_pixels(0)).shape == (0,)
+    assert "tiny-test" in eng.describe() and "CPUExecutionProvider" in eng.describe()
+
+
+def test_auto_provider_is_a_real_one(tiny):
+    eng = E.load_engine(tiny)  # auto: whatever this onnxruntime build has, CPU at worst
+    assert eng.provider in E.PROVIDER_NAMES.values()
+
+
+def test_predict_rejects_wrong_arrays(tiny):
+    eng = E.load_engine(tiny, provider="cpu")
+    with pytest.raises(ValueError, match="uint8"):
+        eng.predict(_pixels(2).astype(np.float32))
+    with pytest.raises(ValueError, match=r"\[N, 128, 128, 3\]"):
+        eng.predict(_pixels(2, s=64))
+    with pytest.raises(ValueError, match="NHWC"):
+        eng.predict(np.zeros((2, 3, 128, 128), np.uint8))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(meta=None), "no 'ami' metadata"),
+    (dict(meta="{not json"), "not valid JSON"),
+    (dict(meta=json.dumps({"format": "ami-artifact/1"})), "lacks"),
+    (dict(meta=json.dumps({**json.loads(tiny_meta().to_json()), "format": "other/9"})), "format"),
+    (dict(meta=json.dumps({**json.loads(tiny_meta().to_json()), "preprocess": "224"})), "malformed"),
+    (dict(input_dtype=TensorProto.FLOAT), "expected tensor\\(uint8\\)"),
+    (dict(graph_size=64), "expected \\[N, 128, 128, 3\\]"),
+    (dict(input_name="images"), "expected exactly one named 'pixels'"),
+    (dict(output_name="logits"), "expected one named 'prob_atypical'"),
+    (dict(output_rank=2), "expected \\[N\\]"),
+])
+def test_refuses_contract_violations(tmp_path, kwargs, message):
+    path = write_model(tmp_path / "bad.onnx", **kwargs)
+    with pytest.raises(ArtifactError, match=message):
+        E.load_engine(path, provider="cpu")
+
+
+def test_refuses_broken_files(tmp_path, tiny):
+    data = tiny.read_bytes()
+    (tmp_path / "trunc.onnx").write_bytes(data[: len(data) // 2])
+    (tmp_path / "junk.onnx").write_bytes(b"\x00garbage" * 100)
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    (tmp_path / "dir.onnx").mkdir()
+    cases = {"trunc.onnx": "not a loadable ONNX model", "junk.onnx": "not a loadable ONNX model",
+             "empty.onnx": "empty", "dir.onnx": "directory", "missing.onnx": "not found"}
+    for name, message in cases.items():
+        with pytest.raises(ArtifactError, match=message):
+            E.load_engine(tmp_path / name)
+
+
+def test_default_model(monkeypatch, tmp_path, tiny):
+    monkeypatch.setattr(E, "DEFAULT_MODEL", tmp_path / "assets" / "edge.onnx")
+    with pytest.raises(ArtifactError, match="no shipped model found at .*edge.onnx"):
+        E.load_engine()
+    monkeypatch.setattr(E, "DEFAULT_MODEL", tiny)
+    assert E.load_engine().meta.model == "tiny-test"
+
+
+def test_default_model_path_is_in_the_package():
+    assert E.DEFAULT_MODEL.parent.name == "assets" and E.DEFAULT_MODEL.parent.parent == E.Path(E.__file__).parent
+
+
+def test_provider_errors(tiny):
+    with pytest.raises(E.EngineError, match="unknown provider"):
+        E.load_engine(tiny, provider="npu")
+    import onnxruntime as ort
+
+    for p in ("cuda", "tensorrt"):
+        if E.PROVIDER_NAMES[p] in ort.get_available_providers():
+            continue
+        with pytest.raises(E.EngineError, match=f"{E.PROVIDER_NAMES[p]} is not available.*onnxruntime-gpu"):
+            E.load_engine(tiny, provider=p)
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider")  # ORT's own warning about the simulated provider
+def test_gpu_provider_failures_are_explained(monkeypatch, tiny):
+    """Simulated GPU providers: ORT silently falling back, or raising at session creation."""
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(E.EngineError, match="asked for CUDAExecutionProvider but ONNX Runtime fell back"):
+        E.load_engine(tiny, provider="cuda")
+    real = ort.InferenceSession
+
+    def flaky(path, sess_options=None, providers=None):
+        if any((p if isinstance(p, str) else p[0]) != "CPUExecutionProvider" for p in providers):
+            raise RuntimeError("CUDA failure 35: CUDA driver version is insufficient\nmore lines")
+        return real(path, sess_options=sess_options, providers=providers)
+
+    monkeypatch.setattr(ort, "InferenceSession", flaky)
+    with pytest.raises(E.EngineError, match="CUDAExecutionProvider could not run tiny.onnx: CUDA failure 35"):
+        E.load_engine(tiny, provider="cuda")
+    eng = E.load_engine(tiny)  # auto: falls back to the CPU and says why
+    assert eng.provider == "CPUExecutionProvider" and "driver version is insufficient" in eng.fallback
+    assert "running on the CPU" in eng.describe()
+
+
+class _FakeOrt:
+    __version__ = "9.9.9"
+
+    def __init__(self, providers):
+        self._p = providers
+
+    def get_available_providers(self):
+        return self._p
+
+
+def test_provider_list_auto_order_and_trt_profile(tmp_path, tiny):
+    ort = _FakeOrt(["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    lst = E._provider_list(ort, "auto", tiny, "{}", 128, tmp_path / "cache", 256, 0)
+    assert [p if isinstance(p, str) else p[0] for p in lst] == [
+        "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    opts = lst[0][1]
+    assert opts["trt_profile_min_shapes"] == "pixels:1x128x128x3"
+    assert opts["trt_profile_opt_shapes"] == "pixels:64x128x128x3"
+    assert opts["trt_profile_max_shapes"] == "pixels:256x128x128x3"
+    assert opts["trt_engine_cache_enable"] and opts["trt_engine_cache_path"] == str(tmp_path / "cache")
+    assert E._provider_list(ort, "cpu", tiny, "", 0, None, 256, 0) == ["CPUExecutionProvider"]
+    assert [p[0] if isinstance(p, tuple) else p for p in E._provider_list(ort, "cuda", tiny, "", 0, None, 256, 0)] == [
+        "CUDAExecutionProvider", "CPUExecutionProvider"]
+    cpu_only = _FakeOrt(["CPUExecutionProvider"])
+    assert E._provider_list(cpu_only, "auto", tiny, "", 0, None, 256, 0) == ["CPUExecutionProvider"]
+
+
+def test_trt_ep_cache_key_follows_weights(tmp_path):
+    a = write_model(tmp_path / "a.onnx")
+    b = write_model(tmp_path / "b.onnx", pre=Preprocess(128, None, "bicubic", (0.4, 0.5, 0.6), (0.2, 0.2, 0.2)))
+    ka, kb = (E._model_key(p, "{}", "1.0") for p in (a, b))
+    assert ka != kb and ka == E._model_key(a, "{}", "1.0") and ka != E._model_key(a, "{}", "1.1")
+
+
+# -- TensorRT plans ------------------------------------------------------------------------------
+
+def test_plan_sidecar_roundtrip_and_refusals(tmp_path):
+    plan = tmp_path / "m.plan"
+    plan.write_bytes(b"not really a plan")
+    with pytest.raises(ArtifactError, match="no side file m.plan.json"):
+        T.read_plan_sidecar(plan)
+    meta = tiny_meta()
+    side = T.write_plan_sidecar(plan, meta, tensorrt_version="10.9.0.34", gpu_name="NVIDIA H100",
+                                compute_capability="9.0", profile={"min": 1, "opt": 64, "max": 256})
+    assert side.name == "m.plan.json"
+    m, build = T.read_plan_sidecar(plan)
+    assert m == meta
+    assert build == {"tensorrt_version": "10.9.0.34", "gpu_name": "NVIDIA H100", "compute_capability": "9.0",
+                     "profile": {"min": 1, "opt": 64, "max": 256}}
+    # the side file is the artefact metadata plus build facts: ArtifactMeta reads it as is
+    assert ArtifactMeta.from_json(side.read_text()) == meta
+    d = json.loads(side.read_text())
+    del d["compute_capability"]
+    side.write_text(json.dumps(d))
+    with pytest.raises(ArtifactError, match="lacks compute_capability"):
+        T.read_plan_sidecar(plan)
+    with pytest.raises(ValueError, match="gpu_name"):
+        T.write_plan_sidecar(plan, meta, tensorrt_version="10", compute_capability="9.0")
+
+
+def test_plan_compatibility_check():
+    build = {"tensorrt_version": "10.9.0.34", "gpu_name": "NVIDIA H100", "compute_capability": "9.0"}
+    T.check_plan_compatible(build, "10.9.0.34", {"gpu_name": "NVIDIA H100 PCIe", "compute_capability": "9.0"})
+    with pytest.raises(E.EngineError, match="built with TensorRT 10.9.0.34 but TensorRT 10.13.0 is installed"):
+        T.check_plan_compatible(build, "10.13.0", {"gpu_name": "x", "compute_capability": "9.0"})
+    with pytest.raises(E.EngineError, match="compute capability 9.0 .*NVIDIA L4 \\(compute capability 8.9\\)"):
+        T.check_plan_compatible(build, "10.9.0.34", {"gpu_name": "NVIDIA L4", "compute_capability": "8.9"})
+
+
+def test_plan_needs_sidecar_before_anything(tmp_path):
+    plan = tmp_path / "m.plan"
+    plan.write_bytes(b"x" * 100)
+    with pytest.raises(ArtifactError, match="side file"):
+        E.load_engine(plan)
+    with pytest.raises(E.EngineError, match="runs on TensorRT only"):
+        E.load_engine(plan, provider="cpu")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_plan_without_tensorrt_is_a_clear_error(tmp_path):
+    plan = tmp_path / "m.plan"
+    plan.write_bytes(b"x" * 100)
+    T.write_plan_sidecar(plan, tiny_meta(), tensorrt_version="10.9.0.34", gpu_name="g", compute_capability="9.0")
+    with pytest.raises(E.EngineError, match="TensorRT is not installed"):
+        E.load_engine(plan)
+
+
+def _gpu_reason() -> str | None:
+    if importlib.util.find_spec("tensorrt") is None:
+        return "TensorRT is not installed (CPU machine): `pip install 'ami[trt]'` on a GPU box"
+    try:
+        T.gpu_info()
+    except Exception as e:  # noqa: BLE001
+        return f"no usable CUDA GPU: {e}"
+    return None
+
+
+def _build_plan(onnx_path, plan_path, max_batch=32):
+    """Build an fp32 plan from the tiny ONNX with TensorRT's Python API (strongly typed network)."""
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    assert parser.parse(onnx_path.read_bytes()), [str(parser.get_error(i)) for i in range(parser.num_errors)]
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    s = TINY_PRE.input_size
+    profile.set_shape("pixels", (1, s, s, 3), (8, s, s, 3), (max_batch, s, s, 3))
+    config.add_optimization_profile(profile)
+    data = builder.build_serialized_network(network, config)
+    assert data is not None, "TensorRT could not build the tiny plan"
+    plan_path.write_bytes(bytes(data))
+    info = T.gpu_info()
+    T.write_plan_sidecar(plan_path, tiny_meta(), tensorrt_version=trt.__version__, profile={"min": 1, "opt": 8, "max": max_batch}, **info)
+
+
+@pytest.mark.trt
+@pytest.mark.skipif(_gpu_reason() is not None, reason=str(_gpu_reason()))
+def test_plan_runs_and_matches_reference(tmp_path, tiny):
+    plan = tmp_path / "tiny.plan"
+    _build_plan(tiny, plan, max_batch=32)
+    eng = E.load_engine(plan)
+    assert eng.provider.startswith("TensorRT") and eng.max_batch == 32
+    for n in (1, 5, 32, 70):  # 70 > profile max: split into chunks
+        x = _pixels(n, seed=n)
+        np.testing.assert_allclose(eng.predict(x), reference_probs(x), atol=1e-5)
+    # a plan recorded for another TensorRT version is refused before deserialising
+    d = json.loads(T.sidecar_path(plan).read_text())
+    d["tensorrt_version"] = "0.0.1"
+    T.sidecar_path(plan).write_text(json.dumps(d))
+    with pytest.raises(E.EngineError, match="built with TensorRT 0.0.1"):
+        E.load_engine(plan)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not any(p in __import__("onnxruntime").get_available_providers()
+                            for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")),
+                    reason="this onnxruntime build has no CUDA/TensorRT execution provider (CPU machine)")
+def test_gpu_providers_match_reference(tiny, tmp_path):
+    import onnxruntime as ort
+
+    for p in ("cuda", "tensorrt"):
+        if E.PROVIDER_NAMES[p] not in ort.get_available_providers():
+            continue
+        eng = E.load_engine(tiny, provider=p, cache_dir=tmp_path / "cache", max_batch=64)
+        assert eng.provider == E.PROVIDER_NAMES[p]
+        for n in (1, 64):
+            x = _pixels(n, seed=n)
+            np.testing.assert_allclose(eng.predict(x), reference_probs(x), atol=1e-5)
+
+
+def test_build_model_helper_is_valid():
+    # the factory itself: a contract-abiding graph with metadata
+    m = build_model()
+    assert [p.key for p in m.metadata_props] == ["ami"]
