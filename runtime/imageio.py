@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import stat
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -48,20 +47,33 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def _file_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be a crop file, or None. One stat() on the common path."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "broken symbolic link" if os.path.islink(path) else "file not found"
+    except PermissionError:
+        return "permission denied"
+    except OSError as e:  # e.g. a symlink loop, a name too long
+        return f"cannot read file ({e.strerror or e})"
+    if stat.S_ISDIR(st.st_mode):
+        unlisted = not os.access(path, os.R_OK | os.X_OK)
+        return "is a directory" + ("; permission denied, its crops could not be listed" if unlisted else "")
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file (device, pipe or socket)"
+    if st.st_size == 0:
+        return "empty file"
+    return None
+
+
 def decode_rgb(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open, fully decode and convert one crop to RGB. Raises ImageError with the reason."""
-    p = Path(path)
+    p = os.fspath(path)
     try:
-        if p.is_symlink() and not p.exists():
-            raise ImageError("broken symbolic link")
-        st = p.stat()
-        if stat.S_ISDIR(st.st_mode):
-            unlisted = not os.access(p, os.R_OK | os.X_OK)
-            raise ImageError("is a directory" + ("; permission denied, its crops could not be listed" if unlisted else ""))
-        if not stat.S_ISREG(st.st_mode):
-            raise ImageError("not a regular file (device, pipe or socket)")
-        if st.st_size == 0:
-            raise ImageError("empty file")
+        problem = _file_problem(p)
+        if problem:
+            raise ImageError(problem)
         with Image.open(p, formats=FORMATS) as im:
             w, h = im.size
             if w * h > max_pixels:
@@ -76,7 +88,7 @@ def decode_rgb(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.I
         raise ImageError("file not found") from None
     except UnidentifiedImageError:
         raise ImageError("not an image (not a PNG, JPEG, TIFF, BMP or WebP file)") from None
-    except Image.DecompressionBombError as e:
+    except Image.DecompressionBombError:
         raise ImageError("image too large: refused as a possible decompression bomb "
                          f"(over {Image.MAX_IMAGE_PIXELS * 2} pixels)") from None
     except (OSError, SyntaxError, ValueError) as e:

@@ -124,6 +124,8 @@ def seeded(tmp_path_factory):
     pal.save(p := good("palette.png"))
     pixels[p] = np.asarray(pal.convert("RGB"))
     Image.fromarray(a).save(good("crop.jpg"), quality=95)  # lossy: checked for status only
+    Image.fromarray(a).convert("CMYK").save(good("cmyk.jpeg"), quality=95)
+    Image.fromarray(a).convert("LA").save(good("grey_alpha.png"))
     Image.fromarray(_crop(4)).save(good("crop.tif", _crop(4)))
     Image.fromarray(_crop(5)).save(good("crop_lzw.TIFF", _crop(5)), compression="tiff_lzw")
     big = _crop(6, size=(100, 140))
@@ -143,6 +145,7 @@ def seeded(tmp_path_factory):
     _png_header_only(Path(bad("bomb.png", "too large")), 100_000, 100_000)  # over Pillow's own limit
     _png_header_only(Path(bad("huge.png", "too large")), 9_000, 9_000)  # over ami's 64 Mpx limit
     os.symlink(os.path.join(d, "gone", "missing.png"), bad("broken_link.png", "broken symbolic link"))
+    os.symlink("self_loop.png", bad("self_loop.png", "Too many levels of symbolic links"))
     (d / "notes.txt").write_text("not an input: other extensions are ignored in folders\n")
     return d, status, pixels, reasons
 

@@ -116,7 +116,7 @@ def infer(
     typer.echo(f"model: {engine.describe()}", err=True)
 
     try:
-        crops = sample_inputs() if sample and not paths else []
+        crops = sample_inputs() if sample else []
         if paths:
             crops += list(iter_inputs(paths))
     except InputError as e:
