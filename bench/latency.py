@@ -1,12 +1,831 @@
-"""ami-bench latency (filled in by issue 7)."""
+"""ami-bench latency: model-only latency/throughput per engine and batch size, and end-to-end speed.
 
+Everything is measured in ONE run on one machine, so the ratios between rows mean something even
+on a shared machine where absolute times drift:
+
+* **Model-only** (uint8 NHWC pixels in memory -> probabilities): every engine side by side -
+  PyTorch eager (CPU; CUDA too when a GPU is present, synchronised inside the timed call), ONNX
+  Runtime fp32 and int8 (CPU provider; CUDA provider too when onnxruntime-gpu has it), TensorRT
+  fp16/fp32 plans when a GPU and TensorRT are present (otherwise listed as skipped, with the
+  reason). Warm-up rounds are excluded; each (engine, batch) reports p50/p95/p99 latency and
+  crops/s. PyTorch gets the same uint8 batch and does the same work as the exported graph (cast,
+  normalise, network, sigmoid).
+* **FLOPs and hardware fraction**: FLOPs per crop (multiply-adds x 2 of the convolutions and
+  matrix products) from ``torch.utils.flop_counter.FlopCounterMode`` on the PyTorch model, or
+  from the ONNX graph; the machine's peak is a large float32 matrix product timed in the same
+  run, and each row reports achieved GFLOP/s and the fraction of that peak.
+* **End-to-end** (decode + preprocess + infer) on real crops: the ``ami-infer`` pipeline
+  (:func:`ami.runtime.infer.run_inference`) vs the plain reference loop of
+  :mod:`ami.bench.reference` (PIL + torchvision + PyTorch + DataLoader) on the same model and the
+  same crops, as a ratio, with a check that both give the same labels and close probabilities.
+
+:func:`run_latency` returns a :class:`LatencyReport` (JSON + Markdown).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
 import typer
 
-from ami.runtime.cli import not_yet
+from ami.runtime.artifact import ArtifactError
+from ami.runtime.datasets import available_eval_sets, resolve_data_root
+from ami.runtime.engine import ASSETS, EngineError, load_engine
+from ami.runtime.preprocess import Preprocess
+
+from .parity import (
+    SHIPPED_ENGINES,
+    SHIPPED_WEIGHTS,
+    ParityError,
+    build_run_models,
+    build_single_model,
+    decode_pixels,
+    machine_info,
+    sample_crops,
+)
+
+SCHEMA = "ami-bench-latency/1"
+DEFAULT_BATCHES = (1, 8, 32, 64, 128)
+E2E_SETS = ("AtNorM-MD", "AMi-Br-test", "AtNorM-Br")  # the first present one gives the end-to-end crops
+FP32_E2E_TOL = 1e-4  # ami-infer (fp32 ONNX) vs the reference loop: max |delta p|
+
+
+class LatencyError(RuntimeError):
+    """The benchmark cannot be set up (no model, unreadable files); the message says why."""
+
+
+# -- statistics ----------------------------------------------------------------------------------
+
+@dataclass
+class Stats:
+    rounds: int
+    warmup: int
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    mean_ms: float
+    min_ms: float
+    max_ms: float
+    crops_per_s: float  # batch * rounds / total timed seconds
+
+
+def stats_from(times_s: Sequence[float], batch: int, warmup: int = 0) -> Stats:
+    """Latency percentiles (linear interpolation, numpy's default) and throughput of timed rounds."""
+    t = np.asarray(times_s, np.float64)
+    if t.size == 0:
+        raise ValueError("no timed rounds")
+    ms = t * 1e3
+    p50, p95, p99 = np.percentile(ms, [50, 95, 99])
+    return Stats(rounds=int(t.size), warmup=int(warmup), p50_ms=float(p50), p95_ms=float(p95), p99_ms=float(p99),
+                 mean_ms=float(ms.mean()), min_ms=float(ms.min()), max_ms=float(ms.max()),
+                 crops_per_s=float(batch * t.size / t.sum()) if t.sum() > 0 else math.inf)
+
+
+def time_fn(fn: Callable[[], object], *, rounds: int = 0, warmup: int = 2, seconds: float = 1.5,
+            min_rounds: int = 5, max_rounds: int = 1000) -> tuple[list[float], int]:
+    """Call ``fn`` ``warmup`` times (untimed), then time each call. ``rounds`` > 0: exactly that
+    many; else as many as fit in ``seconds`` (estimated from the warm-up), within min..max rounds."""
+    t_warm = []
+    for _ in range(max(0, warmup)):
+        t0 = time.perf_counter()
+        fn()
+        t_warm.append(time.perf_counter() - t0)
+    if rounds <= 0:
+        est = min(t_warm) if t_warm else 0.0
+        rounds = int(seconds / est) if est > 0 else min_rounds
+        rounds = max(min_rounds, min(max_rounds, rounds))
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times, max(0, warmup)
+
+
+# -- engines -------------------------------------------------------------------------------------
+
+@dataclass
+class Runner:
+    """One engine to time: ``predict(uint8 NHWC) -> probabilities`` (finished when it returns)."""
+
+    engine: str  # e.g. "PyTorch eager", "ONNX Runtime", "TensorRT"
+    precision: str
+    device: str  # cpu | cuda
+    provider: str
+    model: str  # file the weights/graph come from
+    predict: Callable[[np.ndarray], np.ndarray]
+    flops_per_crop: float | None = None
+    flops_source: str = ""
+    notes: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.engine} {self.precision} ({self.device})"
+
+
+def torch_runner(models: list, pre: Preprocess, device: str = "cpu", model_name: str = "") -> Runner:
+    """PyTorch eager: uint8 batch -> (to device) -> eval_batch -> networks -> mean sigmoid; CUDA synchronised."""
+    import torch
+
+    from ami.train.data import eval_batch
+
+    dev = torch.device(device)
+    fmt = torch.channels_last if dev.type == "cpu" else torch.contiguous_format
+    nets = [m.float().eval().to(dev).to(memory_format=fmt) for m in models]
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.benchmark = True
+
+    def predict(pixels: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(pixels)).to(dev, non_blocking=False)
+            x = eval_batch(x, pre).contiguous(memory_format=fmt)
+            p = torch.stack([torch.sigmoid(m(x).float()) for m in nets]).mean(0)
+            out = p.cpu().numpy()  # a device->host copy: synchronises CUDA
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return out
+
+    flops = torch_flops_per_crop(nets, pre, dev)
+    return Runner("PyTorch eager", "fp32", dev.type, f"torch {torch.__version__}"
+                  + (f", {torch.get_num_threads()} threads" if dev.type == "cpu" else f", {torch.cuda.get_device_name(dev)}"),
+                  model_name, predict, flops, "FlopCounterMode (PyTorch model)",
+                  notes=("channels_last" if dev.type == "cpu" else "float32, TF32 off, cudnn.benchmark")
+                  + "; time includes the host->device copy of the uint8 batch" * (dev.type == "cuda"))
+
+
+def engine_runner(eng, flops: float | None = None, flops_source: str = "") -> Runner:
+    prov = eng.provider
+    if "TensorRT" in prov and not prov.startswith("Tensorrt"):
+        name, device = "TensorRT", "cuda"
+    elif prov.startswith("CUDA") or prov.startswith("Tensorrt"):
+        name, device = "ONNX Runtime", "cuda"
+    else:
+        name, device = "ONNX Runtime", "cpu"
+    note = "host uint8 in, host float32 out (copies included)" if device == "cuda" else ""
+    return Runner(name, eng.meta.precision, device, prov, eng.path.name, eng.predict, flops, flops_source, note)
+
+
+# -- FLOPs ---------------------------------------------------------------------------------------
+
+def torch_flops_per_crop(models: list, pre: Preprocess, device=None) -> float | None:
+    """FLOPs of one crop through the networks (FlopCounterMode: 2 x multiply-adds of conv/matmul)."""
+    try:
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode
+    except ImportError:
+        return None
+    s = pre.input_size
+    dev = device or next(models[0].parameters()).device
+    x = torch.zeros(1, 3, s, s, device=dev)
+    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+        for m in models:
+            m(x)
+    return float(fc.get_total_flops())
+
+
+def _conv_flops(out_shape, w_shape) -> float | None:
+    if out_shape is None or w_shape is None or len(out_shape) < 3:
+        return None
+    return 2.0 * float(np.prod(out_shape[1:])) * float(np.prod(w_shape[1:]))
+
+
+def onnx_flops_per_crop(path: str | Path) -> float | None:
+    """FLOPs of one crop counted from an ONNX graph (Conv/Gemm/MatMul and their quantised forms,
+    2 x multiply-adds, batch fixed to 1); None when onnx is missing or shapes cannot be inferred."""
+    try:
+        import onnx
+        from onnx import shape_inference
+    except ImportError:
+        return None
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001
+        return None
+    g = m.graph
+    inits = {i.name for i in g.initializer}
+    for inp in g.input:
+        if inp.name in inits:
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        if dims:
+            dims[0].ClearField("dim_param")
+            dims[0].dim_value = 1
+    del g.value_info[:]
+    for o in g.output:
+        d = o.type.tensor_type.shape.dim
+        if d:
+            d[0].ClearField("dim_param")
+            d[0].dim_value = 1
+    try:
+        m = shape_inference.infer_shapes(m, data_prop=True)
+    except Exception:  # noqa: BLE001
+        return None
+    shapes: dict[str, list | None] = {}
+
+    def add(vi):
+        dims = vi.type.tensor_type.shape.dim
+        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims] if dims else None
+
+    for vi in list(m.graph.value_info) + list(m.graph.input) + list(m.graph.output):
+        add(vi)
+    for t in m.graph.initializer:
+        shapes[t.name] = list(t.dims)
+
+    def shape(name):
+        s = shapes.get(name)
+        return None if s is None or any(d is None for d in s) else s
+
+    total, unknown = 0.0, 0
+    # operand positions: (activation/output, weight) inputs
+    conv_w = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3}
+    mm_ab = {"MatMul": (0, 1), "Gemm": (0, 1), "MatMulInteger": (0, 1), "QLinearMatMul": (0, 3)}
+    for node in m.graph.node:
+        if node.op_type in conv_w:
+            f = _conv_flops(shape(node.output[0]), shape(node.input[conv_w[node.op_type]]))
+        elif node.op_type in mm_ab:
+            ia, ib = mm_ab[node.op_type]
+            a, b, y = shape(node.input[ia]), shape(node.input[ib]), shape(node.output[0])
+            if a is None or y is None:
+                f = None
+            else:
+                k = a[-1]
+                if node.op_type == "Gemm" and any(at.name == "transA" and at.i for at in node.attribute):
+                    k = a[0]
+                f = 2.0 * float(np.prod(y)) * float(k)
+        else:
+            continue
+        if f is None:
+            unknown += 1
+        else:
+            total += f
+    if unknown:
+        return None
+    return total
+
+
+# -- hardware peak -------------------------------------------------------------------------------
+
+def peak_gflops(n: int = 2048, reps: int = 5, device: str = "cpu", dtype: str = "float32") -> dict:
+    """Best-of-``reps`` GFLOP/s of an n x n x n matrix product (2 n^3 FLOPs), torch when present, else numpy."""
+    flops = 2.0 * n ** 3
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None:
+        dev = torch.device(device)
+        dt = getattr(torch, dtype)
+        if dev.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = False
+        g = torch.Generator(device=dev).manual_seed(0)
+        a = torch.randn(n, n, generator=g, device=dev, dtype=dt)
+        b = torch.randn(n, n, generator=g, device=dev, dtype=dt)
+        sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+
+        def fn():
+            torch.mm(a, b)
+            sync()
+        lib = f"torch {torch.__version__} mm"
+        threads = torch.get_num_threads() if dev.type == "cpu" else None
+    else:
+        if device != "cpu":
+            raise LatencyError("a GPU peak needs torch")
+        rng = np.random.default_rng(0)
+        a = rng.standard_normal((n, n)).astype(dtype)
+        b = rng.standard_normal((n, n)).astype(dtype)
+
+        def fn():
+            a @ b
+        lib, threads = f"numpy {np.__version__} matmul", None
+    times, _ = time_fn(fn, rounds=reps, warmup=1)
+    best = min(times)
+    return {"what": f"{n}x{n} {dtype} matrix product ({lib}), best of {reps}", "device": device, "dtype": dtype,
+            "n": n, "gflops": flops / best / 1e9, "best_s": best, "threads": threads}
+
+
+# -- report --------------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    engine: str
+    precision: str
+    device: str
+    provider: str
+    model: str
+    batch: int
+    stats: dict
+    flops_per_crop: float | None
+    flops_source: str
+    achieved_gflops: float | None
+    peak_fraction: float | None
+    peak_ref: str
+    notes: str = ""
+
+
+@dataclass
+class LatencyReport:
+    machine: dict
+    settings: dict
+    peaks: dict = field(default_factory=dict)  # "cpu_float32" / "cuda_float32" / "cuda_float16" -> peak_gflops()
+    rows: list[Row] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)  # {"engine", "reason"}
+    end_to_end: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": self.machine,
+                "settings": self.settings, "peaks": self.peaks, "rows": [asdict(r) for r in self.rows],
+                "skipped": self.skipped, "end_to_end": self.end_to_end, "notes": self.notes,
+                "seconds": round(self.seconds, 1)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n"
+
+    def to_markdown(self) -> str:
+        m = self.machine
+        gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+        lines = [f"## Model-only latency and throughput - {m.get('cpu', '?')} ({m.get('cores', '?')} cores{gpu})", ""]
+        for k, p in self.peaks.items():
+            lines.append(f"Measured peak ({k.replace('_', ' ')}): **{p['gflops']:.1f} GFLOP/s** ({p['what']}"
+                         + (f", {p['threads']} threads" if p.get("threads") else "") + ").")
+        s = self.settings
+        lines += ["", f"Threads: {s.get('threads')}; warm-up rounds excluded; timed rounds per cell: "
+                      f"{'exactly ' + str(s['rounds']) if s.get('rounds') else 'about ' + str(s.get('seconds')) + ' s worth (at least ' + str(s.get('min_rounds')) + ')'}; "
+                      "pixels are uint8 crops already in memory.", ""]
+        head = ["engine", "precision", "device", "model", "batch", "p50 ms", "p95 ms", "p99 ms", "crops/s",
+                "MFLOP/crop", "GFLOP/s", "% of peak", "rounds"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in self.rows:
+            st = r.stats
+            lines.append("| " + " | ".join([
+                r.engine, r.precision, r.device, r.model, str(r.batch), f"{st['p50_ms']:.2f}", f"{st['p95_ms']:.2f}",
+                f"{st['p99_ms']:.2f}", f"{st['crops_per_s']:.0f}",
+                "n/a" if r.flops_per_crop is None else f"{r.flops_per_crop / 1e6:.1f}",
+                "n/a" if r.achieved_gflops is None else f"{r.achieved_gflops:.1f}",
+                "n/a" if r.peak_fraction is None else f"{100 * r.peak_fraction:.1f}%", str(st["rounds"])]) + " |")
+        for sk in self.skipped:
+            lines.append(f"| {sk['engine']} | - | - | - | - | skipped: {sk['reason']} |" + " |" * (len(head) - 6))
+        srcs = sorted({r.flops_source for r in self.rows if r.flops_source})
+        if srcs:
+            lines += ["", f"FLOPs per crop: {'; '.join(srcs)} (2 x multiply-adds of convolutions and matrix products). "
+                          "% of peak = achieved GFLOP/s / the measured float32 matrix-product peak of the same device "
+                          "(int8 operations counted as if float32)."]
+        e = self.end_to_end
+        if e:
+            lines += ["", f"## End-to-end (decode + preprocess + infer) - {e.get('crops', '?')} crops of {e.get('source', '?')}",
+                      ""]
+            if e.get("skipped"):
+                lines.append(f"skipped: {e['skipped']}")
+            else:
+                h = ["pipeline", "model", "crops", "seconds", "crops/s", "vs reference", "labels identical", "max \\|Δp\\|"]
+                lines += ["| " + " | ".join(h) + " |", "|" + "---|" * len(h)]
+                ref = e.get("reference")
+                for run in e.get("ami_infer", []):
+                    lines.append("| " + " | ".join([
+                        f"ami-infer ({run['workers']} {run['pool']} workers, batch {run['batch']})",
+                        f"{run['model']} ({run['precision']})", str(run["crops"]), f"{run['seconds']:.2f}",
+                        f"{run['crops_per_s']:.0f}", f"{run['ratio_vs_reference']:.2f}x" if run.get("ratio_vs_reference") else "n/a",
+                        {True: "yes", False: "NO"}.get(run.get("labels_identical"), "n/a"),
+                        f"{run['max_abs_dp']:.2e}" if run.get("max_abs_dp") is not None else "n/a"]) + " |")
+                if ref:
+                    lines.append("| " + " | ".join([
+                        f"reference loop (PIL + torchvision + DataLoader, {ref['workers']} workers, batch {ref['batch']})",
+                        f"{ref['model']} (PyTorch fp32)", str(ref["crops"]), f"{ref['seconds']:.2f}",
+                        f"{ref['crops_per_s']:.0f}", "1.00x", "-", "-"]) + " |")
+                elif e.get("reference_skipped"):
+                    lines.append(f"| reference loop | skipped: {e['reference_skipped']} |" + " |" * (len(h) - 2))
+        if self.notes:
+            lines += ["", "Notes:", ""] + [f"- {n}" for n in self.notes]
+        lines += ["", f"Versions: " + ", ".join(f"{k} {m[k]}" for k in ("python", "numpy", "torch", "onnxruntime",
+                                                                       "tensorrt") if m.get(k))
+                  + f". Load average at start: {m.get('load_average', '?')}. Total {self.seconds:.0f} s."]
+        return "\n".join(lines) + "\n"
+
+
+# -- end to end ----------------------------------------------------------------------------------
+
+def e2e_crops(data_root: Path | None, folder: Path | None, n: int) -> tuple[list[str], str]:
+    """(crop paths, description): a folder's crops, or a class-stratified sample of the first present test set."""
+    if folder is not None:
+        from ami.runtime.infer import iter_inputs
+
+        paths = list(iter_inputs([folder]))
+        if not paths:
+            raise LatencyError(f"no crops found under {folder}")
+        if n > 0:
+            paths = paths[:n]
+        return paths, str(folder)
+    root = resolve_data_root(data_root)
+    sets = available_eval_sets(root)
+    for name in E2E_SETS:
+        found = sets.get(name)
+        if isinstance(found, list) and found:
+            picked = sample_crops(found, n)
+            return [str(s.path) for s in picked], f"{name} (class-stratified sample, seed 0)" if 0 < n < len(found) else name
+    raise LatencyError(f"no test set found under data root {root} for the end-to-end run; pass --data-root D or "
+                       "--folder DIR (or --no-e2e)")
+
+
+def run_ami_infer(paths: list[str], eng, *, batch: int, workers: int, pool: str = "thread") -> tuple[np.ndarray, float, dict]:
+    """The ami-infer pipeline on ``paths``: (probabilities in input order, seconds, summary)."""
+    from ami.runtime.infer import run_inference
+
+    with tempfile.TemporaryDirectory(prefix="ami-bench-") as d:
+        out = Path(d) / "pred.csv"
+        summ = run_inference(paths, eng, out, fmt="csv", batch_size=batch, workers=workers, progress=False, pool=pool)
+        import csv
+
+        probs = {}
+        with open(out, newline="") as f:
+            for row in csv.DictReader(f):
+                probs[row["path"]] = float(row["prob_atypical"]) if row["status"] == "ok" else math.nan
+    if summ.failed:
+        raise LatencyError(f"ami-infer could not read {summ.failed} of the crops: {summ.first_errors[:3]}")
+    return np.array([probs[p] for p in paths], np.float64), summ.elapsed_s, summ.to_dict()
+
+
+# -- the benchmark -------------------------------------------------------------------------------
+
+def parse_batches(text: str | Sequence[int]) -> list[int]:
+    if isinstance(text, str):
+        try:
+            vals = [int(b) for b in text.split(",") if b.strip()]
+        except ValueError:
+            raise LatencyError(f"--batch takes batch sizes like 1,8,32; got {text!r}") from None
+    else:
+        vals = [int(b) for b in text]
+    if not vals or min(vals) < 1:
+        raise LatencyError(f"batch sizes must be positive integers, got {text!r}")
+    return sorted(set(vals))
+
+
+def _gpu_state() -> tuple[bool, str]:
+    try:
+        import torch
+    except ImportError:
+        return False, "torch is not installed"
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU (torch.cuda.is_available() is False)"
+    return True, torch.cuda.get_device_name(0)
+
+
+def _trt_state() -> tuple[bool, str]:
+    try:
+        from ami.export.tensorrt import require_tensorrt
+
+        require_tensorrt()
+        return True, ""
+    except ImportError as e:
+        return False, f"ami.export.tensorrt is not importable ({e})"
+    except Exception as e:  # noqa: BLE001 - TensorRTUnavailable and friends carry the reason
+        return False, str(e).split("\n")[0]
+
+
+def run_latency(models: Sequence[str | Path] | None = None, *, run: str | Path | None = None,
+                weights: str | Path | None = None, batches: Sequence[int] = DEFAULT_BATCHES,
+                data_root: str | Path | None = None, folder: str | Path | None = None, crops: int = 512,
+                threads: int = 0, rounds: int = 0, warmup: int = 2, seconds: float = 1.5, min_rounds: int = 5,
+                e2e: bool = True, e2e_batch: int = 64, workers: int = 0, peak_n: int = 2048, peak_reps: int = 5,
+                trt: str = "auto", torch_cpu: bool = True, show_progress: bool = True,
+                log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> LatencyReport:
+    """Measure every engine side by side; see the module docstring.
+
+    ``models``: ONNX files / TensorRT plans (None: the shipped edge.onnx and edge-int8.onnx).
+    PyTorch weights: ``run`` (the run the first model was exported from), ``weights`` (a full
+    state dict), or by default the shipped ``edge.safetensors`` when the shipped models are used.
+    ``threads``: CPU threads of every engine (0 = all cores). ``rounds`` > 0: exactly that many
+    timed rounds per cell, else ``seconds`` worth (at least ``min_rounds``). ``trt``: auto (build
+    fp16/fp32 plans from the first fp32 ONNX model when a GPU and TensorRT are present) | off.
+    """
+    t_start = time.perf_counter()
+    batches = parse_batches(batches)
+    threads = int(threads) if threads and threads > 0 else (os.cpu_count() or 1)
+    shipped = not models
+    if shipped:
+        paths = [p for p in SHIPPED_ENGINES if p.is_file()]
+        if not paths:
+            raise LatencyError(f"no shipped model found: {', '.join(p.name for p in SHIPPED_ENGINES)} are missing from "
+                               f"{ASSETS}; pass --model FILE")
+    else:
+        paths = [Path(p) for p in models]
+    notes: list[str] = []
+    if shipped:
+        for p in SHIPPED_ENGINES:
+            if not p.is_file():
+                notes.append(f"shipped engine {p.name} is missing from the package: not measured")
+        if run is None and weights is None:
+            if SHIPPED_WEIGHTS.is_file():
+                weights = SHIPPED_WEIGHTS
+            else:
+                notes.append(f"{SHIPPED_WEIGHTS.name} (the shipped model's PyTorch weights) is missing: no PyTorch row, "
+                             "no reference loop")
+
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except ImportError:
+        torch = None
+
+    # engines
+    engines = []
+    for p in paths:
+        try:
+            prov = "cpu" if p.suffix.lower() == ".onnx" else "auto"
+            engines.append(load_engine(p, provider=prov, threads=threads))
+        except (ArtifactError, EngineError) as e:
+            raise LatencyError(str(e)) from None
+    pre = engines[0].meta.preprocess
+    for e in engines[1:]:
+        if e.meta.preprocess.input_size != pre.input_size:
+            raise LatencyError(f"{e.path.name} takes {e.meta.preprocess.input_size} px crops, {engines[0].path.name} "
+                               f"takes {pre.input_size} px: benchmark models of one input size per run")
+    machine = machine_info()
+    gpu_ok, gpu_text = _gpu_state()
+    machine["gpu"] = gpu_text if gpu_ok else None
+    try:
+        import onnxruntime as ort
+
+        cuda_ep = "CUDAExecutionProvider" in ort.get_available_providers()
+    except ImportError:  # pragma: no cover
+        cuda_ep = False
+
+    # the PyTorch model (same network as the first engine)
+    torch_models, torch_name, torch_pre = None, "", pre
+    skipped: list[dict] = []
+    if torch is None:
+        skipped.append({"engine": "PyTorch eager", "reason": "torch is not installed"})
+    else:
+        first = engines[0].meta
+        try:
+            if run is not None:
+                torch_models, cfg, _src = build_run_models(Path(run), list(first.folds))
+                torch_name = f"{Path(run).name} folds {','.join(map(str, first.folds))}"
+                torch_pre = cfg.preprocess
+            elif weights is not None:
+                model, cfg = build_single_model(Path(weights), first.model, first.method)
+                torch_models, torch_name, torch_pre = [model], Path(weights).name, cfg.preprocess
+            else:
+                skipped.append({"engine": "PyTorch eager", "reason": "no PyTorch weights named (--run DIR or --weights FILE)"})
+        except ParityError as e:
+            raise LatencyError(str(e)) from None
+        if torch_models is not None and torch_pre != pre:
+            raise LatencyError(f"the PyTorch model's preprocessing {torch_pre} differs from {engines[0].path.name}'s {pre}")
+
+    settings = {"batches": batches, "threads": threads, "rounds": rounds or None, "warmup": warmup, "seconds": seconds,
+                "min_rounds": min_rounds, "crops": crops, "e2e_batch": e2e_batch,
+                "models": [str(p) for p in paths], "torch_model": torch_name or None, "ort_spinning": False}
+    report = LatencyReport(machine=machine, settings=settings, skipped=skipped, notes=notes)
+
+    # hardware peak(s)
+    log("latency: timing the float32 matrix-product peak")
+    report.peaks["cpu_float32"] = peak_gflops(peak_n, peak_reps, "cpu")
+    if gpu_ok:
+        report.peaks["cuda_float32"] = peak_gflops(max(peak_n, 4096), peak_reps, "cuda", "float32")
+        report.peaks["cuda_float16"] = peak_gflops(max(peak_n, 4096), peak_reps, "cuda", "float16")
+
+    # pixels: real crops when there are any (the content does not change the work of a CNN/ViT)
+    big = max(batches)
+    try:
+        crop_paths, crop_source = e2e_crops(data_root, Path(folder) if folder else None, crops)
+        from ami.runtime.datasets import Sample
+
+        pix = decode_pixels([Sample(Path(p), 0, Path(p).name) for p in crop_paths[:big]], pre, "decoding", show_progress)
+        if len(pix) < big:  # fewer crops than the largest batch: repeat them (the work does not depend on content)
+            pix = np.concatenate([pix] * (big // len(pix) + 1))[:big]
+        settings["pixels"] = f"{min(big, len(crop_paths))} real crops of {crop_source}" + \
+            (f", repeated to fill batch {big}" if len(crop_paths) < big else "")
+    except LatencyError as e:
+        crop_paths, crop_source = [], ""
+        pix = np.random.default_rng(0).integers(0, 256, (big, pre.input_size, pre.input_size, 3), dtype=np.uint8)
+        settings["pixels"] = "random uint8 pixels (no crops found)"
+        notes.append(f"model-only timings ran on random pixels: {e}")
+
+    # runners, in table order
+    onnx_flops = {}
+    for e in engines:
+        if e.path.suffix.lower() == ".onnx":
+            onnx_flops[e.path] = onnx_flops_per_crop(e.path)
+    runners: list[Runner] = []
+    torch_flops = None
+    if torch_models is not None and torch_cpu:
+        r = torch_runner(torch_models, pre, "cpu", torch_name)
+        torch_flops = r.flops_per_crop
+        runners.append(r)
+    if torch_models is not None and gpu_ok:
+        runners.append(torch_runner([_copy(m) for m in torch_models], pre, "cuda", torch_name))
+    elif torch_models is not None:
+        skipped.append({"engine": "PyTorch eager (CUDA)", "reason": gpu_text})
+
+    def flops_for(e):
+        f = onnx_flops.get(e.path)
+        if f:
+            return f, "ONNX graph (Conv/Gemm/MatMul)"
+        if torch_flops and e.meta.folds == engines[0].meta.folds:
+            return torch_flops, "FlopCounterMode (PyTorch model)"
+        return None, "not countable (no graph shapes, no PyTorch model)"
+
+    for e in engines:
+        runners.append(engine_runner(e, *flops_for(e)))
+    if cuda_ep:
+        for e in engines:
+            if e.path.suffix.lower() == ".onnx":
+                try:
+                    g = load_engine(e.path, provider="cuda", threads=threads)
+                    runners.append(engine_runner(g, *flops_for(e)))
+                except (ArtifactError, EngineError) as ex:
+                    skipped.append({"engine": f"ONNX Runtime CUDA ({e.path.name})", "reason": str(ex)})
+    # TensorRT plans
+    has_plan = any(e.path.suffix.lower() != ".onnx" for e in engines)
+    if trt == "off":
+        skipped.append({"engine": "TensorRT fp16/fp32", "reason": "--trt off"})
+    elif not has_plan:
+        ok, why = _trt_state() if gpu_ok else (False, gpu_text)
+        fp32 = next((e for e in engines if e.path.suffix.lower() == ".onnx" and e.meta.precision == "fp32"), None)
+        if not ok:
+            skipped.append({"engine": "TensorRT fp16/fp32", "reason": why})
+        elif fp32 is None:
+            skipped.append({"engine": "TensorRT fp16/fp32", "reason": "no fp32 ONNX model to build plans from"})
+        else:
+            plan_dir = Path(tempfile.mkdtemp(prefix="ami-bench-trt-"))
+            for precision in ("fp16", "fp32"):
+                try:
+                    from ami.export import export_onnx
+
+                    plan = export_onnx(fp32.path, plan_dir / f"{fp32.path.stem}-{precision}.plan", engine="trt",
+                                       precision=precision, data_root=data_root, batch=(1, min(64, big), big),
+                                       log=lambda s: log(f"latency: {s}"))
+                    pe = load_engine(plan)
+                    runners.append(engine_runner(pe, *flops_for(fp32)))
+                except Exception as ex:  # noqa: BLE001 - a failed build is a reported skip, not a crash
+                    skipped.append({"engine": f"TensorRT {precision}", "reason": f"plan build failed: {ex}"})
+
+    # model-only timings
+    for r in runners:
+        peak_key = "cpu_float32" if r.device == "cpu" else ("cuda_float16" if r.precision == "fp16" else "cuda_float32")
+        peak = report.peaks.get(peak_key)
+        for b in batches:
+            x = np.ascontiguousarray(pix[:b])
+            out = r.predict(x)
+            if np.asarray(out).shape != (b,):
+                raise LatencyError(f"{r.label} returned shape {np.asarray(out).shape} for a batch of {b}")
+            log(f"latency: {r.label} {r.model} batch {b}")
+            times, w = time_fn(lambda: r.predict(x), rounds=rounds, warmup=warmup, seconds=seconds,
+                               min_rounds=min_rounds)
+            st = stats_from(times, b, w)
+            ach = r.flops_per_crop * st.crops_per_s / 1e9 if r.flops_per_crop else None
+            report.rows.append(Row(engine=r.engine, precision=r.precision, device=r.device, provider=r.provider,
+                                   model=r.model, batch=b, stats=asdict(st), flops_per_crop=r.flops_per_crop,
+                                   flops_source=r.flops_source, achieved_gflops=ach,
+                                   peak_fraction=ach / peak["gflops"] if ach and peak else None,
+                                   peak_ref=peak_key if peak else "", notes=r.notes))
+
+    # end to end
+    if e2e:
+        report.end_to_end = _end_to_end(crop_paths, crop_source, engines,
+                                        torch_models, pre, torch_name, batch=e2e_batch, workers=workers, threads=threads,
+                                        log=log)
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def _copy(m):
+    import copy
+
+    return copy.deepcopy(m)
+
+
+def _end_to_end(paths: list[str], source: str, engines, torch_models, pre: Preprocess, torch_name: str, *, batch: int,
+                workers: int, threads: int, log) -> dict:
+    from ami.runtime.infer import default_workers
+
+    if not paths:
+        return {"skipped": "no crops (pass --data-root D or --folder DIR)", "source": source, "crops": 0}
+    workers = workers if workers > 0 else default_workers()
+    out: dict = {"source": source, "crops": len(paths), "batch": batch, "workers": workers,
+                 "what": "wall time of the whole loop: reading files, decoding, preprocessing, batching, inference; "
+                         "one untimed warm-up pass over the first batch for each pipeline",
+                 "ami_infer": []}
+    warm = paths[:min(len(paths), batch)]
+    ref = None
+    if torch_models is not None:
+        from .reference import reference_loop
+
+        log(f"latency: end-to-end reference loop (PIL + torchvision + DataLoader + PyTorch) on {len(paths)} crops")
+        reference_loop(warm, torch_models, pre, batch_size=batch, workers=workers)
+        ref = reference_loop(paths, torch_models, pre, batch_size=batch, workers=workers)
+        out["reference"] = {"model": torch_name, "crops": len(paths), "seconds": ref.elapsed_s,
+                            "crops_per_s": ref.crops_per_s, "workers": ref.workers, "batch": ref.batch_size,
+                            "pipeline": "PIL Image.open().convert('RGB') + torchvision Resize/ToTensor/Normalize + "
+                                        "torch DataLoader (worker processes) + PyTorch eager"}
+    else:
+        out["reference_skipped"] = "no PyTorch weights"
+    for eng in engines:
+        log(f"latency: end-to-end ami-infer with {eng.path.name} on {len(paths)} crops")
+        run_ami_infer(warm, eng, batch=batch, workers=workers)
+        probs, secs, summ = run_ami_infer(paths, eng, batch=batch, workers=workers)
+        rec = {"model": eng.path.name, "precision": eng.meta.precision, "provider": eng.provider, "crops": len(paths),
+               "seconds": secs, "crops_per_s": len(paths) / secs if secs > 0 else math.inf, "batch": batch,
+               "workers": workers, "pool": summ.get("pool", "thread"), "threads": threads}
+        if ref is not None:
+            thr = eng.threshold
+            diff = np.abs(probs - ref.probs)
+            rec["ratio_vs_reference"] = rec["crops_per_s"] / ref.crops_per_s if ref.crops_per_s else None
+            rec["labels_identical"] = bool(np.all((probs >= thr) == (ref.probs >= thr)))
+            rec["label_agreement"] = float(np.mean((probs >= thr) == (ref.probs >= thr)))
+            rec["max_abs_dp"] = float(np.nanmax(diff))
+            rec["mean_abs_dp"] = float(np.nanmean(diff))
+            if eng.meta.precision == "fp32":
+                rec["check"] = ("pass" if rec["labels_identical"] and rec["max_abs_dp"] <= FP32_E2E_TOL else "FAIL") + \
+                    f" (fp32: labels identical and max |Δp| <= {FP32_E2E_TOL:g})"
+            else:
+                rec["check"] = f"not checked ({eng.meta.precision}: reported only; see ami-bench parity)"
+        out["ami_infer"].append(rec)
+    return out
+
+
+# -- command line --------------------------------------------------------------------------------
+
+EPILOG = """Examples:
+
+\b
+  ami-bench latency --data-root D                 # shipped edge model, every engine, batch 1..128
+  ami-bench latency --data-root D --json latency.json --md latency.md
+  ami-bench latency -m edge.onnx -m edge-int8.onnx --weights edge.safetensors --batch 1,32
+  ami-bench latency -m uni.onnx --run runs/uni-lora --folder my-crops/ --crops 256
+  ami-bench latency --batch 1,8 --crops 64 --seconds 0.5    # a quick smoke run
+
+Model-only rows time uint8 batches already in memory (warm-up excluded); the end-to-end table
+times the ami-infer pipeline and the plain PIL + torchvision + DataLoader loop on the same crops
+and model, in the same run. Absolute numbers depend on the machine and its load; the ratios
+measured in one run are the figures to compare."""
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("latency")
-    def _cmd():
-        """Not implemented yet."""
-        not_yet("ami-bench latency", "issue 7")
+    @app.command("latency", epilog=EPILOG)
+    def latency_cmd(
+        model: Optional[List[Path]] = typer.Option(None, "--model", "-m", help="Engine file (ONNX or TensorRT plan); "
+                                                   "repeat for several. Default: the shipped edge.onnx and edge-int8.onnx."),
+        run: Optional[Path] = typer.Option(None, "--run", help="Run the first model was exported from (PyTorch rows and "
+                                           "the reference loop use its folds)."),
+        weights: Optional[Path] = typer.Option(None, "--weights", help="Instead of --run: a full PyTorch state dict of "
+                                               "the network (default with the shipped models: edge.safetensors)."),
+        batch: str = typer.Option(",".join(map(str, DEFAULT_BATCHES)), "--batch", "-b", help="Batch sizes, comma-separated."),
+        data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder holding the datasets (default: "
+                                                 "$AMI_DATA_ROOT, else ~/.local/share/ami/ami-br-benchmark); the "
+                                                 "end-to-end crops come from AtNorM-MD (else the AMi-Br test split)."),
+        folder: Optional[Path] = typer.Option(None, "--folder", help="Use the crops of this folder for the end-to-end run."),
+        crops: int = typer.Option(512, "--crops", "-n", help="Crops in the end-to-end run (class-stratified sample)."),
+        threads: int = typer.Option(0, "--threads", help="CPU threads of every engine (0 = all cores)."),
+        seconds: float = typer.Option(1.5, "--seconds", help="Timed seconds per (engine, batch) cell."),
+        rounds: int = typer.Option(0, "--rounds", help="Exactly this many timed rounds per cell (overrides --seconds)."),
+        min_rounds: int = typer.Option(5, "--min-rounds", help="At least this many timed rounds per cell."),
+        warmup: int = typer.Option(2, "--warmup", help="Untimed warm-up rounds per cell."),
+        e2e: bool = typer.Option(True, "--e2e/--no-e2e", help="Run the end-to-end comparison."),
+        e2e_batch: int = typer.Option(64, "--e2e-batch", help="Batch size of both end-to-end pipelines."),
+        workers: int = typer.Option(0, "--workers", help="Decode workers of both end-to-end pipelines (0 = one per core, "
+                                    "at most 8)."),
+        peak_n: int = typer.Option(2048, "--peak-n", help="Matrix size of the peak-FLOP/s measurement."),
+        trt: str = typer.Option("auto", "--trt", help="auto (build fp16/fp32 plans when a GPU and TensorRT are present) "
+                                "| off."),
+        json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full results as JSON here."),
+        md_out: Optional[Path] = typer.Option(None, "--md", help="Write the Markdown tables here (also printed)."),
+    ):
+        """Model-only latency/throughput per engine and batch size, and end-to-end ami-infer vs a plain loop."""
+        if trt not in ("auto", "off"):
+            raise typer.BadParameter("--trt must be auto or off")
+        if run is not None and weights is not None:
+            raise typer.BadParameter("pass either --run or --weights, not both")
+        try:
+            rep = run_latency(model, run=run, weights=weights, batches=batch, data_root=data_root, folder=folder,
+                              crops=crops, threads=threads, rounds=rounds, warmup=warmup, seconds=seconds,
+                              min_rounds=min_rounds, e2e=e2e, e2e_batch=e2e_batch, workers=workers, peak_n=peak_n,
+                              trt=trt, log=lambda s: typer.echo(s, err=True))
+        except (LatencyError, ParityError) as e:
+            typer.echo(f"ami-bench latency: {e}", err=True)
+            raise typer.Exit(2) from None
+        md = rep.to_markdown()
+        typer.echo(md, nl=False)
+        for path, text in ((json_out, rep.to_json() if json_out else ""), (md_out, md)):
+            if path:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+                typer.echo(f"wrote {path}", err=True)
+        bad = [r for r in rep.end_to_end.get("ami_infer", []) if str(r.get("check", "")).startswith("FAIL")]
+        if bad:
+            typer.echo("END-TO-END CHECK FAILED: ami-infer and the reference loop disagree ("
+                       + "; ".join(f"{r['model']}: labels identical {r['labels_identical']}, max |Δp| "
+                                   f"{r['max_abs_dp']:.2e}" for r in bad) + ")", err=True)
+            raise typer.Exit(1)
