@@ -1,12 +1,352 @@
-"""ami-bench table (filled in by issue 3)."""
+"""ami-bench table: the paper's Table 3 rendered from run directories, never from typed numbers.
 
+Every figure in "ours" comes from ``RUN/fold{k}/metrics.json``: mean ± sample standard deviation
+(ddof=1) over the folds found, per test set and metric. The paper's published figures are an
+optional extra column (``--paper``), taken from :data:`PAPER_TABLE3` below and labelled "paper"
+wherever they appear. Runs of one configuration spread over several directories (one fold per
+machine) are merged; a fold found twice is an error. Datasets absent from disk stay "absent".
+
+Torch-free: this reads JSON and draws with matplotlib (optional, only for ``--roc``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
 import typer
 
-from ami.runtime.cli import not_yet
+from ami.runtime.datasets import TEST_SETS
+from ami.runtime.metrics import MetricError, mean_std, roc_curve
+
+METRICS = (("balanced_accuracy", "BA"), ("auroc", "AUROC"))
+SHORT = {"AMi-Br-test": "AMi-Br"}
+
+PAPER_CITATION = ("Banerjee et al., 'Benchmarking Deep Learning and Vision Foundation Models for Atypical vs. "
+                  "Normal Mitosis Classification with Cross-Dataset Evaluation', arXiv 2506.21444 (MELBA), Table 3: "
+                  "mean ± std over 5 folds")
+# (model, method) -> dataset -> metric -> (mean, std), as published (see PAPER_CITATION).
+_P = {
+    ("efficientnetv2_m", "full"): (0.6488, 0.1265, 0.7124, 0.1608, 0.6457, 0.1055, 0.7055, 0.1250, 0.6034, 0.1166, 0.6721, 0.1279),
+    ("vit_large_patch16_224", "full"): (0.7552, 0.0191, 0.8634, 0.0104, 0.7570, 0.0171, 0.8478, 0.0189, 0.7439, 0.0149, 0.8396, 0.0213),
+    ("swin_base_patch4_window7_224", "full"): (0.7491, 0.1061, 0.8451, 0.0996, 0.7213, 0.1116, 0.8272, 0.0879, 0.7226, 0.1048, 0.8069, 0.1213),
+    ("uni", "linear"): (0.6477, 0.0108, 0.7171, 0.0080, 0.6217, 0.0015, 0.6774, 0.0136, 0.5715, 0.0153, 0.6241, 0.0222),
+    ("uni2_h", "linear"): (0.6472, 0.0138, 0.7087, 0.0107, 0.6612, 0.0169, 0.7296, 0.0115, 0.5919, 0.0162, 0.6297, 0.0173),
+    ("virchow", "linear"): (0.6452, 0.0139, 0.7010, 0.0077, 0.6441, 0.0212, 0.7037, 0.0107, 0.5758, 0.0172, 0.6175, 0.0227),
+    ("virchow2", "linear"): (0.6403, 0.0079, 0.7040, 0.0052, 0.6667, 0.0133, 0.7201, 0.0060, 0.5652, 0.0064, 0.5878, 0.0211),
+    ("prov_gigapath", "linear"): (0.6091, 0.0140, 0.6569, 0.0132, 0.6005, 0.0091, 0.6323, 0.0125, 0.5601, 0.0153, 0.5818, 0.0129),
+    ("h_optimus_0", "linear"): (0.6372, 0.0164, 0.6926, 0.0062, 0.6122, 0.0185, 0.6903, 0.0217, 0.5603, 0.0400, 0.5935, 0.0423),
+    ("h_optimus_1", "linear"): (0.5918, 0.0165, 0.6494, 0.0108, 0.6139, 0.0195, 0.6696, 0.0193, 0.5915, 0.0308, 0.6436, 0.0499),
+    ("uni", "lora"): (0.7952, 0.0092, 0.8839, 0.0059, 0.7183, 0.0226, 0.7979, 0.0142, 0.7069, 0.0278, 0.8222, 0.0224),
+    ("uni2_h", "lora"): (0.7138, 0.0121, 0.8153, 0.0211, 0.7301, 0.0152, 0.8228, 0.0143, 0.6914, 0.0321, 0.7616, 0.0415),
+    ("virchow", "lora"): (0.7878, 0.0250, 0.8891, 0.0150, 0.7696, 0.0198, 0.8540, 0.0200, 0.7705, 0.0287, 0.8641, 0.0247),
+    ("virchow2", "lora"): (0.8135, 0.0145, 0.9026, 0.0051, 0.7632, 0.0190, 0.8579, 0.0117, 0.7424, 0.0305, 0.8503, 0.0171),
+    ("prov_gigapath", "lora"): (0.7602, 0.0113, 0.8682, 0.0122, 0.7263, 0.0296, 0.8077, 0.0184, 0.7007, 0.0228, 0.8073, 0.0259),
+    ("h_optimus_0", "lora"): (0.5888, 0.0766, 0.6159, 0.1276, 0.5901, 0.0827, 0.6224, 0.1220, 0.5406, 0.0619, 0.5826, 0.1263),
+    ("h_optimus_1", "lora"): (0.5908, 0.0909, 0.6362, 0.1143, 0.5699, 0.0752, 0.6352, 0.1091, 0.5617, 0.0874, 0.6019, 0.1312),
+}
+PAPER_TABLE3: dict[tuple[str, str], dict[str, dict[str, tuple[float, float]]]] = {
+    key: {ds: {m: (v[4 * i + 2 * j], v[4 * i + 2 * j + 1]) for j, (m, _) in enumerate(METRICS)}
+          for i, ds in enumerate(TEST_SETS)}
+    for key, v in _P.items()
+}
+
+
+class TableError(ValueError):
+    """The run directories cannot be combined into a table."""
+
+
+@dataclass
+class Config:
+    """One configuration: every fold found for it, possibly from several run directories."""
+
+    model: str
+    method: str
+    label: str
+    flags: list[str]
+    runs: list[Path] = field(default_factory=list)
+    folds: dict[int, dict] = field(default_factory=dict)  # fold -> metrics.json
+
+    def values(self, dataset: str, metric: str) -> tuple[list[float], str | None]:
+        """Per-fold values, or (empty, 'absent'|'n/a') when there are none to average."""
+        vals, absent = [], 0
+        for m in self.folds.values():
+            t = m.get("tests", {}).get(dataset)
+            if t is None or "absent" in t:
+                absent += 1
+            elif metric in t and t[metric] is not None:
+                vals.append(float(t[metric]))
+        if vals:
+            return vals, None
+        return [], "absent" if absent == len(self.folds) and self.folds else "n/a"
+
+
+def _label(model: str, method: str) -> str:
+    try:
+        from ami.train.registry import label
+
+        return label(model, method)
+    except (ImportError, KeyError):
+        return f"{model} ({method})"
+
+
+def _group_key(conf: dict) -> tuple:
+    keep = ("model", "method", "weights_source", "random_init", "tiny_stand_in", "recipe", "max_train", "max_eval",
+            "preprocess", "amp")
+    return tuple(json.dumps(conf.get(k), sort_keys=True) for k in keep)
+
+
+def _run_dirs(paths: list[Path]) -> list[Path]:
+    out = []
+    for p in paths:
+        if (p / "config.json").is_file():
+            out.append(p)
+        elif p.is_dir():
+            out += sorted(q for q in p.iterdir() if (q / "config.json").is_file())
+    return out
+
+
+def collect(paths: list[Path], warn=lambda s: print(s, file=sys.stderr)) -> list[Config]:
+    """Configurations found under ``paths`` (run dirs, or folders of run dirs), in Table 3 order."""
+    groups: dict[tuple, Config] = {}
+    dirs = _run_dirs([Path(p) for p in paths])
+    for p in paths:
+        if Path(p) not in dirs and not any(d.parent == Path(p) for d in dirs):
+            warn(f"skipping {p}: not a run directory (no config.json)")
+    for d in dirs:
+        conf = json.loads((d / "config.json").read_text())
+        key = _group_key(conf)
+        if key not in groups:
+            flags = []
+            if conf.get("random_init") and conf.get("registry_entry", {}).get("pretrained", True):
+                flags.append("random init")
+            if conf.get("tiny_stand_in"):
+                flags.append("tiny stand-in")
+            if conf.get("max_train") or conf.get("max_eval"):
+                flags.append(f"subset {conf.get('max_train') or 'all'}/{conf.get('max_eval') or 'all'}")
+            groups[key] = Config(conf["model"], conf["method"], _label(conf["model"], conf["method"]), flags)
+        g = groups[key]
+        g.runs.append(d)
+        for fdir in sorted(d.glob("fold[0-9]*")):
+            mpath = fdir / "metrics.json"
+            if not mpath.is_file():
+                continue
+            m = json.loads(mpath.read_text())
+            k = int(m["fold"])
+            if k in g.folds:
+                raise TableError(f"fold {k} of {g.label} is in two run directories ({g.folds[k]['_dir']} and "
+                                 f"{fdir}); keep one")
+            m["_dir"] = str(fdir)
+            g.folds[k] = m
+    try:
+        from ami.train.registry import table3_configs
+
+        order = {c: i for i, c in enumerate(table3_configs())}
+    except ImportError:
+        order = {}
+    return sorted(groups.values(), key=lambda g: (order.get((g.model, g.method), len(order)), g.label, g.flags))
+
+
+def _cell(vals: list[float], why: str | None) -> str:
+    if why:
+        return why
+    m, s = mean_std(vals)
+    return f"{m:.4f} ± {s:.4f}" if len(vals) > 1 else f"{m:.4f} (1 fold)"
+
+
+def _paper_cell(c: Config, ds: str, metric: str) -> str:
+    p = PAPER_TABLE3.get((c.model, c.method))
+    return f"{p[ds][metric][0]:.4f} ± {p[ds][metric][1]:.4f}" if p else "-"
+
+
+def _name(c: Config) -> str:
+    return c.label + (f" [{', '.join(c.flags)}]" if c.flags else "")
+
+
+def render_markdown(configs: list[Config], paper: bool = False) -> str:
+    head = ["model", "folds"]
+    for ds in TEST_SETS:
+        for metric, short in METRICS:
+            head.append(f"{SHORT.get(ds, ds)} {short}")
+            if paper:
+                head.append("paper")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in configs:
+        row = [_name(c), ",".join(str(k) for k in sorted(c.folds)) or "none"]
+        for ds in TEST_SETS:
+            for metric, _ in METRICS:
+                row.append(_cell(*c.values(ds, metric)))
+                if paper:
+                    row.append(_paper_cell(c, ds, metric))
+        lines.append("| " + " | ".join(row) + " |")
+    notes = ["", "Ours: mean ± sample std (ddof=1) over the folds listed, read from each fold's metrics.json; "
+             "BA at threshold 0.5. 'absent': the dataset is not on disk; 'n/a': no value (e.g. one class only)."]
+    if paper:
+        notes.append(f"paper: {PAPER_CITATION}.")
+    flagged = [c for c in configs if c.flags]
+    if flagged:
+        notes.append("Bracketed flags mark runs that are NOT the benchmark configuration (random init, tiny "
+                     "stand-in, crop subsets).")
+    return "\n".join(lines + notes) + "\n"
+
+
+def render_csv(configs: list[Config], paper: bool = False) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    head = ["model", "method", "label", "flags", "folds"]
+    for ds in TEST_SETS:
+        for metric, _ in METRICS:
+            head += [f"{ds}:{metric}:mean", f"{ds}:{metric}:std", f"{ds}:{metric}:n"]
+            if paper:
+                head += [f"{ds}:{metric}:paper_mean", f"{ds}:{metric}:paper_std"]
+    w.writerow(head)
+    for c in configs:
+        row = [c.model, c.method, c.label, ";".join(c.flags), " ".join(str(k) for k in sorted(c.folds))]
+        for ds in TEST_SETS:
+            for metric, _ in METRICS:
+                vals, why = c.values(ds, metric)
+                if why:
+                    row += [why, "", 0]
+                else:
+                    m, s = mean_std(vals)
+                    row += [f"{m:.6f}", f"{s:.6f}" if len(vals) > 1 else "", len(vals)]
+                if paper:
+                    p = PAPER_TABLE3.get((c.model, c.method))
+                    row += [p[ds][metric][0], p[ds][metric][1]] if p else ["", ""]
+        w.writerow(row)
+    return buf.getvalue()
+
+
+def render_long(configs: list[Config], paper: bool = False) -> str:
+    """One row per (configuration, fold, dataset, metric); paper rows carry fold 'mean' / 'std'."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["source", "model", "method", "label", "flags", "run", "fold", "dataset", "metric", "value"])
+    for c in configs:
+        for k in sorted(c.folds):
+            m = c.folds[k]
+            sets = [("validation", m.get("validation") or {})] + [(ds, m.get("tests", {}).get(ds) or {})
+                                                                  for ds in TEST_SETS]
+            for ds, t in sets:
+                for metric, _ in METRICS:
+                    if "absent" in t:
+                        val = "absent"
+                    elif t.get(metric) is None:
+                        val = "n/a"
+                    else:
+                        val = t[metric]
+                    w.writerow(["ours", c.model, c.method, c.label, ";".join(c.flags), str(Path(m["_dir"]).parent),
+                                k, ds, metric, val])
+        p = PAPER_TABLE3.get((c.model, c.method)) if paper else None
+        if p:
+            for ds in TEST_SETS:
+                for metric, _ in METRICS:
+                    for stat, v in zip(("mean", "std"), p[ds][metric]):
+                        w.writerow(["paper", c.model, c.method, c.label, "", "", stat, ds, metric, v])
+    return buf.getvalue()
+
+
+def plot_roc(configs: list[Config], out_dir: Path) -> dict[str, Path | str]:
+    """One PNG per test set: each configuration's fold ROC curves (thin) and their vertical mean."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise TableError("--roc needs matplotlib (pip install 'ami[train]' or pip install matplotlib)") from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    grid = np.linspace(0, 1, 201)
+    made: dict[str, Path | str] = {}
+    for ds in TEST_SETS:
+        fig, ax = plt.subplots(figsize=(6, 6))
+        drawn = 0
+        for i, c in enumerate(configs):
+            color = plt.cm.tab20(i % 20)
+            tprs, aucs = [], []
+            for k in sorted(c.folds):
+                rows = c.folds[k].get("predictions", {}).get(ds)
+                if not rows:
+                    continue
+                y = np.array([r[1] for r in rows])
+                p = np.array([r[2] for r in rows])
+                try:
+                    fpr, tpr, _ = roc_curve(y, p)
+                except MetricError:
+                    continue
+                ax.plot(fpr, tpr, color=color, alpha=0.25, lw=0.8)
+                tprs.append(np.interp(grid, fpr, tpr))
+                auc = c.folds[k].get("tests", {}).get(ds, {}).get("auroc")  # the recorded value, not a re-derivation
+                if auc is not None:
+                    aucs.append(float(auc))
+            if tprs:
+                m, s = mean_std(aucs)
+                spread = f" ± {s:.3f}" if len(aucs) > 1 else ""
+                ax.plot(grid, np.mean(tprs, axis=0), color=color, lw=2,
+                        label=f"{_name(c)}: AUROC {m:.3f}{spread} ({len(tprs)} fold{'s' * (len(tprs) > 1)})")
+                drawn += 1
+        if drawn:
+            ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+            ax.set(xlabel="false positive rate", ylabel="true positive rate (atypical)", xlim=(0, 1), ylim=(0, 1),
+                   title=f"{ds}: ROC per fold (thin) and mean over folds")
+            ax.legend(loc="lower right", fontsize=7)
+            path = out_dir / f"roc_{ds}.png"
+            fig.savefig(path, dpi=120, bbox_inches="tight")
+            made[ds] = path
+        else:
+            made[ds] = "absent"
+        plt.close(fig)
+    return made
+
+
+EPILOG = """\b
+Examples:
+  ami-bench table runs/*                        # Markdown, every run directory under runs/
+  ami-bench table runs/* --paper                # with the paper's Table 3 figures beside ours
+  ami-bench table runs/* --format csv -o table3.csv --long table3-long.csv
+  ami-bench table runs/* --roc figures/         # + one ROC PNG per test set
+
+Folds of one configuration trained in separate directories (one per GPU or machine) are merged."""
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("table")
-    def _cmd():
-        """Not implemented yet."""
-        not_yet("ami-bench table", "issue 3")
+    @app.command("table", epilog=EPILOG)
+    def table_cmd(
+        runs: List[Path] = typer.Argument(..., help="Run directories (or folders holding run directories)."),
+        fmt: str = typer.Option("md", "--format", "-f", help="md (Markdown) or csv (one row per configuration)."),
+        paper: bool = typer.Option(False, "--paper", help="Add the paper's published figure beside each of ours."),
+        roc: Optional[Path] = typer.Option(None, "--roc", help="Write ROC curves per test set (PNG) into this folder."),
+        output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the table here instead of stdout."),
+        long: Optional[Path] = typer.Option(None, "--long", help="Also write every per-fold value as long-format CSV."),
+    ):
+        """Render Table 3 (mean ± std over folds, per test set) from run directories."""
+        if fmt not in ("md", "csv"):
+            raise typer.BadParameter("--format must be md or csv")
+        try:
+            configs = collect(runs, warn=lambda s: typer.echo(s, err=True))
+            if not configs:
+                typer.echo("no run directories found (each holds a config.json written by ami-train)", err=True)
+                raise typer.Exit(2)
+            text = render_markdown(configs, paper) if fmt == "md" else render_csv(configs, paper)
+            if output:
+                output.parent.mkdir(parents=True, exist_ok=True)
+                output.write_text(text)
+                typer.echo(f"wrote {output}", err=True)
+            else:
+                typer.echo(text, nl=False)
+            if long:
+                long.parent.mkdir(parents=True, exist_ok=True)
+                long.write_text(render_long(configs, paper))
+                typer.echo(f"wrote {long}", err=True)
+            if roc:
+                for ds, p in plot_roc(configs, roc).items():
+                    typer.echo(f"ROC {ds}: {p}", err=True)
+        except TableError as e:
+            typer.echo(str(e), err=True)
+            raise typer.Exit(2) from None

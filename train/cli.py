@@ -11,17 +11,18 @@ import typer
 from ami.runtime.cli import DATA_ROOT_HELP
 from ami.runtime.datasets import resolve_data_root
 
-from .registry import METHODS, REGISTRY, Recipe
+from .registry import METHODS, REGISTRY, Recipe, label, table3_configs
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None)
 
-EPILOG = """Examples:
-
+EPILOG = """\b
+Examples:
   ami-train                                   # the shipped edge model, 5 folds, this CPU
   ami-train --list                            # every configuration of the benchmark
   ami-train -m virchow2 --method lora         # Virchow2 + LoRA, 5 folds (GPU, hub access)
   ami-train -m uni --method linear --folds 0,2 --out runs/uni-linear
   ami-train -m uni --method lora --weights ~/models/uni/pytorch_model.bin
+  ami-train -m uni --method linear --tiny --random-init --max-train 64 --max-eval 32 --folds 0,1 --epochs 1
   ami-train -m vit_large_patch16_224 --set lr=5e-5 --set batch_size=16
   ami-train --folds full                      # the recipe on all training crops (no validation)
 
@@ -48,6 +49,11 @@ def print_registry() -> None:
         src = c.hub_id or ("none (from scratch)" if not c.pretrained else "timm default")
         typer.echo(f"{name:<30} {','.join(c.methods):<18} {c.params_m:>7.1f}M {c.embed_dim:>6} "
                    f"{c.preprocess.input_size:>5}  {src}")
+    t3 = table3_configs()
+    typer.echo(f"\nThe paper's Table 3: {len(t3)} configurations (5 folds each; docs/reproduce.md)")
+    for i, (name, method) in enumerate(t3, 1):
+        typer.echo(f"  {i:>2}. {label(name, method):<26} "
+                   f"ami-train -m {name} --method {method}")
 
 
 @app.command(epilog=EPILOG)
@@ -72,6 +78,8 @@ def train(
     max_eval: int = typer.Option(0, help="Evaluate on at most N crops per set (smoke tests)."),
     tiny: bool = typer.Option(False, "--tiny", help="Tiny random stand-in of the architecture (tests)."),
     list_: bool = typer.Option(False, "--list", help="Print every registered configuration and exit."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Embedding cache of --method linear "
+                                             "(default: $AMI_CACHE_DIR/embeddings, else ~/.cache/ami/embeddings)."),
 ):
     """Train MODEL with METHOD over the AMi-Br folds; evaluate each fold on every test set present.
 
@@ -87,6 +95,9 @@ def train(
     if model not in REGISTRY:
         typer.echo(f"unknown model {model!r}; known: {', '.join(REGISTRY)}", err=True)
         raise typer.Exit(2)
+    if method not in REGISTRY[model].methods:
+        typer.echo(f"{model} supports --method {' or '.join(REGISTRY[model].methods)}, not {method!r}", err=True)
+        raise typer.Exit(2)
     overrides = json.loads(config.read_text()) if config else {}
     overrides.update(_parse_set(set_))
     if epochs is not None:
@@ -98,7 +109,7 @@ def train(
     spec = RunSpec(model=model, method=method, run_dir=out or Path("runs") / f"{model}-{method}",
                    data_root=resolve_data_root(data_root), recipe_overrides=overrides, device=device, amp=amp,
                    weights=weights, random_init=random_init, tiny=tiny, max_train=max_train, max_eval=max_eval,
-                   threads=threads)
+                   threads=threads, cache_dir=cache_dir)
     from .models import WeightsUnavailable
 
     try:

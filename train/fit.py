@@ -80,19 +80,30 @@ def atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def save_weights(model: nn.Module, path: Path, metadata: dict | None = None) -> None:
+def save_weights(model: nn.Module, path: Path, metadata: dict | None = None, keys: set[str] | None = None) -> None:
+    """All tensors, or with ``keys`` only those (the trained part of a linear/LoRA model, marked
+    ``contents=trainable`` in the metadata; the frozen rest comes back from its weight source)."""
     from safetensors.torch import save_file
 
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if keys is None or k in keys}
+    metadata = {**(metadata or {}), **({"contents": "trainable"} if keys is not None else {})}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(sd, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    save_file(sd, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
     os.replace(tmp, path)
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    model.load_state_dict(load_file(str(path)))
+    with safe_open(str(path), "pt") as f:
+        partial = (f.metadata() or {}).get("contents") == "trainable"
+    if partial:
+        from .adapt import load_partial_state
+
+        load_partial_state(model, load_file(str(path)))
+    else:
+        model.load_state_dict(load_file(str(path)))
 
 
 @dataclass
@@ -111,6 +122,7 @@ class RunSpec:
     max_eval: int = 0  # >0: evaluate on at most this many crops per set (smoke tests)
     eval_sets: tuple[str, ...] = TEST_SETS
     threads: int = 0
+    cache_dir: Path | None = None  # embedding cache of --method linear (default: $AMI_CACHE_DIR or ~/.cache/ami)
 
     @property
     def cfg(self) -> ModelConfig:
@@ -281,6 +293,10 @@ class Run:
             self.log(f"[{fdir.name}] already complete, skipping")
             return json.loads((fdir / "metrics.json").read_text())
         fdir.mkdir(parents=True, exist_ok=True)
+        if spec.method == "linear":  # frozen backbone: embeddings once, head on the cache (see linear.py)
+            from .linear import fit_linear
+
+            return fit_linear(self, fold)
         t_start = time.time()
         seed = r.seed + (0 if fold is None else fold)
         torch.manual_seed(seed)
@@ -301,6 +317,11 @@ class Run:
         if self.device.type == "cpu":
             model = model.to(memory_format=torch.channels_last)
         params = [p for p in model.parameters() if p.requires_grad]
+        keep = None  # LoRA on pretrained weights: checkpoints hold the trained tensors only
+        if spec.method != "full" and cfg.pretrained and not spec.random_init:
+            from .adapt import trainable_names
+
+            keep = trainable_names(model)
         opt = _optimizer(params, r)
         steps_per_epoch = max(1, len(train_set) // r.batch_size)
         total_steps = steps_per_epoch * r.epochs
@@ -325,7 +346,12 @@ class Run:
         bad_epochs = 0
         if state_path.exists():
             st = torch.load(state_path, map_location="cpu", weights_only=True)
-            model.load_state_dict(st["model"])
+            if st.get("model_contents") == "trainable":
+                from .adapt import load_partial_state
+
+                load_partial_state(model, st["model"])
+            else:
+                model.load_state_dict(st["model"])
             opt.load_state_dict(st["opt"])
             sched.load_state_dict(st["sched"])
             if ema is not None:
@@ -386,7 +412,7 @@ class Run:
                     sched.step(ba)
                 if ba > best["ba"]:
                     best = {"ba": ba, "epoch": epoch, "auroc": m.get("auroc")}
-                    save_weights(eval_model, fdir / "best.safetensors", {"epoch": epoch, "val_ba": ba})
+                    save_weights(eval_model, fdir / "best.safetensors", {"epoch": epoch, "val_ba": ba}, keys=keep)
                     bad_epochs = 0
                 else:
                     bad_epochs += 1
@@ -394,9 +420,12 @@ class Run:
             self.log(f"[{fdir.name}] epoch {epoch + 1}/{r.epochs} loss {row['train_loss']:.4f}"
                      + (f" val BA {row['val_ba']:.4f} AUROC {row['val_auroc']:.4f} (best {best['ba']:.4f} @ {best['epoch'] + 1})"
                         if val_set is not None else "") + f" [{row['seconds']:.0f}s]")
-            state = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+            msd = model.state_dict() if keep is None else {k: v for k, v in model.state_dict().items() if k in keep}
+            state = {"model": msd, "opt": opt.state_dict(), "sched": sched.state_dict(),
                      "epoch": epoch, "best": best, "history": history, "bad_epochs": bad_epochs,
                      "rng": g.get_state(), "torch_rng": torch.get_rng_state()}
+            if keep is not None:
+                state["model_contents"] = "trainable"
             if ema is not None:
                 state["ema"], state["ema_updates"] = ema.module.state_dict(), ema.updates
             atomic_torch_save(state, state_path)
@@ -408,7 +437,7 @@ class Run:
         # final model: best validation epoch (fold), or the last epoch (all training crops)
         final = ema.module if ema is not None else model
         if fold is None:
-            save_weights(final, fdir / "best.safetensors", {"epoch": r.epochs - 1})
+            save_weights(final, fdir / "best.safetensors", {"epoch": r.epochs - 1}, keys=keep)
             best = {"ba": None, "epoch": len(history) - 1, "auroc": None}
         else:
             load_weights(final, fdir / "best.safetensors")
@@ -432,6 +461,8 @@ class Run:
                "split": {k: self.split.get(k) for k in ("folds_sha256", "train_fingerprint")},
                "selection": "epoch with the best validation balanced accuracy (threshold 0.5)"
                if fold is not None else f"last epoch of a fixed {self.recipe.epochs}-epoch schedule",
+               "weights_source": spec.resolved()["weights_source"], "random_init": spec.random_init or not cfg.pretrained,
+               "tiny_stand_in": spec.tiny,
                "validation": None, "tests": {}, "predictions": {}}
         t0 = time.time()
         if val_set is not None:

@@ -110,6 +110,14 @@ def get(name: str) -> ModelConfig:
                        f"{', '.join(sorted(REGISTRY))}") from None
 
 
+def label(name: str, method: str) -> str:
+    """Row label of a configuration as the paper's tables write it, e.g. 'Virchow2 (LoRA)'."""
+    c = get(name)
+    if c.family != "foundation":
+        return c.display
+    return f"{c.display} ({'LoRA' if method == 'lora' else method})"
+
+
 def table3_configs() -> list[tuple[str, str]]:
     """The 17 (model, method) configurations of the paper's Table 3, in table order."""
     out = [(n, "full") for n, c in REGISTRY.items() if c.family == "e2e"]
@@ -157,4 +165,100 @@ register(ModelConfig(
     head="head.fc", embedding="pool", embed_dim=1024, lora_targets=SWIN_LORA_TARGETS, params_m=87.8,
     tiny_kwargs={"embed_dim": 32, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 2, 4)},
     notes="table3; ImageNet weights",
+))
+
+# ---------------------------------------------------------------------------------------------
+# Pathology foundation models: frozen backbone + linear probe, or LoRA. Creation kwargs follow
+# each model card / hub config.json so that the hub checkpoint loads strictly into the registry's
+# architecture (the weights are loaded into *this* architecture, never into one timm guesses).
+# params_m is the parameter count of that architecture without a head (counted on the meta
+# device, see tests/test_registry.py); embed_dim is what the embedding rule produces.
+FM_METHODS = ("linear", "lora")
+HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
+HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
+_SWIGLU = {"mlp_layer": "timm.layers.SwiGLUPacked", "act_layer": "torch.nn.SiLU"}
+_TINY_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2}  # same family and special kwargs, shrunk
+
+register(ModelConfig(
+    name="uni", arch="vit_large_patch16_224", display="UNI", family="foundation", methods=FM_METHODS,
+    hub_id="hf-hub:MahmoodLab/uni",
+    preprocess=Preprocess(224, None, "bilinear", IMAGENET_MEAN, IMAGENET_STD),
+    create_kwargs={"img_size": 224, "patch_size": 16, "init_values": 1e-5, "dynamic_img_size": True},
+    head="head", embedding="cls", embed_dim=1024, num_prefix_tokens=1, lora_targets=VIT_LORA_TARGETS,
+    params_m=303.4, tiny_kwargs=dict(_TINY_VIT),
+    notes="table3; ViT-L/16, LayerScale (init_values 1e-5); model card: Resize(224) + ImageNet mean/std",
+))
+register(ModelConfig(
+    name="uni2_h", arch="vit_giant_patch14_224", display="UNI2-h", family="foundation", methods=FM_METHODS,
+    hub_id="hf-hub:MahmoodLab/UNI2-h",
+    preprocess=Preprocess(224, None, "bilinear", IMAGENET_MEAN, IMAGENET_STD),
+    create_kwargs={"img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "init_values": 1e-5,
+                   "embed_dim": 1536, "mlp_ratio": 2.66667 * 2, "no_embed_class": True, **_SWIGLU,
+                   "reg_tokens": 8, "dynamic_img_size": True},
+    head="head", embedding="cls", embed_dim=1536, num_prefix_tokens=9, lora_targets=VIT_LORA_TARGETS,
+    params_m=681.4, tiny_kwargs=dict(_TINY_VIT),
+    notes="table3; ViT-H/14-like (1536 wide, 24 deep), SwiGLUPacked + SiLU, 8 register tokens, no_embed_class",
+))
+register(ModelConfig(
+    name="virchow", arch="vit_huge_patch14_224", display="Virchow", family="foundation", methods=FM_METHODS,
+    hub_id="hf-hub:paige-ai/Virchow",
+    preprocess=Preprocess(224, None, "bicubic", IMAGENET_MEAN, IMAGENET_STD),
+    create_kwargs={"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, **_SWIGLU},
+    head="head", embedding="cls+mean", embed_dim=2560, num_prefix_tokens=1, lora_targets=VIT_LORA_TARGETS,
+    params_m=631.2, tiny_kwargs=dict(_TINY_VIT),
+    notes="table3; ViT-H/14, SwiGLUPacked + SiLU; embedding = class token ++ mean of patch tokens; model card "
+          "preprocessing (ImageNet mean/std, bicubic) - the paper's Virchow LoRA scripts used mean = std = 0.5",
+))
+register(ModelConfig(
+    name="virchow2", arch="vit_huge_patch14_224", display="Virchow2", family="foundation", methods=FM_METHODS,
+    hub_id="hf-hub:paige-ai/Virchow2",
+    preprocess=Preprocess(224, None, "bicubic", IMAGENET_MEAN, IMAGENET_STD),
+    create_kwargs={"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, **_SWIGLU, "reg_tokens": 4,
+                   "dynamic_img_size": True},
+    head="head", embedding="cls+mean", embed_dim=2560, num_prefix_tokens=5, lora_targets=VIT_LORA_TARGETS,
+    params_m=631.2, tiny_kwargs=dict(_TINY_VIT),
+    notes="table3; ViT-H/14, SwiGLUPacked + SiLU, 4 register tokens; embedding = class token ++ mean of patch "
+          "tokens (register tokens excluded); model card preprocessing (the paper's LoRA scripts used 0.5/0.5)",
+))
+register(ModelConfig(
+    name="prov_gigapath", arch="vit_giant_patch14_dinov2", display="Prov-GigaPath", family="foundation",
+    methods=FM_METHODS, hub_id="hf-hub:prov-gigapath/prov-gigapath",
+    preprocess=Preprocess(224, 256, "bicubic", IMAGENET_MEAN, IMAGENET_STD),
+    create_kwargs={"img_size": 224, "in_chans": 3, "patch_size": 16, "embed_dim": 1536, "depth": 40,
+                   "num_heads": 24, "init_values": 1e-5, "mlp_ratio": 5.33334},
+    head="head", embedding="cls", embed_dim=1536, num_prefix_tokens=1, lora_targets=VIT_LORA_TARGETS,
+    params_m=1135.0, tiny_kwargs=dict(_TINY_VIT),
+    notes="table3; ViT-g/16 (timm's DINOv2 giant: SwiGLUPacked + SiLU); resize 256 bicubic, centre crop 224",
+))
+register(ModelConfig(
+    name="h_optimus_0", arch="vit_giant_patch14_reg4_dinov2", display="H-optimus-0", family="foundation",
+    methods=FM_METHODS, hub_id="hf-hub:bioptimus/H-optimus-0",
+    preprocess=Preprocess(224, None, "bicubic", HOPTIMUS_MEAN, HOPTIMUS_STD),
+    create_kwargs={"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False},
+    head="head", embedding="cls", embed_dim=1536, num_prefix_tokens=5, lora_targets=VIT_LORA_TARGETS,
+    params_m=1134.8, tiny_kwargs=dict(_TINY_VIT),
+    notes="table3; ViT-g/14, SwiGLUPacked + SiLU, 4 register tokens; trained at 0.5 um/px (these crops are "
+          "0.25 um/px)",
+))
+register(ModelConfig(
+    name="h_optimus_1", arch="vit_giant_patch14_reg4_dinov2", display="H-optimus-1", family="foundation",
+    methods=FM_METHODS, hub_id="hf-hub:bioptimus/H-optimus-1",
+    preprocess=Preprocess(224, None, "bicubic", HOPTIMUS_MEAN, HOPTIMUS_STD),
+    create_kwargs={"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False},
+    head="head", embedding="cls", embed_dim=1536, num_prefix_tokens=5, lora_targets=VIT_LORA_TARGETS,
+    params_m=1134.8, tiny_kwargs=dict(_TINY_VIT),
+    notes="table3; same architecture and loading as H-optimus-0 (model card: init_values 1e-5, "
+          "dynamic_img_size False)",
+))
+register(ModelConfig(
+    name="h0_mini", arch="vit_base_patch14_reg4_dinov2", display="H0-mini", family="foundation",
+    methods=FM_METHODS, hub_id="hf-hub:bioptimus/H0-mini",
+    preprocess=Preprocess(224, None, "bicubic", HOPTIMUS_MEAN, HOPTIMUS_STD),
+    create_kwargs={"img_size": 224, "mlp_ratio": 5.33334, **_SWIGLU},
+    head="head", embedding="cls", embed_dim=768, num_prefix_tokens=5, lora_targets=VIT_LORA_TARGETS,
+    params_m=85.7, tiny_kwargs=dict(_TINY_VIT),
+    notes="ViT-B/14 distilled from H-optimus-0, SwiGLUPacked + SiLU (model card), 4 register tokens; "
+          "mlp_ratio 5.33334 = DINOv2's SwiGLU width (2048, packed 4096), which gives the card's 86 M; "
+          "class token (768) as embedding (the card also offers ++ patch mean); named in the paper, not in "
+          "Table 3",
 ))

@@ -1,0 +1,110 @@
+"""The registry knows the whole benchmark: 17 Table-3 configurations, and foundation-model entries
+whose architecture (built on the meta device, no memory, no download) is the real one."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import timm
+import torch
+from typer.testing import CliRunner
+
+from ami.train.cli import app
+from ami.train.models import resolve_kwargs
+from ami.train.registry import REGISTRY, VIT_LORA_TARGETS, get, label, table3_configs
+
+FOUNDATION = ["uni", "uni2_h", "virchow", "virchow2", "prov_gigapath", "h_optimus_0", "h_optimus_1", "h0_mini"]
+TABLE3_FMS = FOUNDATION[:-1]  # H0-mini is named in the paper's text, not in Table 3
+TABLE3 = ([("efficientnetv2_m", "full"), ("vit_large_patch16_224", "full"), ("swin_base_patch4_window7_224", "full")]
+          + [(m, "linear") for m in TABLE3_FMS] + [(m, "lora") for m in TABLE3_FMS])
+
+
+def test_table3_is_exactly_the_papers_17_configurations():
+    assert table3_configs() == TABLE3
+    assert len(TABLE3) == 17
+
+
+def test_list_prints_every_entry_and_the_17_configurations():
+    res = CliRunner().invoke(app, ["--list"])
+    assert res.exit_code == 0, res.output
+    for name, c in REGISTRY.items():
+        line = next((ln for ln in res.output.splitlines() if ln.startswith(name + " ")), None)
+        assert line is not None, name
+        assert ",".join(c.methods) in line and f"{c.params_m:.1f}M" in line and str(c.embed_dim) in line
+        if c.hub_id:
+            assert c.hub_id in line
+    assert "17 configurations" in res.output
+    for name, method in TABLE3:
+        assert f"ami-train -m {name} --method {method}" in res.output
+        assert label(name, method) in res.output
+
+
+@pytest.mark.parametrize("name", FOUNDATION)
+def test_foundation_entry_fields(name):
+    c = get(name)
+    assert c.family == "foundation" and c.methods == ("linear", "lora")
+    assert c.hub_id and c.hub_id.startswith("hf-hub:")
+    assert c.lora_targets == VIT_LORA_TARGETS and c.head == "head"
+    assert ("table3" in c.notes) == (name in TABLE3_FMS)
+    assert c.tiny_kwargs["depth"] < 4 and c.tiny_kwargs["embed_dim"] <= 64
+    json.dumps(c.to_dict())  # kwargs that are classes are stored as importable strings
+    assert c.preprocess.input_size == 224
+
+
+def test_preprocessing_follows_the_protocol():
+    assert get("h_optimus_0").preprocess.mean == (0.707223, 0.578729, 0.703617)
+    assert get("h_optimus_1").preprocess.std == (0.211883, 0.230117, 0.177517)
+    gp = get("prov_gigapath").preprocess
+    assert (gp.resize, gp.input_size, gp.interpolation) == (256, 224, "bicubic")
+    for n in ("uni", "uni2_h", "prov_gigapath"):
+        assert get(n).preprocess.mean == (0.485, 0.456, 0.406)
+    assert get("virchow").embedding == get("virchow2").embedding == "cls+mean"
+    assert get("virchow2").num_prefix_tokens == 5 and get("uni2_h").num_prefix_tokens == 9
+
+
+def test_lora_regex_targets_block_linears_only():
+    rx = re.compile(VIT_LORA_TARGETS)
+    for k in ("blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.11.mlp.fc1", "backbone.blocks.39.mlp.fc2"):
+        assert rx.fullmatch(k), k
+    for k in ("patch_embed.proj", "backbone.patch_embed.proj", "blocks.0.attn", "blocks.0.attn.proj_drop",
+              "blocks.0.mlp", "head", "logit_head", "blocks.0.norm1", "blocks.0.attn.q_norm"):
+        assert not rx.fullmatch(k), k
+
+
+def _meta_model(c, **extra):
+    with torch.device("meta"):
+        return timm.create_model(c.arch, pretrained=False, num_classes=0, **resolve_kwargs(c.create_kwargs), **extra)
+
+
+@pytest.mark.parametrize("name", FOUNDATION)
+def test_full_size_architecture_matches_the_entry(name):
+    """The real-size network (meta device: shapes only) has the entry's parameters, width and tokens."""
+    c = get(name)
+    m = _meta_model(c)
+    n = sum(p.numel() for p in m.parameters()) / 1e6
+    assert abs(n - c.params_m) / c.params_m < 0.002, (n, c.params_m)
+    assert m.num_features * (2 if c.embedding == "cls+mean" else 1) == c.embed_dim
+    assert m.num_prefix_tokens == c.num_prefix_tokens
+    assert m.patch_embed.img_size == (224, 224)
+    mlp = type(m.blocks[0].mlp).__name__
+    assert mlp == ("Mlp" if name == "uni" else "GluMlp"), mlp  # SwiGLU everywhere but UNI (GELU MLP)
+    if "init_values" in c.create_kwargs or "dinov2" in c.arch:
+        assert hasattr(m.blocks[0].ls1, "gamma")  # LayerScale: checkpoints carry ls1.gamma / ls2.gamma
+
+
+@pytest.mark.parametrize("name", FOUNDATION)
+def test_tiny_stand_in_keeps_the_family(name):
+    """Tiny = same architecture family and special kwargs, only depth/width shrunk."""
+    c = get(name)
+    full = _meta_model(c)
+    with torch.device("meta"):
+        tiny = timm.create_model(c.arch, pretrained=False, num_classes=0,
+                                 **{**resolve_kwargs(c.create_kwargs), **resolve_kwargs(c.tiny_kwargs)})
+    assert type(tiny) is type(full)
+    assert tiny.num_prefix_tokens == full.num_prefix_tokens
+    assert tiny.patch_embed.patch_size == full.patch_embed.patch_size
+    assert type(tiny.blocks[0].mlp) is type(full.blocks[0].mlp)
+    assert type(tiny.blocks[0].ls1) is type(full.blocks[0].ls1)
+    assert len(tiny.blocks) < len(full.blocks) and tiny.num_features < full.num_features

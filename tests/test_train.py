@@ -1,0 +1,365 @@
+"""ami-train on this CPU: tiny stand-ins of every registry entry, weight loading, LoRA, the
+embedding cache, one end-to-end run on real crops, and kill-and-resume. No downloads."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from ami.train.adapt import HEAD, adapted_modules, classifier_of, embed, load_run_model, merge_lora
+from ami.train.models import WeightsUnavailable, build_backbone, create
+from ami.train.registry import REGISTRY, get
+from ami.train.weights import WeightsMismatch, load_pretrained
+
+REPO = Path(__file__).resolve().parents[1]
+BLOCK_LINEARS = ("attn.proj", "attn.qkv", "mlp.fc1", "mlp.fc2")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def no_hub(monkeypatch, tmp_path):
+    """An empty Hugging Face cache and offline mode: nothing may come from the network."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _tiny(name: str, method: str = "full", seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = get(name)
+    return cfg, create(cfg, method, tiny=True, random_init=cfg.pretrained)
+
+
+def _expected_dim(cfg, model) -> int:
+    if "embed_dim" in cfg.tiny_kwargs and cfg.embedding in ("cls", "cls+mean"):
+        return cfg.tiny_kwargs["embed_dim"] * (2 if cfg.embedding == "cls+mean" else 1)
+    bb = classifier_of(model).backbone if classifier_of(model) is not None else model.net
+    return bb.num_features  # timm's pooled width (CNN / Swin stand-ins)
+
+
+# -- every entry, as its tiny stand-in ----------------------------------------------------------
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_tiny_stand_in_forward_embed_and_one_step(name):
+    cfg = get(name)
+    s = cfg.preprocess.input_size
+    x = torch.randn(2, 3, s, s, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0.0, 1.0])
+    for method in cfg.methods:
+        _, model = _tiny(name, method)
+        assert model(x).shape == (2,)
+        with torch.no_grad():
+            assert embed(model, x, cfg).shape == (2, _expected_dim(cfg, model))
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        if method == "linear":
+            assert trainable == {f"net.{HEAD}.weight", f"net.{HEAD}.bias"}
+        if method == "lora":
+            depth = cfg.tiny_kwargs["depth"]
+            want = sorted(f"backbone.blocks.{i}.{m}" for i in range(depth) for m in BLOCK_LINEARS)
+            assert adapted_modules(model) == want  # the EXACT list: never patch_embed.proj, nothing else
+            lora = {n for n in trainable if ".lora_" in n}
+            assert len(lora) == 2 * len(want) and all("patch_embed" not in n for n in lora)
+            assert trainable - lora == {f"net.base_model.model.{HEAD}.modules_to_save.default.weight",
+                                        f"net.base_model.model.{HEAD}.modules_to_save.default.bias"}
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        model.train()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y)
+        loss.backward()
+        opt.step()
+        changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+        assert changed and changed <= trainable, (name, method, sorted(changed - trainable)[:3])
+        assert torch.isfinite(loss)
+
+
+def test_lora_merge_matches_unmerged_output():
+    cfg, model = _tiny("uni", "lora", seed=3)
+    clf = classifier_of(model)
+    with torch.no_grad():  # LayerScale 1e-5 would hide LoRA's effect in a random model: open the branches
+        for b in clf.backbone.blocks:
+            b.ls1.gamma.fill_(1.0)
+            b.ls2.gamma.fill_(1.0)
+    x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    model.train()
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(model(x), torch.tensor([0.0, 1.0, 1.0])).backward()
+        opt.step()
+    model.eval()
+    qkv = clf.backbone.blocks[0].attn.qkv
+    base_w = qkv.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        want = model(x)
+        with model.net.disable_adapter():
+            plain = model(x)
+    assert (want - plain).abs().max() > 1e-3  # the adapters really change the output
+    merged = merge_lora(model, example=x)
+    assert type(merged).__name__ == "LogitModel" and not any("lora" in n for n, _ in merged.named_modules())
+    assert not torch.equal(merged.net.backbone.blocks[0].attn.qkv.weight, base_w)  # folded into the weights
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), want, atol=1e-5, rtol=1e-5)
+    assert merged.merge_check["max_abs_diff"] <= 1e-5
+
+
+# -- weights -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_local_weights_round_trip_bit_exactly(tmp_path, suffix):
+    cfg = get("virchow2")
+    torch.manual_seed(1)
+    src = build_backbone(cfg, tiny=True)
+    sd = {k: v.contiguous() for k, v in src.state_dict().items()}
+    path = tmp_path / f"w{suffix}"
+    save_file(sd, str(path)) if suffix == ".safetensors" else torch.save({"state_dict": sd}, path)
+    torch.manual_seed(2)
+    dst = build_backbone(cfg, tiny=True)
+    info = load_pretrained(dst, cfg, str(path))
+    got = dst.state_dict()
+    body = [k for k in sd if not k.startswith("head.")]
+    assert body and all(torch.equal(got[k], sd[k]) for k in body)
+    assert info["kind"] == "file" and info["tensors_loaded"] == len(body) and info["head_tensors_ignored"]
+
+
+def _assert_promised_message(text: str, *must: str):
+    for s in ("refusing to train a random backbone", "Sources tried", "--weights FILE", "hf auth login", "HF_TOKEN",
+              "--random-init", *must):
+        assert s in text, (s, text)
+
+
+def test_pickled_code_is_never_executed(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.bin"
+    torch.save({"model": Evil()}, path)
+    with pytest.raises(WeightsUnavailable) as e:
+        create(get("uni"), "linear", tiny=True, weights=str(path))
+    assert not marker.exists()
+    _assert_promised_message(str(e.value), str(path), "holds pickled objects other than tensors", "NOT unpickled")
+
+
+def test_missing_or_unreadable_file_fails_with_the_promised_message(tmp_path):
+    with pytest.raises(WeightsUnavailable) as e:
+        create(get("uni"), "lora", tiny=True, weights=str(tmp_path / "nope.safetensors"))
+    _assert_promised_message(str(e.value), "nope.safetensors: no such file")
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x00\x01 not a safetensors file")
+    with pytest.raises(WeightsUnavailable) as e:
+        create(get("uni"), "lora", tiny=True, weights=str(bad))
+    _assert_promised_message(str(e.value), "not a readable safetensors file")
+
+
+def test_no_source_reachable_fails_fast_naming_the_hub_id(no_hub):
+    t0 = time.time()
+    with pytest.raises(WeightsUnavailable) as e:
+        create(get("virchow2"), "linear", tiny=True)
+    assert time.time() - t0 < 10
+    _assert_promised_message(str(e.value), "hf-hub:paige-ai/Virchow2", "HF_HUB_OFFLINE is set", "paige-ai/Virchow2")
+
+
+def test_unreachable_hub_is_probed_not_retried(monkeypatch, tmp_path):
+    import ami.train.weights as W
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(W, "_probe_hub", lambda: "huggingface.co:443 unreachable (test)")
+    with pytest.raises(WeightsUnavailable) as e:
+        create(get("uni"), "linear", tiny=True)
+    _assert_promised_message(str(e.value), "not in the local Hugging Face cache", "unreachable (test)")
+
+
+def test_offline_hub_cache_is_used(no_hub, tmp_path):
+    cfg = get("h0_mini")
+    torch.manual_seed(4)
+    src = build_backbone(cfg, tiny=True)
+    repo = tmp_path / "hf" / "models--bioptimus--H0-mini"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    (repo / "snapshots" / "0123abcd").mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in src.state_dict().items() if not k.startswith("head.")},
+              str(repo / "snapshots" / "0123abcd" / "model.safetensors"))
+    torch.manual_seed(5)
+    dst = build_backbone(cfg, tiny=True)
+    info = load_pretrained(dst, cfg)
+    assert (info["kind"], info["revision"], info["source"]) == ("hub-cache", "0123abcd", "hf-hub:bioptimus/H0-mini")
+    assert torch.equal(dst.state_dict()["blocks.1.mlp.fc1.weight"], src.state_dict()["blocks.1.mlp.fc1.weight"])
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    torch.manual_seed(0)
+    other = build_backbone(get("virchow2"), tiny=True)  # reg tokens + SwiGLU: does not fit UNI
+    path = tmp_path / "virchow2.safetensors"
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(path))
+    with pytest.raises(WeightsMismatch) as e:
+        create(get("uni"), "linear", tiny=True, weights=str(path))
+    assert "does not fit uni" in str(e.value) and "reg_token" in str(e.value) and "shape mismatches" in str(e.value)
+
+
+# -- the embedding cache -------------------------------------------------------------------------
+def test_embedding_cache_extracts_once_and_refuses_other_inputs(data_root, tmp_path):
+    from ami.runtime.datasets import amibr_split
+    from ami.train import data as D
+    from ami.train.fit import predict
+    from ami.train.linear import EmbeddingCache, EmbeddingCacheError, extractor_identity
+
+    cfg, model = _tiny("virchow2", "linear")
+    model.eval()
+    samples = amibr_split(data_root)[0][:10]
+    ident = extractor_identity(cfg, model, tiny=True, random_init=True, seed=0, amp="none")
+    cache = EmbeddingCache(tmp_path / "cache", log=lambda s: None)
+    first = cache.get(model, ident, "AMi-Br-train", samples, cfg.preprocess, torch.device("cpu"))
+    assert first.extracted and first.x.shape == (10, 64)
+    again = cache.get(model, ident, "AMi-Br-train", list(reversed(samples)), cfg.preprocess, torch.device("cpu"))
+    assert not again.extracted and torch.equal(again.x, first.x)
+    # a head on the cached vectors predicts what the whole model predicts on the crops
+    x, _, _ = first.take(samples)
+    head = getattr(classifier_of(model), HEAD)
+    with torch.no_grad():
+        p_cache = torch.sigmoid(head(x).squeeze(1)).numpy()
+    p_model = predict(model, D.load_crops(samples, cfg.preprocess), cfg, torch.device("cpu"))
+    assert abs(p_cache - p_model).max() < 1e-5
+    # other inputs -> another entry, never an overwrite
+    other = dict(ident, amp="bf16")
+    assert cache.entry_dir(other, "AMi-Br-train", "x") != cache.entry_dir(ident, "AMi-Br-train", "x")
+    manifest = first.entry / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["inputs"]["extractor"]["preprocess"]["interpolation"] = "nearest"
+    manifest.write_text(json.dumps(m))
+    with pytest.raises(EmbeddingCacheError, match="built from different inputs.*extractor.preprocess"):
+        cache.get(model, ident, "AMi-Br-train", samples, cfg.preprocess, torch.device("cpu"))
+    m["inputs"]["extractor"]["preprocess"]["interpolation"] = cfg.preprocess.interpolation
+    manifest.write_text(json.dumps(m))
+    (first.entry / "embeddings.safetensors").write_bytes(b"truncated")
+    with pytest.raises(EmbeddingCacheError, match="sha256"):
+        cache.get(model, ident, "AMi-Br-train", samples, cfg.preprocess, torch.device("cpu"))
+
+
+# -- end to end on real crops ----------------------------------------------------------------------
+SMALL = ["--tiny", "--folds", "0,1", "--epochs", "1", "--max-train", "64", "--max-eval", "32", "--threads", "1"]
+
+
+def _train(args: list[str]):
+    from ami.train.cli import app
+
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    return res.output
+
+
+def test_end_to_end_runs_and_table(data_root, tmp_path):
+    from ami.runtime.datasets import TEST_SETS, available_eval_sets
+
+    runs = {"lora": tmp_path / "uni-lora", "linear": tmp_path / "uni-linear"}
+    for method, out in runs.items():
+        _train(["-m", "uni", "--method", method, "--random-init", "--out", str(out), "--data-root", str(data_root),
+                "--cache-dir", str(tmp_path / "cache"), *SMALL])
+    present = {k: not isinstance(v, str) for k, v in available_eval_sets(data_root).items()}
+    for method, out in runs.items():
+        assert (out / "config.json").is_file() and (out / "split.json").is_file()
+        conf = json.loads((out / "config.json").read_text())
+        assert conf["random_init"] and "NOT the pretrained model" in conf["weights_source"]
+        for k in (0, 1):
+            fdir = out / f"fold{k}"
+            assert (fdir / "best.safetensors").is_file() and (fdir / "history.csv").is_file()
+            assert not (fdir / "state.pt").exists()
+            m = json.loads((fdir / "metrics.json").read_text())
+            assert (m["fold"], m["method"], m["best_epoch"], m["epochs_run"]) == (k, method, 0, 1)
+            assert m["random_init"] is True and m["tiny_stand_in"] is True
+            assert m["validation"]["n"] == 32 and len(m["predictions"]["validation"]) == 32
+            for ds in TEST_SETS:
+                if present[ds]:
+                    assert m["tests"][ds]["n"] == 32 and len(m["predictions"][ds]) == 32
+                else:
+                    assert "absent" in m["tests"][ds] and ds not in m["predictions"]
+    # completed folds are not retrained
+    stamp = (runs["linear"] / "fold0" / "metrics.json").stat().st_mtime_ns
+    out = _train(["-m", "uni", "--method", "linear", "--random-init", "--out", str(runs["linear"]),
+                  "--data-root", str(data_root), "--cache-dir", str(tmp_path / "cache"), *SMALL])
+    assert out.count("already complete, skipping") == 2
+    assert (runs["linear"] / "fold0" / "metrics.json").stat().st_mtime_ns == stamp
+    # the saved fold model reproduces its recorded validation predictions
+    from ami.runtime.datasets import amibr_split
+    from ami.train import data as D
+    from ami.train.fit import predict
+
+    m = json.loads((runs["linear"] / "fold0" / "metrics.json").read_text())
+    rows = m["predictions"]["validation"][:6]
+    by_name = {s.name: s for s in amibr_split(data_root)[0]}
+    model = load_run_model(runs["linear"], 0)
+    p = predict(model, D.load_crops([by_name[r[0]] for r in rows], get("uni").preprocess), get("uni"),
+                torch.device("cpu"))
+    assert abs(p - [r[2] for r in rows]).max() < 1e-5
+    # the table
+    from ami.bench.table import register
+    import typer
+
+    bench = typer.Typer()
+    register(bench)
+    bench.command("noop")(lambda: None)  # a second command keeps `table` a sub-command
+    res = CliRunner().invoke(bench, ["table", str(runs["lora"]), str(runs["linear"]), "--paper",
+                                     "--long", str(tmp_path / "long.csv")])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert lines[0].startswith("| model | folds | AMi-Br BA | paper |")
+    row = next(ln for ln in lines if ln.startswith("| UNI (linear) [random init, tiny stand-in, subset 64/32]"))
+    assert "| 0,1 |" in row and "0.6477 ± 0.0108" in row  # the paper's figure, beside ours
+    if not present["AtNorM-Br"]:
+        assert "| absent |" in row
+    assert any(ln.startswith("| UNI (LoRA) [random init") for ln in lines)
+    assert len((tmp_path / "long.csv").read_text().splitlines()) > 2 * 2 * 4 * 2
+
+
+def test_kill_and_resume(data_root, tmp_path):
+    """SIGKILL after the first epoch's checkpoint; the same command continues from the next epoch."""
+    torch.manual_seed(7)
+    weights = tmp_path / "uni_tiny.safetensors"  # pretrained-style source: checkpoints hold the LoRA part only
+    save_file({k: v.contiguous() for k, v in build_backbone(get("uni"), tiny=True).state_dict().items()},
+              str(weights))
+    out = tmp_path / "run"
+    args = ["-m", "uni", "--method", "lora", "--tiny", "--weights", str(weights), "--folds", "0", "--epochs", "4",
+            "--max-train", "32", "--max-eval", "16", "--threads", "1", "--out", str(out),
+            "--data-root", str(data_root)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", "from ami.train.cli import main; main()", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    state = out / "fold0" / "state.pt"
+    deadline = time.time() + 900  # generous: a loaded CI machine may take minutes to import torch
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    log = proc.communicate()[0].decode()
+    assert state.exists(), "no checkpoint appeared before the run ended:\n" + log
+    assert not (out / "fold0" / "metrics.json").exists()
+    st = torch.load(state, map_location="cpu", weights_only=True)  # atomic: never a half-written file
+    done = st["epoch"]
+    assert done < 3 and st["model_contents"] == "trainable"
+    first_rows = st["history"]
+    res = _train(args)
+    assert f"resuming after epoch {done}" in res
+    assert f"epoch {done + 2}/4" in res and f"epoch {done + 1}/4" not in res
+    m = json.loads((out / "fold0" / "metrics.json").read_text())
+    assert m["epochs_run"] == 4 and not state.exists()
+    with (out / "fold0" / "history.csv").open() as f:
+        hist = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in hist] == [0, 1, 2, 3]
+    for before, after in zip(first_rows, hist):  # epochs finished before the kill are kept, not redone
+        assert float(after["train_loss"]) == pytest.approx(before["train_loss"])

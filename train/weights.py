@@ -1,0 +1,320 @@
+"""Where pretrained weights come from, and refusing to train without them.
+
+``load_pretrained(net, cfg, weights)`` fills the registry's architecture (built by
+:func:`ami.train.models.build_backbone`) from, in this order:
+
+1. ``weights`` (``--weights``): a local ``.safetensors`` file, a state-dict file read with
+   ``torch.load(weights_only=True)`` (pickled code is never executed), a downloaded hub snapshot
+   folder holding one of those, or ``hf-hub:ORG/NAME``;
+2. otherwise the entry's hub id: first the local Hugging Face cache (works offline, and with
+   ``HF_HUB_OFFLINE=1``), then the hub itself when it is reachable (a 3-second probe first, so an
+   offline machine fails at once instead of after a minute of retries).
+
+Keys must match the architecture exactly, except the classifier head (the entry's ``head``),
+which is always the fresh one-logit head. When nothing can be loaded the function raises
+:class:`~ami.train.models.WeightsUnavailable` naming every source it tried and how to supply one;
+a checkpoint that does not fit raises :class:`WeightsMismatch` listing the offending keys.
+Nothing here ever falls back to random weights: that is ``--random-init``, and only that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import re
+import socket
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from .models import WeightsUnavailable
+from .registry import ModelConfig
+
+HUB_PREFIXES = ("hf-hub:", "hf_hub:")
+HUB_FILES = ("model.safetensors", "pytorch_model.bin")
+LOCAL_FILES = HUB_FILES + ("pytorch_model.safetensors",)
+PROBE_TIMEOUT_S = 3.0
+_SHA_MEMO: dict[tuple, str] = {}
+
+
+class WeightsMismatch(WeightsUnavailable):
+    """A weight source was read but its tensors do not fit the registry's architecture."""
+
+
+def hub_repo(hub_id: str) -> str:
+    for p in HUB_PREFIXES:
+        if hub_id.startswith(p):
+            return hub_id[len(p):]
+    return hub_id
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, resolved from the environment at call time."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path.home() / ".cache" / "huggingface" / "hub"
+
+
+def file_sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_MEMO:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while b := f.read(1 << 22):
+                h.update(b)
+        _SHA_MEMO[key] = h.hexdigest()
+    return _SHA_MEMO[key]
+
+
+def how_to_supply(cfg: ModelConfig) -> str:
+    repo = hub_repo(cfg.hub_id) if cfg.hub_id else None
+    lines = ["Supply one of:",
+             "  --weights FILE        a local .safetensors or state-dict file (.bin/.pth/.pt, read without executing "
+             "pickled code), or a downloaded hub snapshot folder holding one"]
+    if repo:
+        lines.append("  --weights hf-hub:ORG/NAME  another hub repository")
+        lines.append(f"  hub access            accept the model's terms at https://huggingface.co/{repo}, then "
+                     "`hf auth login` (or export HF_TOKEN=...); to work offline afterwards: "
+                     f"`hf download {repo}` once, then HF_HUB_OFFLINE=1")
+    lines.append("  --random-init         train from random weights instead (every record of the run then says "
+                 "it is NOT the pretrained model)")
+    return "\n".join(lines)
+
+
+def _unavailable(cfg: ModelConfig, tried: list[str]) -> WeightsUnavailable:
+    body = "\n".join(f"  {i + 1}. {t}" for i, t in enumerate(tried)) or "  (none)"
+    return WeightsUnavailable(
+        f"No pretrained weights for {cfg.name} ({cfg.display}); refusing to train a random backbone under its name.\n"
+        f"Sources tried, in order:\n{body}\n{how_to_supply(cfg)}")
+
+
+# -- reading one file -------------------------------------------------------------------------
+def _as_state_dict(obj, origin: str) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict) and obj and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        for k in ("state_dict", "model", "module", "model_state_dict"):
+            if isinstance(obj.get(k), dict) and all(isinstance(v, torch.Tensor) for v in obj[k].values()):
+                obj = obj[k]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{origin} does not hold a state dict (a mapping of tensor names to tensors)")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a local file. Raises ValueError with a reason when the file cannot be used."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            sd = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - any reader failure is "unreadable", with its reason
+            raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+        return _as_state_dict(sd, str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        m = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        why = f"it references {m.group(1)}" if m else "not a plain tensor container"
+        raise ValueError(f"{path} holds pickled objects other than tensors ({why}); it was NOT unpickled "
+                         "(weights are read with torch.load(weights_only=True)). Save a plain state dict, "
+                         "or convert it to .safetensors") from None
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{path} is not a readable state-dict file ({type(e).__name__}: {e})") from None
+    return _as_state_dict(obj, str(path))
+
+
+# -- sources ----------------------------------------------------------------------------------
+def _from_path(p: Path, tried: list[str]):
+    if p.is_dir():
+        cands = [p / n for n in LOCAL_FILES if (p / n).is_file()]
+        if not cands:
+            tried.append(f"--weights {p}: a folder without any of {', '.join(LOCAL_FILES)}")
+            return None
+        p = cands[0]
+    if not p.is_file():
+        tried.append(f"--weights {p}: no such file")
+        return None
+    try:
+        sd = read_state_dict(p)
+    except (ValueError, OSError) as e:
+        tried.append(f"--weights {p}: {e}")
+        return None
+    return sd, {"kind": "file", "source": str(p), "sha256": file_sha256(p)}
+
+
+def _probe_hub() -> str | None:
+    """None when the hub endpoint accepts a TCP connection within a few seconds, else the reason."""
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme != "http" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
+            return None
+    except OSError as e:
+        return f"{host}:{port} unreachable ({e.__class__.__name__}: {e})"
+
+
+def _revision_of(path: Path) -> str | None:
+    parts = Path(path).parts
+    return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
+
+
+def _from_hub(hub_id: str, tried: list[str], label: str):
+    repo = hub_repo(hub_id)
+    cache = hub_cache_dir()
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        tried.append(f"{label} {hub_id}: huggingface_hub is not installed (pip install 'ami[train]')")
+        return None
+    for fname in HUB_FILES:
+        hit = try_to_load_from_cache(repo, fname, cache_dir=str(cache))
+        if isinstance(hit, str) and Path(hit).is_file():
+            try:
+                sd = read_state_dict(Path(hit))
+            except (ValueError, OSError) as e:
+                tried.append(f"{label} {hub_id}: cached {fname} unusable: {e}")
+                continue
+            return sd, {"kind": "hub-cache", "source": f"hf-hub:{repo}", "file": fname,
+                        "revision": _revision_of(Path(hit)), "sha256": file_sha256(Path(hit))}
+    where = f"not in the local Hugging Face cache ({cache})"
+    if _offline():
+        tried.append(f"{label} {hub_id}: {where}; HF_HUB_OFFLINE is set, so the hub was not asked")
+        return None
+    reason = _probe_hub()
+    if reason:
+        tried.append(f"{label} {hub_id}: {where}; hub {reason}")
+        return None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError
+
+    for fname in HUB_FILES:
+        try:
+            path = Path(hf_hub_download(repo, fname, cache_dir=str(cache)))
+        except EntryNotFoundError:
+            continue
+        except GatedRepoError:
+            tried.append(f"{label} {hub_id}: gated repository and this token has no access (request it at "
+                         f"https://huggingface.co/{repo}, then log in)")
+            return None
+        except RepositoryNotFoundError:
+            tried.append(f"{label} {hub_id}: repository not found or not visible without a token")
+            return None
+        except Exception as e:  # noqa: BLE001 - network/HTTP failures are reported, not raised
+            tried.append(f"{label} {hub_id}: download of {fname} failed ({type(e).__name__}: {e})")
+            return None
+        try:
+            sd = read_state_dict(path)
+        except (ValueError, OSError) as e:
+            tried.append(f"{label} {hub_id}: downloaded {fname} unusable: {e}")
+            return None
+        return sd, {"kind": "hub", "source": f"hf-hub:{repo}", "file": fname, "revision": _revision_of(path),
+                    "sha256": file_sha256(path)}
+    tried.append(f"{label} {hub_id}: none of {', '.join(HUB_FILES)} in the repository")
+    return None
+
+
+# -- fitting tensors into the architecture ----------------------------------------------------
+def _is_head(key: str, head: str) -> bool:
+    return key == head or key.startswith(head + ".")
+
+
+def _mismatches(net_sd: dict, sd: dict, head: str) -> tuple[list, list, list]:
+    want = {k: v for k, v in net_sd.items() if not _is_head(k, head)}
+    got = {k: v for k, v in sd.items() if not _is_head(k, head)}
+    missing = sorted(set(want) - set(got))
+    unexpected = sorted(set(got) - set(want))
+    shapes = sorted(f"{k}: checkpoint {tuple(got[k].shape)} vs model {tuple(want[k].shape)}"
+                    for k in set(want) & set(got) if tuple(got[k].shape) != tuple(want[k].shape))
+    return missing, unexpected, shapes
+
+
+def _fmt(keys: list[str], n: int = 12) -> str:
+    return ", ".join(keys[:n]) + (f" ... (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def fit_state_dict(net: nn.Module, sd: dict[str, torch.Tensor], cfg: ModelConfig, origin: str) -> dict:
+    """Load ``sd`` into ``net``: strict on every key except the classifier head. Returns a report."""
+    net_sd = net.state_dict()
+    missing, unexpected, shapes = _mismatches(net_sd, sd, cfg.head)
+    converted = False
+    if missing or unexpected or shapes:
+        # foreign layouts (original DINOv2/open_clip keys, other grid sizes): timm's own converter
+        filt = getattr(sys.modules.get(type(net).__module__), "checkpoint_filter_fn", None)
+        if filt is not None:
+            try:
+                sd2 = filt(dict(sd), net)
+            except Exception:  # noqa: BLE001 - a converter that cannot handle it changes nothing
+                sd2 = None
+            if sd2 is not None:
+                m2, u2, s2 = _mismatches(net_sd, sd2, cfg.head)
+                if not (m2 or u2 or s2):
+                    sd, missing, unexpected, shapes, converted = sd2, m2, u2, s2, True
+    if missing or unexpected or shapes:
+        parts = [f"{origin} does not fit {cfg.name}'s architecture ({cfg.arch} with the registry's create_kwargs):"]
+        if missing:
+            parts.append(f"  missing from the checkpoint ({len(missing)}): {_fmt(missing)}")
+        if unexpected:
+            parts.append(f"  unexpected in the checkpoint ({len(unexpected)}): {_fmt(unexpected)}")
+        if shapes:
+            parts.append(f"  shape mismatches ({len(shapes)}): {_fmt(shapes, 6)}")
+        parts.append("Is this the checkpoint of this model? (Kwargs such as mlp_layer=SwiGLUPacked, reg_tokens or "
+                     "init_values decide which tensors exist.)")
+        raise WeightsMismatch("\n".join(parts))
+    skipped = sorted(k for k in sd if _is_head(k, cfg.head))
+    body = {k: v for k, v in sd.items() if not _is_head(k, cfg.head)}
+    result = net.load_state_dict(body, strict=False)
+    left = [k for k in result.missing_keys if not _is_head(k, cfg.head)]
+    if left or result.unexpected_keys:  # cannot happen after the checks above; never load half a model
+        raise WeightsMismatch(f"{origin}: partial load (missing {left[:5]}, unexpected {result.unexpected_keys[:5]})")
+    return {"tensors_loaded": len(body), "head_kept_fresh": cfg.head,
+            "head_tensors_ignored": skipped, "converted_by_timm_filter": converted,
+            "missing_keys": [], "unexpected_keys": []}
+
+
+def load_pretrained(net: nn.Module, cfg: ModelConfig, weights: str | os.PathLike | None = None) -> dict:
+    """Fill ``net`` from the first available source (see module docstring). Returns what was loaded.
+
+    The returned record is also attached to the network as ``net.ami_weights`` so that training
+    and caches can say exactly which weights they used.
+    """
+    tried: list[str] = []
+    got = None
+    if weights:
+        w = str(weights)
+        if w.startswith(HUB_PREFIXES):
+            got = _from_hub(w, tried, "--weights")
+        else:
+            got = _from_path(Path(w).expanduser(), tried)
+    elif cfg.hub_id:
+        got = _from_hub(cfg.hub_id, tried, "registry hub id")
+    else:
+        tried.append(f"{cfg.name} has no hub id and no --weights was given")
+    if got is None:
+        raise _unavailable(cfg, tried)
+    sd, info = got
+    info.update(fit_state_dict(net, sd, cfg, info["source"]))
+    net.ami_weights = info
+    return info
+
+
+def weights_record(model: nn.Module) -> dict | None:
+    """The ``ami_weights`` record of the (possibly wrapped) backbone inside ``model``, if any."""
+    for m in model.modules():
+        rec = getattr(m, "ami_weights", None)
+        if rec is not None:
+            return rec
+    return None
