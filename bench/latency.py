@@ -359,7 +359,7 @@ class LatencyReport:
         lines = [f"## Model-only latency and throughput - {m.get('cpu', '?')} ({m.get('cores', '?')} cores{gpu})", ""]
         for k, p in self.peaks.items():
             lines.append(f"Measured peak ({k.replace('_', ' ')}): **{p['gflops']:.1f} GFLOP/s** ({p['what']}"
-                         + (f", {p['threads']} threads" if p.get("threads") else "") + ").")
+                         + (f", threads {p['threads']}" if p.get("threads") else "") + ").")
         s = self.settings
         lines += ["", f"Threads: {s.get('threads')}; warm-up rounds excluded; timed rounds per cell: "
                       f"{'exactly ' + str(s['rounds']) if s.get('rounds') else 'about ' + str(s.get('seconds')) + ' s worth (at least ' + str(s.get('min_rounds')) + ')'}; "
@@ -376,7 +376,8 @@ class LatencyReport:
                 "n/a" if r.achieved_gflops is None else f"{r.achieved_gflops:.1f}",
                 "n/a" if r.peak_fraction is None else f"{100 * r.peak_fraction:.1f}%", str(st["rounds"])]) + " |")
         for sk in self.skipped:
-            lines.append(f"| {sk['engine']} | - | - | - | - | skipped: {sk['reason']} |" + " |" * (len(head) - 6))
+            lines.append("| " + " | ".join([sk["engine"], "-", "-", f"skipped: {sk['reason']}"] + ["-"] * (len(head) - 4))
+                         + " |")
         srcs = sorted({r.flops_source for r in self.rows if r.flops_source})
         if srcs:
             lines += ["", f"FLOPs per crop: {'; '.join(srcs)} (2 x multiply-adds of convolutions and matrix products). "
@@ -384,8 +385,10 @@ class LatencyReport:
                           "(int8 operations counted as if float32)."]
         e = self.end_to_end
         if e:
+            rr = e.get("rounds", 1)
             lines += ["", f"## End-to-end (decode + preprocess + infer) - {e.get('crops', '?')} crops of {e.get('source', '?')}",
-                      ""]
+                      "", "Wall time of the whole loop (files -> probabilities), after one untimed warm-up batch; "
+                      + (f"median of {rr} interleaved rounds." if rr > 1 else "one timed round."), ""]
             if e.get("skipped"):
                 lines.append(f"skipped: {e['skipped']}")
             else:
@@ -397,7 +400,9 @@ class LatencyReport:
                         f"ami-infer ({run['workers']} {run['pool']} workers, batch {run['batch']})",
                         f"{run['model']} ({run['precision']})", str(run["crops"]), f"{run['seconds']:.2f}",
                         f"{run['crops_per_s']:.0f}", f"{run['ratio_vs_reference']:.2f}x" if run.get("ratio_vs_reference") else "n/a",
-                        {True: "yes", False: "NO"}.get(run.get("labels_identical"), "n/a"),
+                        ({True: "yes", False: "NO"}.get(run.get("labels_identical"), "n/a") if run["precision"] == "fp32"
+                         else f"{100 * run['label_agreement']:.1f}% agree (not checked)" if "label_agreement" in run
+                         else "n/a"),
                         f"{run['max_abs_dp']:.2e}" if run.get("max_abs_dp") is not None else "n/a"]) + " |")
                 if ref:
                     lines.append("| " + " | ".join([
@@ -497,7 +502,7 @@ def run_latency(models: Sequence[str | Path] | None = None, *, run: str | Path |
                 weights: str | Path | None = None, batches: Sequence[int] = DEFAULT_BATCHES,
                 data_root: str | Path | None = None, folder: str | Path | None = None, crops: int = 512,
                 threads: int = 0, rounds: int = 0, warmup: int = 2, seconds: float = 1.5, min_rounds: int = 5,
-                e2e: bool = True, e2e_batch: int = 64, workers: int = 0, peak_n: int = 2048, peak_reps: int = 5,
+                e2e: bool = True, e2e_batch: int = 64, e2e_rounds: int = 3, workers: int = 0, peak_n: int = 2048, peak_reps: int = 5,
                 trt: str = "auto", torch_cpu: bool = True, show_progress: bool = True,
                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> LatencyReport:
     """Measure every engine side by side; see the module docstring.
@@ -585,13 +590,16 @@ def run_latency(models: Sequence[str | Path] | None = None, *, run: str | Path |
             raise LatencyError(f"the PyTorch model's preprocessing {torch_pre} differs from {engines[0].path.name}'s {pre}")
 
     settings = {"batches": batches, "threads": threads, "rounds": rounds or None, "warmup": warmup, "seconds": seconds,
-                "min_rounds": min_rounds, "crops": crops, "e2e_batch": e2e_batch,
+                "min_rounds": min_rounds, "crops": crops, "e2e_batch": e2e_batch, "e2e_rounds": e2e_rounds,
                 "models": [str(p) for p in paths], "torch_model": torch_name or None, "ort_spinning": False}
     report = LatencyReport(machine=machine, settings=settings, skipped=skipped, notes=notes)
 
     # hardware peak(s)
     log("latency: timing the float32 matrix-product peak")
     report.peaks["cpu_float32"] = peak_gflops(peak_n, peak_reps, "cpu")
+    if machine.get("load_average") and machine["load_average"][0] > 0.5 * (machine.get("cores") or 1):
+        notes.append(f"the machine was busy when the run started (load average {machine['load_average'][0]:.2f} on "
+                     f"{machine.get('cores')} cores): absolute times are unreliable, compare ratios within this run only")
     if gpu_ok:
         report.peaks["cuda_float32"] = peak_gflops(max(peak_n, 4096), peak_reps, "cuda", "float32")
         report.peaks["cuda_float16"] = peak_gflops(max(peak_n, 4096), peak_reps, "cuda", "float16")
@@ -692,13 +700,31 @@ def run_latency(models: Sequence[str | Path] | None = None, *, run: str | Path |
                                    peak_fraction=ach / peak["gflops"] if ach and peak else None,
                                    peak_ref=peak_key if peak else "", notes=r.notes))
 
+    # the peak again after the timings: the best of both is the machine's peak (a shared machine drifts)
+    _repeat_peak(report, "cpu_float32", peak_n, peak_reps, "cpu", "float32")
+    if gpu_ok:
+        _repeat_peak(report, "cuda_float32", max(peak_n, 4096), peak_reps, "cuda", "float32")
+        _repeat_peak(report, "cuda_float16", max(peak_n, 4096), peak_reps, "cuda", "float16")
+    for r in report.rows:
+        peak = report.peaks.get(r.peak_ref)
+        if r.achieved_gflops and peak:
+            r.peak_fraction = r.achieved_gflops / peak["gflops"]
+
     # end to end
     if e2e:
         report.end_to_end = _end_to_end(crop_paths, crop_source, engines,
                                         torch_models, pre, torch_name, batch=e2e_batch, workers=workers, threads=threads,
-                                        log=log)
+                                        rounds=e2e_rounds, log=log)
     report.seconds = time.perf_counter() - t_start
     return report
+
+
+def _repeat_peak(report: LatencyReport, key: str, n: int, reps: int, device: str, dtype: str) -> None:
+    first = report.peaks[key]
+    again = peak_gflops(n, reps, device, dtype)
+    best = again if again["gflops"] > first["gflops"] else first
+    report.peaks[key] = {**best, "what": best["what"] + "; best of a measurement before and one after the engine timings",
+                         "gflops_before_after": [first["gflops"], again["gflops"]]}
 
 
 def _copy(m):
@@ -708,41 +734,65 @@ def _copy(m):
 
 
 def _end_to_end(paths: list[str], source: str, engines, torch_models, pre: Preprocess, torch_name: str, *, batch: int,
-                workers: int, threads: int, log) -> dict:
+                workers: int, threads: int, rounds: int = 1, log) -> dict:
+    """The ami-infer pipeline (each engine) and the plain reference loop on the same crops.
+
+    One untimed warm-up pass over the first batch each, then ``rounds`` timed passes, interleaved
+    (reference, engine 1, engine 2, ... per round) so that drift of a shared machine hits all
+    pipelines alike; the median time over rounds is reported."""
     from ami.runtime.infer import default_workers
 
     if not paths:
         return {"skipped": "no crops (pass --data-root D or --folder DIR)", "source": source, "crops": 0}
     workers = workers if workers > 0 else default_workers()
-    out: dict = {"source": source, "crops": len(paths), "batch": batch, "workers": workers,
+    rounds = max(1, int(rounds))
+    out: dict = {"source": source, "crops": len(paths), "batch": batch, "workers": workers, "rounds": rounds,
                  "what": "wall time of the whole loop: reading files, decoding, preprocessing, batching, inference; "
-                         "one untimed warm-up pass over the first batch for each pipeline",
+                         "one untimed warm-up pass over the first batch for each pipeline, then the timed rounds "
+                         "(interleaved), median reported",
                  "ami_infer": []}
     warm = paths[:min(len(paths), batch)]
-    ref = None
+    ref_times, ref = [], None
+    eng_times: list[list[float]] = [[] for _ in engines]
+    eng_probs: list = [None] * len(engines)
+    eng_summ: list = [None] * len(engines)
     if torch_models is not None:
         from .reference import reference_loop
 
-        log(f"latency: end-to-end reference loop (PIL + torchvision + DataLoader + PyTorch) on {len(paths)} crops")
         reference_loop(warm, torch_models, pre, batch_size=batch, workers=workers)
-        ref = reference_loop(paths, torch_models, pre, batch_size=batch, workers=workers)
-        out["reference"] = {"model": torch_name, "crops": len(paths), "seconds": ref.elapsed_s,
-                            "crops_per_s": ref.crops_per_s, "workers": ref.workers, "batch": ref.batch_size,
+    for eng in engines:
+        run_ami_infer(warm, eng, batch=batch, workers=workers)
+    for k in range(rounds):
+        if torch_models is not None:
+            log(f"latency: end-to-end reference loop (PIL + torchvision + DataLoader + PyTorch) on {len(paths)} crops"
+                + (f", round {k + 1}/{rounds}" if rounds > 1 else ""))
+            ref = reference_loop(paths, torch_models, pre, batch_size=batch, workers=workers)
+            ref_times.append(ref.elapsed_s)
+        for i, eng in enumerate(engines):
+            log(f"latency: end-to-end ami-infer with {eng.path.name} on {len(paths)} crops"
+                + (f", round {k + 1}/{rounds}" if rounds > 1 else ""))
+            eng_probs[i], secs, eng_summ[i] = run_ami_infer(paths, eng, batch=batch, workers=workers)
+            eng_times[i].append(secs)
+    ref_s = float(np.median(ref_times)) if ref_times else None
+    if ref is not None:
+        out["reference"] = {"model": torch_name, "crops": len(paths), "seconds": ref_s, "seconds_per_round": ref_times,
+                            "crops_per_s": len(paths) / ref_s if ref_s else math.inf, "workers": ref.workers,
+                            "batch": ref.batch_size,
                             "pipeline": "PIL Image.open().convert('RGB') + torchvision Resize/ToTensor/Normalize + "
                                         "torch DataLoader (worker processes) + PyTorch eager"}
     else:
         out["reference_skipped"] = "no PyTorch weights"
-    for eng in engines:
-        log(f"latency: end-to-end ami-infer with {eng.path.name} on {len(paths)} crops")
-        run_ami_infer(warm, eng, batch=batch, workers=workers)
-        probs, secs, summ = run_ami_infer(paths, eng, batch=batch, workers=workers)
+    for i, eng in enumerate(engines):
+        secs = float(np.median(eng_times[i]))
+        probs = eng_probs[i]
         rec = {"model": eng.path.name, "precision": eng.meta.precision, "provider": eng.provider, "crops": len(paths),
-               "seconds": secs, "crops_per_s": len(paths) / secs if secs > 0 else math.inf, "batch": batch,
-               "workers": workers, "pool": summ.get("pool", "thread"), "threads": threads}
+               "seconds": secs, "seconds_per_round": eng_times[i],
+               "crops_per_s": len(paths) / secs if secs > 0 else math.inf, "batch": batch,
+               "workers": workers, "pool": eng_summ[i].get("pool", "thread"), "threads": threads}
         if ref is not None:
             thr = eng.threshold
             diff = np.abs(probs - ref.probs)
-            rec["ratio_vs_reference"] = rec["crops_per_s"] / ref.crops_per_s if ref.crops_per_s else None
+            rec["ratio_vs_reference"] = rec["crops_per_s"] / out["reference"]["crops_per_s"]
             rec["labels_identical"] = bool(np.all((probs >= thr) == (ref.probs >= thr)))
             rec["label_agreement"] = float(np.mean((probs >= thr) == (ref.probs >= thr)))
             rec["max_abs_dp"] = float(np.nanmax(diff))
@@ -795,6 +845,7 @@ def register(app: typer.Typer) -> None:
         warmup: int = typer.Option(2, "--warmup", help="Untimed warm-up rounds per cell."),
         e2e: bool = typer.Option(True, "--e2e/--no-e2e", help="Run the end-to-end comparison."),
         e2e_batch: int = typer.Option(64, "--e2e-batch", help="Batch size of both end-to-end pipelines."),
+        e2e_rounds: int = typer.Option(3, "--e2e-rounds", help="Timed end-to-end rounds (interleaved; median reported)."),
         workers: int = typer.Option(0, "--workers", help="Decode workers of both end-to-end pipelines (0 = one per core, "
                                     "at most 8)."),
         peak_n: int = typer.Option(2048, "--peak-n", help="Matrix size of the peak-FLOP/s measurement."),
@@ -811,7 +862,7 @@ def register(app: typer.Typer) -> None:
         try:
             rep = run_latency(model, run=run, weights=weights, batches=batch, data_root=data_root, folder=folder,
                               crops=crops, threads=threads, rounds=rounds, warmup=warmup, seconds=seconds,
-                              min_rounds=min_rounds, e2e=e2e, e2e_batch=e2e_batch, workers=workers, peak_n=peak_n,
+                              min_rounds=min_rounds, e2e=e2e, e2e_batch=e2e_batch, e2e_rounds=e2e_rounds, workers=workers, peak_n=peak_n,
                               trt=trt, log=lambda s: typer.echo(s, err=True))
         except (LatencyError, ParityError) as e:
             typer.echo(f"ami-bench latency: {e}", err=True)

@@ -220,7 +220,8 @@ def test_end_to_end_reference_loop_matches_ami_infer(benchmark, edge, e2e_paths)
 
 def test_run_latency_side_by_side(edge, data_root):
     rep = L.run_latency([edge["fp32"], edge["int8"]], weights=edge["weights"], batches=[1, 4], data_root=data_root,
-                        crops=16, threads=1, rounds=2, warmup=1, peak_n=256, peak_reps=2, e2e_batch=8, workers=1,
+                        crops=16, threads=1, rounds=2, warmup=1, peak_n=256, peak_reps=2, e2e_batch=8, e2e_rounds=2,
+                        workers=1,
                         show_progress=False, log=lambda s: None)
     cells = {(r.engine, r.precision, r.batch) for r in rep.rows}
     assert cells == {(e, p, b) for e, p in [("PyTorch eager", "fp32"), ("ONNX Runtime", "fp32"),
@@ -235,7 +236,8 @@ def test_run_latency_side_by_side(edge, data_root):
         assert "no CUDA GPU" in skipped["TensorRT fp16/fp32"] or "TensorRT" in skipped["TensorRT fp16/fp32"]
         assert "PyTorch eager (CUDA)" in skipped
     e = rep.end_to_end
-    assert e["crops"] == 16 and e["reference"]["crops_per_s"] > 0
+    assert e["crops"] == 16 and e["reference"]["crops_per_s"] > 0 and len(e["reference"]["seconds_per_round"]) == 2
+    assert e["reference"]["seconds"] == pytest.approx(float(np.median(e["reference"]["seconds_per_round"])))
     runs = {r["precision"]: r for r in e["ami_infer"]}
     assert runs["fp32"]["check"].startswith("pass") and runs["fp32"]["labels_identical"]
     assert runs["fp32"]["ratio_vs_reference"] == pytest.approx(runs["fp32"]["crops_per_s"] / e["reference"]["crops_per_s"])
