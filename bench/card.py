@@ -20,7 +20,7 @@ import numpy as np
 import typer
 
 from ami.runtime.datasets import available_eval_sets, resolve_data_root
-from ami.runtime.metrics import MetricError, balanced_accuracy, best_threshold, evaluate, mean_std
+from ami.runtime.metrics import balanced_accuracy, cross_validated_threshold, evaluate, mean_std
 
 REPRODUCE = [
     "ami-train --threads 1 --folds 0,2,4 & ami-train --threads 1 --folds 1,3,full  # 5 folds + all-crops model",
@@ -43,23 +43,12 @@ def _metric_rows(rows: list) -> tuple[list[str], np.ndarray, np.ndarray]:
 
 
 def nested_threshold_check(folds: dict[str, dict]) -> dict:
-    """Does tuning the threshold on validation beat 0.5 on data it was not tuned on?
-
-    For each fold k: choose the BA-maximising threshold on the other folds' out-of-fold validation
-    predictions, apply it to fold k's validation predictions; compare with 0.5 there.
-    """
-    preds = {k: _metric_rows(m["predictions"]["validation"]) for k, m in folds.items()
-             if m.get("predictions", {}).get("validation")}
-    per = {}
-    for k, (_, y, p) in preds.items():
-        oy = np.concatenate([v[1] for j, v in preds.items() if j != k])
-        op = np.concatenate([v[2] for j, v in preds.items() if j != k])
-        t, _ = best_threshold(oy, op)
-        per[k] = {"threshold": t, "ba_tuned": balanced_accuracy(y, p, t), "ba_0.5": balanced_accuracy(y, p, 0.5)}
-    tuned = [v["ba_tuned"] for v in per.values()]
-    half = [v["ba_0.5"] for v in per.values()]
-    return {"per_fold": per, "mean_ba_tuned": float(np.mean(tuned)), "mean_ba_0.5": float(np.mean(half)),
-            "tuned_beats_0.5": bool(np.mean(tuned) > np.mean(half))}
+    """Cross-validated threshold check over the folds' out-of-fold validation predictions."""
+    keys = [k for k, m in folds.items() if m.get("predictions", {}).get("validation")]
+    preds = [_metric_rows(folds[k]["predictions"]["validation"])[1:] for k in keys]
+    res = cross_validated_threshold(preds)
+    res["per_fold"] = dict(zip(keys, res["per_fold"]))
+    return res
 
 
 def _ensemble_tests(folds: dict[str, dict]) -> dict:
@@ -276,9 +265,17 @@ def render_markdown(c: dict) -> str:
     if "fold_ensemble" in sp:
         L.append(f"\nThe single model is {sp['single']['crops_per_s'] / sp['fold_ensemble']['crops_per_s']:.1f}x "
                  "faster than the 5-fold ensemble graph, measured in the same run.")
+    if "fold_ensemble" in sp:
+        L += ["", "## Why a single model and not the fold ensemble", "",
+              f"The 5-fold ensemble graph runs at {sp['fold_ensemble']['crops_per_s']:.0f} crops/s here, the single "
+              f"model at {sp['single']['crops_per_s']:.0f} crops/s (target: >= 400 crops/s, ONNX Runtime fp32, batch 64). "
+              "The decision is made on speed and on the protocol, not on the test rows above: the shipped model is the "
+              "same recipe trained once on all 2894 training crops (its epoch count fixed by the folds), so it sees 25 % "
+              "more data than any fold model at one fifth of the ensemble's cost. The ensemble row is reported for "
+              "information and can be exported with `ami-export runs/edge-full --folds all`."]
     tc = c["threshold_check"]
     L += ["", "## Choices measured on validation folds", "",
-          f"- Threshold: tuning it on 4 folds' validation predictions and applying it to the 5th gives mean BA "
+          f"- Threshold: tuning it on the other folds' validation predictions and applying it to the held-out fold gives mean BA "
           f"{tc['mean_ba_tuned']:.4f} vs {tc['mean_ba_0.5']:.4f} at 0.5 "
           f"({'tuning helps' if tc['tuned_beats_0.5'] else 'tuning does not help: 0.5 kept'})."]
     tta = c["tta_validation"]["mean"]
