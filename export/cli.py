@@ -1,16 +1,123 @@
-"""ami-export (filled in by the export work)."""
+"""ami-export: a trained run (or an ami ONNX file) -> a checked, self-describing engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 import typer
 
-from ami.runtime.cli import not_yet
+from ami.runtime.cli import DATA_ROOT_HELP
 
-app = typer.Typer(add_completion=False)
+app = typer.Typer(add_completion=False, rich_markup_mode=None)
+
+EPILOG = """Examples:
+
+  ami-export runs/edge -o ami-edge.onnx                     # all finished folds as ONE graph (mean probability)
+  ami-export runs/edge/fold0 -o edge-fold0.onnx             # a single fold
+  ami-export runs/edge --folds 0,2 -o edge-f02.onnx         # some folds
+  ami-export runs/edge --folds full -o edge-all.onnx        # the model trained on all training crops (RUN/all)
+  ami-export ami-edge.onnx --engine onnx-int8 -o ami-edge-int8.onnx --measure-speed 64
+  ami-export --best runs/ --method lora -o best-lora.onnx   # highest mean VALIDATION balanced accuracy
+  ami-export runs/uni-lora --engine trt --batch 1,32,128 -o uni-lora.plan     # CUDA GPU + TensorRT 10/11
+
+Every export is checked before it is written: ONNX checker, the artefact contract (uint8 NHWC
+'pixels' in, float32 'prob_atypical' out, metadata), ONNX Runtime vs PyTorch on real AMi-Br
+training crops (max |delta p| <= 1e-4, same labels) at batch 1 and N. int8 is accepted only if
+balanced accuracy and AUROC stay within 0.01 / 0.005 of the float model on training crops held
+apart from calibration. Files appear only when every check passed.
+
+Exit status: 0 written; 1 a check failed or int8 was refused (nothing written);
+2 bad usage or source; 3 TensorRT or a CUDA GPU is missing."""
 
 
-@app.command()
-def export(source: str = typer.Argument(None)):
-    """Export a trained run to ONNX / int8 / TensorRT."""
-    not_yet("ami-export", "issue 6")
+def _threshold(text: str) -> float | None:
+    if text in ("", "auto"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise typer.BadParameter(f"--threshold takes 'auto' or a probability, got {text!r}") from None
+
+
+@app.command(epilog=EPILOG)
+def export(
+    source: Optional[str] = typer.Argument(None, help="Run directory, one fold directory of it (RUN/fold2, RUN/all), "
+                                           "or an ami ONNX file (for --engine onnx-int8 / trt)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output file (.onnx, or .plan for --engine trt; the plan's "
+                             "metadata goes to OUT.json)."),
+    engine: str = typer.Option("onnx", help="onnx (float32), onnx-int8 (static QDQ for CPUs) or trt (TensorRT plan)."),
+    folds: str = typer.Option("all", help="'all' = every finished fold as one ensemble graph, '0,2' = those folds, "
+                              "'full' = RUN/all (trained on all training crops)."),
+    best: Optional[Path] = typer.Option(None, "--best", help="Instead of SOURCE: the run under this folder with the "
+                                        "highest mean validation balanced accuracy over its folds."),
+    method: Optional[str] = typer.Option(None, help="With --best: only runs of this method (full, linear, lora)."),
+    model: Optional[str] = typer.Option(None, help="With --best: only runs of this registry model."),
+    min_folds: int = typer.Option(5, help="With --best: runs with fewer finished folds are not eligible."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help=DATA_ROOT_HELP),
+    threshold: str = typer.Option("auto", help="Decision threshold to ship: 'auto' = 0.5 unless the run's validation "
+                                  "predictions show a better one; or a number (recorded as user-specified)."),
+    opset: int = typer.Option(17, help="ONNX opset (>= 17)."),
+    check_crops: int = typer.Option(64, help="AMi-Br training crops for the self-checks."),
+    calib_crops: int = typer.Option(300, help="int8: calibration crops (AMi-Br training crops)."),
+    eval_crops: int = typer.Option(0, help="int8: cap on the held-apart evaluation crops (0 = all of them)."),
+    per_channel: str = typer.Option("auto", help="int8: per-channel weight scales: auto (keep whichever is closer to "
+                                    "float on the calibration crops), on, off."),
+    calibration: str = typer.Option("minmax", help="int8: calibration method: minmax, entropy, percentile."),
+    ba_tol: float = typer.Option(0.01, help="int8: largest accepted |delta balanced accuracy| vs float."),
+    auroc_tol: float = typer.Option(0.005, help="int8: largest accepted |delta AUROC| vs float."),
+    measure_speed: int = typer.Option(0, "--measure-speed", help="int8: also time fp32 vs int8 on this CPU at this "
+                                      "batch size (e.g. 64)."),
+    batch: str = typer.Option("1,32,128", help="trt: batch sizes of the optimisation profile (min,opt,max)."),
+    precision: str = typer.Option("fp16", help="trt: fp16 (a float16 network graph) or fp32."),
+    timing_cache: Optional[Path] = typer.Option(None, help="trt: timing cache file (default ~/.cache/ami/tensorrt-timing.cache)."),
+    workspace_gb: float = typer.Option(0.0, help="trt: builder workspace limit in GiB (0 = TensorRT's default)."),
+    weights: Optional[str] = typer.Option(None, help="Backbone weights (local file or hf-hub:ID) for linear/LoRA runs "
+                                          "whose checkpoints hold only the trained tensors. Default: the run's source."),
+    threads: int = typer.Option(0, help="CPU threads for ONNX Runtime (0 = its default)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (only after every check passed)."),
+):
+    """Export a trained run to a self-describing ONNX model, an int8 ONNX model or a TensorRT plan."""
+    from . import ExportError
+
+    if (source is None) == (best is None):
+        typer.echo("give either SOURCE or --best RUNS_ROOT (see --help)", err=True)
+        raise typer.Exit(2)
+    thr = _threshold(threshold)
+    if best is not None:
+        from .source import pick_best
+
+        try:
+            chosen, scores = pick_best(best, method=method, model=model, min_folds=min_folds)
+        except ExportError as e:
+            typer.echo(str(e), err=True)
+            raise typer.Exit(2) from None
+        typer.echo("runs by mean validation balanced accuracy (test metrics are never read):")
+        for s in scores:
+            val = f"{s.mean_ba:.4f}" if s.mean_ba is not None else "   -  "
+            typer.echo(f"  {'*' if s.run_dir == chosen else ' '} {val}  {s.run_dir}  ({s.model}/{s.method}, "
+                       f"{len(s.folds)} folds){'  - ' + s.reason if s.reason else ''}")
+        source = str(chosen)
+    from .checks import CheckFailed
+    from .onnx_export import export_onnx
+    from .quantize import Int8Rejected
+    from .tensorrt import TensorRTUnavailable
+
+    try:
+        export_onnx(source, out, folds=folds, data_root=data_root, engine=engine, threshold=thr, opset=opset,
+                    check_crops=check_crops, force=force, threads=threads, weights=weights, calib_crops=calib_crops,
+                    eval_crops=eval_crops, per_channel=per_channel, calibration=calibration, ba_tol=ba_tol,
+                    auroc_tol=auroc_tol, speed_batch=measure_speed, batch=batch, precision=precision,
+                    timing_cache=timing_cache, workspace_gb=workspace_gb, log=typer.echo)
+    except TensorRTUnavailable as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(3) from None
+    except (CheckFailed, Int8Rejected) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    except ExportError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
 
 
 def main() -> None:

@@ -1,0 +1,347 @@
+"""What is being exported: a training run, some of its folds, and what the run says about them.
+
+Torch-free. Reads the run-directory layout written by :mod:`ami.train.fit`::
+
+    RUN/config.json  RUN/split.json  RUN/fold{k}/{best.safetensors,metrics.json}  RUN/all/...
+
+and answers the export's questions from *validation* records only: which run is best
+(:func:`pick_best`), which decision threshold to ship (:func:`choose_threshold`), and which
+validation metrics the artefact was exported from (:func:`validation_summary`). Test-set entries
+of ``metrics.json`` are never read here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ami.runtime.datasets import file_sha256
+from ami.runtime.metrics import (MetricError, auroc, balanced_accuracy, best_threshold, cross_validated_threshold,
+                                 mean_std)
+from ami.runtime.splits import FOLDS_FILE, N_FOLDS, folds_sha256
+
+from . import ExportError
+
+WEIGHTS = "best.safetensors"
+METRICS = "metrics.json"
+_FOLD_DIR = re.compile(r"^fold(\d+)$")
+
+
+@dataclass
+class RunSource:
+    """A run directory and the folds of it that go into one artefact."""
+
+    run_dir: Path
+    config: dict
+    split: dict
+    folds: list  # fold indices (ints), or ["all"] for RUN/all (trained on all training crops)
+    metrics: dict = field(default_factory=dict)  # fold key ("0".."4", "all") -> metrics.json
+
+    @property
+    def model(self) -> str:
+        return self.config["model"]
+
+    @property
+    def method(self) -> str:
+        return self.config["method"]
+
+    @property
+    def tiny(self) -> bool:
+        return bool(self.config.get("tiny_stand_in", False))
+
+    def fold_dir(self, fold) -> Path:
+        return self.run_dir / ("all" if fold == "all" else f"fold{fold}")
+
+    def weights(self, fold) -> Path:
+        return self.fold_dir(fold) / WEIGHTS
+
+    @property
+    def cfg(self):
+        from ami.train.registry import get  # torch-free
+
+        try:
+            return get(self.model)
+        except KeyError as e:
+            raise ExportError(f"{self.run_dir}: {e.args[0]}") from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ExportError(f"{path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExportError(f"{path} is not valid JSON ({e})") from None
+
+
+def is_run_dir(path: Path) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
+def completed_folds(run_dir: Path) -> list[int]:
+    """Fold indices with both best weights and metrics.json (a finished fold)."""
+    out = []
+    for k in range(N_FOLDS):
+        d = Path(run_dir) / f"fold{k}"
+        if (d / WEIGHTS).is_file() and (d / METRICS).is_file():
+            out.append(k)
+    return out
+
+
+def parse_folds(text: str | list | tuple | int | None, run_dir: Path) -> list:
+    """'all' -> every completed fold 0..4 (an ensemble); 'full' -> ['all'] (the all-crops model);
+    '0,2' -> [0, 2]. A list/int is taken as given."""
+    if text is None:
+        text = "all"
+    if isinstance(text, int):
+        return [text]
+    if isinstance(text, (list, tuple)):
+        return list(text)
+    text = str(text).strip()
+    if text == "all":
+        done = completed_folds(run_dir)
+        if not done:
+            raise ExportError(f"{run_dir} has no completed fold (fold*/{WEIGHTS} + fold*/{METRICS}); "
+                              "train it first (ami-train) or pass --folds full for RUN/all")
+        return done
+    if text == "full":
+        return ["all"]
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if not part.isdigit() or not 0 <= int(part) < N_FOLDS:
+            raise ExportError(f"--folds takes 'all', 'full' or fold indices 0..{N_FOLDS - 1} like '0,2'; got {text!r}")
+        out.append(int(part))
+    if not out:
+        raise ExportError(f"--folds {text!r} names no fold")
+    return sorted(set(out))
+
+
+def resolve_source(source: str | Path, folds="all") -> RunSource:
+    """A run directory (with ``folds``) or one fold directory of it -> :class:`RunSource`."""
+    p = Path(source)
+    if not p.exists():
+        raise ExportError(f"{p} does not exist")
+    if p.is_dir() and not is_run_dir(p) and is_run_dir(p.parent) and (_FOLD_DIR.match(p.name) or p.name == "all"):
+        run_dir = p.parent
+        chosen = ["all"] if p.name == "all" else [int(_FOLD_DIR.match(p.name).group(1))]
+        if folds not in (None, "all") and parse_folds(folds, run_dir) != chosen:
+            raise ExportError(f"{p} is one fold; --folds {folds} contradicts it (pass the run directory instead)")
+    elif p.is_dir() and is_run_dir(p):
+        run_dir = p
+        chosen = parse_folds(folds, run_dir)
+    elif p.is_dir():
+        raise ExportError(f"{p} is not a training run (no config.json) nor a fold directory of one")
+    else:
+        raise ExportError(f"{p} is a file, not a run directory; an ONNX file is exported with --engine onnx-int8 or trt")
+    config = _read_json(run_dir / "config.json")
+    for key in ("model", "method"):
+        if key not in config:
+            raise ExportError(f"{run_dir / 'config.json'} lacks {key!r}: not a run written by ami-train")
+    split_path = run_dir / "split.json"
+    split = _read_json(split_path) if split_path.is_file() else {}
+    metrics = {}
+    for f in chosen:
+        d = run_dir / ("all" if f == "all" else f"fold{f}")
+        if not (d / WEIGHTS).is_file():
+            raise ExportError(f"{d / WEIGHTS} is missing: fold {f} of {run_dir.name} is not trained (or not finished)")
+        if (d / METRICS).is_file():
+            metrics[str(f)] = _read_json(d / METRICS)
+        elif f != "all":
+            raise ExportError(f"{d / METRICS} is missing: fold {f} of {run_dir.name} did not finish")
+    # out-of-fold validation records of every completed fold (used for the all-crops model)
+    for k in completed_folds(run_dir):
+        metrics.setdefault(str(k), _read_json(run_dir / f"fold{k}" / METRICS))
+    return RunSource(run_dir=run_dir, config=config, split=split, folds=chosen, metrics=metrics)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation-only decisions
+
+
+def _validation_folds(src: RunSource) -> list[int]:
+    """The folds whose validation records describe this artefact (all completed folds for RUN/all)."""
+    if src.folds == ["all"]:
+        return sorted(int(k) for k in src.metrics if k.isdigit())
+    return [f for f in src.folds if isinstance(f, int)]
+
+
+def oof_predictions(src: RunSource) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Out-of-fold validation predictions (labels, probabilities) of the artefact's folds."""
+    ys, ps, used = [], [], []
+    for k in _validation_folds(src):
+        rows = (src.metrics.get(str(k)) or {}).get("predictions", {}).get("validation") or []
+        if rows:
+            used.append(k)
+            ys += [int(r[1]) for r in rows]
+            ps += [float(r[2]) for r in rows]
+    return np.asarray(ys, dtype=np.int64), np.asarray(ps, dtype=np.float64), used
+
+
+def _folds_text(folds: list[int]) -> str:
+    return "fold " + str(folds[0]) if len(folds) == 1 else "folds " + ",".join(map(str, folds))
+
+
+def choose_threshold(src: RunSource, override: float | None = None) -> tuple[float, str, dict]:
+    """(threshold, rule, details). 0.5 unless a threshold tuned on validation folds beats 0.5 on
+    the held-out validation fold (cross-validated over the folds); ``override`` wins and is
+    recorded as the user's."""
+    if override is not None:
+        t = float(override)
+        if not 0.0 < t < 1.0:
+            raise ExportError(f"--threshold must be in (0, 1), got {t}")
+        return t, f"user-specified ({t:g}); not chosen by ami-export", {"source": "user"}
+    y, p, used = oof_predictions(src)
+    if y.size == 0:
+        return 0.5, "default 0.5 (the run holds no validation predictions)", {"source": "default"}
+    try:
+        t, ba_t = best_threshold(y, p)
+        ba_05 = balanced_accuracy(y, p, 0.5)
+    except MetricError as e:
+        return 0.5, f"default 0.5 (validation predictions unusable: {e})", {"source": "default"}
+    where = (f"out-of-fold validation predictions of {_folds_text(used)} (n={y.size}, "
+             f"{int(y.sum())} atypical)")
+    if src.folds == ["all"]:
+        where += "; the all-crops model has no validation of its own, its run's fold models stand in"
+    elif len(src.folds) > 1:
+        where += "; each crop scored by the one fold model that did not train on it, not by the ensemble"
+    details = {"source": "validation", "folds": used, "n": int(y.size), "best_threshold": t,
+               "ba_at_best": ba_t, "ba_at_0.5": ba_05}
+    # A threshold tuned and judged on the same predictions always "beats" 0.5; it is adopted only
+    # when tuning it on the other folds beats 0.5 on the held-out fold, on average over folds.
+    per_fold = []
+    for k in used:
+        rows = src.metrics[str(k)]["predictions"]["validation"]
+        per_fold.append((np.array([int(r[1]) for r in rows]), np.array([float(r[2]) for r in rows])))
+    try:
+        cv = cross_validated_threshold(per_fold)
+    except MetricError as e:
+        return 0.5, f"default 0.5 (no cross-validated threshold check possible: {e})", details
+    details["cross_validated"] = {k: cv[k] for k in ("mean_ba_tuned", "mean_ba_0.5", "tuned_beats_0.5")}
+    if cv["tuned_beats_0.5"] and t != 0.5:
+        return float(t), (f"validation: threshold {t:.6g} maximises balanced accuracy on {where}; tuning it on the other folds "
+                          f"beats 0.5 on each held-out fold on average (mean BA {cv['mean_ba_tuned']:.4f} vs {cv['mean_ba_0.5']:.4f})"), details
+    return 0.5, (f"default 0.5: a threshold tuned on the other folds does not beat 0.5 on the held-out fold "
+                 f"(mean BA {cv['mean_ba_tuned']:.4f} vs {cv['mean_ba_0.5']:.4f}) on {where}"), details
+
+
+def validation_summary(src: RunSource, threshold: float = 0.5) -> dict:
+    """The validation metrics the artefact is exported from (never test metrics)."""
+    per_fold = {}
+    for k in _validation_folds(src):
+        v = (src.metrics.get(str(k)) or {}).get("validation") or {}
+        if "balanced_accuracy" in v:
+            per_fold[str(k)] = {key: v[key] for key in ("balanced_accuracy", "auroc", "n", "n_atypical",
+                                                       "sensitivity", "specificity") if key in v}
+            per_fold[str(k)]["best_epoch"] = src.metrics[str(k)].get("best_epoch")
+    out: dict = {"what": "fold validation metrics from metrics.json (threshold 0.5, best epoch chosen by "
+                         "validation balanced accuracy); no test metric is used anywhere in export",
+                 "folds": per_fold}
+    if src.folds == ["all"]:
+        out["note"] = "model trained on all training crops: these are its run's fold models' validation metrics"
+    if per_fold:
+        ba = [v["balanced_accuracy"] for v in per_fold.values()]
+        au = [v["auroc"] for v in per_fold.values() if "auroc" in v]
+        out["mean_balanced_accuracy"], out["std_balanced_accuracy"] = mean_std(ba)
+        if au:
+            out["mean_auroc"], out["std_auroc"] = mean_std(au)
+    y, p, used = oof_predictions(src)
+    if y.size:
+        try:
+            out["out_of_fold"] = {"folds": used, "n": int(y.size), "threshold": threshold,
+                                  "balanced_accuracy": balanced_accuracy(y, p, threshold), "auroc": auroc(y, p)}
+        except MetricError as e:
+            out["out_of_fold"] = {"error": str(e)}
+    return out
+
+
+def source_record(src: RunSource) -> dict:
+    """Provenance: run, its split and data fingerprints, weights digests, how it was trained."""
+    c = src.config
+    current = folds_sha256(FOLDS_FILE)
+    rec = {
+        "run": src.run_dir.name,
+        "folds_file": src.split.get("folds_file"),
+        "folds_sha256": src.split.get("folds_sha256"),
+        "train_fingerprint": src.split.get("train_fingerprint"),
+        "folds_match_installed_split": src.split.get("folds_sha256") == current,
+        "weights_sha256": {str(f): file_sha256(src.weights(f)) for f in src.folds},
+        "arch": c.get("arch"), "hub_id": c.get("hub_id"), "weights_source": c.get("weights_source"),
+        "random_init": c.get("random_init"), "tiny_stand_in": c.get("tiny_stand_in", False),
+        "max_train": c.get("max_train", 0), "max_eval": c.get("max_eval", 0), "recipe": c.get("recipe"), "created": c.get("created"),
+        "trained_with": c.get("versions"),
+    }
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------
+# --best
+
+
+@dataclass
+class RunScore:
+    run_dir: Path
+    model: str
+    method: str
+    folds: list[int]
+    fold_ba: list[float]
+    mean_ba: float | None
+    reason: str = ""  # why it is not eligible ("" = eligible)
+
+
+def score_run(run_dir: Path, min_folds: int = N_FOLDS) -> RunScore:
+    """Mean validation balanced accuracy over a run's completed folds (metrics.json 'validation')."""
+    try:
+        cfg = json.loads((run_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return RunScore(run_dir, "?", "?", [], [], None, f"unreadable config.json ({e})")
+    folds, bas = [], []
+    for k in completed_folds(run_dir):
+        try:
+            v = json.loads((run_dir / f"fold{k}" / METRICS).read_text()).get("validation") or {}
+        except (OSError, json.JSONDecodeError):
+            continue
+        ba = v.get("balanced_accuracy")
+        if isinstance(ba, (int, float)):
+            folds.append(k)
+            bas.append(float(ba))
+    s = RunScore(run_dir, cfg.get("model", "?"), cfg.get("method", "?"), folds, bas,
+                 float(np.mean(bas)) if bas else None)
+    if len(folds) < min_folds:
+        s.reason = f"{len(folds)} fold(s) with validation metrics, fewer than {min_folds}"
+    return s
+
+
+def find_runs(root: Path) -> list[Path]:
+    root = Path(root)
+    if not root.is_dir():
+        raise ExportError(f"--best {root}: not a directory")
+    found = {p.parent for pat in ("config.json", "*/config.json", "*/*/config.json") for p in root.glob(pat)}
+    return sorted(found)
+
+
+def pick_best(runs_root: Path, method: str | None = None, model: str | None = None,
+              min_folds: int = N_FOLDS) -> tuple[Path, list[RunScore]]:
+    """The run under ``runs_root`` with the highest mean *validation* balanced accuracy.
+
+    Only ``metrics.json['validation']`` is read; ties go to the run whose path sorts first.
+    Returns (best run, every score, best first) or raises ExportError when none is eligible.
+    """
+    scores = [score_run(r, min_folds) for r in find_runs(runs_root)]
+    for s in scores:
+        if not s.reason and method and s.method != method:
+            s.reason = f"method {s.method} is not {method}"
+        if not s.reason and model and s.model != model:
+            s.reason = f"model {s.model} is not {model}"
+    ok = sorted((s for s in scores if not s.reason), key=lambda s: (-s.mean_ba, str(s.run_dir)))
+    rest = sorted((s for s in scores if s.reason), key=lambda s: str(s.run_dir))
+    if not ok:
+        why = "; ".join(f"{s.run_dir.name}: {s.reason}" for s in rest) or "no run directory (*/config.json) found"
+        raise ExportError(f"--best {runs_root}: no eligible run ({why})")
+    return ok[0].run_dir, ok + rest
