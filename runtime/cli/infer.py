@@ -98,7 +98,11 @@ def infer(
         raise _err("--resume and --overwrite exclude each other")
     if not paths and not sample:
         raise _err("give at least one PATH (a folder, an image or a list of paths), or --sample; see --help")
-    out = output or Path("ami-infer." + ("jsonl" if fmt == Fmt.jsonl else "csv"))
+    ext = "jsonl" if fmt == Fmt.jsonl else "csv"
+    if sample and not paths and output is None and not resume:
+        # the demo is repeatable: its own output file, replaced on every run
+        output, overwrite = Path(f"ami-sample.{ext}"), True
+    out = output or Path(f"ami-infer.{ext}")
     try:
         out_fmt = format_for(out, fmt.value if fmt else None)
     except InputError as e:
@@ -139,12 +143,31 @@ def infer(
 
     for line in summary.lines():
         typer.echo(line)
+    if sample and not paths and out_fmt == "csv":
+        _sample_agreement(out)
     if summary.interrupted:
         raise typer.Exit(summary.exit_code)
     if summary.any_failed:
         n = summary.failed + summary.skipped_failed
         typer.echo(f"exit code 1: {n} of {summary.found} inputs failed", err=True)
     raise typer.Exit(summary.exit_code)
+
+
+def _sample_agreement(out: Path) -> None:
+    """The sample crops come with their experts' labels (SOURCES.csv): say how many agree."""
+    import csv
+
+    src = SAMPLES / "SOURCES.csv"
+    if not src.is_file():
+        return
+    with src.open(newline="") as f:
+        truth = {r["file"]: r["label"] for r in csv.DictReader(f)}
+    with out.open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["status"] == "ok" and Path(r["path"]).name in truth]
+    agree = sum(truth[Path(r["path"]).name] == r["label"] for r in rows)
+    atyp = [r for r in rows if truth[Path(r["path"]).name] == "Atypical"]
+    typer.echo(f"agreement with the experts' labels (samples/SOURCES.csv): {agree}/{len(rows)} crops; "
+               f"atypical found {sum(r['label'] == 'Atypical' for r in atyp)}/{len(atyp)}")
 
 
 def main() -> None:
