@@ -129,7 +129,7 @@ def table3_configs() -> list[tuple[str, str]]:
 # ---------------------------------------------------------------------------------------------
 # The edge model: trained here from scratch, shipped inside the package.
 EDGE_RECIPE = Recipe(
-    epochs=40, batch_size=64, optimizer="adamw", lr=2e-3, weight_decay=0.05, scheduler="cosine",
+    epochs=50, batch_size=64, optimizer="adamw", lr=2e-3, weight_decay=0.05, scheduler="cosine",
     warmup_epochs=3, early_stop_patience=0, augment="edge", sampling="balanced", loss="bce",
     label_smoothing=0.0, ema_decay=0.998, drop_rate=0.2, drop_path_rate=0.0, seed=0,
 )
