@@ -64,13 +64,15 @@ def export(
     per_channel: str = typer.Option("auto", help="int8: per-channel weight scales: auto (keep whichever is closer to "
                                     "float on the calibration crops), on, off."),
     calibration: str = typer.Option("minmax", help="int8: calibration method: minmax, entropy, percentile."),
+    activations: str = typer.Option("s8", help="int8: activation type: s8 (int8, portable default) or u8 (uint8: "
+                                    "faster on x86-64 CPUs with VNNI; may saturate on AVX2-only CPUs)."),
     ba_tol: float = typer.Option(0.01, help="int8: largest accepted |delta balanced accuracy| vs float."),
     auroc_tol: float = typer.Option(0.005, help="int8: largest accepted |delta AUROC| vs float."),
     measure_speed: int = typer.Option(0, "--measure-speed", help="int8: also time fp32 vs int8 on this CPU at this "
                                       "batch size (e.g. 64)."),
     batch: str = typer.Option("1,32,128", help="trt: batch sizes of the optimisation profile (min,opt,max)."),
     precision: str = typer.Option("fp16", help="trt: fp16 (a float16 network graph) or fp32."),
-    timing_cache: Optional[Path] = typer.Option(None, help="trt: timing cache file (default ~/.cache/ami/tensorrt-timing.cache)."),
+    timing_cache: Optional[Path] = typer.Option(None, help="trt: timing cache file (default ~/.cache/ami/tensorrt-timing-VERSION-smXY.cache)."),
     workspace_gb: float = typer.Option(0.0, help="trt: builder workspace limit in GiB (0 = TensorRT's default)."),
     weights: Optional[str] = typer.Option(None, help="Backbone weights (local file or hf-hub:ID) for linear/LoRA runs "
                                           "whose checkpoints hold only the trained tensors. Default: the run's source."),
@@ -106,7 +108,7 @@ def export(
     try:
         export_onnx(source, out, folds=folds, data_root=data_root, engine=engine, threshold=thr, opset=opset,
                     check_crops=check_crops, force=force, threads=threads, weights=weights, calib_crops=calib_crops,
-                    eval_crops=eval_crops, per_channel=per_channel, calibration=calibration, ba_tol=ba_tol,
+                    eval_crops=eval_crops, per_channel=per_channel, calibration=calibration, activations=activations, ba_tol=ba_tol,
                     auroc_tol=auroc_tol, speed_batch=measure_speed, batch=batch, precision=precision,
                     timing_cache=timing_cache, workspace_gb=workspace_gb, log=typer.echo)
     except TensorRTUnavailable as e:

@@ -218,6 +218,7 @@ def export_onnx(source, out, *, folds="all", data_root=None, engine: str = "onnx
                 opset: int = MIN_OPSET, check_crops: int = CHECK_CROPS, check_batch: int = 16, tol: float = PARITY_TOL,
                 force: bool = False, threads: int = 0, weights: str | None = None,
                 calib_crops: int = CALIB_CROPS, eval_crops: int = 0, per_channel="auto", calibration: str = "minmax",
+                activations: str = "s8",
                 ba_tol: float = BA_TOL, auroc_tol: float = AUROC_TOL,
                 speed_batch: int = 0, batch=(1, 32, 128), precision: str = "fp16", timing_cache=None,
                 workspace_gb: float = 0.0, log=print) -> Path:
@@ -271,7 +272,8 @@ def export_onnx(source, out, *, folds="all", data_root=None, engine: str = "onnx
 
             quantize_int8(float_path, st.path(), meta, root, st.work / "int8", calib_crops=calib_crops,
                           eval_crops=eval_crops, per_channel=per_channel, ba_tol=ba_tol, auroc_tol=auroc_tol,
-                          method=calibration, threads=threads, batch=check_batch, speed_batch=speed_batch, log=log)
+                          method=calibration, activations=activations, threads=threads, batch=check_batch,
+                          speed_batch=speed_batch, log=log)
         elif engine == "trt":
             _build_trt(float_path, meta, st, root, images, batch=batch, precision=precision, timing_cache=timing_cache,
                        workspace_gb=workspace_gb, check_crops=check_crops, check_batch=check_batch, threads=threads, log=log)

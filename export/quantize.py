@@ -4,6 +4,9 @@
   graph itself (uint8 pixels in: the preprocessing runs as in deployment).
 * Only the networks are quantised: preprocessing, the classifier head, sigmoid and the fold
   mean stay float32 (``nodes_to_exclude``), so uint8 in / probability out keeps working.
+* Activations int8 (S8S8, ONNX Runtime's recommended default, the same on every CPU) or, with
+  ``activations="u8"``, uint8 (U8S8: faster on x86-64 with VNNI; on AVX2-only CPUs ONNX Runtime's
+  U8S8 kernels may saturate, so accept such a model on the CPU family it will run on).
 * Per-channel weight scales "where they help": with ``per_channel="auto"`` both per-channel and
   per-tensor models are made and the one closer to the float model *on the calibration crops*
   is kept.
@@ -133,8 +136,8 @@ def _has_external_data(model) -> bool:
 
 def quantize_int8(float_path: Path, out_path: Path, meta: ArtifactMeta, data_root: Path, work: Path, *,
                   calib_crops: int = CALIB_CROPS, eval_crops: int = 0, per_channel="auto", ba_tol: float = BA_TOL,
-                  auroc_tol: float = AUROC_TOL, method: str = "minmax", threads: int = 0, batch: int = 16,
-                  speed_batch: int = 0, log=print) -> ArtifactMeta:
+                  auroc_tol: float = AUROC_TOL, method: str = "minmax", activations: str = "s8", threads: int = 0,
+                  batch: int = 16, speed_batch: int = 0, log=print) -> ArtifactMeta:
     """Quantise ``float_path`` (a checked ami float model) into ``out_path``; returns its metadata.
 
     ``work`` is a scratch folder. Raises Int8Rejected when the acceptance test fails.
@@ -147,6 +150,9 @@ def quantize_int8(float_path: Path, out_path: Path, meta: ArtifactMeta, data_roo
         raise ExportError(f"int8 is made from a float32 model; this one is {meta.precision}")
     if method not in _METHODS:
         raise ExportError(f"calibration method must be one of {', '.join(_METHODS)}, got {method!r}")
+    if activations not in ("s8", "u8"):
+        raise ExportError(f"activations must be s8 (int8, ONNX Runtime's default) or u8 (uint8), got {activations!r}")
+    act_type = QuantType.QInt8 if activations == "s8" else QuantType.QUInt8
     pcs = {"auto": [True, False], True: [True], False: [False], "on": [True], "off": [False]}.get(per_channel)
     if pcs is None:
         raise ExportError(f"per_channel must be auto, on or off, got {per_channel!r}")
@@ -197,7 +203,7 @@ def quantize_int8(float_path: Path, out_path: Path, meta: ArtifactMeta, data_roo
         t0 = time.time()
         try:
             quantize_static(str(prep), str(qpath), Reader(), quant_format=QuantFormat.QDQ, per_channel=pc,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=excl,
+                            activation_type=act_type, weight_type=QuantType.QInt8, nodes_to_exclude=excl,
                             calibrate_method=getattr(CalibrationMethod, _METHODS[method]),
                             use_external_data_format=big, calibration_cache_path=str(cache))
         except Exception as e:  # noqa: BLE001
@@ -231,7 +237,8 @@ def quantize_int8(float_path: Path, out_path: Path, meta: ArtifactMeta, data_roo
     k = min(4, len(ev_img))
     compare(ort_predict(qsess, ev_img[:k], 1), p_q[:k], meta.threshold, 1e-4, "int8 model, batch 1 vs batch N", [1, batch])
 
-    calibration = {**desc, "format": "QDQ (onnxruntime.quantization.quantize_static)", "activations": "int8",
+    calibration = {**desc, "format": "QDQ (onnxruntime.quantization.quantize_static)",
+                   "activations": "int8 (S8S8)" if activations == "s8" else "uint8 (U8S8)",
                    "weights": "int8, " + ("per-channel" if pc else "per-tensor"), "calibrate_method": _METHODS[method],
                    "per_channel_choice": ("auto: the variant closer to float on the calibration crops"
                                           if len(pcs) > 1 else "user"),

@@ -31,9 +31,11 @@ class TensorRTUnavailable(ExportError):
     """No usable TensorRT or no CUDA GPU on this machine."""
 
 
-def default_timing_cache() -> Path:
+def default_timing_cache(version: str = "", compute_capability: str = "") -> Path:
+    """One cache per TensorRT version and GPU architecture (a cache only fits the one that made it)."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "ami" / "tensorrt-timing.cache"
+    tag = f"-{version}-sm{compute_capability.replace('.', '')}" if version else ""
+    return Path(base) / "ami" / f"tensorrt-timing{tag}.cache"
 
 
 def _have_cudart() -> bool:
@@ -219,10 +221,14 @@ def build_engine(onnx_path: Path, plan_path: Path, *, input_size: int, batches=(
     s = input_size
     profile.set_shape(INPUT_NAME, (bmin, s, s, 3), (bopt, s, s, 3), (bmax, s, s, 3))
     config.add_optimization_profile(profile)
-    cache_path = Path(timing_cache) if timing_cache else default_timing_cache()
+    cache_path = Path(timing_cache) if timing_cache else default_timing_cache(trt.__version__, gpu["compute_capability"])
     blob = cache_path.read_bytes() if cache_path.is_file() else b""
     cache = config.create_timing_cache(blob)
-    config.set_timing_cache(cache, ignore_mismatch=True)
+    save_cache = True
+    if not config.set_timing_cache(cache, ignore_mismatch=False):  # made by another version/GPU: start afresh
+        log(f"trt: timing cache {cache_path} does not fit this TensorRT/GPU; using a fresh one (the file is kept)")
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+        save_cache = False
     log(f"trt: building a {precision} engine with TensorRT {trt.__version__} for {gpu['name']} "
         f"(sm {gpu['compute_capability']}), batch {bmin}/{bopt}/{bmax}; this takes a while")
     serialized = builder.build_serialized_network(network, config)
@@ -231,6 +237,8 @@ def build_engine(onnx_path: Path, plan_path: Path, *, input_size: int, batches=(
     Path(plan_path).write_bytes(bytes(serialized))
     del serialized
     try:
+        if not save_cache:
+            raise OSError("it belongs to another TensorRT version or GPU")
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_path.with_name(cache_path.name + f".tmp{os.getpid()}")
         tmp.write_bytes(bytes(config.get_timing_cache().serialize()))

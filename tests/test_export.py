@@ -273,6 +273,15 @@ def test_corrupt_truncated_and_foreign_onnx_are_refused(float_model, data_root, 
     assert not (tmp_path / "q.onnx").exists() and not _leftovers(tmp_path)
 
 
+def test_int8_option_errors(float_model, data_root, tmp_path):
+    for kw, msg in ((dict(activations="fp8"), "activations must be"), (dict(per_channel="maybe"), "per_channel"),
+                    (dict(calibration="median"), "calibration method")):
+        with pytest.raises(ExportError, match=msg):
+            OE.export_onnx(float_model, tmp_path / "q.onnx", engine="onnx-int8", data_root=data_root,
+                           log=lambda *a: None, **kw)
+    assert not list(tmp_path.iterdir())
+
+
 def _with_io(model, dtype=None, dims=None, out_dims=None):
     m = onnx.ModelProto()
     m.CopyFrom(model)
