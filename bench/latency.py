@@ -254,8 +254,8 @@ def onnx_flops_per_crop(path: str | Path) -> float | None:
         if node.op_type in conv_w:
             f = _conv_flops(shape(node.output[0]), shape(node.input[conv_w[node.op_type]]))
         elif node.op_type in mm_ab:
-            ia, ib = mm_ab[node.op_type]
-            a, b, y = shape(node.input[ia]), shape(node.input[ib]), shape(node.output[0])
+            ia, _ = mm_ab[node.op_type]
+            a, y = shape(node.input[ia]), shape(node.output[0])
             if a is None or y is None:
                 f = None
             else:
@@ -413,7 +413,7 @@ class LatencyReport:
                     lines.append(f"| reference loop | skipped: {e['reference_skipped']} |" + " |" * (len(h) - 2))
         if self.notes:
             lines += ["", "Notes:", ""] + [f"- {n}" for n in self.notes]
-        lines += ["", f"Versions: " + ", ".join(f"{k} {m[k]}" for k in ("python", "numpy", "torch", "onnxruntime",
+        lines += ["", "Versions: " + ", ".join(f"{k} {m[k]}" for k in ("python", "numpy", "torch", "onnxruntime",
                                                                        "tensorrt") if m.get(k))
                   + f". Load average at start: {m.get('load_average', '?')}. Total {self.seconds:.0f} s."]
         return "\n".join(lines) + "\n"

@@ -20,7 +20,6 @@ nothing behind and replaces nothing the user had.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil

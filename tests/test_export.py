@@ -23,7 +23,7 @@ from ami.export.cli import app
 from ami.export.quantize import int8_verdict
 from ami.export.source import choose_threshold, pick_best, resolve_source
 from ami.runtime.artifact import META_KEY, ArtifactMeta
-from ami.runtime.metrics import balanced_accuracy, best_threshold
+from ami.runtime.metrics import best_threshold
 
 FAST = dict(check_crops=16, check_batch=8, threads=1)
 runner = CliRunner()

@@ -281,6 +281,16 @@ class Run:
     def fold_dir(self, fold: int | None) -> Path:
         return self.dir / ("all" if fold is None else f"fold{fold}")
 
+    def fold_split(self, fold: int | None, seed: int) -> tuple[list[Sample], list[Sample]]:
+        """(train, validation) crops of fold k (validation = fold k), or all training crops and no
+        validation for fold=None; stratified subsets of them for smoke runs (--max-train/--max-eval)."""
+        if fold is None:
+            tr, va = self.train_all, []
+        else:
+            tr = [s for s in self.train_all if self.fold_of[s.name] != fold]
+            va = [s for s in self.train_all if self.fold_of[s.name] == fold]
+        return _subset(tr, self.spec.max_train, seed), _subset(va, self.spec.max_eval, seed)
+
     def is_done(self, fold: int | None) -> bool:
         return (self.fold_dir(fold) / "metrics.json").exists()
 
@@ -300,13 +310,7 @@ class Run:
         t_start = time.time()
         seed = r.seed + (0 if fold is None else fold)
         torch.manual_seed(seed)
-        if fold is None:
-            tr, va = self.train_all, []
-        else:
-            tr = [s for s in self.train_all if self.fold_of[s.name] != fold]
-            va = [s for s in self.train_all if self.fold_of[s.name] == fold]
-        tr = _subset(tr, spec.max_train, seed)
-        va = _subset(va, spec.max_eval, seed)
+        tr, va = self.fold_split(fold, seed)
         train_set = D.load_crops(tr)
         val_set = D.load_crops(va, cfg.preprocess) if va else None
 

@@ -254,13 +254,7 @@ def fit_linear(run, fold: int | None) -> dict:
     identity = extractor_identity(cfg, model, tiny=spec.tiny, random_init=random_init, seed=r.seed, amp=spec.amp)
     cache = EmbeddingCache(getattr(spec, "cache_dir", None), log)
 
-    if fold is None:
-        tr, va = run.train_all, []
-    else:
-        tr = [s for s in run.train_all if run.fold_of[s.name] != fold]
-        va = [s for s in run.train_all if run.fold_of[s.name] == fold]
-    tr = _subset(tr, spec.max_train, seed)
-    va = _subset(va, spec.max_eval, seed)
+    tr, va = run.fold_split(fold, seed)
     pool = cache.get(model, identity, "AMi-Br-train", tr + va, cfg.preprocess, run.device)
     xtr, ytr, _ = pool.take(tr)
     xva, yva, nva = pool.take(va) if va else (None, None, [])
