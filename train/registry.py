@@ -230,7 +230,7 @@ register(ModelConfig(
     params_m=1135.0, tiny_kwargs=dict(_TINY_VIT),
     notes="table3; ViT-g/16 (timm's DINOv2 giant: SwiGLUPacked + SiLU); resize 256 bicubic, centre crop 224",
 ))
-register(ModelConfig(
+_H_OPTIMUS_0 = register(ModelConfig(
     name="h_optimus_0", arch="vit_giant_patch14_reg4_dinov2", display="H-optimus-0", family="foundation",
     methods=FM_METHODS, hub_id="hf-hub:bioptimus/H-optimus-0",
     preprocess=Preprocess(224, None, "bicubic", HOPTIMUS_MEAN, HOPTIMUS_STD),
@@ -240,13 +240,8 @@ register(ModelConfig(
     notes="table3; ViT-g/14, SwiGLUPacked + SiLU, 4 register tokens; trained at 0.5 um/px (these crops are "
           "0.25 um/px)",
 ))
-register(ModelConfig(
-    name="h_optimus_1", arch="vit_giant_patch14_reg4_dinov2", display="H-optimus-1", family="foundation",
-    methods=FM_METHODS, hub_id="hf-hub:bioptimus/H-optimus-1",
-    preprocess=Preprocess(224, None, "bicubic", HOPTIMUS_MEAN, HOPTIMUS_STD),
-    create_kwargs={"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False},
-    head="head", embedding="cls", embed_dim=1536, num_prefix_tokens=5, lora_targets=VIT_LORA_TARGETS,
-    params_m=1134.8, tiny_kwargs=dict(_TINY_VIT),
+register(replace(
+    _H_OPTIMUS_0, name="h_optimus_1", display="H-optimus-1", hub_id="hf-hub:bioptimus/H-optimus-1",
     notes="table3; same architecture and loading as H-optimus-0 (model card: init_values 1e-5, "
           "dynamic_img_size False)",
 ))
