@@ -11,8 +11,8 @@ from ami.runtime.cli import DATA_ROOT_HELP
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None)
 
-EPILOG = """Examples:
-
+EPILOG = """\b
+Examples:
   ami-export runs/edge -o ami-edge.onnx                     # all finished folds as ONE graph (mean probability)
   ami-export runs/edge/fold0 -o edge-fold0.onnx             # a single fold
   ami-export runs/edge --folds 0,2 -o edge-f02.onnx         # some folds
