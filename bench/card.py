@@ -22,13 +22,24 @@ import typer
 from ami.runtime.datasets import available_eval_sets, resolve_data_root
 from ami.runtime.metrics import balanced_accuracy, cross_validated_threshold, evaluate, mean_std
 
-REPRODUCE = [
-    "ami-train --threads 1 --folds 0,2,4 & ami-train --threads 1 --folds 1,3,full  # 5 folds + all-crops model",
-    "ami-export runs/edge-full --folds full --engine onnx -o runtime/assets/edge.onnx",
-    "ami-export runtime/assets/edge.onnx --engine onnx-int8 -o runtime/assets/edge-int8.onnx",
-    "cp runs/edge-full/all/best.safetensors runtime/assets/edge.safetensors",
-    "ami-bench card runs/edge-full --out runtime/assets",
-]
+def reproduce_commands(run: Path, cfg_json: dict) -> list[str]:
+    """The commands that rebuild the shipped artefacts, from the run's own config.json."""
+    if run.is_absolute():  # never write this machine's paths into a card
+        try:
+            run = run.relative_to(Path.cwd())
+        except ValueError:
+            run = Path("runs") / run.name
+    r = run.as_posix()
+    train = f"ami-train --model {cfg_json['model']} --threads 1 -o {r}"
+    if cfg_json.get("amp", "none") != "none":
+        train += f" --amp {cfg_json['amp']}"
+    return [
+        f"{train} --folds 0,2,4 & {train} --folds 1,3,full  # 5 folds + all-crops model, 2 processes",
+        f"ami-export {r} --folds full --engine onnx -o runtime/assets/edge.onnx",
+        "ami-export runtime/assets/edge.onnx --engine onnx-int8 -o runtime/assets/edge-int8.onnx",
+        f"cp {r}/all/best.safetensors runtime/assets/edge.safetensors",
+        f"ami-bench card {r} --out runtime/assets",
+    ]
 
 
 def _fold_metrics(run: Path) -> dict[str, dict]:
@@ -148,7 +159,7 @@ def build_card(run: Path, onnx: Path, int8: Path | None, data_root: Path, thread
     alldata = json.loads((run / "all" / "metrics.json").read_text()) if (run / "all" / "metrics.json").exists() else None
     card: dict = {"model": cfg_json["model"], "arch": cfg_json["arch"], "weights_source": cfg_json["weights_source"],
                   "recipe": cfg_json["recipe"], "preprocess": cfg_json["preprocess"], "split": split,
-                  "reproduce": REPRODUCE, "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                  "reproduce": reproduce_commands(run, cfg_json), "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                   "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()}}
     # per-fold validation (selection) and test metrics
     card["folds"] = {k: {"best_epoch": m["best_epoch"], "epochs_run": m["epochs_run"], "train_seconds": m["train_seconds"],

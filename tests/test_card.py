@@ -41,3 +41,17 @@ def test_nested_threshold_detects_a_miscalibrated_model():
     assert shifted["tuned_beats_0.5"] and shifted["mean_ba_tuned"] > shifted["mean_ba_0.5"] + 0.05
     for v in shifted["per_fold"].values():
         assert v["threshold"] > 0.5
+
+
+def test_reproduce_commands_come_from_the_run_config(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from ami.bench.card import reproduce_commands
+
+    monkeypatch.chdir(tmp_path)
+    cmds = reproduce_commands(tmp_path / "runs" / "edge-v2", {"model": "edge", "amp": "bf16"})
+    assert cmds[0].startswith("ami-train --model edge --threads 1 -o runs/edge-v2 --amp bf16 --folds 0,2,4 &")
+    assert "--folds 1,3,full" in cmds[0] and not any(str(tmp_path) in c for c in cmds)
+    assert "ami-export runs/edge-v2 --folds full" in cmds[1]
+    fp32 = reproduce_commands(Path("runs/x"), {"model": "edge_200mf", "amp": "none"})
+    assert "--amp" not in fp32[0] and "--model edge_200mf" in fp32[0]

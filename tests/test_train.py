@@ -363,3 +363,22 @@ def test_kill_and_resume(data_root, tmp_path):
     assert [int(r["epoch"]) for r in hist] == [0, 1, 2, 3]
     for before, after in zip(first_rows, hist):  # epochs finished before the kill are kept, not redone
         assert float(after["train_loss"]) == pytest.approx(before["train_loss"])
+
+
+def test_autocast_modes():
+    """bf16 autocast trains on CPU; CPU evaluation stays float32 (the shipped engine's precision)."""
+    from ami.train.fit import _autocast
+
+    cpu = torch.device("cpu")
+    lin = torch.nn.Linear(4, 2)
+    x = torch.randn(3, 4)
+    with _autocast(cpu, "bf16", training=True):
+        assert lin(x).dtype == torch.bfloat16
+    with _autocast(cpu, "bf16"):
+        assert lin(x).dtype == torch.float32
+    with _autocast(cpu, "none", training=True):
+        assert lin(x).dtype == torch.float32
+    with pytest.raises(ValueError, match="CUDA only"):
+        _autocast(cpu, "fp16", training=True)
+    with pytest.raises(ValueError, match="unknown amp"):
+        _autocast(cpu, "int4")

@@ -72,7 +72,8 @@ def train(
     random_init: bool = typer.Option(False, "--random-init", help="Train a pretrained architecture from random "
                                      "weights (recorded in every file of the run)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
-    amp: str = typer.Option("none", help="Mixed precision on CUDA: none, bf16, fp16."),
+    amp: str = typer.Option("none", help="Mixed precision of the training step: none, bf16 (CUDA, or CPUs with "
+                             "AVX512-BF16/AMX: ~1.7x faster here), fp16 (CUDA). CPU evaluation stays float32."),
     threads: int = typer.Option(0, help="CPU threads for torch (0 = torch's default)."),
     max_train: int = typer.Option(0, help="Use a stratified subset of N training crops (smoke tests)."),
     max_eval: int = typer.Option(0, help="Evaluate on at most N crops per set (smoke tests)."),

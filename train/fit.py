@@ -114,7 +114,7 @@ class RunSpec:
     data_root: Path = Path(".")
     recipe_overrides: dict = field(default_factory=dict)
     device: str = "auto"
-    amp: str = "none"  # none | bf16 | fp16 (CUDA only)
+    amp: str = "none"  # none | bf16 (CUDA, or CPU training) | fp16 (CUDA only)
     weights: str | None = None
     random_init: bool = False
     tiny: bool = False  # tiny random stand-in of the architecture (tests)
@@ -200,10 +200,29 @@ def predict(model: nn.Module, crops: D.CropSet, cfg: ModelConfig, device: torch.
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
 
 
-def _autocast(device: torch.device, amp: str):
-    if amp == "none" or device.type != "cuda":
+def _autocast(device: torch.device, amp: str, training: bool = False):
+    """Autocast context. On CUDA: bf16 or fp16. On CPU: bf16 for the training step only (oneDNN
+    bf16 kernels on AVX512-BF16/AMX CPUs); CPU evaluation always runs in float32, the precision of
+    the exported engine, so validation-based selection sees the numbers that will ship."""
+    if amp not in ("none", "bf16", "fp16"):
+        raise ValueError(f"unknown amp mode {amp!r}: none, bf16 or fp16")
+    if amp == "none":
         return torch.autocast(device.type, enabled=False)
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    if device.type == "cpu" and amp == "bf16" and training:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    if device.type == "cpu" and amp == "fp16":
+        raise ValueError("--amp fp16 is CUDA only; on CPU use --amp bf16")
+    return torch.autocast(device.type, enabled=False)
+
+
+def cpu_bf16_native() -> bool:
+    """True when oneDNN has native bf16 kernels on this CPU (else bf16 autocast is emulated and slow)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _loss(logits: torch.Tensor, y: torch.Tensor, r: Recipe) -> torch.Tensor:
@@ -245,6 +264,9 @@ class Run:
         self.device = pick_device(spec.device)
         if spec.threads:
             torch.set_num_threads(spec.threads)
+        _autocast(self.device, spec.amp)  # reject unknown / unsupported modes before any work
+        if self.device.type == "cpu" and spec.amp == "bf16" and not cpu_bf16_native():
+            log("warning: this CPU has no native bf16 kernels; --amp bf16 will be emulated and slower than fp32")
 
     # -- run-level records -----------------------------------------------------------------
     def prepare(self) -> None:
@@ -387,7 +409,7 @@ class Run:
                 if self.device.type == "cpu":
                     x = x.contiguous(memory_format=torch.channels_last)
                 x, y = x.to(self.device, non_blocking=True), train_set.labels[b].to(self.device)
-                with _autocast(self.device, spec.amp):
+                with _autocast(self.device, spec.amp, training=True):
                     loss = _loss(model(x).float(), y, r)
                 opt.zero_grad(set_to_none=True)
                 if scaler is not None:
