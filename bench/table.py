@@ -87,7 +87,12 @@ class Config:
         return [], "absent" if absent == len(self.folds) and self.folds else "n/a"
 
 
-def _label(model: str, method: str) -> str:
+def _label(model: str, method: str, entry: dict | None = None) -> str:
+    """Row label. The run's own recorded registry entry wins over today's registry, so a run made
+    under an entry that has since changed (e.g. the edge model's v1) keeps its own name."""
+    if entry and entry.get("display"):
+        return entry["display"] if entry.get("family") != "foundation" else \
+            f"{entry['display']} ({'LoRA' if method == 'lora' else method})"
     try:
         from ami.train.registry import label
 
@@ -97,7 +102,7 @@ def _label(model: str, method: str) -> str:
 
 
 def _group_key(conf: dict) -> tuple:
-    keep = ("model", "method", "weights_source", "random_init", "tiny_stand_in", "recipe", "max_train", "max_eval",
+    keep = ("model", "method", "arch", "weights_source", "random_init", "tiny_stand_in", "recipe", "max_train", "max_eval",
             "preprocess", "amp")
     return tuple(json.dumps(conf.get(k), sort_keys=True) for k in keep)
 
@@ -130,7 +135,8 @@ def collect(paths: list[Path], warn=lambda s: print(s, file=sys.stderr)) -> list
                 flags.append("tiny stand-in")
             if conf.get("max_train") or conf.get("max_eval"):
                 flags.append(f"subset {conf.get('max_train') or 'all'}/{conf.get('max_eval') or 'all'}")
-            groups[key] = Config(conf["model"], conf["method"], _label(conf["model"], conf["method"]), flags)
+            groups[key] = Config(conf["model"], conf["method"],
+                                 _label(conf["model"], conf["method"], conf.get("registry_entry")), flags)
         g = groups[key]
         g.runs.append(d)
         for fdir in sorted(d.glob("fold[0-9]*")):

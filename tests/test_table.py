@@ -130,3 +130,14 @@ def test_cli_writes_table_and_roc(tmp_path):
     assert not (tmp_path / "roc" / "roc_AtNorM-Br.png").exists() and "ROC AtNorM-Br: absent" in res.output
     res = CliRunner().invoke(app, ["table", str(tmp_path / "nothing-here")])
     assert res.exit_code == 2 and "no run directories" in res.output
+
+
+def test_runs_of_an_entry_that_changed_keep_their_own_name(tmp_path):
+    """A run made under an older version of a registry entry is its own row, named as recorded."""
+    v1 = {"display": "ami-edge v1 (RegNetX-200MF)", "family": "edge", "pretrained": False}
+    v2 = {"display": "ami-edge (RegNetX-400MF)", "family": "edge", "pretrained": False}
+    _make_run(tmp_path, "edge-v1", "edge", "full", [0, 1], arch="regnetx_002", registry_entry=v1)
+    _make_run(tmp_path, "edge-v2", "edge", "full", [0, 1], seed=3, arch="regnetx_004", registry_entry=v2)
+    configs = collect([tmp_path])
+    assert sorted(c.label for c in configs) == sorted([v1["display"], v2["display"]])
+    assert all(sorted(c.folds) == [0, 1] for c in configs)
