@@ -61,10 +61,13 @@ class RunSource:
 
     @property
     def cfg(self):
-        from ami.train.registry import get  # torch-free
+        """The registry entry the run was trained with (its recorded copy; see ``run_entry``)."""
+        from ami.train.registry import run_entry  # torch-free
 
         try:
-            return get(self.model)
+            return run_entry(self.config)
+        except (TypeError, ValueError) as e:
+            raise ExportError(f"{self.run_dir}: config.json's registry_entry is unreadable ({e})") from None
         except KeyError as e:
             raise ExportError(f"{self.run_dir}: {e.args[0]}") from None
 

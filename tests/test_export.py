@@ -208,16 +208,19 @@ def test_existing_output_needs_force(run_dir, data_root, tmp_path):
 
 
 def test_bad_weights_are_refused_clearly(run_dir, data_root, tmp_path):
+    from ami.train.registry import get
+
     bad = tmp_path / "bad-run"
     shutil.copytree(run_dir, bad)
     cfg = json.loads((bad / "config.json").read_text())
     cfg["model"] = "efficientnetv2_m"  # weights of a RegNet, config says EfficientNetV2
+    cfg["registry_entry"] = get("efficientnetv2_m").to_dict()
     cfg["tiny_stand_in"] = True
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ExportError, match="do not fit"):
         OE.export_onnx(bad / "fold0", tmp_path / "o.onnx", data_root=data_root, **FAST, log=lambda *a: None)
     (bad / "fold1" / "best.safetensors").write_bytes(b"\0" * 10)
-    cfg["model"], cfg["tiny_stand_in"] = "edge", False
+    cfg["model"], cfg["tiny_stand_in"], cfg["registry_entry"] = "edge", False, get("edge").to_dict()
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ExportError, match="unreadable weights"):
         OE.export_onnx(bad / "fold1", tmp_path / "o.onnx", data_root=data_root, **FAST, log=lambda *a: None)

@@ -120,3 +120,29 @@ def test_edge_entries_match_their_architecture(name):
     n = sum(p.numel() for p in m.parameters()) / 1e6
     assert abs(n - c.params_m) / c.params_m < 0.005, (n, c.params_m)
     assert m.num_features == c.embed_dim
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_entry_round_trips_through_a_run_record(name):
+    """config.json records the entry as JSON; ModelConfig.from_dict gives the same entry back."""
+    from ami.train.registry import ModelConfig
+
+    c = get(name)
+    back = ModelConfig.from_dict(json.loads(json.dumps(c.to_dict())))
+    assert json.dumps(back.to_dict(), sort_keys=True) == json.dumps(c.to_dict(), sort_keys=True)
+    assert (back.arch, back.preprocess, back.recipe, back.methods) == (c.arch, c.preprocess, c.recipe, c.methods)
+
+
+def test_a_run_rebuilds_the_entry_it_was_trained_with(tmp_path):
+    """A run made before an entry changed (the edge model's v1) exports its own network, not today's."""
+    from dataclasses import replace
+
+    from ami.export.source import RunSource
+
+    old = replace(get("edge"), arch="regnetx_002", embed_dim=368)
+    src = RunSource(run_dir=tmp_path, config={"model": "edge", "method": "full",
+                                              "registry_entry": json.loads(json.dumps(old.to_dict()))},
+                    split={}, folds=["all"], metrics={})
+    assert src.cfg.arch == "regnetx_002" and src.cfg.name == "edge"
+    assert RunSource(run_dir=tmp_path, config={"model": "edge", "method": "full"}, split={}, folds=["all"],
+                     metrics={}).cfg == get("edge")

@@ -26,7 +26,7 @@ def test_shipped_metadata_is_complete():
     m = eng.meta
     d = json.loads(m.to_json())
     assert all(k in d for k in REQUIRED)
-    assert m.model == "edge" and m.precision == "fp32" and m.preprocess.input_size == 128
+    assert m.model.startswith("edge") and m.precision == "fp32" and m.preprocess.input_size == 128
     assert m.threshold == 0.5 and "held-out fold" in m.threshold_rule
     assert m.source.get("folds_sha256") and m.validation.get("folds")
     card = json.loads((ASSETS / "edge-card.json").read_text())
@@ -43,7 +43,9 @@ def test_shipped_onnx_matches_pytorch_weights_on_real_crops(data_root):
     from ami.train.models import create
     from ami.train.registry import get
 
-    cfg = get("edge")
+    meta = load_engine(None, provider="cpu").meta
+    cfg = get(meta.model)  # the artefact names its registry entry; the entry builds the same network
+    assert cfg.arch == meta.source["arch"], (cfg.arch, meta.source["arch"])
     model = create(cfg, "full", random_init=True, drop_rate=cfg.recipe.drop_rate)
     model.load_state_dict(load_file(str(ASSETS / "edge.safetensors")))
     model.eval()

@@ -216,11 +216,11 @@ def load_run_model(run_dir, fold: int | str = 0, weights: str | None = None) -> 
     from safetensors import safe_open
 
     from .models import create
-    from .registry import get
+    from .registry import run_entry
 
     run_dir = Path(run_dir)
     conf = json.loads((run_dir / "config.json").read_text())
-    cfg = get(conf["model"])
+    cfg = run_entry(conf)
     r = conf["recipe"]
     path = run_dir / ("all" if fold in (None, "all") else f"fold{fold}") / "best.safetensors"
     if weights is None and not conf["random_init"] and conf["weights_source"] != cfg.hub_id:
