@@ -14,7 +14,7 @@ import platform
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 import typer
@@ -40,6 +40,33 @@ def reproduce_commands(run: Path, cfg_json: dict) -> list[str]:
         f"cp {r}/all/best.safetensors runtime/assets/edge.safetensors",
         f"ami-bench card {r} --out runtime/assets",
     ]
+
+
+def recipe_comparison(runs: list[Path]) -> list[dict]:
+    """Recipes compared on the validation folds only (no test number): per run, the mean ± std over
+    folds of validation BA / AUROC at each fold's selected epoch and at the final epoch (the epoch the
+    all-crops model ships at), read from fold*/metrics.json and fold*/history.csv."""
+    import csv
+
+    out = []
+    for run in runs:
+        conf = json.loads((run / "config.json").read_text())
+        folds = _fold_metrics(run)
+        if not folds:
+            raise ValueError(f"{run}: no finished fold (fold*/metrics.json)")
+        row = {"run": run.name, "model": conf["model"], "arch": conf["arch"],
+               "display": (conf.get("registry_entry") or {}).get("display", conf["model"]),
+               "epochs": conf["recipe"]["epochs"], "amp": conf.get("amp", "none"), "folds": sorted(folds),
+               "train_minutes_per_fold": float(np.mean([m["train_seconds"] for m in folds.values()]) / 60)}
+        for metric, key in (("balanced_accuracy", "val_ba"), ("auroc", "val_auroc")):
+            row[f"selected_{metric}"] = mean_std([m["validation"][metric] for m in folds.values()])
+            last = []
+            for k in folds:
+                with (run / f"fold{k}" / "history.csv").open() as f:
+                    last.append(float(list(csv.DictReader(f))[-1][key]))
+            row[f"final_{metric}"] = mean_std(last)
+        out.append(row)
+    return out
 
 
 def _fold_metrics(run: Path) -> dict[str, dict]:
@@ -145,7 +172,8 @@ def _engine_tests(path: Path, data_root: Path) -> dict:
     return out
 
 
-def build_card(run: Path, onnx: Path, int8: Path | None, data_root: Path, threads: int = 2, log=print) -> dict:
+def build_card(run: Path, onnx: Path, int8: Path | None, data_root: Path, threads: int = 2, log=print,
+               compare: list[Path] = ()) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -177,6 +205,7 @@ def build_card(run: Path, onnx: Path, int8: Path | None, data_root: Path, thread
                 mu, sd = mean_std(vals)
                 summary.setdefault(where, {})[metric] = {"mean": mu, "std": sd, "values": vals}
     card["fold_summary"] = summary
+    card["recipe_comparison"] = recipe_comparison([run, *compare]) if compare else []
     card["fold_ensemble_tests"] = _ensemble_tests(folds)
     if alldata:
         card["all_crops_model_pytorch_tests"] = alldata["tests"]
@@ -248,6 +277,17 @@ def render_markdown(c: dict) -> str:
     for where, m in c["fold_summary"].items():
         L.append(f"| {where} | {m['balanced_accuracy']['mean']:.4f} ± {m['balanced_accuracy']['std']:.4f} | "
                  f"{m['auroc']['mean']:.4f} ± {m['auroc']['std']:.4f} |")
+    if c.get("recipe_comparison"):
+        L += ["", "## Recipe choice (validation folds only)", "",
+              "Mean ± std over folds of validation BA / AUROC, at each fold's selected epoch and at the final epoch "
+              "(the epoch at which the all-crops model is taken). The recipe with the higher validation BA ships.", "",
+              "| run | network | epochs | bf16 | folds | BA, selected epoch | AUROC, selected epoch | BA, final epoch | "
+              "AUROC, final epoch | train min / fold |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in c["recipe_comparison"]:
+            cells = [f"{r[k][0]:.4f} ± {r[k][1]:.4f}" for k in ("selected_balanced_accuracy", "selected_auroc",
+                                                               "final_balanced_accuracy", "final_auroc")]
+            L.append(f"| `{r['run']}` | {r['display']} | {r['epochs']} | {'yes' if r['amp'] == 'bf16' else 'no'} | "
+                     f"{','.join(r['folds'])} | " + " | ".join(cells) + f" | {r['train_minutes_per_fold']:.0f} |")
     L += ["", "## Test sets (never used for any choice)", "", "| artefact | " + " | ".join(
         f"{n} BA / AUROC" for n in ("AMi-Br-test", "AtNorM-Br", "AtNorM-MD")) + " |", "|---|---|---|---|"]
 
@@ -283,7 +323,7 @@ def render_markdown(c: dict) -> str:
               "The decision is made on speed and on the protocol, not on the test rows above: the shipped model is the "
               "same recipe trained once on all 2894 training crops (its epoch count fixed by the folds), so it sees 25 % "
               "more data than any fold model at one fifth of the ensemble's cost. The ensemble row is reported for "
-              "information and can be exported with `ami-export runs/edge-full --folds all`."]
+              f"information and can be exported with `{c['reproduce'][1].split(' --folds')[0]} --folds all`."]
     tc = c["threshold_check"]
     L += ["", "## Choices measured on validation folds", "",
           f"- Threshold: tuning it on the other folds' validation predictions and applying it to the held-out fold gives mean BA "
@@ -306,11 +346,13 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(Path("."), help="Folder for <model>-card.md and <model>-card.json."),
         data_root: Optional[Path] = typer.Option(None, "--data-root"),
         threads: int = typer.Option(2, help="ONNX Runtime threads for the speed rows."),
+        compare: List[Path] = typer.Option([], "--compare", help="Another run of a candidate recipe (repeatable): "
+                                           "adds a validation-only recipe comparison table."),
     ):
         """Write the model card (Markdown + JSON) of a shipped model from its run and artefacts."""
         root = resolve_data_root(data_root)
         int8 = int8 or onnx.with_name(onnx.stem + "-int8.onnx")
-        c = build_card(run, onnx, int8, root, threads=threads, log=typer.echo)
+        c = build_card(run, onnx, int8, root, threads=threads, log=typer.echo, compare=list(compare))
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{c['model']}-card.json").write_text(json.dumps(c, indent=1) + "\n")
         (out / f"{c['model']}-card.md").write_text(render_markdown(c))

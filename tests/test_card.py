@@ -55,3 +55,36 @@ def test_reproduce_commands_come_from_the_run_config(tmp_path, monkeypatch):
     assert "ami-export runs/edge-v2 --folds full" in cmds[1]
     fp32 = reproduce_commands(Path("runs/x"), {"model": "edge_200mf", "amp": "none"})
     assert "--amp" not in fp32[0] and "--model edge_200mf" in fp32[0]
+
+
+def _toy_run(root, name, val_ba, last_ba, epochs=3):
+    import json
+
+    d = root / name
+    for k, (sel, last) in enumerate(zip(val_ba, last_ba)):
+        (d / f"fold{k}").mkdir(parents=True)
+        (d / f"fold{k}" / "metrics.json").write_text(json.dumps(
+            {"train_seconds": 120.0, "validation": {"balanced_accuracy": sel, "auroc": sel + 0.1}}))
+        rows = ["epoch,val_auroc,val_ba"] + [f"{e},{last + 0.1 - 0.01 * (epochs - 1 - e)},{last - 0.01 * (epochs - 1 - e)}"
+                                              for e in range(epochs)]
+        (d / f"fold{k}" / "history.csv").write_text("\n".join(rows) + "\n")
+    (d / "config.json").write_text(json.dumps({"model": "edge", "arch": "regnetx_004", "amp": "bf16",
+                                               "recipe": {"epochs": epochs}, "registry_entry": {"display": name}}))
+    return d
+
+
+def test_recipe_comparison_reads_validation_only(tmp_path):
+    from ami.bench.card import recipe_comparison
+
+    a = _toy_run(tmp_path, "a", [0.70, 0.80], [0.68, 0.78])
+    b = _toy_run(tmp_path, "b", [0.75, 0.75, 0.75], [0.74, 0.74, 0.74])
+    ra, rb = recipe_comparison([a, b])
+    assert ra["selected_balanced_accuracy"][0] == pytest.approx(0.75)
+    assert ra["selected_balanced_accuracy"][1] == pytest.approx(np.std([0.70, 0.80], ddof=1))
+    assert ra["final_balanced_accuracy"][0] == pytest.approx(0.73) and ra["final_auroc"][0] == pytest.approx(0.83)
+    assert rb["folds"] == ["0", "1", "2"] and rb["selected_auroc"][0] == pytest.approx(0.85)
+    assert ra["train_minutes_per_fold"] == pytest.approx(2.0) and ra["display"] == "a"
+    with pytest.raises(ValueError, match="no finished fold"):
+        (tmp_path / "c").mkdir()
+        (tmp_path / "c" / "config.json").write_text('{"model": "edge", "arch": "x", "recipe": {"epochs": 1}}')
+        recipe_comparison([tmp_path / "c"])

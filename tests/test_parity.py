@@ -51,8 +51,9 @@ def tiny(tmp_path_factory, data_root):
 
     torch.set_num_threads(1)
     base = tmp_path_factory.mktemp("parity")
+    # trained as the shipped model is (bf16 training step on CPU, float32 evaluation and export)
     spec = RunSpec(model="edge", run_dir=base / "run", data_root=data_root, max_train=64, max_eval=32,
-                   recipe_overrides={"epochs": 1}, threads=1)
+                   recipe_overrides={"epochs": 1}, threads=1, amp="bf16")
     run(spec, [0], log=_quiet)
     engine = export_onnx(base / "run", base / "tiny.onnx", folds="0", data_root=data_root, check_crops=16, threads=1,
                          log=_quiet)
