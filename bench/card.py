@@ -22,23 +22,36 @@ import typer
 from ami.runtime.datasets import available_eval_sets, resolve_data_root
 from ami.runtime.metrics import balanced_accuracy, cross_validated_threshold, evaluate, mean_std
 
-def reproduce_commands(run: Path, cfg_json: dict) -> list[str]:
-    """The commands that rebuild the shipped artefacts, from the run's own config.json."""
-    if run.is_absolute():  # never write this machine's paths into a card
+def scrub(text: str, data_root: Path) -> str:
+    """Replace this machine's data root (e.g. inside "dataset absent" messages) by <data-root>."""
+    for form in {str(data_root), str(Path(data_root).resolve())}:
+        text = text.replace(json.dumps(form)[1:-1], "<data-root>").replace(form, "<data-root>")
+    return text
+
+
+def _portable(path: Path) -> Path:
+    """A path as a card may print it: relative to the working folder, never this machine's absolute path."""
+    path = Path(path)
+    if path.is_absolute():
         try:
-            run = run.relative_to(Path.cwd())
+            return path.relative_to(Path.cwd())
         except ValueError:
-            run = Path("runs") / run.name
-    r = run.as_posix()
+            return Path("runs") / path.name
+    return path
+
+
+def reproduce_commands(run: Path, cfg_json: dict, compare: list[Path] = ()) -> list[str]:
+    """The commands that rebuild the shipped artefacts, from the run's own config.json."""
+    r = _portable(run).as_posix()
     train = f"ami-train --model {cfg_json['model']} --threads 1 -o {r}"
     if cfg_json.get("amp", "none") != "none":
         train += f" --amp {cfg_json['amp']}"
     return [
         f"{train} --folds 0,2,4 & {train} --folds 1,3,full  # 5 folds + all-crops model, 2 processes",
         f"ami-export {r} --folds full --engine onnx -o runtime/assets/edge.onnx",
-        "ami-export runtime/assets/edge.onnx --engine onnx-int8 -o runtime/assets/edge-int8.onnx",
+        "ami-export runtime/assets/edge.onnx --engine onnx-int8 --activations u8 -o runtime/assets/edge-int8.onnx",
         f"cp {r}/all/best.safetensors runtime/assets/edge.safetensors",
-        f"ami-bench card {r} --out runtime/assets",
+        f"ami-bench card {r} --out runtime/assets" + "".join(f" --compare {c}" for c in compare),
     ]
 
 
@@ -187,7 +200,7 @@ def build_card(run: Path, onnx: Path, int8: Path | None, data_root: Path, thread
     alldata = json.loads((run / "all" / "metrics.json").read_text()) if (run / "all" / "metrics.json").exists() else None
     card: dict = {"model": cfg_json["model"], "arch": cfg_json["arch"], "weights_source": cfg_json["weights_source"],
                   "recipe": cfg_json["recipe"], "preprocess": cfg_json["preprocess"], "split": split,
-                  "reproduce": reproduce_commands(run, cfg_json), "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                  "reproduce": reproduce_commands(run, cfg_json, [_portable(c) for c in compare]), "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                   "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()}}
     # per-fold validation (selection) and test metrics
     card["folds"] = {k: {"best_epoch": m["best_epoch"], "epochs_run": m["epochs_run"], "train_seconds": m["train_seconds"],
@@ -354,6 +367,6 @@ def register(app: typer.Typer) -> None:
         int8 = int8 or onnx.with_name(onnx.stem + "-int8.onnx")
         c = build_card(run, onnx, int8, root, threads=threads, log=typer.echo, compare=list(compare))
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"{c['model']}-card.json").write_text(json.dumps(c, indent=1) + "\n")
-        (out / f"{c['model']}-card.md").write_text(render_markdown(c))
+        (out / f"{c['model']}-card.json").write_text(scrub(json.dumps(c, indent=1) + "\n", root))
+        (out / f"{c['model']}-card.md").write_text(scrub(render_markdown(c), root))
         typer.echo(f"wrote {out / (c['model'] + '-card.md')} and .json")

@@ -498,6 +498,15 @@ def _trt_state() -> tuple[bool, str]:
         return False, str(e).split("\n")[0]
 
 
+def _shown(path) -> str:
+    """A model path as reports print it: relative to the working folder when inside it (no machine paths)."""
+    p = Path(path)
+    try:
+        return p.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return p.name if p.is_absolute() else p.as_posix()
+
+
 def run_latency(models: Sequence[str | Path] | None = None, *, run: str | Path | None = None,
                 weights: str | Path | None = None, batches: Sequence[int] = DEFAULT_BATCHES,
                 data_root: str | Path | None = None, folder: str | Path | None = None, crops: int = 512,
@@ -591,7 +600,7 @@ def run_latency(models: Sequence[str | Path] | None = None, *, run: str | Path |
 
     settings = {"batches": batches, "threads": threads, "rounds": rounds or None, "warmup": warmup, "seconds": seconds,
                 "min_rounds": min_rounds, "crops": crops, "e2e_batch": e2e_batch, "e2e_rounds": e2e_rounds,
-                "models": [str(p) for p in paths], "torch_model": torch_name or None, "ort_spinning": False}
+                "models": [_shown(p) for p in paths], "torch_model": torch_name or None, "ort_spinning": False}
     report = LatencyReport(machine=machine, settings=settings, skipped=skipped, notes=notes)
 
     # hardware peak(s)

@@ -264,6 +264,7 @@ def test_latency_cli_writes_json_and_markdown(edge, tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     d = json.loads(j.read_text())
     assert [r["batch"] for r in d["rows"]] == [2, 2] and d["settings"]["pixels"].startswith("random")
+    assert d["settings"]["models"] == ["edge.onnx"]  # outside the working folder: the name, never a machine path
     assert "| PyTorch eager |" in md.read_text() and "| ONNX Runtime |" in md.read_text()
 
 

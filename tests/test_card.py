@@ -88,3 +88,14 @@ def test_recipe_comparison_reads_validation_only(tmp_path):
         (tmp_path / "c").mkdir()
         (tmp_path / "c" / "config.json").write_text('{"model": "edge", "arch": "x", "recipe": {"epochs": 1}}')
         recipe_comparison([tmp_path / "c"])
+
+
+def test_card_text_never_carries_the_data_root(tmp_path):
+    import json
+
+    from ami.bench.card import scrub
+
+    root = tmp_path / "data"
+    msg = {"absent": f"expected {root}/AtNorM-Br/*.png under data root {root}"}
+    out = scrub(json.dumps(msg), root)
+    assert str(root) not in out and json.loads(out)["absent"] == "expected <data-root>/AtNorM-Br/*.png under data root <data-root>"
