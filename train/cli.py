@@ -17,7 +17,10 @@ app = typer.Typer(add_completion=False, rich_markup_mode=None)
 
 EPILOG = """\b
 Examples:
-  ami-train                                   # the shipped edge model, 5 folds, this CPU
+  ami-train --amp bf16                        # the shipped edge model, 5 folds, this CPU (bf16 step)
+  ami-train --threads 1 --amp bf16 --folds 0,2,4 & ami-train --threads 1 --amp bf16 --folds 1,3,full
+                                              # ... as it was trained: 2 one-thread processes, 2 cores
+  ami-train -m edge_200mf                     # the first edge model (v1), fp32
   ami-train --list                            # every configuration of the benchmark
   ami-train -m virchow2 --method lora         # Virchow2 + LoRA, 5 folds (GPU, hub access)
   ami-train -m uni --method linear --folds 0,2 --out runs/uni-linear
