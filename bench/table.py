@@ -88,15 +88,10 @@ class Config:
 
 
 def _label(model: str, method: str, entry: dict | None = None) -> str:
-    """Row label. The run's own recorded registry entry wins over today's registry, so a run made
-    under an entry that has since changed (e.g. the edge model's v1) keeps its own name."""
-    if entry and entry.get("display"):
-        return entry["display"] if entry.get("family") != "foundation" else \
-            f"{entry['display']} ({'LoRA' if method == 'lora' else method})"
     try:
         from ami.train.registry import label
 
-        return label(model, method)
+        return label(model, method, entry)
     except (ImportError, KeyError):
         return f"{model} ({method})"
 

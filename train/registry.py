@@ -134,12 +134,18 @@ def run_entry(conf: dict) -> ModelConfig:
     return get(conf["model"])
 
 
-def label(name: str, method: str) -> str:
-    """Row label of a configuration as the paper's tables write it, e.g. 'Virchow2 (LoRA)'."""
-    c = get(name)
-    if c.family != "foundation":
-        return c.display
-    return f"{c.display} ({'LoRA' if method == 'lora' else method})"
+def label(name: str, method: str, entry: dict | None = None) -> str:
+    """Row label of a configuration as the paper's tables write it, e.g. 'Virchow2 (LoRA)'.
+    With ``entry`` (a run's recorded registry entry) its display name wins over today's registry,
+    so a run made under an entry that has since changed (the edge model's v1) keeps its own name."""
+    if entry and entry.get("display"):
+        display, family = entry["display"], entry.get("family")
+    else:
+        c = get(name)
+        display, family = c.display, c.family
+    if family != "foundation":
+        return display
+    return f"{display} ({'LoRA' if method == 'lora' else method})"
 
 
 def table3_configs() -> list[tuple[str, str]]:
