@@ -13,6 +13,7 @@ import json
 import platform
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import List, Optional
 
@@ -43,16 +44,45 @@ def _portable(path: Path) -> Path:
 def reproduce_commands(run: Path, cfg_json: dict, compare: list[Path] = ()) -> list[str]:
     """The commands that rebuild the shipped artefacts, from the run's own config.json."""
     r = _portable(run).as_posix()
-    train = f"ami-train --model {cfg_json['model']} --threads 1 -o {r}"
+    from ami.train.registry import current_name
+
+    name = current_name(cfg_json)
+    train = f"ami-train --model {name or cfg_json['model']} --threads 1 -o {r}"
     if cfg_json.get("amp", "none") != "none":
         train += f" --amp {cfg_json['amp']}"
-    return [
+    train += "".join(f" {flag}" for flag in recipe_overrides(cfg_json))
+    changed = [] if name else [f"# registry entry {cfg_json['model']!r} has changed since this run and no entry "
+                                "matches it now: restore the definition recorded in its config.json (registry_entry)"]
+    return changed + [
         f"{train} --folds 0,2,4 & {train} --folds 1,3,full  # 5 folds + all-crops model, 2 processes",
         f"ami-export {r} --folds full --engine onnx -o runtime/assets/edge.onnx",
         "ami-export runtime/assets/edge.onnx --engine onnx-int8 --activations u8 -o runtime/assets/edge-int8.onnx",
         f"cp {r}/all/best.safetensors runtime/assets/edge.safetensors",
         f"ami-bench card {r} --out runtime/assets" + "".join(f" --compare {c}" for c in compare),
     ]
+
+
+def recipe_overrides(cfg_json: dict) -> list[str]:
+    """The ami-train flags that turn today's recipe of the run's entry (see registry.current_name;
+    the recipe recorded with the entry when none matches) into the recipe the run used: `--epochs N`
+    and `--set key=value` for every key that differs."""
+    from ami.train.registry import current_name, get
+
+    name = current_name(cfg_json)
+    if name:
+        base = asdict(get(name).recipe_for(cfg_json.get("method", "full")))
+    else:
+        rec = cfg_json.get("registry_entry") or {}
+        base = rec.get("lora_recipe" if cfg_json.get("method") == "lora" else "recipe") or {}
+    flags = []
+    for key, value in (cfg_json.get("recipe") or {}).items():
+        if key in base and base[key] == value:
+            continue
+        flags.append(f"--epochs {value}" if key == "epochs" else f"--set {key}={value}")
+    for key in ("max_train", "max_eval"):
+        if cfg_json.get(key):
+            flags.append(f"--{key.replace('_', '-')} {cfg_json[key]}")
+    return flags
 
 
 def recipe_comparison(runs: list[Path]) -> list[dict]:

@@ -57,6 +57,24 @@ def test_reproduce_commands_come_from_the_run_config(tmp_path, monkeypatch):
     assert "--amp" not in fp32[0] and "--model edge_200mf" in fp32[0]
 
 
+def test_reproduce_commands_carry_recipe_overrides():
+    """A run trained with --epochs / --set must be reproduced with them, not with the entry's recipe."""
+    from pathlib import Path
+
+    from ami.bench.card import recipe_overrides, reproduce_commands
+    from ami.train.registry import get
+
+    entry = get("edge").to_dict()
+    recipe = dict(entry["recipe"])
+    same = {"model": "edge", "amp": "bf16", "recipe": recipe, "registry_entry": entry}
+    assert recipe_overrides(same) == []
+    changed = {**same, "recipe": {**recipe, "epochs": recipe["epochs"] + 40, "lr": 0.001}, "max_train": 64}
+    flags = recipe_overrides(changed)
+    assert f"--epochs {recipe['epochs'] + 40}" in flags and "--set lr=0.001" in flags and "--max-train 64" in flags
+    cmd = reproduce_commands(Path("runs/x"), changed)[0]
+    assert cmd.count(f"--epochs {recipe['epochs'] + 40}") == 2 and cmd.count("--set lr=0.001") == 2
+
+
 def _toy_run(root, name, val_ba, last_ba, epochs=3):
     import json
 
@@ -99,3 +117,29 @@ def test_card_text_never_carries_the_data_root(tmp_path):
     msg = {"absent": f"expected {root}/AtNorM-Br/*.png under data root {root}"}
     out = scrub(json.dumps(msg), root)
     assert str(root) not in out and json.loads(out)["absent"] == "expected <data-root>/AtNorM-Br/*.png under data root <data-root>"
+
+
+def test_reproduce_commands_name_todays_entry_of_an_old_run():
+    """A run trained under an entry that was renamed since (v1 was 'edge', now 'edge_200mf') is
+    reproduced with today's name for the same definition; an entry that matches nothing is flagged."""
+    from pathlib import Path
+
+    from ami.bench.card import reproduce_commands
+    from dataclasses import asdict
+
+    from ami.train.registry import current_name, get
+
+    v1 = {**get("edge_200mf").to_dict(), "name": "edge", "display": "ami-edge (RegNetX-200MF, 128 px)"}
+    conf = {"model": "edge", "amp": "none", "recipe": dict(v1["recipe"]), "registry_entry": v1}
+    assert current_name(conf) == "edge_200mf"
+    assert reproduce_commands(Path("runs/v1"), conf)[0].startswith("ami-train --model edge_200mf ")
+    today = {"model": "edge", "registry_entry": get("edge").to_dict()}
+    assert current_name(today) == "edge"
+    # a different default recipe is not a different entry: the recipe travels as flags
+    longer = {**today, "registry_entry": {**get("edge").to_dict(), "recipe": {**v1["recipe"], "epochs": 7}},
+              "recipe": {**asdict(get("edge").recipe), "epochs": 7}, "amp": "bf16"}
+    assert current_name(longer) == "edge" and "--model edge " in reproduce_commands(Path("r"), longer)[0]
+    assert reproduce_commands(Path("r"), longer)[0].count("--epochs 7 ") == 2
+    gone = {**v1, "arch": "regnetx_999"}
+    cmds = reproduce_commands(Path("runs/v0"), {**conf, "registry_entry": gone})
+    assert current_name({**conf, "registry_entry": gone}) is None and cmds[0].startswith("# registry entry 'edge' has changed")

@@ -11,6 +11,8 @@ metadata can use it anywhere; :mod:`ami.train.models` turns an entry into a netw
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import asdict, dataclass, field, replace
 
 from ami.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
@@ -132,6 +134,30 @@ def run_entry(conf: dict) -> ModelConfig:
     if isinstance(entry, dict) and entry.get("arch") and entry.get("preprocess"):
         return ModelConfig.from_dict(entry)
     return get(conf["model"])
+
+
+_DESCRIPTIVE = ("name", "display", "notes", "recipe", "lora_recipe")
+
+
+def current_name(conf: dict) -> str | None:
+    """Today's registry name of the entry a run recorded: the recorded name while that entry is
+    unchanged, else the entry that now carries the same definition (the edge model's v1 was trained
+    as 'edge' and is 'edge_200mf' today); None when no entry matches any more. Only the network
+    definition counts (architecture, weights, preprocessing, head, embedding, LoRA targets): names,
+    display text, notes and default recipes do not, since a recipe is given by flags."""
+    entry = conf.get("registry_entry")
+    if not isinstance(entry, dict):
+        return conf.get("model")
+
+    def key(d: dict) -> str:
+        return json.dumps({k: v for k, v in d.items() if k not in _DESCRIPTIVE}, sort_keys=True, default=list)
+
+    want = key(json.loads(json.dumps(entry)))
+    names = [conf.get("model")] + [n for n in REGISTRY if n != conf.get("model")]
+    for n in names:
+        if n in REGISTRY and key(json.loads(json.dumps(REGISTRY[n].to_dict()))) == want:
+            return n
+    return None
 
 
 def label(name: str, method: str, entry: dict | None = None) -> str:
