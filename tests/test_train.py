@@ -382,3 +382,42 @@ def test_autocast_modes():
         _autocast(cpu, "fp16", training=True)
     with pytest.raises(ValueError, match="unknown amp"):
         _autocast(cpu, "int4")
+
+
+def test_mixup_blends_inputs_and_targets_reproducibly():
+    from ami.train.fit import _mixup
+
+    x = torch.eye(8).reshape(8, 2, 2, 2)  # crop i is the i-th basis vector: its mix partner is readable
+    y = torch.tensor([1.0, 0, 1, 0, 1, 0, 1, 0])
+    xa, ya = _mixup(x, y, 0.4, torch.Generator().manual_seed(3))
+    xb, yb = _mixup(x, y, 0.4, torch.Generator().manual_seed(3))
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)  # same generator state, same mixes (resume)
+    flat = xa.reshape(8, 8)
+    diag = flat.diagonal()
+    mixed = diag[diag < 1 - 1e-6]  # rows whose partner is another crop: their own weight is lam
+    assert mixed.numel() > 0 and torch.allclose(mixed, mixed[0].expand_as(mixed))
+    lam = mixed[0].item()
+    assert 0.0 <= lam <= 1.0 and torch.allclose(flat.sum(1), torch.ones(8))
+    for i in range(8):
+        j = int(torch.argmax(torch.where(torch.arange(8) == i, -1.0, flat[i]))) if flat[i, i] < 1 else i
+        assert flat[i, i].item() == pytest.approx(lam + (1 - lam) * (j == i), abs=1e-6)
+        assert ya[i].item() == pytest.approx(lam * y[i].item() + (1 - lam) * y[j].item(), abs=1e-6)
+    assert not torch.equal(xa, x)  # something was mixed
+
+
+def test_an_older_config_without_a_new_recipe_key_still_resumes(tmp_path, data_root):
+    """Adding a recipe option must not lock runs made before it out of `ami-train` resume."""
+    from ami.train.fit import Run as Trainer
+    from ami.train.fit import RunSpec
+
+    spec = RunSpec(model="edge", method="full", run_dir=tmp_path, data_root=data_root)
+    Trainer(spec, log=lambda *_: None).prepare()
+    conf = json.loads((tmp_path / "config.json").read_text())
+    for holder in (conf["recipe"], conf["registry_entry"]["recipe"]):
+        del holder["mixup_alpha"]
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    Trainer(spec, log=lambda *_: None).prepare()  # no "different configuration" exit
+    spec2 = RunSpec(model="edge", method="full", run_dir=tmp_path, data_root=data_root,
+                    recipe_overrides={"mixup_alpha": 0.2})
+    with pytest.raises(SystemExit, match="different configuration"):
+        Trainer(spec2, log=lambda *_: None).prepare()

@@ -145,6 +145,17 @@ class RunSpec:
         }
 
 
+def _with_recipe_defaults(conf: dict) -> dict:
+    """A config.json written before a recipe key existed, with that key at its default (which is the
+    behaviour such a run had), so adding a recipe option never locks an older run out of resuming."""
+    defaults = asdict(Recipe())
+    entry = conf.get("registry_entry") if isinstance(conf.get("registry_entry"), dict) else {}
+    for holder, key in ((conf, "recipe"), (entry, "recipe"), (entry, "lora_recipe")):
+        if isinstance(holder.get(key), dict):
+            holder[key] = {**{k: v for k, v in defaults.items() if k not in holder[key]}, **holder[key]}
+    return conf
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -237,6 +248,16 @@ def _loss(logits: torch.Tensor, y: torch.Tensor, r: Recipe) -> torch.Tensor:
     raise ValueError(f"unknown loss {r.loss!r}")
 
 
+def _mixup(x: torch.Tensor, y: torch.Tensor, alpha: float, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup (Zhang et al. 2018): each crop blended with a partner from the same batch,
+    x = lam*x + (1-lam)*x[perm], soft target y likewise; one lam ~ Beta(alpha, alpha) per batch.
+    Both draws come from the run's generator ``g``, so a resumed run replays the same mixes."""
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+    lam = float(np.random.default_rng(seed).beta(alpha, alpha))
+    perm = torch.randperm(x.shape[0], generator=g).to(x.device)
+    return lam * x + (1 - lam) * x[perm], lam * y + (1 - lam) * y[perm]
+
+
 def _optimizer(params, r: Recipe) -> torch.optim.Optimizer:
     if r.optimizer == "adam":
         return torch.optim.Adam(params, lr=r.lr, weight_decay=r.weight_decay)
@@ -275,7 +296,7 @@ class Run:
         cpath = self.dir / "config.json"
         if cpath.exists():
             old = json.loads(cpath.read_text())
-            old_cmp = {k: v for k, v in old.items() if k not in ("versions", "created", "device")}
+            old_cmp = _with_recipe_defaults({k: v for k, v in old.items() if k not in ("versions", "created", "device")})
             if old_cmp != json.loads(json.dumps(resolved)):
                 diff = sorted(k for k in set(old_cmp) | set(resolved) if old_cmp.get(k) != json.loads(json.dumps(resolved)).get(k))
                 raise SystemExit(f"{self.dir} holds a run with a different configuration (differs in: {', '.join(diff)}); "
@@ -409,6 +430,8 @@ class Run:
                 if self.device.type == "cpu":
                     x = x.contiguous(memory_format=torch.channels_last)
                 x, y = x.to(self.device, non_blocking=True), train_set.labels[b].to(self.device)
+                if r.mixup_alpha > 0:
+                    x, y = _mixup(x, y, r.mixup_alpha, g)
                 with _autocast(self.device, spec.amp, training=True):
                     loss = _loss(model(x).float(), y, r)
                 opt.zero_grad(set_to_none=True)

@@ -41,6 +41,7 @@ class Recipe:
     sampling: str = "balanced"  # balanced (inverse class frequency) | uniform
     loss: str = "bce"  # bce | focal
     label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0  # >0: mixup, lambda ~ Beta(a, a) per batch, soft BCE targets; 0 = off
     ema_decay: float = 0.0  # 0 = no weight averaging
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
