@@ -72,6 +72,7 @@ class Config:
     flags: list[str]
     runs: list[Path] = field(default_factory=list)
     folds: dict[int, dict] = field(default_factory=dict)  # fold -> metrics.json
+    setup: dict = field(default_factory=dict)  # recipe keys and amp, to tell same-label configurations apart
 
     def values(self, dataset: str, metric: str) -> tuple[list[float], str | None]:
         """Per-fold values, or (empty, 'absent'|'n/a') when there are none to average."""
@@ -94,6 +95,14 @@ def _label(model: str, method: str, entry: dict | None = None) -> str:
         return label(model, method, entry)
     except (ImportError, KeyError):
         return f"{model} ({method})"
+
+
+def _upgraded(conf: dict) -> dict:
+    try:  # recipe keys added after a run was made count at their default (registry: import-light)
+        from ami.train.registry import with_recipe_defaults
+    except ImportError:
+        return conf
+    return with_recipe_defaults(conf)
 
 
 def _group_key(conf: dict) -> tuple:
@@ -120,7 +129,7 @@ def collect(paths: list[Path], warn=lambda s: print(s, file=sys.stderr)) -> list
         if Path(p) not in dirs and not any(d.parent == Path(p) for d in dirs):
             warn(f"skipping {p}: not a run directory (no config.json)")
     for d in dirs:
-        conf = json.loads((d / "config.json").read_text())
+        conf = _upgraded(json.loads((d / "config.json").read_text()))
         key = _group_key(conf)
         if key not in groups:
             flags = []
@@ -131,7 +140,8 @@ def collect(paths: list[Path], warn=lambda s: print(s, file=sys.stderr)) -> list
             if conf.get("max_train") or conf.get("max_eval"):
                 flags.append(f"subset {conf.get('max_train') or 'all'}/{conf.get('max_eval') or 'all'}")
             groups[key] = Config(conf["model"], conf["method"],
-                                 _label(conf["model"], conf["method"], conf.get("registry_entry")), flags)
+                                 _label(conf["model"], conf["method"], conf.get("registry_entry")), flags,
+                                 setup={**(conf.get("recipe") or {}), "amp": conf.get("amp", "none")})
         g = groups[key]
         g.runs.append(d)
         for fdir in sorted(d.glob("fold[0-9]*")):
@@ -145,6 +155,7 @@ def collect(paths: list[Path], warn=lambda s: print(s, file=sys.stderr)) -> list
                                  f"{fdir}); keep one")
             m["_dir"] = str(fdir)
             g.folds[k] = m
+    _tell_apart(list(groups.values()))
     try:
         from ami.train.registry import table3_configs
 
@@ -152,6 +163,21 @@ def collect(paths: list[Path], warn=lambda s: print(s, file=sys.stderr)) -> list
     except ImportError:
         order = {}
     return sorted(groups.values(), key=lambda g: (order.get((g.model, g.method), len(order)), g.label, g.flags))
+
+
+def _tell_apart(configs: list[Config]) -> None:
+    """Configurations that would print under one label (the same entry trained with another recipe,
+    e.g. 60 vs 100 epochs) get the recipe keys in which they differ appended to the label."""
+    by_label: dict[tuple, list[Config]] = {}
+    for c in configs:
+        by_label.setdefault((c.label, tuple(c.flags)), []).append(c)
+    for same in by_label.values():
+        if len(same) < 2:
+            continue
+        keys = sorted({k for c in same for k in c.setup} - {k for k in same[0].setup
+                                                             if all(c.setup.get(k) == same[0].setup[k] for c in same)})
+        for c in same:
+            c.label += " · " + ", ".join(f"{k} {c.setup.get(k)}" for k in keys)
 
 
 def _cell(vals: list[float], why: str | None) -> str:

@@ -141,3 +141,22 @@ def test_runs_of_an_entry_that_changed_keep_their_own_name(tmp_path):
     configs = collect([tmp_path])
     assert sorted(c.label for c in configs) == sorted([v1["display"], v2["display"]])
     assert all(sorted(c.folds) == [0, 1] for c in configs)
+
+
+def test_same_entry_with_another_recipe_is_its_own_row_and_says_how(tmp_path):
+    """60 and 100 epochs of one entry: two rows, labelled by the recipe key that differs; a run
+    recorded before a recipe key existed still merges with identical newer runs."""
+    from dataclasses import asdict
+
+    from ami.train.registry import Recipe
+
+    entry = {"display": "ami-edge (RegNetX-400MF)", "family": "edge", "pretrained": False}
+    full = asdict(Recipe(epochs=60))
+    old = {k: v for k, v in full.items() if k != "mixup_alpha"}  # written before mixup_alpha existed
+    _make_run(tmp_path, "e60", "edge", "full", [0, 1], arch="regnetx_004", registry_entry=entry, recipe=old)
+    _make_run(tmp_path, "e60-more", "edge", "full", [2], seed=5, arch="regnetx_004", registry_entry=entry, recipe=full)
+    _make_run(tmp_path, "e100", "edge", "full", [0, 1], seed=3, arch="regnetx_004", registry_entry=entry,
+              recipe={**full, "epochs": 100})
+    configs = {c.label: c for c in collect([tmp_path])}
+    assert sorted(configs) == ["ami-edge (RegNetX-400MF) · epochs 100", "ami-edge (RegNetX-400MF) · epochs 60"]
+    assert sorted(configs["ami-edge (RegNetX-400MF) · epochs 60"].folds) == [0, 1, 2]

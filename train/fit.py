@@ -42,7 +42,7 @@ from ami.runtime.splits import FOLDS_FILE, N_FOLDS, check_against_data, folds_sh
 
 from . import data as D
 from .models import count_params, create
-from .registry import ModelConfig, Recipe, get
+from .registry import ModelConfig, Recipe, get, with_recipe_defaults
 
 
 def versions() -> dict:
@@ -143,17 +143,6 @@ class RunSpec:
             "preprocess": asdict(cfg.preprocess), "recipe": asdict(self.recipe), "amp": self.amp,
             "max_train": self.max_train, "max_eval": self.max_eval, "registry_entry": cfg.to_dict(),
         }
-
-
-def _with_recipe_defaults(conf: dict) -> dict:
-    """A config.json written before a recipe key existed, with that key at its default (which is the
-    behaviour such a run had), so adding a recipe option never locks an older run out of resuming."""
-    defaults = asdict(Recipe())
-    entry = conf.get("registry_entry") if isinstance(conf.get("registry_entry"), dict) else {}
-    for holder, key in ((conf, "recipe"), (entry, "recipe"), (entry, "lora_recipe")):
-        if isinstance(holder.get(key), dict):
-            holder[key] = {**{k: v for k, v in defaults.items() if k not in holder[key]}, **holder[key]}
-    return conf
 
 
 def pick_device(name: str) -> torch.device:
@@ -296,7 +285,7 @@ class Run:
         cpath = self.dir / "config.json"
         if cpath.exists():
             old = json.loads(cpath.read_text())
-            old_cmp = _with_recipe_defaults({k: v for k, v in old.items() if k not in ("versions", "created", "device")})
+            old_cmp = with_recipe_defaults({k: v for k, v in old.items() if k not in ("versions", "created", "device")})
             if old_cmp != json.loads(json.dumps(resolved)):
                 diff = sorted(k for k in set(old_cmp) | set(resolved) if old_cmp.get(k) != json.loads(json.dumps(resolved)).get(k))
                 raise SystemExit(f"{self.dir} holds a run with a different configuration (differs in: {', '.join(diff)}); "

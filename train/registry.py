@@ -137,6 +137,18 @@ def run_entry(conf: dict) -> ModelConfig:
     return get(conf["model"])
 
 
+def with_recipe_defaults(conf: dict) -> dict:
+    """A run's config.json written before a recipe key existed, with that key at its default (which
+    is the behaviour such a run had): adding a recipe option never locks an older run out of resuming
+    nor splits it from identical newer runs in a table. Modifies and returns ``conf``."""
+    defaults = asdict(Recipe())
+    entry = conf.get("registry_entry") if isinstance(conf.get("registry_entry"), dict) else {}
+    for holder, key in ((conf, "recipe"), (entry, "recipe"), (entry, "lora_recipe")):
+        if isinstance(holder.get(key), dict):
+            holder[key] = {**{k: v for k, v in defaults.items() if k not in holder[key]}, **holder[key]}
+    return conf
+
+
 _DESCRIPTIVE = ("name", "display", "notes", "recipe", "lora_recipe")
 
 
