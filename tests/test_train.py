@@ -406,7 +406,8 @@ def test_mixup_blends_inputs_and_targets_reproducibly():
 
 
 def test_an_older_config_without_a_new_recipe_key_still_resumes(tmp_path, data_root):
-    """Adding a recipe option must not lock runs made before it out of `ami-train` resume."""
+    """Adding a recipe option, or changing an entry's default recipe, must not lock runs made before
+    it out of `ami-train` resume; changing the network must."""
     from ami.train.fit import Run as Trainer
     from ami.train.fit import RunSpec
 
@@ -417,6 +418,18 @@ def test_an_older_config_without_a_new_recipe_key_still_resumes(tmp_path, data_r
         del holder["mixup_alpha"]
     (tmp_path / "config.json").write_text(json.dumps(conf))
     Trainer(spec, log=lambda *_: None).prepare()  # no "different configuration" exit
+    # the entry's default recipe moved on since (e.g. 60 -> 100 epochs) but the run's own recipe is
+    # the same: still resumable; a different network definition is not
+    conf["registry_entry"]["recipe"]["epochs"] += 40
+    conf["registry_entry"]["display"] = "an older display name"
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    Trainer(spec, log=lambda *_: None).prepare()
+    conf["registry_entry"]["arch"] = "regnetx_002"
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(SystemExit, match="differs in: registry_entry"):
+        Trainer(spec, log=lambda *_: None).prepare()
+    conf["registry_entry"]["arch"] = get("edge").arch
+    (tmp_path / "config.json").write_text(json.dumps(conf))
     spec2 = RunSpec(model="edge", method="full", run_dir=tmp_path, data_root=data_root,
                     recipe_overrides={"mixup_alpha": 0.2})
     with pytest.raises(SystemExit, match="different configuration"):

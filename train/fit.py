@@ -42,7 +42,7 @@ from ami.runtime.splits import FOLDS_FILE, N_FOLDS, check_against_data, folds_sh
 
 from . import data as D
 from .models import count_params, create
-from .registry import ModelConfig, Recipe, get, with_recipe_defaults
+from .registry import ModelConfig, Recipe, definition, get, with_recipe_defaults
 
 
 def versions() -> dict:
@@ -143,6 +143,18 @@ class RunSpec:
             "preprocess": asdict(cfg.preprocess), "recipe": asdict(self.recipe), "amp": self.amp,
             "max_train": self.max_train, "max_eval": self.max_eval, "registry_entry": cfg.to_dict(),
         }
+
+
+def _comparable(conf: dict) -> dict:
+    """What must match for a run directory to be resumed: the resolved configuration, with the
+    registry entry reduced to its network definition. The recipe the run uses is compared in full
+    (key 'recipe'); the entry's default recipe, name, display text and notes may change between
+    releases without changing what the run trains (e.g. the edge default going from 60 to 100 epochs)."""
+    c = with_recipe_defaults(json.loads(json.dumps({k: v for k, v in conf.items()
+                                                     if k not in ("versions", "created", "device")})))
+    if isinstance(c.get("registry_entry"), dict):
+        c["registry_entry"] = definition(c["registry_entry"])
+    return c
 
 
 def pick_device(name: str) -> torch.device:
@@ -285,9 +297,9 @@ class Run:
         cpath = self.dir / "config.json"
         if cpath.exists():
             old = json.loads(cpath.read_text())
-            old_cmp = with_recipe_defaults({k: v for k, v in old.items() if k not in ("versions", "created", "device")})
-            if old_cmp != json.loads(json.dumps(resolved)):
-                diff = sorted(k for k in set(old_cmp) | set(resolved) if old_cmp.get(k) != json.loads(json.dumps(resolved)).get(k))
+            old_cmp, new_cmp = _comparable(old), _comparable(resolved)
+            if old_cmp != new_cmp:
+                diff = sorted(k for k in set(old_cmp) | set(new_cmp) if old_cmp.get(k) != new_cmp.get(k))
                 raise SystemExit(f"{self.dir} holds a run with a different configuration (differs in: {', '.join(diff)}); "
                                  "use another --out directory")
         else:

@@ -162,15 +162,19 @@ def current_name(conf: dict) -> str | None:
     if not isinstance(entry, dict):
         return conf.get("model")
 
-    def key(d: dict) -> str:
-        return json.dumps({k: v for k, v in d.items() if k not in _DESCRIPTIVE}, sort_keys=True, default=list)
-
-    want = key(json.loads(json.dumps(entry)))
+    want = definition(entry)
     names = [conf.get("model")] + [n for n in REGISTRY if n != conf.get("model")]
     for n in names:
-        if n in REGISTRY and key(json.loads(json.dumps(REGISTRY[n].to_dict()))) == want:
+        if n in REGISTRY and definition(REGISTRY[n].to_dict()) == want:
             return n
     return None
+
+
+def definition(entry: dict) -> str:
+    """A registry entry's network definition (a to_dict() or a recorded copy) as a canonical string:
+    everything but its name, display text, notes and default recipes."""
+    d = json.loads(json.dumps(entry, default=list))
+    return json.dumps({k: v for k, v in d.items() if k not in _DESCRIPTIVE}, sort_keys=True)
 
 
 def label(name: str, method: str, entry: dict | None = None) -> str:
