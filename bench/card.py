@@ -50,7 +50,7 @@ def reproduce_commands(run: Path, cfg_json: dict, compare: list[Path] = ()) -> l
     train = f"ami-train --model {name or cfg_json['model']} --threads 1 -o {r}"
     if cfg_json.get("amp", "none") != "none":
         train += f" --amp {cfg_json['amp']}"
-    train += "".join(f" {flag}" for flag in recipe_overrides(cfg_json))
+    train += "".join(f" {flag}" for flag in recipe_overrides(cfg_json, name))
     changed = [] if name else [f"# registry entry {cfg_json['model']!r} has changed since this run and no entry "
                                 "matches it now: restore the definition recorded in its config.json (registry_entry)"]
     return changed + [
@@ -62,13 +62,14 @@ def reproduce_commands(run: Path, cfg_json: dict, compare: list[Path] = ()) -> l
     ]
 
 
-def recipe_overrides(cfg_json: dict) -> list[str]:
+def recipe_overrides(cfg_json: dict, name: str | None = "") -> list[str]:
     """The ami-train flags that turn today's recipe of the run's entry (see registry.current_name;
     the recipe recorded with the entry when none matches) into the recipe the run used: `--epochs N`
-    and `--set key=value` for every key that differs."""
+    and `--set key=value` for every key that differs. ``name``: current_name(cfg_json) if known."""
     from ami.train.registry import current_name, get
 
-    name = current_name(cfg_json)
+    if name == "":
+        name = current_name(cfg_json)
     if name:
         base = asdict(get(name).recipe_for(cfg_json.get("method", "full")))
     else:
