@@ -147,8 +147,17 @@ def apply_method(model: LogitModel, cfg: ModelConfig, method: str, lora_rank: in
 
 # -- saving only what was trained ---------------------------------------------------------------
 def trainable_names(model: nn.Module) -> set[str]:
-    """State-dict keys of the parameters being trained (LoRA adapters + head, or the head)."""
-    return {n for n, p in model.named_parameters() if p.requires_grad}
+    """State-dict keys of what training changes: the parameters being trained (LoRA adapters + head,
+    or the head) and, when the backbone is not frozen in eval mode (LoRA), the running statistics
+    of its batch-norm layers, which training updates (CNNs such as EfficientNet-Lite; a ViT has none).
+    Without them a reloaded LoRA CNN would pair the trained adapters with ImageNet statistics."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    clf = classifier_of(model)
+    if clf is not None and not clf.frozen:
+        bn_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+        bn = {n for n, m in model.named_modules() if isinstance(m, bn_types) and m.track_running_stats}
+        names |= {n for n, _ in model.named_buffers() if n.rpartition(".")[0] in bn}
+    return names
 
 
 def load_partial_state(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:

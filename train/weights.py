@@ -35,6 +35,7 @@ from .models import WeightsUnavailable
 from .registry import ModelConfig
 
 HUB_PREFIXES = ("hf-hub:", "hf_hub:")
+PACKAGE_PREFIX = "pkg:"  # pkg:MODULE/relative/path - a weights file shipped inside an installed package
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")
 LOCAL_FILES = HUB_FILES + ("pytorch_model.safetensors",)
 PROBE_TIMEOUT_S = 3.0
@@ -154,6 +155,60 @@ def _from_path(p: Path, tried: list[str]):
         tried.append(f"--weights {p}: {e}")
         return None
     return sd, {"kind": "file", "source": str(p), "sha256": file_sha256(p)}
+
+
+def package_file(spec: str) -> Path:
+    """The file named by ``pkg:MODULE/relative/path`` inside the installed package MODULE, found
+    through importlib.resources (wherever pip put it). Raises ValueError with the reason."""
+    import importlib.resources as ir
+
+    body = spec[len(PACKAGE_PREFIX):] if spec.startswith(PACKAGE_PREFIX) else spec
+    module, _, rel = body.partition("/")
+    if not module or not rel:
+        raise ValueError(f"{spec!r} is not of the form pkg:MODULE/relative/path")
+    try:
+        root = ir.files(module)
+    except ModuleNotFoundError:
+        raise ValueError(f"the package {module!r} is not installed") from None
+    path = Path(str(root.joinpath(*rel.split("/"))))
+    if not path.is_file():
+        raise ValueError(f"the installed package {module!r} has no file {rel} (looked at {path})")
+    return path
+
+
+def _from_package(spec: str, tried: list[str], label: str, extra: str | None):
+    try:
+        path = package_file(spec)
+        sd = read_state_dict(path)
+    except (ValueError, OSError) as e:
+        how = f" (pip install 'ami[{extra}]')" if extra else ""
+        tried.append(f"{label} {spec}: {e}{how}")
+        return None
+    return sd, {"kind": "package", "source": spec, "file": str(path.name), "sha256": file_sha256(path)}
+
+
+def rename_keys(sd: dict[str, torch.Tensor], rules) -> dict[str, torch.Tensor]:
+    """Apply an entry's ``weights_rename`` rules (ordered (regex, replacement) pairs, each applied
+    once per key). Two keys renamed to one name, or a rule that renames nothing, raise ValueError:
+    renaming is by explicit rules, and a rule that no longer matches means the checkpoint changed."""
+    if not rules:
+        return sd
+    out: dict[str, torch.Tensor] = {}
+    used = [0] * len(rules)
+    for k, v in sd.items():
+        new = k
+        for i, (pat, repl) in enumerate(rules):
+            new2 = re.sub(pat, repl, new)
+            if new2 != new:
+                used[i] += 1
+                new = new2
+        if new in out:
+            raise ValueError(f"renaming maps two checkpoint keys onto {new!r}")
+        out[new] = v
+    unused = [rules[i][0] for i, n in enumerate(used) if n == 0]
+    if unused:
+        raise ValueError(f"renaming rules that match no checkpoint key: {unused[:5]}")
+    return out
 
 
 def _probe_hub() -> str | None:
@@ -297,15 +352,25 @@ def load_pretrained(net: nn.Module, cfg: ModelConfig, weights: str | os.PathLike
         w = str(weights)
         if w.startswith(HUB_PREFIXES):
             got = _from_hub(w, tried, "--weights")
+        elif w.startswith(PACKAGE_PREFIX):
+            got = _from_package(w, tried, "--weights", cfg.weights_extra)
         else:
             got = _from_path(Path(w).expanduser(), tried)
     elif cfg.hub_id:
         got = _from_hub(cfg.hub_id, tried, "registry hub id")
+    elif cfg.weights_file:
+        got = _from_package(cfg.weights_file, tried, "registry weights file", cfg.weights_extra)
     else:
         tried.append(f"{cfg.name} has no hub id and no --weights was given")
     if got is None:
         raise _unavailable(cfg, tried)
     sd, info = got
+    if cfg.weights_rename and not set(sd) <= set(net.state_dict()):  # foreign names: the entry's rules
+        try:
+            sd = rename_keys(sd, cfg.weights_rename)
+        except ValueError as e:
+            raise WeightsMismatch(f"{info['source']}: {e}") from None
+        info["renamed_by_rules"] = len(cfg.weights_rename)
     info.update(fit_state_dict(net, sd, cfg, info["source"]))
     net.ami_weights = info
     return info
