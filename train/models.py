@@ -57,6 +57,20 @@ class LogitModel(nn.Module):
         return self.net(x).reshape(x.shape[0], -1)[:, 0]
 
 
+def fresh_head(net: nn.Module, cfg: ModelConfig) -> None:
+    """Give the one-logit classifier of a pretrained network PyTorch's default ``nn.Linear`` init,
+    as the paper's scripts do (they replace the head by a new ``nn.Linear(in, 1)``). timm's own
+    initialisers assume a many-class head: EfficientNet's draws U(-1/sqrt(fan_out), +) and so, with
+    one output, U(-1, 1), which makes the first logits of ImageNet features tens of units large and
+    the first fine-tuning steps wreck the pretrained features."""
+    try:
+        head = net.get_submodule(cfg.head)
+    except AttributeError:
+        return
+    if isinstance(head, nn.Linear) and head.out_features == 1:
+        head.reset_parameters()
+
+
 class WeightsUnavailable(RuntimeError):
     """No weight source for a pretrained entry could be reached."""
 
@@ -76,6 +90,7 @@ def create(cfg: ModelConfig, method: str = "full", *, weights: str | None = None
         from .weights import load_pretrained  # noqa: PLC0415
 
         load_pretrained(net, cfg, weights)
+        fresh_head(net, cfg)
     elif weights:
         from .weights import load_pretrained  # noqa: PLC0415
 
