@@ -1,17 +1,9 @@
-"""Load an exported ami artefact and run it, without torch.
+"""ONNX Runtime: the engine of the base install (CPU), and of GPU boxes with onnxruntime-gpu
+(CUDA / TensorRT execution providers).
 
-:func:`load_engine` is the one door: it takes an ONNX file (ONNX Runtime, CPU / CUDA / TensorRT
-execution providers) or a TensorRT plan (``.plan`` / ``.engine``, run by TensorRT directly, see
-:mod:`ami.runtime.trt`), checks that it honours the artefact contract of
-:mod:`ami.runtime.artifact`, and returns an :class:`Engine`::
-
-    eng = load_engine("edge.onnx")             # provider="auto": TensorRT EP > CUDA EP > CPU
-    probs = eng.predict(batch_uint8_nhwc)       # float32 [N], P(Atypical)
-
-Problems with the file itself (missing, truncated, not ONNX, no or bad ``ami`` metadata, an input
-that is not ``pixels`` uint8 NHWC at the metadata's size) raise :class:`ArtifactError`; problems
-with the machine (a provider that is not installed, a plan built for another GPU) raise
-:class:`EngineError`. Both carry a message meant for a person, not a stack trace.
+``provider`` picks the execution provider: auto = TensorRT EP > CUDA EP > CPU, whichever this
+onnxruntime build has (a GPU provider that fails at session creation falls back to the CPU and
+says why); cpu / cuda / tensorrt force one and fail with the reason when it cannot run.
 """
 
 from __future__ import annotations
@@ -22,11 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifact import INPUT_NAME, META_KEY, OUTPUT_NAME, ArtifactError, ArtifactMeta
+from ..artifact import INPUT_NAME, OUTPUT_NAME, ArtifactError, ArtifactMeta
+from .base import Backend, Engine, EngineError, LoadOptions, TensorInfo, cache_root, check_io, first_line, meta_from_props
 
-ASSETS = Path(__file__).parent / "assets"
-DEFAULT_MODEL = ASSETS / "edge.onnx"
-PLAN_SUFFIXES = (".plan", ".engine", ".trt")
 PROVIDER_NAMES = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
@@ -38,49 +28,6 @@ PROVIDER_CHOICES = ("auto", *PROVIDER_NAMES)
 TRT_EP_MAX_BATCH = 256
 
 
-class EngineError(RuntimeError):
-    """The machine cannot run an artefact: a provider or library is missing, or a plan does not fit."""
-
-
-class Engine:
-    """A loaded artefact. ``predict`` takes uint8 NHWC RGB pixels at ``input_size`` and returns
-    float32 probabilities of the Atypical class, shape ``[N]``."""
-
-    meta: ArtifactMeta
-    provider: str
-    path: Path
-
-    @property
-    def input_size(self) -> int:
-        return self.meta.preprocess.input_size
-
-    @property
-    def threshold(self) -> float:
-        return float(self.meta.threshold)
-
-    def check_batch(self, pixels: np.ndarray) -> np.ndarray:
-        s = self.input_size
-        if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8:
-            raise ValueError(f"pixels must be a uint8 numpy array, got {getattr(pixels, 'dtype', type(pixels))}")
-        if pixels.ndim != 4 or pixels.shape[1:] != (s, s, 3):
-            raise ValueError(f"pixels must have shape [N, {s}, {s}, 3] (NHWC RGB), got {list(pixels.shape)}")
-        return np.ascontiguousarray(pixels)
-
-    def predict(self, pixels: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    fallback: str = ""
-
-    def describe(self) -> str:
-        m = self.meta
-        text = (f"{self.path.name}: model {m.model} ({m.method}, {m.precision}), input {self.input_size}px, "
-                f"threshold {m.threshold:g}, provider {self.provider}")
-        return text + (f" [{self.fallback}]" if self.fallback else "")
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.describe()}>"
-
-
 # -- ONNX Runtime --------------------------------------------------------------------------------
 
 def _ort():
@@ -89,11 +36,6 @@ def _ort():
     except ImportError as e:  # pragma: no cover - a base dependency
         raise EngineError(f"onnxruntime is not installed ({e}); `pip install onnxruntime`") from None
     return ort
-
-
-def _cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "ami"
 
 
 def _model_key(path: Path, meta_json: str, ort_version: str) -> str:
@@ -138,7 +80,7 @@ def _provider_list(ort, provider: str, path: Path, meta_json: str, input_size: i
     out: list = []
     for name in wanted:
         if name == PROVIDER_NAMES["tensorrt"]:
-            cache = Path(cache_dir) if cache_dir else _cache_root() / "trt-ep" / _model_key(path, meta_json, ort.__version__)
+            cache = Path(cache_dir) if cache_dir else cache_root() / "trt-ep" / _model_key(path, meta_json, ort.__version__)
             cache.mkdir(parents=True, exist_ok=True)
             s = input_size
             shape = lambda n: f"{INPUT_NAME}:{n}x{s}x{s}x3"  # noqa: E731
@@ -158,13 +100,15 @@ def _provider_list(ort, provider: str, path: Path, meta_json: str, input_size: i
     return out
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
 
 
 class OrtEngine(Engine):
     """An ONNX artefact run by ONNX Runtime."""
+
+    engine, title = "onnxruntime", "ONNX Runtime"
 
     def __init__(self, path: Path, provider: str = "auto", threads: int = 0, *, cache_dir: Path | None = None,
                  max_batch: int = TRT_EP_MAX_BATCH, device_id: int = 0, spin: bool = False):
@@ -194,13 +138,13 @@ class OrtEngine(Engine):
             self.session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types for bad files
             if providers == ["CPUExecutionProvider"]:
-                raise ArtifactError(f"{path} is not a loadable ONNX model (corrupted or truncated?): {_first_line(e)}") from None
+                raise ArtifactError(f"{path} is not a loadable ONNX model (corrupted or truncated?): {first_line(e)}") from None
             # A GPU provider may fail where the file is fine (libraries, driver, an op it cannot take).
-            gpu_error = _first_line(e)
+            gpu_error = first_line(e)
             try:
                 self.session = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
             except Exception as e2:  # noqa: BLE001
-                raise ArtifactError(f"{path} is not a loadable ONNX model (corrupted or truncated?): {_first_line(e2)}") from None
+                raise ArtifactError(f"{path} is not a loadable ONNX model (corrupted or truncated?): {first_line(e2)}") from None
             names = [p if isinstance(p, str) else p[0] for p in providers[:-1]]
             if provider != "auto":
                 raise EngineError(f"{', '.join(names)} could not run {path.name}: {gpu_error}") from None
@@ -208,6 +152,7 @@ class OrtEngine(Engine):
         self.meta = _meta_from_session(self.session, path)
         used = self.session.get_providers()
         self.provider = used[0] if used else "CPUExecutionProvider"
+        self.device = "cpu" if self.provider == "CPUExecutionProvider" else "cuda"
         if provider != "auto" and self.provider != PROVIDER_NAMES[provider]:
             raise EngineError(f"asked for {PROVIDER_NAMES[provider]} but ONNX Runtime fell back to {self.provider} "
                               "(its libraries failed to load; run with ORT logging to see why)")
@@ -229,91 +174,60 @@ def _read_onnx_meta(ort, path: Path) -> tuple[ArtifactMeta, str]:
     try:
         s = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001
-        raise ArtifactError(f"{path} is not a loadable ONNX model (corrupted or truncated?): {_first_line(e)}") from None
+        raise ArtifactError(f"{path} is not a loadable ONNX model (corrupted or truncated?): {first_line(e)}") from None
     meta = _meta_from_session(s, path)
     return meta, meta.to_json()
 
 
 def _meta_from_session(session, path: Path) -> ArtifactMeta:
-    props = session.get_modelmeta().custom_metadata_map or {}
-    if META_KEY not in props:
-        raise ArtifactError(f"{path} has no '{META_KEY}' metadata: it is not an ami artefact "
-                            "(export it with `ami-export`, which records preprocessing, classes and threshold)")
-    try:
-        return ArtifactMeta.from_json(props[META_KEY])
-    except ArtifactError as e:
-        raise ArtifactError(f"{path}: {e}") from None
-    except (TypeError, ValueError, KeyError, AttributeError) as e:
-        raise ArtifactError(f"{path}: artefact metadata is malformed ({type(e).__name__}: {e})") from None
+    return meta_from_props(session.get_modelmeta().custom_metadata_map, path)
+
+
+def _tensors(args) -> list[TensorInfo]:
+    return [TensorInfo(a.name, a.type, tuple(a.shape)) for a in args]
 
 
 def _check_io(session, meta: ArtifactMeta, path: Path) -> None:
-    s = meta.preprocess.input_size
-    ins, outs = session.get_inputs(), session.get_outputs()
-    names = [i.name for i in ins]
-    if names != [INPUT_NAME]:
-        raise ArtifactError(f"{path}: inputs are {names}, expected exactly one named '{INPUT_NAME}'")
-    i = ins[0]
-    if i.type != "tensor(uint8)":
-        raise ArtifactError(f"{path}: input '{INPUT_NAME}' is {i.type}, expected tensor(uint8) "
-                            "(the ami contract: the graph takes raw uint8 NHWC pixels and normalises itself)")
-    shape = list(i.shape)
-    want = [None, s, s, 3]
-    if len(shape) != 4 or any(isinstance(d, int) and w is not None and d != w for d, w in zip(shape[1:], want[1:], strict=False)):
-        raise ArtifactError(f"{path}: input '{INPUT_NAME}' has shape {shape}, expected [N, {s}, {s}, 3] "
-                            f"(NHWC at the metadata's input_size {s})")
-    onames = [o.name for o in outs]
-    if OUTPUT_NAME not in onames:
-        raise ArtifactError(f"{path}: outputs are {onames}, expected one named '{OUTPUT_NAME}'")
-    o = outs[onames.index(OUTPUT_NAME)]
-    if o.type != "tensor(float)":
-        raise ArtifactError(f"{path}: output '{OUTPUT_NAME}' is {o.type}, expected tensor(float)")
-    if len(o.shape) != 1:
-        raise ArtifactError(f"{path}: output '{OUTPUT_NAME}' has shape {list(o.shape)}, expected [N]")
+    check_io(_tensors(session.get_inputs()), _tensors(session.get_outputs()), meta, path)
 
 
-# -- the door ------------------------------------------------------------------------------------
+# -- the plug-in ---------------------------------------------------------------------------------
 
-def default_model_path() -> Path:
-    return DEFAULT_MODEL
+class OrtBackend(Backend):
+    name = "onnxruntime"
+    title = "ONNX Runtime"
+    suffixes = (".onnx",)
+    install = "pip install onnxruntime (a base dependency; onnxruntime-gpu on a GPU box)"
+
+    def unavailable(self) -> str | None:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError as e:
+            return f"onnxruntime is not installed ({e}); `{self.install}`"
+        return None
+
+    def version(self) -> str:
+        return _ort().__version__
+
+    def gpu_providers(self) -> list[str]:
+        avail = _ort().get_available_providers()
+        return [PROVIDER_NAMES[p] for p in ("tensorrt", "cuda") if PROVIDER_NAMES[p] in avail]
+
+    def auto_rank(self, path: Path) -> tuple[float, str] | None:
+        gpu = self.gpu_providers()
+        if gpu:
+            return 80.0, (f"ONNX Runtime {self.version()} with {', '.join(gpu)} (onnxruntime-gpu): an NVIDIA GPU "
+                          "runs the model far faster than any CPU engine")
+        return 10.0, f"ONNX Runtime {self.version()} on the CPU (the base install's engine)"
+
+    def load(self, path: Path, precision: str | None, opts: LoadOptions) -> Engine:
+        eng = OrtEngine(path, opts.provider, opts.threads, cache_dir=Path(opts.cache_dir) if opts.cache_dir else None,
+                        max_batch=opts.max_batch, device_id=opts.device_id, spin=opts.spin)
+        if precision is not None and precision != eng.meta.precision:
+            raise EngineError(f"ONNX Runtime runs {path.name} at its own precision ({eng.meta.precision}) only, not "
+                              f"{precision}; use --engine openvino for bf16 on the CPU, or export an artefact of "
+                              "that precision (ami-export)")
+        return eng
 
 
-def resolve_model_path(path: str | os.PathLike | None) -> Path:
-    if path is None:
-        p = default_model_path()
-        if not p.is_file():
-            raise ArtifactError(f"no shipped model found at {p} (the package was installed without its edge "
-                                "model); pass --model FILE with an exported ami ONNX model or TensorRT plan")
-        return p
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise ArtifactError(f"model file not found: {p}")
-    if p.is_dir():
-        raise ArtifactError(f"model path is a directory, not a file: {p}")
-    if p.stat().st_size == 0:
-        raise ArtifactError(f"model file is empty: {p}")
-    if not os.access(p, os.R_OK):
-        raise ArtifactError(f"model file is not readable (permission denied): {p}")
-    return p
-
-
-def load_engine(path: str | os.PathLike | None = None, provider: str = "auto", threads: int = 0, *,
-                cache_dir: str | os.PathLike | None = None, max_batch: int = TRT_EP_MAX_BATCH,
-                device_id: int = 0, spin: bool = False) -> Engine:
-    """Load an ami artefact.
-
-    ``path``: an ONNX file or a TensorRT plan (``.plan``/``.engine``/``.trt``); None = the model
-    shipped in the package. ``provider``: auto | cpu | cuda | tensorrt (ONNX only; a plan always runs
-    on TensorRT). ``threads``: ONNX Runtime intra-op threads (0 = its default). ``cache_dir``: where
-    the TensorRT execution provider keeps its engines (default ``~/.cache/ami/trt-ep/<model key>``).
-    ``max_batch``: the largest batch of the TensorRT EP's optimisation profile.
-    """
-    p = resolve_model_path(path)
-    if p.suffix.lower() in PLAN_SUFFIXES:
-        if provider not in ("auto", "tensorrt"):
-            raise EngineError(f"{p.name} is a TensorRT plan; it runs on TensorRT only (got --provider {provider})")
-        from .trt import TrtPlanEngine  # lazy: tensorrt and cuda-python are GPU-box extras
-
-        return TrtPlanEngine(p, device_id=device_id)
-    return OrtEngine(p, provider, threads, cache_dir=Path(cache_dir) if cache_dir else None,
-                     max_batch=max_batch, device_id=device_id, spin=spin)
+BACKEND = OrtBackend()
