@@ -11,6 +11,7 @@ import typer
 
 from ..artifact import ArtifactError
 from ..engine import ASSETS, EngineError, load_engine
+from ..engines import ENGINE_CHOICES
 from ..infer import IMAGE_SUFFIXES, InputError, format_for, iter_inputs, run_inference
 
 SAMPLES = ASSETS / "samples"
@@ -31,6 +32,8 @@ Examples:
   ami-infer list.txt --model ens.onnx --threshold 0.4 --batch-size 128
   ami-infer crops/ -o out.csv --resume      finish an interrupted run
   ami-infer crops/ --model edge.plan        a TensorRT plan (ami[trt] and a GPU)
+  ami-infer crops/ --model edge-int8.onnx   int8 artefact; with ami[openvino] installed, auto runs it on OpenVINO
+  ami-infer crops/ --engine openvino --precision bf16    bf16 on a CPU that has it
   ami-infer --sample                        the real crops shipped with ami
 """
 
@@ -45,6 +48,17 @@ class Provider(str, Enum):
     cpu = "cpu"
     cuda = "cuda"
     tensorrt = "tensorrt"
+
+
+# Engine names come from the plug-in registry (ami.runtime.engines.REGISTRY).
+EngineName = Enum("EngineName", {n: n for n in ENGINE_CHOICES}, type=str)
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    int8 = "int8"
 
 
 class Pool(str, Enum):
@@ -85,8 +99,17 @@ def infer(
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Crops per engine call."),
     workers: int = typer.Option(0, "--workers", min=0, help="Decoding workers (0 = one per CPU core, at most 8)."),
     threads: int = typer.Option(0, "--threads", min=0, help="ONNX Runtime CPU threads (0 = its default: one per physical core)."),
+    engine_name: EngineName = typer.Option("auto", "--engine", case_sensitive=False,
+                                           help="Inference engine: auto = the fastest installed for the model and this "
+                                                "machine (TensorRT plan > ONNX Runtime GPU > OpenVINO > ONNX Runtime CPU; "
+                                                "it prints what it picked and why), or force one by name."),
+    precision: Precision = typer.Option(Precision.auto, "--precision", case_sensitive=False,
+                                        help="auto = the model's own (fp32 or int8); bf16 = an fp32 model in bf16 on "
+                                             "OpenVINO, on a CPU with bf16 instructions (faster, within the fp16 parity "
+                                             "tolerances)."),
     provider: Provider = typer.Option(Provider.auto, "--provider", case_sensitive=False,
-                                      help="ONNX Runtime provider: auto = TensorRT > CUDA > CPU, whichever is installed."),
+                                      help="ONNX Runtime provider: auto = TensorRT > CUDA > CPU, whichever is installed "
+                                           "(a value other than auto selects --engine onnxruntime)."),
     resume: bool = typer.Option(False, "--resume", help="Skip inputs already in the output file and append the rest."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
     sample: bool = typer.Option(False, "--sample", help="Run on the sample crops shipped with the package."),
@@ -114,10 +137,15 @@ def infer(
         raise _err(f"{out} already exists: pass --resume to continue it or --overwrite to replace it")
 
     try:
-        engine = load_engine(model, provider=provider.value, threads=threads)
+        engine = load_engine(model, provider=provider.value, threads=threads, engine=engine_name.value,
+                             precision=precision.value)
     except (ArtifactError, EngineError) as e:
         raise _err(str(e)) from None
     typer.echo(f"model: {engine.describe()}", err=True)
+    if engine.choice:
+        typer.echo(f"engine: {engine.choice}", err=True)
+    if getattr(engine, "cache_dir", None):
+        typer.echo(f"compiled-model cache: {engine.cache_dir}", err=True)
 
     try:
         crops = sample_inputs() if sample else []
