@@ -226,7 +226,7 @@ class Report:
     def verdict_lines(self) -> list[str]:
         lines = []
         for e in self.engines:
-            rs = [r for r in self.results if r.engine == e.name]
+            rs = [r for r in self.results if r.engine == e.name and r.precision == e.precision]
             if not rs:
                 lines.append(f"{e.name} ({e.precision}): NOT CHECKED (no evaluation set present)")
                 continue
@@ -306,7 +306,7 @@ class Report:
                 "d_ba", "torch_auroc", "engine_auroc", "d_auroc", "max_abs_dp", "mean_abs_dp", "agreement", "n_flips",
                 "failed_metrics", "tolerance"]
         w.writerow(cols)
-        tol = {e.name: e.tolerance for e in self.engines}
+        tol = {(e.name, e.precision): e.tolerance for e in self.engines}
         for ds in TEST_SETS:
             if ds in self.absent:
                 w.writerow([ds, "", "", "absent"] + [""] * (len(cols) - 4))
@@ -315,7 +315,7 @@ class Report:
                 w.writerow([r.dataset, r.engine, r.precision, d["status"], r.n, r.n_atypical, r.threshold]
                            + [_raw(d[k]) for k in ("torch_ba", "engine_ba", "d_ba", "torch_auroc", "engine_auroc",
                                                    "d_auroc", "max_abs_dp", "mean_abs_dp", "agreement")]
-                           + [r.n_flips, ";".join(c.metric for c in r.failed), tol.get(r.engine, "")])
+                           + [r.n_flips, ";".join(c.metric for c in r.failed), tol.get((r.engine, r.precision), "")])
         return buf.getvalue()
 
     def render(self, fmt: str) -> str:
