@@ -375,6 +375,8 @@ class Summary:
     first_errors: list = field(default_factory=list)  # (path, reason), the first few
     input_size: int = 0  # the model's input size (crops of another size are resized)
     class_names: tuple = ("Normal", "Atypical")
+    engine_s: float = 0.0  # wall time inside engine.predict
+    wait_s: float = 0.0  # wall time the engine thread waited for decoded batches (decoding is the bottleneck)
 
     @property
     def crops_per_s(self) -> float:
@@ -397,11 +399,15 @@ class Summary:
                 "errors": dict(self.errors), "skipped": self.skipped, "skipped_failed": self.skipped_failed,
                 "elapsed_s": round(self.elapsed_s, 3), "crops_per_s": round(self.crops_per_s, 1),
                 "interrupted": self.interrupted, "workers": self.workers, "pool": self.pool,
-                "batch_size": self.batch_size}
+                "batch_size": self.batch_size, "engine_s": round(self.engine_s, 3), "wait_s": round(self.wait_s, 3)}
 
     def lines(self) -> list[str]:
         out = [f"{self.processed} crops in {self.elapsed_s:.1f} s: {self.crops_per_s:.0f} crops/s "
                f"(provider {self.provider}, batch {self.batch_size}, {self.workers} {self.pool} workers)"]
+        if self.elapsed_s > 0 and self.processed:
+            f = 100 / self.elapsed_s
+            out.append(f"time: engine {self.engine_s:.1f} s ({f * self.engine_s:.0f}%), waiting for decoded crops "
+                       f"{self.wait_s:.1f} s ({f * self.wait_s:.0f}%), the rest writing rows and start-up")
         labels = self.labels + self.skipped_labels
         names = [*reversed(self.class_names), *sorted(set(labels) - set(self.class_names))]
         out.append(f"labels at threshold {self.threshold:g}: " + ", ".join(f"{k} {labels.get(k, 0)}" for k in names))
@@ -525,6 +531,7 @@ def run_inference(inputs: Iterable[str | os.PathLike], engine, out_path: str | o
                     break
             while inflight and not stop.is_set():
                 chunk, fut = inflight.popleft()
+                t_wait = time.perf_counter()
                 try:
                     pixels, status = fut.result()
                 except BrokenExecutor:
@@ -532,14 +539,17 @@ def run_inference(inputs: Iterable[str | os.PathLike], engine, out_path: str | o
                                       f"{chunk[0]} to {chunk[-1]} (a decoder crash; or, when calling run_inference "
                                       "from a script with pool='process', a missing `if __name__ == '__main__':` "
                                       "guard); rows before them are kept") from None
+                summary.wait_s += time.perf_counter() - t_wait
                 nxt = next(chunks, None)
                 if nxt is not None:
                     inflight.append((nxt, executor.submit(prepare_batch, nxt, pre, max_pixels)))
+                t_engine = time.perf_counter()
                 try:
                     probs = engine.predict(pixels) if len(pixels) else np.zeros((0,), np.float32)
                 except Exception as e:  # noqa: BLE001 - a failing engine fails every batch: stop, say why
                     raise EngineError(f"inference failed on the batch starting at {chunk[0]}: "
                                       f"{type(e).__name__}: {e}") from e
+                summary.engine_s += time.perf_counter() - t_engine
                 if len(probs) != len(pixels):
                     raise EngineError(f"engine returned {len(probs)} probabilities for {len(pixels)} crops")
                 rows, k = [], 0
