@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image
 
 from .engine import EngineError
-from .imageio import MAX_PIXELS, ImageError, decode_rgb
+from .imageio import MAX_PIXELS, ImageError, decode_rgb, decode_rgb_fast
 from .preprocess import Preprocess
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -149,7 +149,13 @@ def prepare_batch(paths: list[str], pre: Preprocess, max_pixels: int = MAX_PIXEL
     n = 0
     for p in paths:
         try:
-            im = decode_rgb(p, max_pixels=max_pixels)
+            fast = decode_rgb_fast(p, max_pixels)  # an 8-bit RGB PNG, by the fastest decoder installed
+            if fast is not None and not pre.needs_resize(fast.shape[1], fast.shape[0]):
+                out[n] = fast
+                n += 1
+                status.append((None, False))
+                continue
+            im = Image.fromarray(np.ascontiguousarray(fast)) if fast is not None else decode_rgb(p, max_pixels=max_pixels)
             resized = pre.needs_resize(*im.size)
             a = pre.to_uint8(im)
             if a.shape != (s, s, 3):  # pragma: no cover - geometry always lands on input_size
