@@ -311,7 +311,7 @@ def _build_trt(float_path: Path, meta: ArtifactMeta, st: Staging, root: Path, im
     plan = st.path()
     info = build_engine(graph_path, plan, input_size=meta.preprocess.input_size, batches=batch, precision=precision,
                         timing_cache=timing_cache, workspace_gb=workspace_gb, log=log)
-    from ami.runtime.trt import write_plan_sidecar
+    from ami.runtime.engines.tensorrt import write_plan_sidecar
 
     def sidecar(extra_check: dict | None = None) -> ArtifactMeta:
         trt_rec = {**info, **({"self_check": extra_check} if extra_check else {})}

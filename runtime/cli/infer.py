@@ -12,6 +12,7 @@ import typer
 from ..artifact import ArtifactError
 from ..engine import ASSETS, EngineError, load_engine
 from ..engines import ENGINE_CHOICES
+from ..imageio import fast_decoder
 from ..infer import IMAGE_SUFFIXES, InputError, format_for, iter_inputs, run_inference
 
 SAMPLES = ASSETS / "samples"
@@ -156,7 +157,7 @@ def infer(
     if not crops:
         where = ", ".join(paths or [])
         raise _err(f"no crops found in {where} (looked for {' '.join(IMAGE_SUFFIXES)} files, recursively)")
-    typer.echo(f"inputs: {len(crops)} crops -> {out} ({out_fmt})", err=True)
+    typer.echo(f"inputs: {len(crops)} crops -> {out} ({out_fmt}); PNG decoder: {fast_decoder()}", err=True)
 
     try:
         summary = run_inference(crops, engine, out, out_fmt, batch_size=batch_size, workers=workers,
