@@ -487,3 +487,24 @@ def test_openvino_caches_compiled_models_on_disk(tiny, tmp_path, monkeypatch):
     E.load_engine(tiny, engine="openvino", cache_dir=tmp_path / "elsewhere")
     assert list((tmp_path / "elsewhere").glob("*.blob"))
     assert OV.clear_cache(tmp_path / "elsewhere") >= 1 and not list((tmp_path / "elsewhere").glob("*.blob"))
+
+
+@needs_openvino
+def test_openvino_read_failure_on_a_good_file_falls_back(tiny, monkeypatch):
+    """A file only OpenVINO cannot read is an engine problem (auto falls back), not a bad artefact."""
+    from ami.runtime.engines import openvino as OV
+
+    class NoRead:
+        available_devices = ["CPU"]
+
+        def read_model(self, path):
+            raise RuntimeError("Check 'op' failed: unsupported operation (simulated)\nmore")
+
+        def get_property(self, *a):
+            return ["FP32"]
+
+    monkeypatch.setattr(OV, "core", lambda: NoRead())
+    with pytest.raises(E.EngineError, match="OpenVINO .* cannot read tiny.onnx \\(ONNX Runtime can\\): Check 'op' failed"):
+        E.load_engine(tiny, engine="openvino")
+    eng = E.load_engine(tiny)
+    assert eng.engine == "onnxruntime" and "cannot read" in eng.fallback

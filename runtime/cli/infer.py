@@ -99,7 +99,7 @@ def infer(
                                               help="Decision threshold on prob_atypical. Default: the model's (from its metadata)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Crops per engine call."),
     workers: int = typer.Option(0, "--workers", min=0, help="Decoding workers (0 = one per CPU core, at most 8)."),
-    threads: int = typer.Option(0, "--threads", min=0, help="ONNX Runtime CPU threads (0 = its default: one per physical core)."),
+    threads: int = typer.Option(0, "--threads", min=0, help="Engine CPU threads (0 = the engine's default: one per physical core)."),
     engine_name: EngineName = typer.Option("auto", "--engine", case_sensitive=False,
                                            help="Inference engine: auto = the fastest installed for the model and this "
                                                 "machine (TensorRT plan > ONNX Runtime GPU > OpenVINO > ONNX Runtime CPU; "

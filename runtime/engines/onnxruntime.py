@@ -179,6 +179,13 @@ def _read_onnx_meta(ort, path: Path) -> tuple[ArtifactMeta, str]:
     return meta, meta.to_json()
 
 
+def check_loadable(path: Path) -> ArtifactMeta:
+    """The artefact's metadata if ONNX Runtime can read ``path`` as an ami ONNX model; else the
+    ArtifactError ONNX Runtime's engine would raise. Other engines use it to tell a bad file
+    (refused by every engine) from one they cannot read themselves (auto then falls back)."""
+    return _read_onnx_meta(_ort(), path)[0]
+
+
 def _meta_from_session(session, path: Path) -> ArtifactMeta:
     return meta_from_props(session.get_modelmeta().custom_metadata_map, path)
 

@@ -104,7 +104,17 @@ class OpenVinoEngine(Engine):
         try:
             model = c.read_model(str(self.path))
         except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError for files it cannot parse
-            raise ArtifactError(f"{self.path} is not a loadable ONNX model (corrupted or truncated?): {first_line(e)}") from None
+            why = first_line(e)
+            try:  # a bad file for every engine, or only one OpenVINO cannot read (an op it lacks)?
+                from .onnxruntime import check_loadable
+
+                check_loadable(self.path)
+            except ArtifactError:
+                raise ArtifactError(f"{self.path} is not a loadable ONNX model (corrupted or truncated?): {why}") from None
+            except EngineError:  # no ONNX Runtime to ask: say what OpenVINO said
+                raise ArtifactError(f"{self.path} is not a loadable ONNX model (corrupted or truncated?): {why}") from None
+            raise EngineError(f"OpenVINO {ov.__version__.split('-')[0]} cannot read {self.path.name} (ONNX Runtime can): "
+                              f"{why}") from None
         self.meta = _meta_from_model(model, self.path)
         check_io([_tensor(p) for p in model.inputs], [_tensor(p) for p in model.outputs], self.meta, self.path)
 
