@@ -187,7 +187,7 @@ DDOF = 0  # numpy's default np.std, as the paper's notebooks computed the ± of 
 
 def _std_note(ddof: int) -> str:
     return ("std with ddof=0 (numpy's default np.std, as the paper's notebooks computed it)" if ddof == 0 else
-            f"sample std (ddof={ddof}; the paper's notebooks used ddof=0)")
+            "sample std (ddof=1)" if ddof == 1 else f"std with ddof={ddof}")
 
 
 def _cell(vals: list[float], why: str | None, ddof: int = DDOF) -> str:

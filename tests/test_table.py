@@ -79,7 +79,7 @@ def test_std_is_numpys_default_unless_asked_and_the_footer_says_which(tmp_path, 
     assert np.std(ba, ddof=0) != pytest.approx(np.std(ba, ddof=1))
     row = next(ln for ln in md.splitlines() if ln.startswith("| UNI (LoRA) |"))
     assert row.split("|")[3].strip() == f"{np.mean(ba):.4f} ± {np.std(ba, ddof=want):.4f}"
-    assert ("ddof=0 (numpy's default np.std" in md) == (want == 0) and (f"sample std (ddof=1" in md) == (want == 1)
+    assert ("ddof=0 (numpy's default np.std" in md) == (want == 0) and ("sample std (ddof=1)" in md) == (want == 1)
     wide = list(csv.DictReader(io.StringIO(render_csv(configs) if ddof is None else render_csv(configs, ddof=ddof))))
     assert float(wide[0]["AMi-Br-test:balanced_accuracy:std"]) == pytest.approx(np.std(ba, ddof=want), abs=1e-6)
     app = typer.Typer()
