@@ -259,6 +259,13 @@ def test_entries_outside_table_3_keep_ami_defaults():
                 assert c.recipe_for(m).augment == "edge"
     h0 = get("h0_mini")
     assert h0.recipe_for("lora").lora_targets == "entry" and h0.recipe_for("linear") == Recipe()
+    from ami.train.recipes import origins
+
+    t3 = set(table3_configs())
+    for name, c in REGISTRY.items():  # edge, lite0, h0_mini ...: no script behind them, nothing claims one
+        for m in c.methods:
+            if (name, m) not in t3:
+                assert all(v.startswith("ami default") for v in origins(name, m, c.recipe_for(m)).values()), name
 
 
 def test_parse_value_types():

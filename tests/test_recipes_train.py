@@ -161,6 +161,7 @@ def test_lora_configuration_trains_merges_and_exports(model, method, data_root, 
                    max_train=8, max_eval=4, recipe_overrides={"epochs": 1}, eval_sets=(), threads=1)
     run(spec, [0], log=lambda *a: None)
     conf = json.loads((d / "config.json").read_text())
+    assert {k: v for k, v in conf.items() if k != "created"} == json.loads(json.dumps(spec.record()))  # = --print-config
     assert conf["recipe"]["lora_targets"] == "script" and conf["augmentation"]["policy"] == spec.recipe.augment
     out = tmp_path / "m.onnx"
     OE.export_onnx(d, out, data_root=data_root, check_crops=4, check_batch=4, threads=1, log=lambda *a: None)
