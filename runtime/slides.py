@@ -205,6 +205,9 @@ class Slide:
         try:
             self.osr = openslide.OpenSlide(p)
         except openslide.OpenSlideUnsupportedFormatError:
+            if _is_tiff(p):
+                raise SlideError("unreadable slide: a TIFF file OpenSlide cannot open (truncated, corrupt, or not "
+                                 "tiled)") from None
             raise SlideError("not a whole-slide image OpenSlide can read (unsupported or unrecognised format)") from None
         except (openslide.OpenSlideError, OSError, ValueError) as e:
             raise SlideError(f"unreadable slide ({_first_line(e)})") from None
@@ -278,6 +281,15 @@ class Slide:
         if box is not None:
             out = np.asarray(Image.fromarray(out, "RGB").resize((size, size), RESAMPLE, box=box), dtype=np.uint8)
         return out, padded, level
+
+
+def _is_tiff(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
 def _first_line(e: BaseException) -> str:
