@@ -82,6 +82,16 @@ def _openslide():
     return openslide
 
 
+def require_reader() -> None:
+    """Raise InputError (with what to install) unless a whole-slide reader is installed."""
+    _openslide()
+
+
+def close_slides() -> None:
+    """Close the slides this process keeps open for reading."""
+    _CACHE.clear()
+
+
 def available() -> bool:
     """Whether a whole-slide reader (OpenSlide) is installed."""
     try:
@@ -167,6 +177,31 @@ def read_detections(path: str | os.PathLike) -> list[Detection]:
         if d.key not in seen:
             seen.add(d.key)
             out.append(d)
+    return out
+
+
+def detections_on(slide: str | os.PathLike, points, ids=None) -> list[Detection]:
+    """Detections at ``points`` ((x, y) level-0 pixels) on one slide, for the Python API; ``ids``
+    default to 1, 2, ... A point that is not two finite numbers becomes a row with a problem."""
+    sl = os.fspath(slide)
+    pts = list(points)
+    ids = [str(i) for i in ids] if ids is not None else [str(i + 1) for i in range(len(pts))]
+    if len(ids) != len(pts):
+        raise InputError(f"{len(ids)} ids for {len(pts)} points")
+    out = []
+    for ident, pt in zip(ids, pts):
+        problem = None
+        try:
+            x, y = pt
+        except (TypeError, ValueError):
+            x, y, problem = str(pt), "", f"a point is (x, y), got {pt!r}"
+        try:
+            x = _number(str(x))
+            y = _number(str(y))
+        except ValueError:
+            problem = problem or f"x and y must be finite numbers, got ({x!r}, {y!r})"
+            x, y = str(x), str(y)
+        out.append(Detection(sl, sl, ident, x, y, problem))
     return out
 
 
@@ -565,7 +600,7 @@ def write_slide_outputs(out_path: str | os.PathLike, detections: list[Detection]
         except (SlideError, InputError) as e:
             s.info = f"not opened: {e}"
         name = _safe_name(s.slide, taken)
-        _write_atomic(gdir / name, json.dumps(geojson_features(by_slide[s.slide], fov, class_names), indent=1) + "\n")
+        _write_atomic(gdir / name, json.dumps(geojson_features(by_slide[s.slide], fov, class_names), separators=(",", ":")) + "\n")
         s.geojson = str(Path(gdir.name) / name)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
