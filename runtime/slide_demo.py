@@ -74,7 +74,7 @@ def paste(crops: list[Path], mpp: float, *, cols: int = 6, gap: int = 96, seed: 
 
 
 def write_slide(path: Path, img: np.ndarray, mpp: float | None, *, style: str = "tiff", levels: int = 3,
-                tile: int = 256, compression: str = "zlib") -> Path:
+                tile: int = 256, compression: str = "zlib", quality: int | None = None) -> Path:
     """A pyramidal tiled TIFF: level k is level 0 box-reduced by 2**k. ``style``: "tiff" (resolution in
     the TIFF tags, centimetre unit), "aperio" (an Aperio SVS-style description with MPP), or "none"
     (no resolution at all; ``mpp`` ignored)."""
@@ -92,6 +92,8 @@ def write_slide(path: Path, img: np.ndarray, mpp: float | None, *, style: str = 
             d = 2 ** k
             kw: dict = dict(tile=(tile, tile), photometric="rgb", compression=compression, metadata=None,
                             subfiletype=0 if k == 0 else 1)
+            if quality is not None:  # lossy compression (e.g. "jpeg", needs imagecodecs)
+                kw["compressionargs"] = {"level": quality}
             if style == "tiff" and mpp:
                 ppcm = 1e4 / (mpp * d)
                 kw.update(resolution=(ppcm, ppcm), resolutionunit="CENTIMETER")

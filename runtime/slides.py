@@ -304,10 +304,12 @@ class Slide:
                              f"{mpp:g} um/px")
         region = self.osr.read_region((round(left * d), round(top * d)), level, (w, h))  # RGBA
         rgba = np.asarray(region, dtype=np.uint8)
-        rgb = rgba[..., :3].astype(np.float32)
-        a = rgba[..., 3:4].astype(np.float32) / 255.0
-        rgb = rgb * a + np.asarray(self.background, np.float32) * (1.0 - a)  # transparent areas: background
-        out = np.rint(rgb).astype(np.uint8) if (a < 1).any() else rgba[..., :3].copy()
+        if (rgba[..., 3] < 255).any():  # transparent areas (and beyond the slide): onto the background colour
+            a = rgba[..., 3:4].astype(np.float32) / 255.0
+            rgb = rgba[..., :3].astype(np.float32) * a + np.asarray(self.background, np.float32) * (1.0 - a)
+            out = np.rint(rgb).astype(np.uint8)
+        else:
+            out = rgba[..., :3].copy()
         # beyond the slide: black, as in the training crops
         cols = np.arange(left, left + w)
         rows = np.arange(top, top + h)
@@ -602,6 +604,9 @@ def write_slide_outputs(out_path: str | os.PathLike, detections: list[Detection]
         name = _safe_name(s.slide, taken)
         _write_atomic(gdir / name, json.dumps(geojson_features(by_slide[s.slide], fov, class_names), separators=(",", ":")) + "\n")
         s.geojson = str(Path(gdir.name) / name)
+    for stale in gdir.glob("*.geojson"):  # slides of an earlier run into the same output, no longer in it
+        if stale.name.lower() not in {n + ".geojson" for n in taken}:
+            stale.unlink()
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(SUMMARY_COLUMNS)
