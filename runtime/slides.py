@@ -270,9 +270,18 @@ class Slide:
                 best = i
         return best
 
-    def describe(self) -> str:
-        return (f"{self.width}x{self.height} px, {self.mpp_x:.4g} x {self.mpp_y:.4g} um/px ({self.mpp_source}), "
+    def describe(self, mpp: float | None = None) -> str:
+        """Size, resolution and levels; with ``mpp``, also how crops at ``mpp`` um/px are read."""
+        text = (f"{self.width}x{self.height} px, {self.mpp_x:.4g} x {self.mpp_y:.4g} um/px ({self.mpp_source}), "
                 f"{len(self.level_downsamples)} levels, {self.vendor or 'unknown vendor'}")
+        if mpp:
+            lv = self.best_level(mpp)
+            d = self.level_downsamples[lv]
+            kx, ky = mpp / (self.mpp_x * d), mpp / (self.mpp_y * d)
+            exact = abs(kx - 1) <= MPP_TOL and abs(ky - 1) <= MPP_TOL
+            text += (f"; crops from level {lv} ({self.mpp_x * d:.4g} um/px)"
+                     + (", not resampled" if exact else f", resampled x{1 / kx:.4g}"))
+        return text
 
     def read_crop(self, x: float, y: float, mpp: float, size: int, border: str = "pad") -> tuple[np.ndarray, float, int]:
         """The ``size`` x ``size`` RGB crop at ``mpp`` um/px centred on level-0 (x, y).
@@ -597,7 +606,7 @@ def write_slide_outputs(out_path: str | os.PathLike, detections: list[Detection]
         fov = None
         try:
             sl = _CACHE.get(path_of.get(s.slide, s.slide), source.slide_mpp)
-            s.info = sl.describe()
+            s.info = sl.describe(source.mpp)
             fov = (source.size * source.mpp / sl.mpp_x, source.size * source.mpp / sl.mpp_y)
         except (SlideError, InputError) as e:
             s.info = f"not opened: {e}"

@@ -113,7 +113,8 @@ def test_finer_slide_is_read_from_the_pyramid_level_at_the_models_resolution(eng
     assert sl.vendor == "aperio" and math.isclose(sl.mpp_x, 0.125) and sl.mpp_source == "slide metadata"
     assert sl.best_level(0.25) == 1 and sl.level_downsamples[1] == 2
     out = tmp_path / "fine.csv"
-    S.run_slides(lab["fine.svs"]["csv"], engine, out, progress=False, workers=2)
+    _, sums = S.run_slides(lab["fine.svs"]["csv"], engine, out, progress=False, workers=2)
+    assert "crops from level 1 (0.25 um/px), not resampled" in sums[0].info
     got = _probs(_rows(out))
     assert max(abs(got[k] - ref[k]) for k in ref) <= 1e-6
 
@@ -293,6 +294,7 @@ def test_summary_and_geojson_for_qupath(engine, ref, lab, tmp_path):
     lo, hi = S.wilson(n_at, len(rows))
     assert float(srow["atypical_ratio"]) == pytest.approx(n_at / len(rows), abs=1e-4)
     assert float(srow["ci95_low"]) == pytest.approx(lo, abs=1e-4) and float(srow["ci95_high"]) == pytest.approx(hi, abs=1e-4)
+    assert "crops from level 0 (0.227 um/px), resampled x0.9078" in srow["slide_info"]  # 0.227 / 0.25
     gj = json.loads((tmp_path / srow["geojson"]).read_text())
     assert gj["type"] == "FeatureCollection" and len(gj["features"]) == len(rows)
     side = 128 * 0.25 / RESAMPLED_MPP  # the crop's field of view, level-0 px
