@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ami.runtime import __version__
-from ami.runtime.artifact import INPUT_NAME, OUTPUT_NAME, ArtifactMeta
+from ami.runtime.artifact import AMIBR_CROP, INPUT_NAME, OUTPUT_NAME, ArtifactMeta
 from ami.runtime.datasets import resolve_data_root
 
 from . import ExportError
@@ -200,7 +200,7 @@ def _export_float(src: RunSource, st: Staging, final: Path, data_root: Path, *, 
     meta = ArtifactMeta(
         model=cfg.name, method=src.method, preprocess=pre, threshold=thr, threshold_rule=rule, precision="fp32",
         display=display, folds=list(src.folds), source=source_record(src), validation=validation_summary(src, thr),
-        versions=versions(src.method),
+        versions=versions(src.method), crop=dict(AMIBR_CROP),
         extra={"opset": opset, "exporter": EXPORTER, "dynamic_batch": True, "timm_exportable_mode": True,
                "graph": f"uint8 pixels -> preprocessing -> {len(models)} fold network(s) -> mean of sigmoid(logit)",
                "self_check": {**rep.to_dict(), "crops": "AMi-Br training crops (stratified, seed 0)",

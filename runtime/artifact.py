@@ -28,6 +28,14 @@ PREPROCESS_IN_GRAPH = "uint8 NHWC -> float32, /255, (x-mean)/std, NHWC->NCHW"
 REQUIRED = ("format", "model", "method", "preprocess", "class_names", "threshold", "threshold_rule", "precision")
 
 
+# The field of view a model was trained on, so slide readers cut the same crops: every ami model so
+# far is trained on the AMi-Br crops, 128 x 128 px at 0.25 um/px (40x), centred on the figure
+# (Banerjee et al.; docs: benchmark-protocol.md). Artefacts exported before the ``crop`` key
+# existed carry none: :meth:`ArtifactMeta.training_crop` then assumes this one and says so.
+AMIBR_CROP = {"mpp": 0.25, "size_px": 128, "centred": True,
+              "source": "AMi-Br crops (TUPAC16, MIDOG21): 128 x 128 px at 0.25 um/px, centred on the mitotic figure"}
+
+
 class ArtifactError(ValueError):
     """An artefact is missing, unreadable, or does not describe itself as ami expects."""
 
@@ -49,7 +57,21 @@ class ArtifactMeta:
     calibration: dict = field(default_factory=dict)  # int8: calibration set and size
     versions: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    crop: dict = field(default_factory=dict)  # training field of view: mpp, size_px, centred, source
     format: str = FORMAT
+
+    def training_crop(self) -> dict:
+        """The crops the model was trained on: {"mpp", "size_px", "centred", "source", "assumed"}.
+        ``assumed`` is True for an artefact that does not record them (the AMi-Br crops are assumed)."""
+        c = self.crop or AMIBR_CROP
+        try:
+            mpp, size = float(c["mpp"]), int(c["size_px"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"artefact metadata 'crop' is malformed ({c!r}: {e}); expected mpp and size_px") from None
+        if not (mpp > 0 and size > 0):
+            raise ArtifactError(f"artefact metadata 'crop' must have mpp > 0 and size_px > 0, got {c!r}")
+        return {"mpp": mpp, "size_px": size, "centred": bool(c.get("centred", True)),
+                "source": str(c.get("source", "")), "assumed": not self.crop}
 
     def to_json(self) -> str:
         d = asdict(self)

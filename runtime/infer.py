@@ -172,6 +172,35 @@ def prepare_batch(paths: list[str], pre: Preprocess, max_pixels: int = MAX_PIXEL
     return out[:n], status
 
 
+class CropFiles:
+    """The input source of :func:`run_inference`: where items come from and what their rows hold.
+
+    The default source is crop image files: an item is a path, its row key is the path, its pixels
+    come from :func:`prepare_batch`. Another source (e.g. detections on whole-slide images,
+    :mod:`ami.runtime.slides`) gives its own ``columns`` (key columns first, then prob_atypical,
+    label, status, error, then its extra columns), ``n_key``, ``key`` / ``fields`` (the key as text
+    for resuming; the row's leading values), ``describe`` (an item for messages) and ``prepare``
+    (runs in the worker pool: items -> uint8 NHWC pixels of the good ones, and per item
+    (error or None, resized, extra values)). A source must be picklable for ``pool="process"``.
+    """
+
+    columns: tuple = COLUMNS
+    n_key: int = 1
+
+    def key(self, item):
+        return item
+
+    def fields(self, item) -> tuple:
+        return (item,)
+
+    def describe(self, item) -> str:
+        return str(item)
+
+    def prepare(self, items: list, pre: Preprocess, max_pixels: int = MAX_PIXELS):
+        pixels, status = prepare_batch(items, pre, max_pixels)
+        return pixels, [(err, resized, ()) for err, resized in status]
+
+
 def _worker_init() -> None:  # processes: Ctrl-C is the parent's business
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -188,24 +217,33 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def format_rows(rows: list[tuple], fmt: str) -> str:
-    """Rows (path, prob|None, label|None, status, error|None) as CSV or JSON Lines text."""
+def _csv_cell(col: str, v) -> str:
+    if col == "prob_atypical":
+        return "" if v is None else _fmt_prob(v)
+    if col == "error":
+        return _one_line(v) if v else ""
+    return "" if v is None else str(v)
+
+
+def _json_value(col: str, v) -> str:
+    if col == "prob_atypical":
+        return "null" if v is None else _fmt_prob(v)
+    if col == "error":
+        v = _one_line(v) if v else None
+    return json.dumps(v, ensure_ascii=False)
+
+
+def format_rows(rows: list[tuple], fmt: str, columns: tuple = COLUMNS) -> str:
+    """Rows as CSV or JSON Lines text; each row holds one value per column of ``columns`` (for crops:
+    path, prob|None, label|None, status, error|None; other sources add their own key and extra columns)."""
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        for path, p, label, status, err in rows:
-            w.writerow([path, "" if p is None else _fmt_prob(p), label or "", status, _one_line(err) if err else ""])
+        for row in rows:
+            w.writerow([_csv_cell(c, v) for c, v in zip(columns, row, strict=True)])
         return buf.getvalue()
-    lines = []
-    for path, p, label, status, err in rows:
-        lines.append("{" + ", ".join([
-            f'"path": {json.dumps(path, ensure_ascii=False)}',
-            f'"prob_atypical": {"null" if p is None else _fmt_prob(p)}',
-            f'"label": {json.dumps(label)}',
-            f'"status": {json.dumps(status)}',
-            f'"error": {json.dumps(_one_line(err) if err else None, ensure_ascii=False)}',
-        ]) + "}\n")
-    return "".join(lines)
+    return "".join("{" + ", ".join(f"{json.dumps(c)}: {_json_value(c, v)}" for c, v in zip(columns, row, strict=True))
+                   + "}\n" for row in rows)
 
 
 def format_for(path: str | os.PathLike, fmt: str | None = None) -> str:
@@ -242,10 +280,13 @@ def _drop_partial_line(path: Path) -> int:
         return size
 
 
-def read_results(path: str | os.PathLike, fmt: str) -> dict[str, tuple[str, str]]:
-    """{path: (status, label)} of the complete rows of an ami-infer output file."""
+def read_results(path: str | os.PathLike, fmt: str, columns: tuple = COLUMNS, n_key: int = 1) -> dict:
+    """{key: (status, label)} of the complete rows of an ami-infer output file. The key is the first
+    column (a crop's path) or, with ``n_key`` > 1, the tuple of the first ``n_key`` columns as text."""
     p = Path(path)
-    done: dict[str, tuple[str, str]] = {}
+    done: dict = {}
+    i_status, i_label = columns.index("status"), columns.index("label")
+    key = (lambda r: r[0]) if n_key == 1 else (lambda r: tuple(r[:n_key]))
     if not p.is_file() or p.stat().st_size == 0:
         return done
     with open(p, newline="" if fmt == "csv" else None, **ENCODING) as f:
@@ -254,12 +295,12 @@ def read_results(path: str | os.PathLike, fmt: str) -> dict[str, tuple[str, str]
             header = next(r, None)
             if header is None:
                 return done
-            if tuple(header) != COLUMNS:
-                raise InputError(f"{p} is not an ami-infer CSV (header {header}, expected {list(COLUMNS)}); "
+            if tuple(header) != columns:
+                raise InputError(f"{p} is not an ami-infer CSV (header {header}, expected {list(columns)}); "
                                  "choose another -o file or the matching --format")
             for row in r:
-                if len(row) == len(COLUMNS) and row[3] in ("ok", "error"):
-                    done[row[0]] = (row[3], row[2])
+                if len(row) == len(columns) and row[i_status] in ("ok", "error"):
+                    done[key(row)] = (row[i_status], row[i_label])
         else:
             for i, line in enumerate(f):
                 line = line.strip()
@@ -267,7 +308,8 @@ def read_results(path: str | os.PathLike, fmt: str) -> dict[str, tuple[str, str]
                     continue
                 try:
                     d = json.loads(line)
-                    done[d["path"]] = (d["status"], d.get("label") or "")
+                    done[key([d[c] if isinstance(d[c], str) else str(d[c]) for c in columns[:n_key]])] = (
+                        d["status"], d.get("label") or "")
                 except (ValueError, KeyError, TypeError):
                     if i == 0:
                         raise InputError(f"{p} is not an ami-infer JSON Lines file; choose another -o file "
@@ -278,20 +320,21 @@ def read_results(path: str | os.PathLike, fmt: str) -> dict[str, tuple[str, str]
 class ResultWriter:
     """Appends formatted rows; one write + flush per batch, fsync every few seconds and at close."""
 
-    def __init__(self, path: str | os.PathLike, fmt: str, append: bool, fsync_every_s: float = 5.0):
-        self.path, self.fmt = Path(path), fmt
+    def __init__(self, path: str | os.PathLike, fmt: str, append: bool, fsync_every_s: float = 5.0,
+                 columns: tuple = COLUMNS):
+        self.path, self.fmt, self.columns = Path(path), fmt, tuple(columns)
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
         fresh = not append or not self.path.exists() or self.path.stat().st_size == 0
         self.f = open(self.path, "w" if not append else "a", newline="", **ENCODING)
         if fresh and fmt == "csv":
-            self.f.write(",".join(COLUMNS) + "\n")
+            self.f.write(",".join(self.columns) + "\n")
             self.f.flush()
         self._fsync_every, self._last_sync = fsync_every_s, time.monotonic()
 
     def write(self, rows: list[tuple]) -> None:
         if rows:
-            self.f.write(format_rows(rows, self.fmt))  # one call: a signal cannot split a row
+            self.f.write(format_rows(rows, self.fmt, self.columns))  # one call: a signal cannot split a row
             self.f.flush()
             if time.monotonic() - self._last_sync > self._fsync_every:
                 os.fsync(self.f.fileno())
@@ -462,14 +505,15 @@ def default_workers() -> int:
 def run_inference(inputs: Iterable[str | os.PathLike], engine, out_path: str | os.PathLike, fmt: str | None = None,
                   batch_size: int = 64, workers: int = 0, threshold: float | None = None, resume: bool = False,
                   progress: bool | ProgressLine = True, *, pool: str = "thread", overwrite: bool = False,
-                  max_pixels: int = MAX_PIXELS) -> Summary:
+                  max_pixels: int = MAX_PIXELS, source: CropFiles | None = None) -> Summary:
     """Classify crops and write one row per input to ``out_path``; return a :class:`Summary`.
 
     ``inputs``: crop paths (e.g. from :func:`iter_inputs`). ``engine``: from
     :func:`~ami.runtime.engine.load_engine`. ``fmt``: csv | jsonl (None: from the extension).
     ``workers``: decode workers (0 = one per CPU, at most 8). ``threshold``: None = the model's.
     ``resume``: skip inputs already in ``out_path`` and append. An existing non-empty ``out_path``
-    is refused unless ``resume`` or ``overwrite``. ``pool``: thread | process.
+    is refused unless ``resume`` or ``overwrite``. ``pool``: thread | process. ``source``: what the
+    inputs are (default :class:`CropFiles`: crop paths).
     """
     if batch_size < 1:
         raise InputError(f"batch size must be >= 1, got {batch_size}")
@@ -489,18 +533,19 @@ def run_inference(inputs: Iterable[str | os.PathLike], engine, out_path: str | o
     exists = out_path.is_file() and out_path.stat().st_size > 0
     if exists and not (resume or overwrite):
         raise InputError(f"{out_path} already exists: pass --resume to continue it or --overwrite to replace it")
-    done: dict[str, tuple[str, str]] = {}
+    src = source or CropFiles()
+    done: dict = {}
     if resume and exists:
         _drop_partial_line(out_path)
-        done = read_results(out_path, fmt)
+        done = read_results(out_path, fmt, src.columns, src.n_key)
 
-    all_inputs = [os.fspath(p) for p in inputs]
+    all_inputs = [os.fspath(p) for p in inputs] if source is None else list(inputs)
     summary = Summary(out_path=out_path, fmt=fmt, provider=engine.provider, threshold=thr, found=len(all_inputs),
                       workers=workers, pool=pool, batch_size=batch_size, input_size=pre.input_size,
                       class_names=names)
     todo = []
     for p in all_inputs:
-        prev = done.get(p)
+        prev = done.get(src.key(p))
         if prev is None:
             todo.append(p)
         else:
@@ -519,7 +564,7 @@ def run_inference(inputs: Iterable[str | os.PathLike], engine, out_path: str | o
         executor = ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_worker_init)
     else:
         executor = ThreadPoolExecutor(workers, thread_name_prefix="ami-decode")
-    writer = ResultWriter(out_path, fmt, append=resume)
+    writer = ResultWriter(out_path, fmt, append=resume, columns=src.columns)
     bar = progress if isinstance(progress, ProgressLine) else (ProgressLine(len(todo)) if progress and todo else None)
     chunks = (todo[i:i + batch_size] for i in range(0, len(todo), batch_size))
     depth = max(2, 2 * workers)
@@ -532,7 +577,7 @@ def run_inference(inputs: Iterable[str | os.PathLike], engine, out_path: str | o
             # Our own pixel limit refuses big images before decoding; Pillow's warning is noise here.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             for chunk in chunks:
-                inflight.append((chunk, executor.submit(prepare_batch, chunk, pre, max_pixels)))
+                inflight.append((chunk, executor.submit(src.prepare, chunk, pre, max_pixels)))
                 if len(inflight) >= depth:
                     break
             while inflight and not stop.is_set():
@@ -542,24 +587,24 @@ def run_inference(inputs: Iterable[str | os.PathLike], engine, out_path: str | o
                     pixels, status = fut.result()
                 except BrokenExecutor:
                     raise EngineError(f"a decoding worker process died while reading one of the {len(chunk)} crops from "
-                                      f"{chunk[0]} to {chunk[-1]} (a decoder crash; or, when calling run_inference "
+                                      f"{src.describe(chunk[0])} to {src.describe(chunk[-1])} (a decoder crash; or, when calling run_inference "
                                       "from a script with pool='process', a missing `if __name__ == '__main__':` "
                                       "guard); rows before them are kept") from None
                 summary.wait_s += time.perf_counter() - t_wait
                 nxt = next(chunks, None)
                 if nxt is not None:
-                    inflight.append((nxt, executor.submit(prepare_batch, nxt, pre, max_pixels)))
+                    inflight.append((nxt, executor.submit(src.prepare, nxt, pre, max_pixels)))
                 t_engine = time.perf_counter()
                 try:
                     probs = engine.predict(pixels) if len(pixels) else np.zeros((0,), np.float32)
                 except Exception as e:  # noqa: BLE001 - a failing engine fails every batch: stop, say why
-                    raise EngineError(f"inference failed on the batch starting at {chunk[0]}: "
+                    raise EngineError(f"inference failed on the batch starting at {src.describe(chunk[0])}: "
                                       f"{type(e).__name__}: {e}") from e
                 summary.engine_s += time.perf_counter() - t_engine
                 if len(probs) != len(pixels):
                     raise EngineError(f"engine returned {len(probs)} probabilities for {len(pixels)} crops")
                 rows, k = [], 0
-                for path, (err, resized) in zip(chunk, status):
+                for item, (err, resized, extra) in zip(chunk, status):
                     if err is None:
                         p = float(probs[k])
                         k += 1
@@ -567,16 +612,16 @@ def run_inference(inputs: Iterable[str | os.PathLike], engine, out_path: str | o
                             err = f"the model returned a non-finite probability ({p})"
                     if err is None:
                         label = names[1] if p >= thr else names[0]
-                        rows.append((path, p, label, "ok", None))
+                        rows.append((*src.fields(item), p, label, "ok", None, *extra))
                         summary.ok += 1
                         summary.labels[label] += 1
                         summary.resized += int(resized)
                     else:
-                        rows.append((path, None, None, "error", err))
+                        rows.append((*src.fields(item), None, None, "error", err, *extra))
                         summary.failed += 1
                         summary.errors[err] += 1
                         if len(summary.first_errors) < 20:
-                            summary.first_errors.append((path, err))
+                            summary.first_errors.append((src.describe(item), err))
                 writer.write(rows)
                 summary.processed += len(rows)
                 if bar:

@@ -36,6 +36,8 @@ Examples:
   ami-infer crops/ --model edge-int8.onnx   int8 artefact; with ami[openvino] installed, auto runs it on OpenVINO
   ami-infer crops/ --engine openvino --precision bf16    bf16 on a CPU that has it
   ami-infer --sample                        the real crops shipped with ami
+  ami-infer --slides detections.csv -o res.csv    crops cut from whole-slide images (ami[slides]):
+                                            rows per detection, res.slides.csv, res.geojson/ for QuPath
 """
 
 
@@ -117,10 +119,23 @@ def infer(
     pool: Pool = typer.Option(Pool.thread, "--pool", case_sensitive=False,
                               help="Decoding pool: threads (default, fastest here) or processes."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress line with crops/s on stderr."),
+    slides: Optional[Path] = typer.Option(None, "--slides", metavar="CSV",
+                                          help="Detections on whole-slide images: a CSV with slide, x, y (level-0 px of the "
+                                               "figure's centre) and optional id. Crops are cut at the model's training "
+                                               "resolution (needs ami[slides]). Instead of PATH."),
+    mpp: Optional[float] = typer.Option(None, "--mpp", metavar="UM_PER_PX",
+                                        help="With --slides: the um/px of slides whose metadata has none (refused otherwise)."),
+    border: str = typer.Option("pad", "--border", metavar="pad|refuse",
+                               help="With --slides: crops reaching past the slide's edge are padded black as in training "
+                                    "and flagged in the 'padded' column (pad), or become error rows (refuse)."),
 ):
     if resume and overwrite:
         raise _err("--resume and --overwrite exclude each other")
-    if not paths and not sample:
+    if slides is not None and (paths or sample):
+        raise _err("--slides replaces PATH and --sample; give one of them")
+    if slides is None and (mpp is not None or border != "pad"):
+        raise _err("--mpp and --border apply to --slides only")
+    if not paths and not sample and slides is None:
         raise _err("give at least one PATH (a folder, an image or a list of paths), or --sample; see --help")
     ext = "jsonl" if fmt == Fmt.jsonl else "csv"
     if sample and not paths and output is None and not resume:
@@ -147,6 +162,11 @@ def infer(
         typer.echo(f"engine: {engine.choice}", err=True)
     if getattr(engine, "cache_dir", None):
         typer.echo(f"compiled-model cache: {engine.cache_dir}", err=True)
+    if slides is not None:
+        from .infer_slides import run_slides_cli
+
+        run_slides_cli(slides, engine, out, out_fmt, mpp=mpp, border=border, batch_size=batch_size, workers=workers,
+                       threshold=threshold, resume=resume, progress=progress, pool=pool.value, overwrite=overwrite)
 
     try:
         crops = sample_inputs() if sample else []
