@@ -36,7 +36,8 @@ def test_arrays_and_files_give_the_same_rows_as_the_command_line(clf, tmp_path):
     assert [r["path"] for r in files] == [str(p) for p in SAMPLES] and all(r["status"] == "ok" for r in files)
     # the command line, on the same files, writes the same rows
     out = tmp_path / "cli.jsonl"
-    r = CliRunner().invoke(app, [*map(str, SAMPLES), "-o", str(out), "--no-progress", "--threads", "1"],
+    r = CliRunner().invoke(app, [*map(str, SAMPLES), "-o", str(out), "--no-progress", "--threads", "1",
+                                      "--provider", "cpu"],
                            catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert [json.loads(line) for line in out.read_text().splitlines()] == files
