@@ -52,7 +52,6 @@ from .parity import (
     build_run_models,
     build_single_model,
     decode_pixels,
-    engine_label,
     load_variants,
     machine_info,
     sample_crops,

@@ -83,7 +83,6 @@ def _openvino_mm(n: int, dtype: str, threads: int | None):
 
 
 def _ort_matmul_integer(n: int, dtype: str, threads: int | None):
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
