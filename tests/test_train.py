@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from ami.train.adapt import HEAD, adapted_modules, classifier_of, embed, load_run_model, merge_lora
 from ami.train.models import WeightsUnavailable, build_backbone, create
-from ami.train.registry import REGISTRY, get
+from ami.train.registry import REGISTRY, VIT_LORA_TARGETS, get
 from ami.train.weights import WeightsMismatch, load_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,7 +69,9 @@ def test_tiny_stand_in_forward_embed_and_one_step(name):
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         if method == "linear":
             assert trainable == {f"net.{HEAD}.weight", f"net.{HEAD}.bias"}
-        if method == "lora":
+        if method == "lora" and cfg.lora_targets != VIT_LORA_TARGETS:  # a CNN's targets: tests/test_lite0.py
+            assert adapted_modules(model) and not any(HEAD in n for n in adapted_modules(model))
+        elif method == "lora":
             depth = cfg.tiny_kwargs["depth"]
             want = sorted(f"backbone.blocks.{i}.{m}" for i in range(depth) for m in BLOCK_LINEARS)
             assert adapted_modules(model) == want  # the EXACT list: never patch_embed.proj, nothing else
