@@ -6,7 +6,6 @@ their exact random-number sequence (a resumed edge run continues the augmentatio
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
@@ -17,7 +16,6 @@ from ami.train import data as D
 from ami.train.adapt import adapted_modules, classifier_of, merge_lora
 from ami.train.fit import RunSpec
 from ami.train.models import create
-from ami.train.recipes import POLICIES
 from ami.train.registry import table3_configs
 
 LORA = [c for c in table3_configs() if c[1] == "lora"]

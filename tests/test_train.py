@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from ami.train.adapt import HEAD, adapted_modules, classifier_of, embed, load_run_model, merge_lora
 from ami.train.models import WeightsUnavailable, build_backbone, create
-from ami.train.registry import REGISTRY, get
+from ami.train.registry import REGISTRY, VIT_LORA_TARGETS, get
 from ami.train.weights import WeightsMismatch, load_pretrained
 
 REPO = Path(__file__).resolve().parents[1]

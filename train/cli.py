@@ -85,7 +85,9 @@ def train(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory. Default: runs/<model>-<method>."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help=DATA_ROOT_HELP),
     config: Optional[Path] = typer.Option(None, "--config", help="JSON file of recipe overrides (same keys as --set)."),
-    set_: List[str] = typer.Option([], "--set", help="Override one recipe key, e.g. --set epochs=20 (repeatable)."),
+    set_: List[str] = typer.Option([], "--set", help="Override one recipe key (repeatable), e.g. --set epochs=20, "
+                                   "--set lora_targets=blocks, --set normalize=imagenet, --set aug.rotate_deg=0 (one "
+                                   "field of the training transform). --print-config lists every key."),
     epochs: Optional[int] = typer.Option(None, help="Shortcut for --set epochs=N."),
     weights: Optional[str] = typer.Option(None, help="Local weights (safetensors or state dict), or hf-hub:ID."),
     random_init: bool = typer.Option(False, "--random-init", help="Train a pretrained architecture from random "
