@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifact import INPUT_NAME, META_KEY, OUTPUT_NAME, ArtifactError, ArtifactMeta
+from .artifact import (INPUT_NAME, META_KEY, OUTPUT_NAME, ArtifactError, ArtifactMeta, check_batch_axis,
+                       check_weights_digest)
 
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_MODEL = ASSETS / "edge.onnx"
@@ -70,6 +71,7 @@ class Engine:
         raise NotImplementedError
 
     fallback: str = ""
+    weights_verified: bool = False  # True: the weights digest in the metadata was recomputed and matched
 
     def describe(self) -> str:
         m = self.meta
@@ -206,6 +208,7 @@ class OrtEngine(Engine):
                 raise EngineError(f"{', '.join(names)} could not run {path.name}: {gpu_error}") from None
             self.fallback = f"{', '.join(names)} failed ({gpu_error}); running on the CPU"
         self.meta = _meta_from_session(self.session, path)
+        self.weights_verified = check_weights_digest(path, self.meta)
         used = self.session.get_providers()
         self.provider = used[0] if used else "CPUExecutionProvider"
         if provider != "auto" and self.provider != PROVIDER_NAMES[provider]:
@@ -258,6 +261,7 @@ def _check_io(session, meta: ArtifactMeta, path: Path) -> None:
         raise ArtifactError(f"{path}: input '{INPUT_NAME}' is {i.type}, expected tensor(uint8) "
                             "(the ami contract: the graph takes raw uint8 NHWC pixels and normalises itself)")
     shape = list(i.shape)
+    check_batch_axis(shape, path)
     want = [None, s, s, 3]
     if len(shape) != 4 or any(isinstance(d, int) and w is not None and d != w for d, w in zip(shape[1:], want[1:], strict=False)):
         raise ArtifactError(f"{path}: input '{INPUT_NAME}' has shape {shape}, expected [N, {s}, {s}, 3] "

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifact import INPUT_NAME, OUTPUT_NAME, ArtifactError, ArtifactMeta
+from .artifact import INPUT_NAME, OUTPUT_NAME, ArtifactError, ArtifactMeta, check_weights_digest
 from .engine import Engine, EngineError
 
 SIDECAR_SUFFIX = ".json"
@@ -142,6 +142,7 @@ class TrtPlanEngine(Engine):
     def __init__(self, path: str | os.PathLike, device_id: int = 0):
         self.path = Path(path)
         self.meta, self.build = read_plan_sidecar(self.path)
+        self.weights_verified = check_weights_digest(self.path, self.meta)
         trt = _tensorrt()
         cudart = _cudart()
         self._cudart = cudart
