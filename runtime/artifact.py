@@ -94,7 +94,7 @@ class ArtifactMeta:
             raise ArtifactError(f"artefact metadata is not valid JSON: {e}") from None
         problems = validate_meta_dict(d)
         if problems:
-            raise ArtifactError("artefact metadata is invalid: " + "; ".join(problems))
+            raise ArtifactError("artefact metadata is malformed: " + "; ".join(problems))
         d = dict(d)
         pre = d["preprocess"]
         d["preprocess"] = Preprocess(input_size=pre["input_size"], resize=pre.get("resize"),
