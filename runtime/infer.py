@@ -396,6 +396,10 @@ def scan_output(path: str | os.PathLike, fmt: str) -> Scan:
             except StopIteration:
                 break
             except csv.Error as e:
+                if pos < len(data):  # not a cut tail: something in the middle does not parse
+                    raise InputError(f"{p}: row {n + 1} is damaged (unparseable: {e}) and more of the file follows; "
+                                     "ami-infer cannot tell which rows to trust: fix or remove that row, or start "
+                                     "again with --overwrite") from None
                 bad_at = bad_at or (n + 1, f"unparseable ({e})")
                 break
             n += 1
@@ -410,6 +414,17 @@ def scan_output(path: str | os.PathLike, fmt: str) -> Scan:
                 sc.good_end = pos
             else:
                 bad_at = bad_at or (n, "incomplete" if not complete else f"{len(row)} fields, not a valid row")
+        # A cut tail is (part of) one row. If a whole valid row sits in it, an open quote further up
+        # swallowed it: that is damage, not a cut, and cutting would throw good rows away.
+        for line in data[sc.good_end:].split(b"\n")[:-1]:
+            try:
+                alone = next(csv.reader([line.decode("utf-8", "surrogateescape")], strict=True), [])
+            except csv.Error:
+                continue
+            if len(alone) == len(COLUMNS) and _valid_row(alone, fmt):
+                raise InputError(f"{p}: row {bad_at[0] if bad_at else '?'} is damaged and complete rows follow it; "
+                                 "ami-infer cannot tell which rows to trust: fix or remove that row, or start again "
+                                 "with --overwrite")
         return sc
     # JSON Lines: one object per line (json escapes every newline inside a string)
     pos, n, bad_at = 0, 0, None
@@ -636,8 +651,8 @@ class ResultWriter:
                 while pos < len(body):
                     j = body.find(b"\n", pos)
                     j = len(body) if j < 0 else j + 1
-                    yield body[pos:j].decode("utf-8", "surrogateescape")
-                    pos = j
+                    chunk, pos = body[pos:j], j
+                    yield chunk.decode("utf-8", "surrogateescape")
             start = 0
             for row in csv.reader(lines(), strict=True):
                 recs.append((csv_uncell(row[0]), body[start:pos]))
