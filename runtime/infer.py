@@ -310,6 +310,8 @@ def is_stream(out: str | os.PathLike) -> bool:
     /dev/stdout, a terminal. Streams are written once, never locked, synced, resumed or replaced."""
     if os.fspath(out) == "-":
         return True
+    if os.path.abspath(out).startswith(("/dev/", "/proc/")):  # /dev/stdout is a file when stdout is redirected
+        return True
     try:
         st = os.stat(out)
     except OSError:

@@ -23,18 +23,19 @@ as its batch is done: path, prob_atypical, label, status (ok | error), error, no
 truncated, not an image, too large, unreadable) become error rows and never stop the run; a crop with
 several frames, or a shape or size far from the model's crops, is classified with a note in its row.
 
-What you can rely on:
-  one writer per output file: a run locks its -o file; a second run on it (even with --overwrite or
-  --resume) is refused with the holder's pid. An input (crop or list file) is never used as the output.
-  resume checks: FILE.ami.json records the model file's sha256 and the threshold; --resume refuses a
-  different model or threshold (--resume-any mixes them knowingly). A row cut by a crash is found by
-  parsing the file (a quoted path may hold a newline) and removed before resuming.
-  model checks: the weights digest in the model's metadata is recomputed at load and a mismatch is refused;
-  a probability outside [0, 1] or NaN stops the run (exit 3): the model is broken.
-  escaping: JSON Lines is valid UTF-8; bytes of a file name that are not UTF-8 are written as \\udcXX
-  escapes (Python: os.fsencode(row["path"]) gives the name back). CSV keeps names as bytes; a path
-  starting with = + - @ tab CR or ' gets one leading ' so spreadsheets do not run it as a formula.
-  streams: -o - writes to standard output (the summary then goes to stderr); pipes and FIFOs work too.
+\b
+What you can rely on (details: README, "Running ami-infer"):
+  one writer    a run locks its -o file; a second run on it (even --resume or --overwrite) is
+                refused with the holder's pid. An input (crop or list file) is never the output.
+  resume        FILE.ami.json records the model file's sha256 and the threshold; --resume refuses
+                another model or threshold (--resume-any mixes them knowingly). A row cut by a
+                crash is found by parsing the file (a quoted path may hold a newline) and removed.
+  model checks  the weights digest in the model's metadata is recomputed at load, a mismatch is
+                refused; a probability outside [0, 1] or NaN stops the run (exit 3).
+  escaping      JSON Lines is valid UTF-8: name bytes that are not UTF-8 become \\udcXX escapes
+                (os.fsencode(row["path"]) gives the name back). CSV keeps names as bytes; a path
+                starting with = + - @ tab CR or ' gets one leading ' (no spreadsheet formulas).
+  streams       -o - writes rows to standard output (the summary goes to stderr); pipes, FIFOs ok.
 
 Exit code: 0 every input classified; 1 some inputs failed (see their rows); 2 bad usage, model or
 output file (incl. one held by another run); 3 the engine failed (incl. probabilities out of range);
