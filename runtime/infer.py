@@ -91,6 +91,7 @@ def read_list_file(path: str | os.PathLike) -> Iterator[str]:
         if not rows:
             return
         header = [c.strip().lower() for c in rows[0]]
+        ours = tuple(rows[0]) in (COLUMNS, LEGACY_COLUMNS)  # an ami-infer output used as a list
         col, start = 0, 0
         for name in LIST_COLUMNS:
             if name in header:
@@ -98,7 +99,7 @@ def read_list_file(path: str | os.PathLike) -> Iterator[str]:
                 break
         for r in rows[start:]:
             if len(r) > col and r[col].strip() and not r[col].lstrip().startswith("#"):
-                yield resolve(r[col])
+                yield resolve(csv_uncell(r[col]) if ours else r[col])
     else:
         for line in text.splitlines():
             if line.strip() and not line.lstrip().startswith("#"):
@@ -828,7 +829,7 @@ class Summary:
             out.append(f"repaired: a row cut by an earlier crash ({self.repaired_bytes} bytes) was removed before resuming")
         if self.retried:
             out.append(f"retried: {self.retried} inputs whose earlier row was an error (--retry-errors)"
-                       + (f"; their old rows were replaced" if self.compacted else ""))
+                       + ("; their old rows were replaced" if self.compacted else ""))
         if self.resized:
             out.append(f"resized: {self.resized} crops were not {self.input_size} px and were resized as the model's "
                        "metadata says")

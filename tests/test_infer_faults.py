@@ -301,7 +301,6 @@ def test_a_flipped_bit_in_the_weights_is_refused(model, crops, tmp_path):
     data[i] ^= 0x01  # one bit of one weight
     bad = tmp_path / "flipped.onnx"
     bad.write_bytes(bytes(data))
-    load_engine(bad, provider="cpu") if False else None
     with pytest.raises(ArtifactError, match="do not match the digest"):
         load_engine(bad, provider="cpu")
     res = _invoke(crops, "--model", bad, "-o", tmp_path / "o.csv")
@@ -559,6 +558,7 @@ def test_formula_like_names_are_guarded_in_csv(tmp_path, engine, monkeypatch):
     assert set(I.read_results(out, "csv")) == set(names), "ami's own reader gets the real names back"
     s = run_inference(names, engine, out, resume=True, progress=False)
     assert s.skipped == 6
+    assert [os.path.basename(p) for p in iter_inputs([out])] == names, "an output used as a list of paths"
 
 
 def test_threads_are_capped(crops, model, tmp_path):
@@ -600,3 +600,18 @@ def test_export_lora_run_of_an_entry_without_lora_targets_is_clear(tmp_path):
     src = RunSource(run_dir=tmp_path, config={"model": "edge", "method": "lora"}, split={}, folds=[0])
     with pytest.raises(ExportError, match="has no LoRA targets"):
         src.cfg
+
+
+def test_plan_digest_is_checked(tmp_path):
+    """The TensorRT side: a plan's digest is the sha256 of the plan file (checked by TrtPlanEngine
+    at load; the GPU path itself is exercised only on a TensorRT box)."""
+    plan = tmp_path / "m.plan"
+    plan.write_bytes(b"\x00serialised engine bytes" * 100)
+    meta = tiny_meta(weights_digest=A.plan_weights_digest(plan))
+    assert A.check_weights_digest(plan, meta) is True
+    data = bytearray(plan.read_bytes())
+    data[17] ^= 0x10
+    plan.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="do not match the digest"):
+        A.check_weights_digest(plan, meta)
+    assert A.check_weights_digest(plan, tiny_meta()) is False, "no digest: not verified, not refused"
