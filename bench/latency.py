@@ -4,16 +4,19 @@ Everything is measured in ONE run on one machine, so the ratios between rows mea
 on a shared machine where absolute times drift:
 
 * **Model-only** (uint8 NHWC pixels in memory -> probabilities): every engine side by side -
-  PyTorch eager (CPU; CUDA too when a GPU is present, synchronised inside the timed call), ONNX
-  Runtime fp32 and int8 (CPU provider; CUDA provider too when onnxruntime-gpu has it), TensorRT
+  PyTorch eager (CPU; CUDA too when a GPU is present, synchronised inside the timed call), and
+  each artefact on every installed engine of the plug-in registry (:mod:`ami.runtime.engines`:
+  ONNX Runtime's CPU provider, OpenVINO at every precision it offers here - fp32, bf16 where the
+  CPU has it, int8 - and ONNX Runtime's CUDA provider when onnxruntime-gpu has it), TensorRT
   fp16/fp32 plans when a GPU and TensorRT are present (otherwise listed as skipped, with the
   reason). Warm-up rounds are excluded; each (engine, batch) reports p50/p95/p99 latency and
   crops/s. PyTorch gets the same uint8 batch and does the same work as the exported graph (cast,
   normalise, network, sigmoid).
 * **FLOPs and hardware fraction**: FLOPs per crop (multiply-adds x 2 of the convolutions and
   matrix products) from ``torch.utils.flop_counter.FlopCounterMode`` on the PyTorch model, or
-  from the ONNX graph; the machine's peak is a large float32 matrix product timed in the same
-  run, and each row reports achieved GFLOP/s and the fraction of that peak.
+  from the ONNX graph. Each row's "% of peak" is against the matrix-product peak of its *own*
+  precision (:mod:`ami.bench.peaks`: float32, bf16 where supported, u8*s8 int8 GEMM; CUDA
+  float32/float16), timed in the same run before and after the engines (best of both).
 * **End-to-end** (decode + preprocess + infer) on real crops: the ``ami-infer`` pipeline
   (:func:`ami.runtime.infer.run_inference`) vs the plain reference loop of
   :mod:`ami.bench.reference` (PIL + torchvision + PyTorch + DataLoader) on the same model and the
@@ -49,9 +52,12 @@ from .parity import (
     build_run_models,
     build_single_model,
     decode_pixels,
+    engine_label,
+    load_variants,
     machine_info,
     sample_crops,
 )
+from .peaks import cpu_peak, peak_key
 
 SCHEMA = "ami-bench-latency/1"
 DEFAULT_BATCHES = (1, 8, 32, 64, 128)
@@ -165,15 +171,13 @@ def torch_runner(models: list, pre: Preprocess, device: str = "cpu", model_name:
 
 
 def engine_runner(eng, flops: float | None = None, flops_source: str = "") -> Runner:
-    prov = eng.provider
-    if "TensorRT" in prov and not prov.startswith("Tensorrt"):
-        name, device = "TensorRT", "cuda"
-    elif prov.startswith("CUDA") or prov.startswith("Tensorrt"):
-        name, device = "ONNX Runtime", "cuda"
-    else:
-        name, device = "ONNX Runtime", "cpu"
+    """A loaded engine (any plug-in) as a row of the table: its name, device and precision come from the engine."""
+    device = eng.device
     note = "host uint8 in, host float32 out (copies included)" if device == "cuda" else ""
-    return Runner(name, eng.meta.precision, device, prov, eng.path.name, eng.predict, flops, flops_source, note)
+    if eng.precision != eng.meta.precision:
+        note = "; ".join(x for x in (note, f"{eng.meta.precision} artefact run in {eng.precision}") if x)
+    return Runner(eng.title or eng.engine, eng.precision, device, eng.provider, eng.path.name, eng.predict, flops,
+                  flops_source, note)
 
 
 # -- FLOPs ---------------------------------------------------------------------------------------
@@ -358,7 +362,8 @@ class LatencyReport:
         gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
         lines = [f"## Model-only latency and throughput - {m.get('cpu', '?')} ({m.get('cores', '?')} cores{gpu})", ""]
         for k, p in self.peaks.items():
-            lines.append(f"Measured peak ({k.replace('_', ' ')}): **{p['gflops']:.1f} GFLOP/s** ({p['what']}"
+            unit = "GOP/s" if p.get("dtype") == "int8" else "GFLOP/s"
+            lines.append(f"Measured peak ({k.replace('_', ' ')}): **{p['gflops']:.1f} {unit}** ({p['what']}"
                          + (f", threads {p['threads']}" if p.get("threads") else "") + ").")
         s = self.settings
         lines += ["", f"Threads: {s.get('threads')}; warm-up rounds excluded; timed rounds per cell: "
@@ -381,8 +386,14 @@ class LatencyReport:
         srcs = sorted({r.flops_source for r in self.rows if r.flops_source})
         if srcs:
             lines += ["", f"FLOPs per crop: {'; '.join(srcs)} (2 x multiply-adds of convolutions and matrix products). "
-                          "% of peak = achieved GFLOP/s / the measured float32 matrix-product peak of the same device "
-                          "(int8 operations counted as if float32)."]
+                          "% of peak = achieved GFLOP/s / the measured matrix-product peak of the row's own precision on "
+                          "the same device (fp32 rows: float32 GEMM; bf16 rows: bf16 GEMM; int8 rows: u8*s8 GEMM, "
+                          "integer ops counted like FLOPs; layers an int8 artefact keeps in float are counted in too)."]
+            over = [r for r in self.rows if r.peak_fraction and r.peak_fraction > 1.0]
+            if over:
+                lines += ["", f"WARNING: {len(over)} row(s) exceed 100% of their own-precision peak: the peak "
+                              "measurement under-read (a busy machine during the GEMM timings); the rows' crops/s "
+                              "stand, their % of peak does not."]
         e = self.end_to_end
         if e:
             rr = e.get("rounds", 1)
@@ -392,29 +403,44 @@ class LatencyReport:
             if e.get("skipped"):
                 lines.append(f"skipped: {e['skipped']}")
             else:
-                h = ["pipeline", "model", "crops", "seconds", "crops/s", "vs reference", "labels identical", "max \\|Δp\\|"]
+                h = ["pipeline", "engine", "model", "crops", "seconds", "crops/s", "vs reference", "labels identical",
+                     "max \\|Δp\\|", "engine / waiting for decode", "% of bound"]
                 lines += ["| " + " | ".join(h) + " |", "|" + "---|" * len(h)]
                 ref = e.get("reference")
                 for run in e.get("ami_infer", []):
+                    split = (f"{100 * run['engine_fraction']:.0f}% / {100 * run['wait_fraction']:.0f}%"
+                             if run.get("engine_fraction") is not None else "n/a")
+                    bound = (f"{100 * run['fraction_of_bound']:.0f}% of {run['bound_crops_per_s']:.0f}"
+                             if run.get("bound_crops_per_s") else "n/a")
                     lines.append("| " + " | ".join([
                         f"ami-infer ({run['workers']} {run['pool']} workers, batch {run['batch']})",
+                        run.get("engine", "ONNX Runtime"),
                         f"{run['model']} ({run['precision']})", str(run["crops"]), f"{run['seconds']:.2f}",
                         f"{run['crops_per_s']:.0f}", f"{run['ratio_vs_reference']:.2f}x" if run.get("ratio_vs_reference") else "n/a",
                         ({True: "yes", False: "NO"}.get(run.get("labels_identical"), "n/a") if run["precision"] == "fp32"
                          else f"{100 * run['label_agreement']:.1f}% agree (not checked)" if "label_agreement" in run
                          else "n/a"),
-                        f"{run['max_abs_dp']:.2e}" if run.get("max_abs_dp") is not None else "n/a"]) + " |")
+                        f"{run['max_abs_dp']:.2e}" if run.get("max_abs_dp") is not None else "n/a", split, bound]) + " |")
                 if ref:
                     lines.append("| " + " | ".join([
                         f"reference loop (PIL + torchvision + DataLoader, {ref['workers']} workers, batch {ref['batch']})",
-                        f"{ref['model']} (PyTorch fp32)", str(ref["crops"]), f"{ref['seconds']:.2f}",
-                        f"{ref['crops_per_s']:.0f}", "1.00x", "-", "-"]) + " |")
+                        "PyTorch eager", f"{ref['model']} (fp32)", str(ref["crops"]), f"{ref['seconds']:.2f}",
+                        f"{ref['crops_per_s']:.0f}", "1.00x", "-", "-", "-", "-"]) + " |")
                 elif e.get("reference_skipped"):
                     lines.append(f"| reference loop | skipped: {e['reference_skipped']} |" + " |" * (len(h) - 2))
+                dec = e.get("decode_only")
+                if dec:
+                    lines += ["", f"Stages alone, same rounds: decoding {dec['crops_per_s']:.0f} crops/s ({dec['what']}); "
+                              + "; ".join(f"{r.get('engine', '?')} {r['model']} ({r['precision']}) "
+                                          f"{r['model_only_crops_per_s']:.0f} crops/s" for r in e.get("ami_infer", [])
+                                          if r.get("model_only_crops_per_s"))
+                              + ". Bound = 1 / (1/model-only + 1/decode-only): both stages share the same cores. "
+                              "\"engine / waiting for decode\": the share of ami-infer's wall time spent inside the "
+                              "engine, and waiting for decoded batches (decoding is then the bottleneck)."]
         if self.notes:
             lines += ["", "Notes:", ""] + [f"- {n}" for n in self.notes]
         lines += ["", "Versions: " + ", ".join(f"{k} {m[k]}" for k in ("python", "numpy", "torch", "onnxruntime",
-                                                                       "tensorrt") if m.get(k))
+                                                                       "openvino", "tensorrt") if m.get(k))
                   + f". Load average at start: {m.get('load_average', '?')}. Total {self.seconds:.0f} s."]
         return "\n".join(lines) + "\n"
 
@@ -513,6 +539,7 @@ def run_latency(models: Sequence[str | Path] | None = None, *, run: str | Path |
                 threads: int = 0, rounds: int = 0, warmup: int = 2, seconds: float = 1.5, min_rounds: int = 5,
                 e2e: bool = True, e2e_batch: int = 64, e2e_rounds: int = 3, workers: int = 0, peak_n: int = 2048, peak_reps: int = 5,
                 trt: str = "auto", torch_cpu: bool = True, show_progress: bool = True,
+                runtimes: Sequence[str] | None = None, precisions: Sequence[str] | None = None,
                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> LatencyReport:
     """Measure every engine side by side; see the module docstring.
 
@@ -553,14 +580,10 @@ def run_latency(models: Sequence[str | Path] | None = None, *, run: str | Path |
     except ImportError:
         torch = None
 
-    # engines
-    engines = []
-    for p in paths:
-        try:
-            prov = "cpu" if p.suffix.lower() == ".onnx" else "auto"
-            engines.append(load_engine(p, provider=prov, threads=threads))
-        except (ArtifactError, EngineError) as e:
-            raise LatencyError(str(e)) from None
+    # engines: each file on every installed engine of the registry, at every precision it offers here
+    engines, more = load_variants(paths, runtimes=runtimes, precisions=precisions, provider="cpu", threads=threads,
+                                  error=LatencyError)
+    notes += more
     pre = engines[0].meta.preprocess
     for e in engines[1:]:
         if e.meta.preprocess.input_size != pre.input_size:
@@ -603,9 +626,16 @@ def run_latency(models: Sequence[str | Path] | None = None, *, run: str | Path |
                 "models": [_shown(p) for p in paths], "torch_model": torch_name or None, "ort_spinning": False}
     report = LatencyReport(machine=machine, settings=settings, skipped=skipped, notes=notes)
 
-    # hardware peak(s)
-    log("latency: timing the float32 matrix-product peak")
-    report.peaks["cpu_float32"] = peak_gflops(peak_n, peak_reps, "cpu")
+    # hardware peak(s): one per precision the CPU rows use
+    cpu_precisions = ["fp32"] + sorted({e.precision for e in engines if e.device == "cpu"} - {"fp32"})
+    for prec in cpu_precisions:
+        log(f"latency: timing the {prec} matrix-product peak")
+        pk = cpu_peak(prec, peak_n, peak_reps, threads)
+        if pk is not None:
+            report.peaks[peak_key("cpu", prec)] = pk
+        else:
+            notes.append(f"no {prec} matrix-product peak on this CPU (no hardware support or no library for it): "
+                         f"{prec} rows show no % of peak")
     if machine.get("load_average") and machine["load_average"][0] > 0.5 * (machine.get("cores") or 1):
         notes.append(f"the machine was busy when the run started (load average {machine['load_average'][0]:.2f} on "
                      f"{machine.get('cores')} cores): absolute times are unreliable, compare ratios within this run only")
@@ -658,7 +688,7 @@ def run_latency(models: Sequence[str | Path] | None = None, *, run: str | Path |
         runners.append(engine_runner(e, *flops_for(e)))
     if cuda_ep:
         for e in engines:
-            if e.path.suffix.lower() == ".onnx":
+            if e.engine == "onnxruntime":
                 try:
                     g = load_engine(e.path, provider="cuda", threads=threads)
                     runners.append(engine_runner(g, *flops_for(e)))
@@ -670,7 +700,7 @@ def run_latency(models: Sequence[str | Path] | None = None, *, run: str | Path |
         skipped.append({"engine": "TensorRT fp16/fp32", "reason": "--trt off"})
     elif not has_plan:
         ok, why = _trt_state() if gpu_ok else (False, gpu_text)
-        fp32 = next((e for e in engines if e.path.suffix.lower() == ".onnx" and e.meta.precision == "fp32"), None)
+        fp32 = next((e for e in engines if e.path.suffix.lower() == ".onnx" and e.precision == "fp32"), None)
         if not ok:
             skipped.append({"engine": "TensorRT fp16/fp32", "reason": why})
         elif fp32 is None:
@@ -691,8 +721,8 @@ def run_latency(models: Sequence[str | Path] | None = None, *, run: str | Path |
 
     # model-only timings
     for r in runners:
-        peak_key = "cpu_float32" if r.device == "cpu" else ("cuda_float16" if r.precision == "fp16" else "cuda_float32")
-        peak = report.peaks.get(peak_key)
+        pkey = peak_key(r.device, r.precision)
+        peak = report.peaks.get(pkey)
         for b in batches:
             x = np.ascontiguousarray(pix[:b])
             out = r.predict(x)
@@ -707,10 +737,18 @@ def run_latency(models: Sequence[str | Path] | None = None, *, run: str | Path |
                                    model=r.model, batch=b, stats=asdict(st), flops_per_crop=r.flops_per_crop,
                                    flops_source=r.flops_source, achieved_gflops=ach,
                                    peak_fraction=ach / peak["gflops"] if ach and peak else None,
-                                   peak_ref=peak_key if peak else "", notes=r.notes))
+                                   peak_ref=pkey if peak else "", notes=r.notes))
 
     # the peak again after the timings: the best of both is the machine's peak (a shared machine drifts)
-    _repeat_peak(report, "cpu_float32", peak_n, peak_reps, "cpu", "float32")
+    for prec in cpu_precisions:
+        key = peak_key("cpu", prec)
+        if key in report.peaks:
+            again = cpu_peak(prec, peak_n, peak_reps, threads)
+            first = report.peaks[key]
+            best = again if again is not None and again["gflops"] > first["gflops"] else first
+            report.peaks[key] = {**best, "what": best["what"] + "; best of a measurement before and one after the "
+                                 "engine timings", "gflops_before_after": [first["gflops"],
+                                                                           again["gflops"] if again else None]}
     if gpu_ok:
         _repeat_peak(report, "cuda_float32", max(peak_n, 4096), peak_reps, "cuda", "float32")
         _repeat_peak(report, "cuda_float16", max(peak_n, 4096), peak_reps, "cuda", "float16")
@@ -721,7 +759,7 @@ def run_latency(models: Sequence[str | Path] | None = None, *, run: str | Path |
 
     # end to end
     if e2e:
-        report.end_to_end = _end_to_end(crop_paths, crop_source, engines,
+        report.end_to_end = _end_to_end(crop_paths, crop_source, e2e_engines(engines),
                                         torch_models, pre, torch_name, batch=e2e_batch, workers=workers, threads=threads,
                                         rounds=e2e_rounds, log=log)
     report.seconds = time.perf_counter() - t_start
@@ -740,6 +778,46 @@ def _copy(m):
     import copy
 
     return copy.deepcopy(m)
+
+
+def e2e_engines(engines: list) -> list:
+    """The engines of the end-to-end table: per artefact, ONNX Runtime (the base install) and the
+    engine ``--engine auto`` picks for it here (when another), each at the artefact's own precision."""
+    from ami.runtime.engines import choose
+
+    out = []
+    for path in dict.fromkeys(e.path for e in engines):
+        own = [e for e in engines if e.path == path and e.precision == e.meta.precision]
+        try:
+            auto = choose(path)[0].name
+        except EngineError:
+            auto = ""
+        for e in [next((x for x in own if x.engine == "onnxruntime"), None), next((x for x in own if x.engine == auto), None)]:
+            if e is not None and e not in out:
+                out.append(e)
+    return out or list(engines[:1])
+
+
+def decode_only(paths: list[str], pre: Preprocess, *, batch: int, workers: int) -> tuple[np.ndarray, float]:
+    """ami-infer's decode stage alone (the same prepare_batch, the same thread pool, no engine):
+    (uint8 pixels in input order, seconds)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ami.runtime.infer import prepare_batch
+
+    chunks = [paths[i:i + batch] for i in range(0, len(paths), batch)]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(workers, thread_name_prefix="ami-decode") as ex:
+        parts = [px for px, _ in ex.map(lambda c: prepare_batch(c, pre), chunks)]
+    return np.concatenate(parts), time.perf_counter() - t0
+
+
+def model_only(eng, pixels: np.ndarray, batch: int) -> float:
+    """Seconds for the engine alone over ``pixels`` in batches of ``batch`` (one pass)."""
+    t0 = time.perf_counter()
+    for i in range(0, len(pixels), batch):
+        eng.predict(pixels[i:i + batch])
+    return time.perf_counter() - t0
 
 
 def _end_to_end(paths: list[str], source: str, engines, torch_models, pre: Preprocess, torch_name: str, *, batch: int,
@@ -771,6 +849,8 @@ def _end_to_end(paths: list[str], source: str, engines, torch_models, pre: Prepr
         reference_loop(warm, torch_models, pre, batch_size=batch, workers=workers)
     for eng in engines:
         run_ami_infer(warm, eng, batch=batch, workers=workers)
+    dec_times: list[float] = []
+    mod_times: list[list[float]] = [[] for _ in engines]
     for k in range(rounds):
         if torch_models is not None:
             log(f"latency: end-to-end reference loop (PIL + torchvision + DataLoader + PyTorch) on {len(paths)} crops"
@@ -782,6 +862,17 @@ def _end_to_end(paths: list[str], source: str, engines, torch_models, pre: Prepr
                 + (f", round {k + 1}/{rounds}" if rounds > 1 else ""))
             eng_probs[i], secs, eng_summ[i] = run_ami_infer(paths, eng, batch=batch, workers=workers)
             eng_times[i].append(secs)
+        # the two stages alone, in the same round: what bounds the pipeline on these cores
+        log(f"latency: decode stage alone on {len(paths)} crops, and each engine alone on the decoded pixels")
+        pixels, dsec = decode_only(paths, pre, batch=batch, workers=workers)
+        dec_times.append(dsec)
+        for i, eng in enumerate(engines):
+            eng.predict(pixels[:batch])
+            mod_times[i].append(model_only(eng, pixels, batch))
+    dec_s = float(np.median(dec_times))
+    out["decode_only"] = {"seconds": dec_s, "seconds_per_round": dec_times, "crops_per_s": len(paths) / dec_s,
+                          "what": f"ami-infer's decode + geometry stage alone (prepare_batch, {workers} threads, "
+                                  f"batch {batch}), no engine"}
     ref_s = float(np.median(ref_times)) if ref_times else None
     if ref is not None:
         out["reference"] = {"model": torch_name, "crops": len(paths), "seconds": ref_s, "seconds_per_round": ref_times,
@@ -794,10 +885,20 @@ def _end_to_end(paths: list[str], source: str, engines, torch_models, pre: Prepr
     for i, eng in enumerate(engines):
         secs = float(np.median(eng_times[i]))
         probs = eng_probs[i]
-        rec = {"model": eng.path.name, "precision": eng.meta.precision, "provider": eng.provider, "crops": len(paths),
+        rec = {"model": eng.path.name, "engine": eng.title or eng.engine, "precision": eng.precision,
+               "provider": eng.provider, "crops": len(paths),
                "seconds": secs, "seconds_per_round": eng_times[i],
                "crops_per_s": len(paths) / secs if secs > 0 else math.inf, "batch": batch,
                "workers": workers, "pool": eng_summ[i].get("pool", "thread"), "threads": threads}
+        # where the wall time went (ami-infer's own clocks, the median round) and the bound the stages set
+        summ = eng_summ[i]
+        rec["engine_fraction"] = summ.get("engine_s", 0.0) / summ["elapsed_s"] if summ.get("elapsed_s") else None
+        rec["wait_fraction"] = summ.get("wait_s", 0.0) / summ["elapsed_s"] if summ.get("elapsed_s") else None
+        m_rate = len(paths) / float(np.median(mod_times[i]))
+        d_rate = out["decode_only"]["crops_per_s"]
+        rec["model_only_crops_per_s"] = m_rate
+        rec["bound_crops_per_s"] = 1.0 / (1.0 / m_rate + 1.0 / d_rate)
+        rec["fraction_of_bound"] = rec["crops_per_s"] / rec["bound_crops_per_s"]
         if ref is not None:
             thr = eng.threshold
             diff = np.abs(probs - ref.probs)
@@ -806,11 +907,11 @@ def _end_to_end(paths: list[str], source: str, engines, torch_models, pre: Prepr
             rec["label_agreement"] = float(np.mean((probs >= thr) == (ref.probs >= thr)))
             rec["max_abs_dp"] = float(np.nanmax(diff))
             rec["mean_abs_dp"] = float(np.nanmean(diff))
-            if eng.meta.precision == "fp32":
+            if eng.precision == "fp32":
                 rec["check"] = ("pass" if rec["labels_identical"] and rec["max_abs_dp"] <= FP32_E2E_TOL else "FAIL") + \
                     f" (fp32: labels identical and max |Δp| <= {FP32_E2E_TOL:g})"
             else:
-                rec["check"] = f"not checked ({eng.meta.precision}: reported only; see ami-bench parity)"
+                rec["check"] = f"not checked ({eng.precision}: reported only; see ami-bench parity)"
         out["ami_infer"].append(rec)
     return out
 
@@ -825,6 +926,7 @@ EPILOG = """Examples:
   ami-bench latency -m edge.onnx -m edge-int8.onnx --weights edge.safetensors --batch 1,32
   ami-bench latency -m uni.onnx --run runs/uni-lora --folder my-crops/ --crops 256
   ami-bench latency --batch 1,8 --crops 64 --seconds 0.5    # a quick smoke run
+  ami-bench latency --runtime openvino --batch 64 --no-e2e   # one engine, every precision it offers
 
 Model-only rows time uint8 batches already in memory (warm-up excluded); the end-to-end table
 times the ami-infer pipeline and the plain PIL + torchvision + DataLoader loop on the same crops
@@ -860,6 +962,10 @@ def register(app: typer.Typer) -> None:
         peak_n: int = typer.Option(2048, "--peak-n", help="Matrix size of the peak-FLOP/s measurement."),
         trt: str = typer.Option("auto", "--trt", help="auto (build fp16/fp32 plans when a GPU and TensorRT are present) "
                                 "| off."),
+        runtime: Optional[List[str]] = typer.Option(None, "--runtime", help="Only these engines of the registry (onnxruntime "
+                                                    "| openvino | tensorrt); repeat. Default: every installed one."),
+        precision: Optional[List[str]] = typer.Option(None, "--precision", help="Only these precisions (fp32 | bf16 | "
+                                                      "int8); repeat. Default: every precision each engine offers here."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full results as JSON here."),
         md_out: Optional[Path] = typer.Option(None, "--md", help="Write the Markdown tables here (also printed)."),
     ):
@@ -872,7 +978,7 @@ def register(app: typer.Typer) -> None:
             rep = run_latency(model, run=run, weights=weights, batches=batch, data_root=data_root, folder=folder,
                               crops=crops, threads=threads, rounds=rounds, warmup=warmup, seconds=seconds,
                               min_rounds=min_rounds, e2e=e2e, e2e_batch=e2e_batch, e2e_rounds=e2e_rounds, workers=workers, peak_n=peak_n,
-                              trt=trt, log=lambda s: typer.echo(s, err=True))
+                              trt=trt, runtimes=runtime, precisions=precision, log=lambda s: typer.echo(s, err=True))
         except (LatencyError, ParityError) as e:
             typer.echo(f"ami-bench latency: {e}", err=True)
             raise typer.Exit(2) from None

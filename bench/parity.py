@@ -1,8 +1,10 @@
 """ami-bench parity: does an exported engine keep the quality of the PyTorch model it came from?
 
 For every evaluation set on disk (AMi-Br test split, AtNorM-Br, AtNorM-MD; absent ones are
-reported as absent, never faked) and every engine, the PyTorch model and the engine classify the
-*same pixels*: each crop is decoded once with the runtime's own decoder and geometry
+reported as absent, never faked) and every engine - each artefact file run by every installed
+engine of the plug-in registry (:mod:`ami.runtime.engines`: ONNX Runtime, OpenVINO, TensorRT)
+that loads it, at every precision that engine runs it at here (OpenVINO: fp32 and, on a CPU with
+bf16, bf16 for an fp32 file) - the PyTorch model and the engine classify the *same pixels*: each crop is decoded once with the runtime's own decoder and geometry
 (:func:`~ami.runtime.imageio.decode_rgb` + :meth:`Preprocess.to_uint8`, exactly what ``ami-infer``
 does); the engine gets those uint8 pixels, PyTorch gets them through the training evaluation path
 (:func:`ami.train.data.eval_batch`). Per (dataset, engine) the suite reports balanced accuracy and
@@ -10,7 +12,10 @@ AUROC of both sides, their differences (engine - PyTorch), max and mean |delta p
 the label agreement rate, and checks them against :data:`TOLERANCES`:
 
 * fp32 engines: labels identical, |delta AUROC| <= 1e-4, max |delta p| <= 1e-4;
-* int8 and fp16 engines: |delta balanced accuracy| <= 0.01, |delta AUROC| <= 0.005.
+* int8, fp16 and bf16 engines: |delta balanced accuracy| <= 0.01, |delta AUROC| <= 0.005.
+
+The precision checked is the one the engine computes in (an fp32 file on OpenVINO bf16 is held to
+the bf16 limits).
 
 Balanced accuracy uses the engine's own threshold (from its metadata) on both sides.
 
@@ -48,6 +53,7 @@ from ami.runtime import __version__
 from ami.runtime.artifact import ArtifactError, ArtifactMeta
 from ami.runtime.datasets import TEST_SETS, Sample, available_eval_sets, file_sha256, resolve_data_root
 from ami.runtime.engine import ASSETS, EngineError, load_engine
+from ami.runtime.engines import REGISTRY, backend
 from ami.runtime.imageio import ImageError, decode_rgb
 from ami.runtime.metrics import MetricError, auroc, balanced_accuracy
 from ami.runtime.preprocess import Preprocess
@@ -88,11 +94,11 @@ class Tolerance:
 
 FP32_TOLERANCE = Tolerance(labels_identical=True, max_abs_dp=1e-4, d_auroc=1e-4)
 REDUCED_TOLERANCE = Tolerance(d_ba=0.01, d_auroc=0.005)
-TOLERANCES = {"fp32": FP32_TOLERANCE, "int8": REDUCED_TOLERANCE, "fp16": REDUCED_TOLERANCE}
+TOLERANCES = {"fp32": FP32_TOLERANCE, "int8": REDUCED_TOLERANCE, "fp16": REDUCED_TOLERANCE, "bf16": REDUCED_TOLERANCE}
 
 
 def tolerance_for(precision: str) -> Tolerance:
-    """fp32 -> the strict limits; int8 / fp16 (and any other reduced precision) -> the task-metric limits."""
+    """fp32 -> the strict limits; int8 / fp16 / bf16 (and any other reduced precision) -> the task-metric limits."""
     return TOLERANCES.get(precision, REDUCED_TOLERANCE)
 
 
@@ -178,9 +184,9 @@ class SetResult:
 
 @dataclass
 class EngineInfo:
-    name: str
+    name: str  # "<file> / <engine title>", e.g. "edge.onnx / OpenVINO"
     path: str
-    precision: str
+    precision: str  # the precision the engine computes in
     provider: str
     model: str
     method: str
@@ -189,6 +195,8 @@ class EngineInfo:
     tolerance: str
     reference: str  # what the PyTorch side is for this engine
     provenance: str  # do the PyTorch weights match the ones the engine records?
+    runtime: str = ""  # registry name of the engine: onnxruntime | openvino | tensorrt
+    artefact_precision: str = ""  # the file's own precision (metadata)
 
 
 @dataclass
@@ -218,7 +226,7 @@ class Report:
     def verdict_lines(self) -> list[str]:
         lines = []
         for e in self.engines:
-            rs = [r for r in self.results if r.engine == e.name]
+            rs = [r for r in self.results if r.engine == e.name and r.precision == e.precision]
             if not rs:
                 lines.append(f"{e.name} ({e.precision}): NOT CHECKED (no evaluation set present)")
                 continue
@@ -287,7 +295,8 @@ class Report:
         m = self.machine
         if m:
             lines += ["", f"Run on {m.get('cpu', '?')} ({m.get('cores', '?')} cores), onnxruntime "
-                          f"{m.get('onnxruntime', '?')}, torch {m.get('torch', '?')}, in {self.seconds:.0f} s."]
+                          f"{m.get('onnxruntime', '?')}" + (f", openvino {m['openvino']}" if m.get("openvino") else "")
+                          + f", torch {m.get('torch', '?')}, in {self.seconds:.0f} s."]
         return "\n".join(lines) + "\n"
 
     def to_csv(self) -> str:
@@ -297,7 +306,7 @@ class Report:
                 "d_ba", "torch_auroc", "engine_auroc", "d_auroc", "max_abs_dp", "mean_abs_dp", "agreement", "n_flips",
                 "failed_metrics", "tolerance"]
         w.writerow(cols)
-        tol = {e.name: e.tolerance for e in self.engines}
+        tol = {(e.name, e.precision): e.tolerance for e in self.engines}
         for ds in TEST_SETS:
             if ds in self.absent:
                 w.writerow([ds, "", "", "absent"] + [""] * (len(cols) - 4))
@@ -306,7 +315,7 @@ class Report:
                 w.writerow([r.dataset, r.engine, r.precision, d["status"], r.n, r.n_atypical, r.threshold]
                            + [_raw(d[k]) for k in ("torch_ba", "engine_ba", "d_ba", "torch_auroc", "engine_auroc",
                                                    "d_auroc", "max_abs_dp", "mean_abs_dp", "agreement")]
-                           + [r.n_flips, ";".join(c.metric for c in r.failed), tol.get(r.engine, "")])
+                           + [r.n_flips, ";".join(c.metric for c in r.failed), tol.get((r.engine, r.precision), "")])
         return buf.getvalue()
 
     def render(self, fmt: str) -> str:
@@ -362,6 +371,12 @@ def machine_info() -> dict:
         from importlib.metadata import PackageNotFoundError, version
 
         out["tensorrt"] = version("tensorrt")
+    except (ImportError, PackageNotFoundError):
+        pass
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        out["openvino"] = version("openvino")
     except (ImportError, PackageNotFoundError):
         pass
     try:
@@ -506,6 +521,72 @@ def _provenance_file(weights: Path, meta: ArtifactMeta) -> str:
     return "note: these weights' sha256 is not among those the engine records (re-saved or different weights)"
 
 
+# -- engines: every file on every installed engine, at every precision -----------------------------
+
+def engine_label(eng) -> str:
+    """How reports name one (artefact, engine) pair: ``edge.onnx / OpenVINO``."""
+    return f"{eng.path.name} / {eng.title or eng.engine}"
+
+
+def load_variants(paths: Sequence[Path], *, runtimes: Sequence[str] | None = None,
+                  precisions: Sequence[str] | None = None, provider: str = "cpu", threads: int = 0,
+                  error: type[Exception] = RuntimeError) -> tuple[list, list[str]]:
+    """Load each artefact with every engine of the registry that takes it and is installed here (or
+    the named ``runtimes``), at every precision that engine runs it at on this machine (or those
+    of ``precisions`` it can). ``provider``: ONNX Runtime's execution provider. Returns (engines,
+    notes on engines not installed / precisions not available). A bad file or a named engine that
+    cannot run raises ``error`` with the reason."""
+    names = list(runtimes) if runtimes else list(REGISTRY)
+    for n in names:
+        if n not in REGISTRY:
+            raise error(f"unknown engine {n!r}; registered engines: {', '.join(REGISTRY)}")
+    wanted = [str(p).lower() for p in precisions] if precisions else None
+    engines, notes = [], []
+    for path in paths:
+        took = False
+        for n in names:
+            b = backend(n)
+            if not b.accepts(path):
+                continue
+            why = b.unavailable()
+            if why is not None:
+                if runtimes:
+                    raise error(f"{b.title} cannot run {Path(path).name} here: {why}")
+                if n != "tensorrt":
+                    notes.append(f"{b.title} is not installed here ({why}): {Path(path).name} not checked on it")
+                continue
+            prov = provider if n == "onnxruntime" else "auto"
+            try:
+                first = load_engine(path, engine=n, provider=prov, threads=threads)
+            except (ArtifactError, EngineError) as e:
+                if isinstance(e, ArtifactError) or runtimes:
+                    raise error(str(e)) from None
+                notes.append(f"{b.title} could not load {Path(path).name}: {e}")
+                continue
+            took = True
+            offered = b.precisions(first.meta.precision)
+            chosen = [q for q in offered if wanted is None or q in wanted]
+            for q in (wanted or []):
+                if q not in offered:
+                    notes.append(f"{Path(path).name} / {b.title}: {q} not available here "
+                                 f"(it runs this {first.meta.precision} file at {', '.join(offered) or 'no precision'})")
+            for q in chosen:
+                engines.append(first if q == first.precision else
+                               load_engine(path, engine=n, provider=prov, threads=threads, precision=q))
+        if not took and not any(backend(n).accepts(path) for n in names):
+            raise error(f"none of the engines {', '.join(names)} loads {Path(path).name}")
+        if not took:
+            # nothing installed takes it: let the default door say why (e.g. TensorRT missing, no side file)
+            try:
+                engines.append(load_engine(path, provider=provider if Path(path).suffix.lower() == ".onnx" else "auto",
+                                           threads=threads))
+            except (ArtifactError, EngineError) as e:
+                raise error(str(e)) from None
+    if not engines:
+        raise error("no engine could be loaded: " + "; ".join(notes))
+    return engines, notes
+
+
 # -- the suite -----------------------------------------------------------------------------------
 
 def resolve_engines(engines: Sequence[str | Path] | None) -> tuple[list[Path], list[str]]:
@@ -525,8 +606,9 @@ def resolve_engines(engines: Sequence[str | Path] | None) -> tuple[list[Path], l
 
 
 def _compare(ds: str, engine_name: str, meta: ArtifactMeta, y: np.ndarray, p_torch: np.ndarray,
-             p_engine: np.ndarray, extra: list[Check]) -> SetResult:
+             p_engine: np.ndarray, extra: list[Check], precision: str | None = None) -> SetResult:
     thr = float(meta.threshold)
+    precision = precision or meta.precision
 
     def metric(fn, *a):
         try:
@@ -537,14 +619,14 @@ def _compare(ds: str, engine_name: str, meta: ArtifactMeta, y: np.ndarray, p_tor
     diff = np.abs(p_engine.astype(np.float64) - p_torch.astype(np.float64))
     flips = int(np.sum((p_engine >= thr) != (p_torch >= thr)))
     r = SetResult(
-        dataset=ds, engine=engine_name, precision=meta.precision, n=int(y.size), n_atypical=int(y.sum()), threshold=thr,
+        dataset=ds, engine=engine_name, precision=precision, n=int(y.size), n_atypical=int(y.sum()), threshold=thr,
         torch_ba=metric(balanced_accuracy, p_torch, thr), engine_ba=metric(balanced_accuracy, p_engine, thr),
         torch_auroc=metric(auroc, p_torch), engine_auroc=metric(auroc, p_engine),
         max_abs_dp=float(diff.max()) if diff.size else 0.0, mean_abs_dp=float(diff.mean()) if diff.size else 0.0,
         agreement=1.0 - flips / max(1, y.size), n_flips=flips)
     if not np.isfinite(p_engine).all():
         r.checks.append(Check("finite", None, None, False, "the engine returned NaN or infinite probabilities"))
-    r.checks += extra + evaluate_checks(tolerance_for(meta.precision), d_ba=r.d_ba, d_auroc=r.d_auroc,
+    r.checks += extra + evaluate_checks(tolerance_for(precision), d_ba=r.d_ba, d_auroc=r.d_auroc,
                                         max_dp=r.max_abs_dp, flips=flips, n=r.n)
     return r
 
@@ -553,6 +635,7 @@ def parity(data_root: str | Path | None = None, *, run: str | Path | None = None
            engines: Sequence[str | Path] | None = None, weights: str | Path | None = None, max_crops: int = 0,
            batch: int = 64, threads: int = 0, provider: str = "cpu", device: str = "cpu",
            datasets: Sequence[str] = TEST_SETS, show_progress: bool = True, keep_predictions: bool = False,
+           runtimes: Sequence[str] | None = None, precisions: Sequence[str] | None = None,
            log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Report:
     """Compare PyTorch and each engine on every present evaluation set; see the module docstring.
 
@@ -584,14 +667,10 @@ def parity(data_root: str | Path | None = None, *, run: str | Path | None = None
     if threads > 0:
         torch.set_num_threads(threads)
 
-    # load the engines
-    loaded = []
-    for p in paths:
-        try:
-            eng = load_engine(p, provider=provider if p.suffix.lower() == ".onnx" else "auto", threads=threads)
-        except (ArtifactError, EngineError) as e:
-            raise ParityError(str(e)) from None
-        loaded.append(eng)
+    # load the engines: every file on every installed engine that takes it, at every precision
+    loaded, more = load_variants(paths, runtimes=runtimes, precisions=precisions, provider=provider, threads=threads,
+                                 error=ParityError)
+    notes += more
 
     # build one PyTorch reference per distinct set of folds
     refs: dict[tuple, TorchReference] = {}
@@ -622,10 +701,11 @@ def parity(data_root: str | Path | None = None, *, run: str | Path | None = None
         if provenance.startswith("WARNING"):
             notes.append(f"{eng.path.name}: {provenance}")
         ref_of.append(key)
-        infos.append(EngineInfo(name=eng.path.name, path=str(eng.path), precision=meta.precision, provider=eng.provider,
-                                model=meta.model, method=meta.method, folds=list(meta.folds),
-                                threshold=float(meta.threshold), tolerance=tolerance_for(meta.precision).describe(),
-                                reference=refs[key].description, provenance=provenance))
+        infos.append(EngineInfo(name=engine_label(eng), path=str(eng.path), precision=eng.precision,
+                                provider=eng.provider, model=meta.model, method=meta.method, folds=list(meta.folds),
+                                threshold=float(meta.threshold), tolerance=tolerance_for(eng.precision).describe(),
+                                reference=refs[key].description, provenance=provenance, runtime=eng.engine,
+                                artefact_precision=meta.precision))
 
     report = Report(data_root=str(root), engines=infos, max_crops=max(0, int(max_crops)), notes=notes)
     sets = available_eval_sets(root)
@@ -656,7 +736,7 @@ def parity(data_root: str | Path | None = None, *, run: str | Path | None = None
             if tkey not in torch_cache:
                 torch_cache[tkey] = ref.predict(pixels, batch, f"{ds}: PyTorch", show_progress)
             p_engine = _predict_engine(eng, pixels, batch, f"{ds}: {info.name}", show_progress)
-            r = _compare(ds, info.name, eng.meta, y, torch_cache[tkey], p_engine, extra)
+            r = _compare(ds, info.name, eng.meta, y, torch_cache[tkey], p_engine, extra, eng.precision)
             if keep_predictions:
                 r.predictions = {"names": [s.name for s in samples], "labels": y.tolist(),
                                  "torch": torch_cache[tkey].tolist(), "engine": p_engine.tolist()}
@@ -691,10 +771,13 @@ EPILOG = """Examples:
   ami-bench parity --run runs/edge --engine edge.onnx --engine edge-int8.onnx
   ami-bench parity --run runs/uni-lora --engine uni.onnx --format json -o parity.json
   ami-bench parity --weights edge.safetensors --engine my-edge.onnx
+  ami-bench parity --runtime openvino --precision bf16    # one engine, one precision
 
 \b
+Every file runs on every installed engine that loads it (ONNX Runtime, OpenVINO, TensorRT), at
+every precision that engine offers here; each (file, engine, precision) is one row.
 Tolerances: fp32: labels identical, |ΔAUROC| <= 1e-4, max |Δp| <= 1e-4
-            int8/fp16: |ΔBA| <= 0.01, |ΔAUROC| <= 0.005
+            int8/fp16/bf16: |ΔBA| <= 0.01, |ΔAUROC| <= 0.005
 Exit status: 0 all pass; 1 a check failed (the verdict names engine, dataset and metric);
 2 the comparison could not be set up. Absent datasets are reported as absent."""
 
@@ -719,13 +802,19 @@ def register(app: typer.Typer) -> None:
         provider: str = typer.Option("cpu", "--provider", help="ONNX Runtime provider for ONNX engines: cpu | cuda | "
                                      "tensorrt | auto (plans always run on TensorRT)."),
         device: str = typer.Option("cpu", "--device", help="PyTorch device: cpu | cuda (float32, TF32 off)."),
+        runtime: Optional[List[str]] = typer.Option(None, "--runtime", help="Inference engine(s) from the registry ("
+                                                    + " | ".join(REGISTRY) + "); repeat for several. Default: every "
+                                                    "installed engine that loads the file."),
+        precision: Optional[List[str]] = typer.Option(None, "--precision", help="Only these precisions (fp32 | bf16 | "
+                                                      "int8); repeat. Default: every precision each engine runs the "
+                                                      "file at here (OpenVINO: fp32 and bf16 where the CPU has it)."),
     ):
         """Check exported engines against their PyTorch model on every present test set."""
         if fmt not in FORMATS:
             raise typer.BadParameter(f"--format must be one of {', '.join(FORMATS)}")
         try:
             rep = parity(data_root, run=run, engines=engine, weights=weights, max_crops=max_crops, batch=batch,
-                         threads=threads, provider=provider, device=device,
+                         threads=threads, provider=provider, device=device, runtimes=runtime, precisions=precision,
                          log=lambda s: typer.echo(s, err=True))
         except ParityError as e:
             typer.echo(f"ami-bench parity: {e}", err=True)

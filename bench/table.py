@@ -1,7 +1,9 @@
 """ami-bench table: the paper's Table 3 rendered from run directories, never from typed numbers.
 
-Every figure in "ours" comes from ``RUN/fold{k}/metrics.json``: mean ± sample standard deviation
-(ddof=1) over the folds found, per test set and metric. The paper's published figures are an
+Every figure in "ours" comes from ``RUN/fold{k}/metrics.json``: mean ± standard deviation over the
+folds found, per test set and metric. The standard deviation is numpy's default (``np.std``,
+ddof=0, the population formula), which is what the paper's inference notebooks computed, so our
+spread is comparable with the published one; ``--ddof 1`` gives the sample standard deviation. The paper's published figures are an
 optional extra column (``--paper``), taken from :data:`PAPER_TABLE3` below and labelled "paper"
 wherever they appear. Runs of one configuration spread over several directories (one fold per
 machine) are merged; a fold found twice is an error. Datasets absent from disk stay "absent".
@@ -180,10 +182,18 @@ def _tell_apart(configs: list[Config]) -> None:
             c.label += " · " + ", ".join(f"{k} {c.setup.get(k)}" for k in keys)
 
 
-def _cell(vals: list[float], why: str | None) -> str:
+DDOF = 0  # numpy's default np.std, as the paper's notebooks computed the ± of Table 3
+
+
+def _std_note(ddof: int) -> str:
+    return ("std with ddof=0 (numpy's default np.std, as the paper's notebooks computed it)" if ddof == 0 else
+            "sample std (ddof=1)" if ddof == 1 else f"std with ddof={ddof}")
+
+
+def _cell(vals: list[float], why: str | None, ddof: int = DDOF) -> str:
     if why:
         return why
-    m, s = mean_std(vals)
+    m, s = mean_std(vals, ddof=ddof)
     return f"{m:.4f} ± {s:.4f}" if len(vals) > 1 else f"{m:.4f} (1 fold)"
 
 
@@ -196,7 +206,7 @@ def _name(c: Config) -> str:
     return c.label + (f" [{', '.join(c.flags)}]" if c.flags else "")
 
 
-def render_markdown(configs: list[Config], paper: bool = False) -> str:
+def render_markdown(configs: list[Config], paper: bool = False, ddof: int = DDOF) -> str:
     head = ["model", "folds"]
     for ds in TEST_SETS:
         for metric, short in METRICS:
@@ -208,11 +218,11 @@ def render_markdown(configs: list[Config], paper: bool = False) -> str:
         row = [_name(c), ",".join(str(k) for k in sorted(c.folds)) or "none"]
         for ds in TEST_SETS:
             for metric, _ in METRICS:
-                row.append(_cell(*c.values(ds, metric)))
+                row.append(_cell(*c.values(ds, metric), ddof=ddof))
                 if paper:
                     row.append(_paper_cell(c, ds, metric))
         lines.append("| " + " | ".join(row) + " |")
-    notes = ["", "Ours: mean ± sample std (ddof=1) over the folds listed, read from each fold's metrics.json; "
+    notes = ["", f"Ours: mean ± {_std_note(ddof)} over the folds listed, read from each fold's metrics.json; "
              "BA at threshold 0.5. 'absent': the dataset is not on disk; 'n/a': no value (e.g. one class only)."]
     if paper:
         notes.append(f"paper: {PAPER_CITATION}.")
@@ -223,7 +233,8 @@ def render_markdown(configs: list[Config], paper: bool = False) -> str:
     return "\n".join(lines + notes) + "\n"
 
 
-def render_csv(configs: list[Config], paper: bool = False) -> str:
+def render_csv(configs: list[Config], paper: bool = False, ddof: int = DDOF) -> str:
+    """One row per configuration; the std columns use ``ddof`` (default 0, as the paper)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     head = ["model", "method", "label", "flags", "folds"]
@@ -241,7 +252,7 @@ def render_csv(configs: list[Config], paper: bool = False) -> str:
                 if why:
                     row += [why, "", 0]
                 else:
-                    m, s = mean_std(vals)
+                    m, s = mean_std(vals, ddof=ddof)
                     row += [f"{m:.6f}", f"{s:.6f}" if len(vals) > 1 else "", len(vals)]
                 if paper:
                     p = PAPER_TABLE3.get((c.model, c.method))
@@ -279,7 +290,7 @@ def render_long(configs: list[Config], paper: bool = False) -> str:
     return buf.getvalue()
 
 
-def plot_roc(configs: list[Config], out_dir: Path) -> dict[str, Path | str]:
+def plot_roc(configs: list[Config], out_dir: Path, ddof: int = DDOF) -> dict[str, Path | str]:
     """One PNG per test set: each configuration's fold ROC curves (thin) and their vertical mean."""
     try:
         import matplotlib
@@ -313,7 +324,7 @@ def plot_roc(configs: list[Config], out_dir: Path) -> dict[str, Path | str]:
                 if auc is not None:
                     aucs.append(float(auc))
             if tprs:
-                m, s = mean_std(aucs)
+                m, s = mean_std(aucs, ddof=ddof)
                 spread = f" ± {s:.3f}" if len(aucs) > 1 else ""
                 ax.plot(grid, np.mean(tprs, axis=0), color=color, lw=2,
                         label=f"{_name(c)}: AUROC {m:.3f}{spread} ({len(tprs)} fold{'s' * (len(tprs) > 1)})")
@@ -338,6 +349,7 @@ Examples:
   ami-bench table runs/* --paper                # with the paper's Table 3 figures beside ours
   ami-bench table runs/* --format csv -o table3.csv --long table3-long.csv
   ami-bench table runs/* --roc figures/         # + one ROC PNG per test set
+  ami-bench table runs/* --ddof 1               # sample std instead of numpy's default (the paper's)
 
 Folds of one configuration trained in separate directories (one per GPU or machine) are merged."""
 
@@ -351,6 +363,9 @@ def register(app: typer.Typer) -> None:
         roc: Optional[Path] = typer.Option(None, "--roc", help="Write ROC curves per test set (PNG) into this folder."),
         output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the table here instead of stdout."),
         long: Optional[Path] = typer.Option(None, "--long", help="Also write every per-fold value as long-format CSV."),
+        ddof: int = typer.Option(DDOF, "--ddof", min=0, help="Delta degrees of freedom of the ± over folds: 0 = numpy's "
+                                 "default np.std, as the paper's notebooks computed Table 3 (default); 1 = the sample "
+                                 "standard deviation."),
     ):
         """Render Table 3 (mean ± std over folds, per test set) from run directories."""
         if fmt not in ("md", "csv"):
@@ -360,7 +375,7 @@ def register(app: typer.Typer) -> None:
             if not configs:
                 typer.echo("no run directories found (each holds a config.json written by ami-train)", err=True)
                 raise typer.Exit(2)
-            text = render_markdown(configs, paper) if fmt == "md" else render_csv(configs, paper)
+            text = render_markdown(configs, paper, ddof) if fmt == "md" else render_csv(configs, paper, ddof)
             if output:
                 output.parent.mkdir(parents=True, exist_ok=True)
                 output.write_text(text)
@@ -372,7 +387,7 @@ def register(app: typer.Typer) -> None:
                 long.write_text(render_long(configs, paper))
                 typer.echo(f"wrote {long}", err=True)
             if roc:
-                for ds, p in plot_roc(configs, roc).items():
+                for ds, p in plot_roc(configs, roc, ddof).items():
                     typer.echo(f"ROC {ds}: {p}", err=True)
         except TableError as e:
             typer.echo(str(e), err=True)

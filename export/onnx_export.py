@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from ami.runtime import __version__
-from ami.runtime.artifact import INPUT_NAME, OUTPUT_NAME, ArtifactMeta, plan_weights_digest, stamp_weights_digest
+from ami.runtime.artifact import (AMIBR_CROP, INPUT_NAME, OUTPUT_NAME, ArtifactMeta, plan_weights_digest,
+                                  stamp_weights_digest)
 from ami.runtime.datasets import resolve_data_root
 
 from . import ExportError
@@ -202,7 +203,7 @@ def _export_float(src: RunSource, st: Staging, final: Path, data_root: Path, *, 
     meta = ArtifactMeta(
         model=cfg.name, method=src.method, preprocess=pre, threshold=thr, threshold_rule=rule, precision="fp32",
         display=display, folds=list(src.folds), source=source_record(src), validation=validation_summary(src, thr),
-        versions=versions(src.method),
+        versions=versions(src.method), crop=dict(AMIBR_CROP),
         extra={"opset": opset, "exporter": EXPORTER, "dynamic_batch": True, "timm_exportable_mode": True,
                "graph": f"uint8 pixels -> preprocessing -> {len(models)} fold network(s) -> mean of sigmoid(logit)",
                "self_check": {**rep.to_dict(), "crops": "AMi-Br training crops (stratified, seed 0)",
@@ -313,7 +314,7 @@ def _build_trt(float_path: Path, meta: ArtifactMeta, st: Staging, root: Path, im
     plan = st.path()
     info = build_engine(graph_path, plan, input_size=meta.preprocess.input_size, batches=batch, precision=precision,
                         timing_cache=timing_cache, workspace_gb=workspace_gb, log=log)
-    from ami.runtime.trt import write_plan_sidecar
+    from ami.runtime.engines.tensorrt import write_plan_sidecar
 
     def sidecar(extra_check: dict | None = None) -> ArtifactMeta:
         trt_rec = {**info, **({"self_check": extra_check} if extra_check else {})}

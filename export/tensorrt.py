@@ -54,7 +54,7 @@ def gpu_info() -> dict:
     TensorRTUnavailable."""
     if _have_cudart():
         from ami.runtime.engine import EngineError
-        from ami.runtime.trt import gpu_info as rt_gpu_info
+        from ami.runtime.engines.tensorrt import gpu_info as rt_gpu_info
 
         try:
             g = rt_gpu_info(0)
@@ -292,7 +292,7 @@ def run_plan(plan_path: Path, images: np.ndarray, min_batch: int, max_batch: int
     ami-infer runs, with its version/GPU checks) when cuda-python is present, else torch.cuda."""
     if _have_cudart():
         from ami.runtime.engine import EngineError
-        from ami.runtime.trt import TrtPlanEngine
+        from ami.runtime.engines.tensorrt import TrtPlanEngine
 
         try:
             eng = TrtPlanEngine(plan_path)

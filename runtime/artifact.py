@@ -56,6 +56,14 @@ NO_DIGEST_WARNING = ("{name} carries no weights digest (exported before ami reco
 PLAN_SUFFIXES = (".plan", ".engine", ".trt")
 
 
+# The field of view a model was trained on, so slide readers cut the same crops: every ami model so
+# far is trained on the AMi-Br crops, 128 x 128 px at 0.25 um/px (40x), centred on the figure
+# (Banerjee et al.; docs: benchmark-protocol.md). Artefacts exported before the ``crop`` key
+# existed carry none: :meth:`ArtifactMeta.training_crop` then assumes this one and says so.
+AMIBR_CROP = {"mpp": 0.25, "size_px": 128, "centred": True,
+              "source": "AMi-Br crops (TUPAC16, MIDOG21): 128 x 128 px at 0.25 um/px, centred on the mitotic figure"}
+
+
 class ArtifactError(ValueError):
     """An artefact is missing, unreadable, or does not describe itself as ami expects."""
 
@@ -77,8 +85,22 @@ class ArtifactMeta:
     calibration: dict = field(default_factory=dict)  # int8: calibration set and size
     versions: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    crop: dict = field(default_factory=dict)  # training field of view: mpp, size_px, centred, source
     format: str = FORMAT
     weights_digest: str = ""  # "sha256:<hex>" of the weights (see the module docstring); "" = predates digests
+
+    def training_crop(self) -> dict:
+        """The crops the model was trained on: {"mpp", "size_px", "centred", "source", "assumed"}.
+        ``assumed`` is True for an artefact that does not record them (the AMi-Br crops are assumed)."""
+        c = self.crop or AMIBR_CROP
+        try:
+            mpp, size = float(c["mpp"]), int(c["size_px"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"artefact metadata 'crop' is malformed ({c!r}: {e}); expected mpp and size_px") from None
+        if not (mpp > 0 and size > 0):
+            raise ArtifactError(f"artefact metadata 'crop' must have mpp > 0 and size_px > 0, got {c!r}")
+        return {"mpp": mpp, "size_px": size, "centred": bool(c.get("centred", True)),
+                "source": str(c.get("source", "")), "assumed": not self.crop}
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -192,7 +214,7 @@ def validate_meta_dict(d) -> list[str]:
         out += validate_preprocess_dict(d["preprocess"])
     if "folds" in d and not isinstance(d["folds"], list):
         out.append(f"folds must be a list, got {d['folds']!r}")
-    for k in ("source", "validation", "calibration", "versions", "extra"):
+    for k in ("source", "validation", "calibration", "versions", "extra", "crop"):
         if k in d and not isinstance(d[k], dict):
             out.append(f"{k} must be an object, got {type(d[k]).__name__}")
     w = d.get("weights_digest", "")

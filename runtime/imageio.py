@@ -3,12 +3,20 @@
 Handles RGB, RGBA (composited on white), greyscale, 16-bit, palette and CMYK images, guards
 against decompression bombs, and turns every failure into an :class:`ImageError` with a reason
 a person can act on.
+
+:func:`decode_rgb_fast` is the fast path for the common crop (an 8-bit RGB PNG): OpenCV's PNG
+decoder when ``opencv-python-headless`` is installed (it comes with ``ami[openvino]``; about a
+third faster than Pillow here, and the same pixels: PNG is lossless and neither applies gamma),
+straight into a uint8 array. Anything else - another format or PNG colour type, a file OpenCV
+refuses - returns None and goes through :func:`decode_rgb`, which also words the errors.
+``AMI_DECODER=pillow`` turns the fast path off.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+import struct
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -99,3 +107,58 @@ def decode_rgb(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, info: dict
                          f"(over {Image.MAX_IMAGE_PIXELS * 2} pixels)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"corrupt or truncated image ({e})") from None
+
+
+# -- the fast path ---------------------------------------------------------------------------------
+
+_PNG_SIG = b"\x89PNG\r\n\x1a\n"
+_CV2 = None  # the cv2 module, False when it is not installed or turned off
+
+
+def _cv2():
+    global _CV2
+    if _CV2 is None:
+        if os.environ.get("AMI_DECODER", "auto").lower() == "pillow":
+            _CV2 = False
+        else:
+            try:
+                import cv2
+
+                _CV2 = cv2
+            except ImportError:
+                _CV2 = False
+    return _CV2
+
+
+def fast_decoder() -> str:
+    """Which decoder :func:`decode_rgb_fast` uses for 8-bit RGB PNGs: 'opencv X' or 'pillow'."""
+    cv2 = _cv2()
+    return f"opencv {cv2.__version__}" if cv2 else "pillow"
+
+
+def decode_rgb_fast(path: str | os.PathLike, max_pixels: int = MAX_PIXELS):
+    """An 8-bit RGB PNG as a uint8 HxWx3 RGB array, decoded by OpenCV; None when the file is anything
+    else (or OpenCV is not installed, or refuses it): then use :func:`decode_rgb`."""
+    cv2 = _cv2()
+    if not cv2:
+        return None
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None  # decode_rgb says why
+    # IHDR: signature, length, "IHDR", width, height, bit depth, colour type (2 = RGB)
+    if len(data) < 33 or data[:8] != _PNG_SIG or data[12:16] != b"IHDR":
+        return None
+    w, h, depth, ctype = struct.unpack(">IIBB", data[16:26])
+    if depth != 8 or ctype != 2 or w * h > max_pixels or w == 0 or h == 0:
+        return None
+    idat = data.find(b"IDAT")
+    if b"acTL" in data[:idat if idat > 0 else len(data)]:  # an animated PNG: decode_rgb notes its frames
+        return None
+    import numpy as np
+
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if bgr is None or bgr.shape != (h, w, 3) or bgr.dtype != np.uint8:
+        return None  # corrupt or truncated: decode_rgb words the error
+    return bgr[:, :, ::-1]

@@ -48,7 +48,7 @@ except ImportError:  # pragma: no cover - Windows: no lock (documented)
     fcntl = None  # type: ignore[assignment]
 
 from .engine import EngineError
-from .imageio import MAX_PIXELS, ImageError, decode_rgb
+from .imageio import MAX_PIXELS, ImageError, decode_rgb, decode_rgb_fast
 from .preprocess import Preprocess
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -186,8 +186,15 @@ def prepare_batch(paths: list[str], pre: Preprocess, max_pixels: int = MAX_PIXEL
     n = 0
     for p in paths:
         try:
+            fast = decode_rgb_fast(p, max_pixels)  # an 8-bit RGB PNG, by the fastest decoder installed
+            if fast is not None and not pre.needs_resize(fast.shape[1], fast.shape[0]):
+                out[n] = fast
+                n += 1
+                status.append((None, False, None))
+                continue
             info: dict = {}
-            im = decode_rgb(p, max_pixels=max_pixels, info=info)
+            im = (Image.fromarray(np.ascontiguousarray(fast)) if fast is not None
+                  else decode_rgb(p, max_pixels=max_pixels, info=info))
             resized = pre.needs_resize(*im.size)
             note = crop_note(*im.size, info.get("frames", 1), pre)
             a = pre.to_uint8(im)
@@ -203,6 +210,36 @@ def prepare_batch(paths: list[str], pre: Preprocess, max_pixels: int = MAX_PIXEL
         except Exception as e:  # noqa: BLE001 - one crop must never take a batch down
             status.append((f"unexpected {type(e).__name__}: {e}", False, None))
     return out[:n], status
+
+
+class CropFiles:
+    """The input source of :func:`run_inference`: where items come from and what their rows hold.
+
+    The default source is crop image files: an item is a path, its row key is the path, its pixels
+    come from :func:`prepare_batch`, its extra column is the ``note``. Another source (e.g.
+    detections on whole-slide images, :mod:`ami.runtime.slides`) gives its own ``columns`` (key
+    columns first, then prob_atypical, label, status, error, then its extra columns), ``n_key``,
+    ``key`` / ``fields`` (the key as text for resuming; the row's leading values), ``describe`` (an
+    item for messages) and ``prepare`` (runs in the worker pool: items -> uint8 NHWC pixels of the
+    good ones, and per item (error or None, resized, extra values)). A source must be picklable for
+    ``pool="process"``.
+    """
+
+    columns: tuple = COLUMNS
+    n_key: int = 1
+
+    def key(self, item):
+        return item
+
+    def fields(self, item) -> tuple:
+        return (item,)
+
+    def describe(self, item) -> str:
+        return str(item)
+
+    def prepare(self, items: list, pre: Preprocess, max_pixels: int = MAX_PIXELS):
+        pixels, status = prepare_batch(items, pre, max_pixels)
+        return pixels, [(err, resized, (note,)) for err, resized, note in status]
 
 
 def _watch_parent(pid: int) -> None:
@@ -275,26 +312,36 @@ def json_str(text: str | None) -> str:
     return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(text, ensure_ascii=False))
 
 
-def format_rows(rows: list[tuple], fmt: str) -> str:
-    """Rows (path, prob|None, label|None, status, error|None, note|None) as CSV or JSON Lines text."""
+def _csv_cell(col: str, v) -> str:
+    if col == "prob_atypical":
+        return "" if v is None else _fmt_prob(v)
+    if col in ("error", "note"):
+        return _one_line(v) if v else ""
+    if isinstance(v, str) and col not in ("label", "status"):
+        return csv_cell(v)  # a name or path: the formula guard
+    return "" if v is None else str(v)
+
+
+def _json_value(col: str, v) -> str:
+    if col == "prob_atypical":
+        return "null" if v is None else _fmt_prob(v)
+    if col in ("error", "note"):
+        v = _one_line(v) if v else None
+    return json_str(v) if v is None or isinstance(v, str) else json.dumps(v)
+
+
+def format_rows(rows: list[tuple], fmt: str, columns: tuple = COLUMNS) -> str:
+    """Rows as CSV or JSON Lines text; each row holds one value per column of ``columns`` (for crops:
+    path, prob|None, label|None, status, error|None, note|None; other sources add their own key and
+    extra columns)."""
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        for path, p, label, status, err, note in rows:
-            w.writerow([csv_cell(path), "" if p is None else _fmt_prob(p), label or "", status,
-                        _one_line(err) if err else "", _one_line(note) if note else ""])
+        for row in rows:
+            w.writerow([_csv_cell(c, v) for c, v in zip(columns, row, strict=True)])
         return buf.getvalue()
-    lines = []
-    for path, p, label, status, err, note in rows:
-        lines.append("{" + ", ".join([
-            f'"path": {json_str(path)}',
-            f'"prob_atypical": {"null" if p is None else _fmt_prob(p)}',
-            f'"label": {json_str(label)}',
-            f'"status": {json_str(status)}',
-            f'"error": {json_str(_one_line(err) if err else None)}',
-            f'"note": {json_str(_one_line(note) if note else None)}',
-        ]) + "}\n")
-    return "".join(lines)
+    return "".join("{" + ", ".join(f"{json.dumps(c)}: {_json_value(c, v)}" for c, v in zip(columns, row, strict=True))
+                   + "}\n" for row in rows)
 
 
 def format_for(path: str | os.PathLike, fmt: str | None = None) -> str:
@@ -320,9 +367,10 @@ def is_stream(out: str | os.PathLike) -> bool:
     return not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode)
 
 
-def _valid_row(vals: list[str], fmt: str) -> bool:
-    path, prob, label, status = vals[0], vals[1], vals[2], vals[3]
-    if not path or status not in ("ok", "error"):
+def _valid_row(vals: list, columns: tuple = COLUMNS) -> bool:
+    ix = columns.index
+    path, prob, label, status = vals[0], vals[ix("prob_atypical")], vals[ix("label")], vals[ix("status")]
+    if status not in ("ok", "error") or (len(columns) > 0 and columns[0] == "path" and path in ("", None)):
         return False
     if status == "error":
         return prob in ("", None)
@@ -350,7 +398,14 @@ class Scan:
         return self.n_rows - len(self.rows)
 
 
-def scan_output(path: str | os.PathLike, fmt: str) -> Scan:
+def _row_key(vals: list, n_key: int):
+    """The resume key of a row: the first column (a crop's path), or the first ``n_key`` as text."""
+    if n_key == 1:
+        return csv_uncell(vals[0]) if isinstance(vals[0], str) else str(vals[0])
+    return tuple(csv_uncell(v) if isinstance(v, str) else str(v) for v in vals[:n_key])
+
+
+def scan_output(path: str | os.PathLike, fmt: str, columns: tuple = COLUMNS, n_key: int = 1) -> Scan:
     """Parse an ami-infer output file (CSV by the csv module, so a quoted path holding a newline is
     one field; JSON Lines line by line). A damaged *tail* (a run killed mid-row) is measured, not
     guessed: it is everything after the last complete, valid row. Damage before a valid row, or a
@@ -376,20 +431,20 @@ def scan_output(path: str | os.PathLike, fmt: str) -> Scan:
                 yield chunk.decode("utf-8", "surrogateescape")
 
         reader = csv.reader(lines(), strict=True)
-        header_line = ",".join(COLUMNS) + "\n"
+        header_line = ",".join(columns) + "\n"
         try:
             header = next(reader)
         except csv.Error:
             header = None
-        if tuple(header or ()) == COLUMNS and data.startswith(header_line.encode()):
+        if tuple(header or ()) == columns and data.startswith(header_line.encode()):
             sc.good_end = len(header_line)
-        elif tuple(header or ()) == LEGACY_COLUMNS:
+        elif columns == COLUMNS and tuple(header or ()) == LEGACY_COLUMNS:
             sc.legacy = True
             return sc
         elif header_line.encode().startswith(data):  # killed while writing the header
             return sc
         else:
-            raise InputError(f"{p} is not an ami-infer CSV (header {header}, expected {','.join(COLUMNS)}); "
+            raise InputError(f"{p} is not an ami-infer CSV (header {header}, expected {','.join(columns)}); "
                              "choose another -o file or the matching --format")
         bad_at = None  # (row number, reason) of the first damaged record after good_end
         n = 1
@@ -407,12 +462,12 @@ def scan_output(path: str | os.PathLike, fmt: str) -> Scan:
                 break
             n += 1
             complete = data[pos - 1:pos] == b"\n"
-            if len(row) == len(COLUMNS) and complete and _valid_row(row, fmt):
+            if len(row) == len(columns) and complete and _valid_row(row, columns):
                 if bad_at:
                     raise InputError(f"{p}: row {bad_at[0]} is damaged ({bad_at[1]}) and rows follow it; ami-infer "
                                      "cannot tell which rows to trust: fix or remove that row, or start again with "
                                      "--overwrite")
-                sc.rows[csv_uncell(row[0])] = (row[3], row[2])
+                sc.rows[_row_key(row, n_key)] = (row[columns.index("status")], row[columns.index("label")])
                 sc.n_rows += 1
                 sc.good_end = pos
             else:
@@ -424,7 +479,7 @@ def scan_output(path: str | os.PathLike, fmt: str) -> Scan:
                 alone = next(csv.reader([line.decode("utf-8", "surrogateescape")], strict=True), [])
             except csv.Error:
                 continue
-            if len(alone) == len(COLUMNS) and _valid_row(alone, fmt):
+            if len(alone) == len(columns) and _valid_row(alone, columns):
                 raise InputError(f"{p}: row {bad_at[0] if bad_at else '?'} is damaged and complete rows follow it; "
                                  "ami-infer cannot tell which rows to trust: fix or remove that row, or start again "
                                  "with --overwrite")
@@ -444,15 +499,17 @@ def scan_output(path: str | os.PathLike, fmt: str) -> Scan:
             continue
         try:
             d = json.loads(line.decode("utf-8", "surrogateescape"))
-            ok = complete and isinstance(d, dict) and all(k in d for k in LEGACY_COLUMNS) and _valid_row(
-                [d["path"], d["prob_atypical"] if d["prob_atypical"] is not None else "", d["label"], d["status"]], fmt)
+            ok = (complete and isinstance(d, dict)
+                  and all(k in d for k in (*columns[:n_key], "prob_atypical", "label", "status"))
+                  and _valid_row([("" if d.get(c) is None and c == "prob_atypical" else d.get(c, "")) for c in columns],
+                                 columns))
         except (ValueError, TypeError, KeyError):
             ok = False
         if ok:
             if bad_at:
                 raise InputError(f"{p}: line {bad_at} is damaged and rows follow it; ami-infer cannot tell which rows "
                                  "to trust: fix or remove that line, or start again with --overwrite")
-            sc.rows[d["path"]] = (d["status"], d.get("label") or "")
+            sc.rows[_row_key([d[c] for c in columns[:n_key]], n_key)] = (d["status"], d.get("label") or "")
             sc.n_rows += 1
             sc.good_end = pos
         elif complete and n == 1:
@@ -462,12 +519,13 @@ def scan_output(path: str | os.PathLike, fmt: str) -> Scan:
     return sc
 
 
-def read_results(path: str | os.PathLike, fmt: str) -> dict[str, tuple[str, str]]:
-    """{path: (status, label)} of the complete rows of an ami-infer output file."""
+def read_results(path: str | os.PathLike, fmt: str, columns: tuple = COLUMNS, n_key: int = 1) -> dict:
+    """{key: (status, label)} of the complete rows of an ami-infer output file. The key is the first
+    column (a crop's path) or, with ``n_key`` > 1, the tuple of the first ``n_key`` columns as text."""
     p = Path(path)
     if not p.is_file() or p.stat().st_size == 0:
         return {}
-    return scan_output(p, fmt).rows
+    return scan_output(p, fmt, tuple(columns), n_key).rows
 
 
 def record_path(out: str | os.PathLike) -> Path:
@@ -534,8 +592,9 @@ class ResultWriter:
     FIFO, /dev/stdout) is just written and flushed: nothing to lock, sync or resume."""
 
     def __init__(self, out: str | os.PathLike, fmt: str, *, resume: bool = False, overwrite: bool = False,
-                 fsync_every_s: float = 5.0):
+                 fsync_every_s: float = 5.0, columns: tuple = COLUMNS, n_key: int = 1):
         self.fmt, self.stream = fmt, is_stream(out)
+        self.columns, self.n_key = tuple(columns), n_key
         self.path = Path(out)
         self.scan = Scan()
         self.fd: int | None = None
@@ -598,7 +657,7 @@ class ResultWriter:
     def inspect(self) -> Scan:
         """Under the lock, read-only: what a resumed file holds (raises when it is not ours or damaged)."""
         if not self.stream and self._resume and os.fstat(self.fd).st_size > 0:
-            sc = scan_output(self.path, self.fmt)
+            sc = scan_output(self.path, self.fmt, self.columns, self.n_key)
             if sc.legacy:
                 raise InputError(f"{self.path} was written by an older ami-infer (columns {','.join(LEGACY_COLUMNS)}); "
                                  "finish it with that version, or start again with --overwrite")
@@ -609,7 +668,7 @@ class ResultWriter:
         """Under the lock: cut a damaged tail (resume) or empty the file (overwrite), then open for appending."""
         if self.stream:
             if self.fmt == "csv":
-                self.f.write((",".join(COLUMNS) + "\n").encode())
+                self.f.write((",".join(self.columns) + "\n").encode())
                 self.f.flush()
             return
         size = os.fstat(self.fd).st_size
@@ -622,12 +681,12 @@ class ResultWriter:
         self.f = os.fdopen(self.fd, "r+b", closefd=False)
         self.f.seek(0, os.SEEK_END)
         if self.f.tell() == 0 and self.fmt == "csv":
-            self.f.write((",".join(COLUMNS) + "\n").encode())
+            self.f.write((",".join(self.columns) + "\n").encode())
             self.f.flush()
 
     def write(self, rows: list[tuple]) -> None:
         if rows:
-            text = format_rows(rows, self.fmt)
+            text = format_rows(rows, self.fmt, self.columns)
             self.f.write(text.encode("utf-8", "surrogateescape"))  # one call: a signal cannot split a row
             self.f.flush()
             if self._sync and time.monotonic() - self._last_sync > self._fsync_every:
@@ -658,13 +717,14 @@ class ResultWriter:
                     yield chunk.decode("utf-8", "surrogateescape")
             start = 0
             for row in csv.reader(lines(), strict=True):
-                recs.append((csv_uncell(row[0]), body[start:pos]))
+                recs.append((_row_key(row, self.n_key), body[start:pos]))
                 start = pos
         else:
             head = b""
             for line in data.splitlines(keepends=True):
                 if line.strip():
-                    recs.append((json.loads(line.decode("utf-8", "surrogateescape"))["path"], line))
+                    d = json.loads(line.decode("utf-8", "surrogateescape"))
+                    recs.append((_row_key([d[c] for c in self.columns[:self.n_key]], self.n_key), line))
         newest: dict[str, bytes] = {}
         for path, raw in recs:
             newest[path] = raw
@@ -786,6 +846,8 @@ class Summary:
     first_errors: list = field(default_factory=list)  # (path, reason), the first few
     input_size: int = 0  # the model's input size (crops of another size are resized)
     class_names: tuple = ("Normal", "Atypical")
+    engine_s: float = 0.0  # wall time inside engine.predict
+    wait_s: float = 0.0  # wall time the engine thread waited for decoded batches (decoding is the bottleneck)
 
     @property
     def crops_per_s(self) -> float:
@@ -809,11 +871,15 @@ class Summary:
                 "retried": self.retried, "mixed": self.mixed,
                 "elapsed_s": round(self.elapsed_s, 3), "crops_per_s": round(self.crops_per_s, 1),
                 "interrupted": self.interrupted, "workers": self.workers, "pool": self.pool,
-                "batch_size": self.batch_size}
+                "batch_size": self.batch_size, "engine_s": round(self.engine_s, 3), "wait_s": round(self.wait_s, 3)}
 
     def lines(self) -> list[str]:
         out = [f"{self.processed} crops in {self.elapsed_s:.1f} s: {self.crops_per_s:.0f} crops/s "
                f"(provider {self.provider}, batch {self.batch_size}, {self.workers} {self.pool} workers)"]
+        if self.elapsed_s > 0 and self.processed:
+            f = 100 / self.elapsed_s
+            out.append(f"time: engine {self.engine_s:.1f} s ({f * self.engine_s:.0f}%), waiting for decoded crops "
+                       f"{self.wait_s:.1f} s ({f * self.wait_s:.0f}%), the rest writing rows and start-up")
         labels = self.labels if self.mixed else self.labels + self.skipped_labels
         names = [*reversed(self.class_names), *sorted(set(labels) - set(self.class_names))]
         scope = "this run's labels" if self.mixed else "labels"
@@ -909,7 +975,7 @@ def run_inference(inputs: Iterable[str | os.PathLike], engine, out_path: str | o
                   batch_size: int = 64, workers: int = 0, threshold: float | None = None, resume: bool = False,
                   progress: bool | ProgressLine = True, *, pool: str = "thread", overwrite: bool = False,
                   max_pixels: int = MAX_PIXELS, resume_any: bool = False, retry_errors: bool = False,
-                  protect: Iterable[str | os.PathLike] = ()) -> Summary:
+                  protect: Iterable[str | os.PathLike] = (), source: CropFiles | None = None) -> Summary:
     """Classify crops and write one row per input to ``out_path``; return a :class:`Summary`.
 
     ``inputs``: crop paths (e.g. from :func:`iter_inputs`). ``engine``: from
@@ -921,7 +987,7 @@ def run_inference(inputs: Iterable[str | os.PathLike], engine, out_path: str | o
     the inputs whose row is an error again (their new row replaces the old one at the end).
     An existing non-empty ``out_path`` is refused unless ``resume`` or ``overwrite``; a file held
     by another run, or one of the inputs (or of ``protect``, e.g. list files), is always refused.
-    ``pool``: thread | process.
+    ``pool``: thread | process. ``source``: what the inputs are (default :class:`CropFiles`: crop paths).
     """
     if batch_size < 1:
         raise InputError(f"batch size must be >= 1, got {batch_size}")
@@ -935,17 +1001,19 @@ def run_inference(inputs: Iterable[str | os.PathLike], engine, out_path: str | o
     workers = workers if workers and workers > 0 else default_workers()
     names = tuple(engine.meta.class_names)
     pre: Preprocess = engine.meta.preprocess
-    all_inputs = [os.fspath(p) for p in inputs]
+    src = source or CropFiles()
+    all_inputs = [os.fspath(p) for p in inputs] if source is None else list(inputs)
     stream = is_stream("-" if os.fspath(out_path) == "-" else out_path)
 
-    writer = ResultWriter("-" if os.fspath(out_path) == "-" else out_path, fmt, resume=resume, overwrite=overwrite)
+    writer = ResultWriter("-" if os.fspath(out_path) == "-" else out_path, fmt, resume=resume, overwrite=overwrite,
+                          columns=src.columns, n_key=src.n_key)
     summary = Summary(out_path=out_path, fmt=fmt, provider=engine.provider, threshold=thr, found=len(all_inputs),
                       workers=workers, pool=pool, batch_size=batch_size, input_size=pre.input_size,
                       class_names=names, stream=stream)
     run_rec = model_record(engine, thr)
     record: dict | None = None
     try:
-        _check_not_an_input(writer, all_inputs, protect)
+        _check_not_an_input(writer, all_inputs if source is None else [], protect)
         writer.inspect()
         if not stream:
             old = read_record(out_path) if resume else None
@@ -986,7 +1054,7 @@ def run_inference(inputs: Iterable[str | os.PathLike], engine, out_path: str | o
 
     todo = []
     for p in all_inputs:
-        prev = done.get(p)
+        prev = done.get(src.key(p))
         if prev is None:
             todo.append(p)
         elif prev[0] == "error" and retry_errors:
@@ -1022,46 +1090,50 @@ def run_inference(inputs: Iterable[str | os.PathLike], engine, out_path: str | o
             # Our own pixel limit refuses big images before decoding; Pillow's warning is noise here.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             for chunk in chunks:
-                inflight.append((chunk, executor.submit(prepare_batch, chunk, pre, max_pixels)))
+                inflight.append((chunk, executor.submit(src.prepare, chunk, pre, max_pixels)))
                 if len(inflight) >= depth:
                     break
             while inflight and not stop.is_set():
                 chunk, fut = inflight.popleft()
+                t_wait = time.perf_counter()
                 try:
                     pixels, status = fut.result()
                 except BrokenExecutor:
                     raise EngineError(f"a decoding worker process died while reading one of the {len(chunk)} crops from "
-                                      f"{chunk[0]} to {chunk[-1]} (a decoder crash; or, when calling run_inference "
+                                      f"{src.describe(chunk[0])} to {src.describe(chunk[-1])} (a decoder crash; or, when calling run_inference "
                                       "from a script with pool='process', a missing `if __name__ == '__main__':` "
                                       "guard); rows before them are kept") from None
+                summary.wait_s += time.perf_counter() - t_wait
                 nxt = next(chunks, None)
                 if nxt is not None:
-                    inflight.append((nxt, executor.submit(prepare_batch, nxt, pre, max_pixels)))
+                    inflight.append((nxt, executor.submit(src.prepare, nxt, pre, max_pixels)))
+                t_engine = time.perf_counter()
                 try:
                     probs = engine.predict(pixels) if len(pixels) else np.zeros((0,), np.float32)
                 except Exception as e:  # noqa: BLE001 - a failing engine fails every batch: stop, say why
-                    raise EngineError(f"inference failed on the batch starting at {chunk[0]}: "
+                    raise EngineError(f"inference failed on the batch starting at {src.describe(chunk[0])}: "
                                       f"{type(e).__name__}: {e}") from e
+                summary.engine_s += time.perf_counter() - t_engine
                 if len(probs) != len(pixels):
                     raise EngineError(f"engine returned {len(probs)} probabilities for {len(pixels)} crops")
-                check_probabilities(probs, chunk)
+                check_probabilities(probs, [src.describe(c) for c in chunk[:1]])
                 rows, k = [], 0
-                for path, (err, resized, note) in zip(chunk, status):
+                for item, (err, resized, extra) in zip(chunk, status):
                     if err is None:
                         p = float(probs[k])
                         k += 1
                         label = names[1] if p >= thr else names[0]
-                        rows.append((path, p, label, "ok", None, note))
+                        rows.append((*src.fields(item), p, label, "ok", None, *extra))
                         summary.ok += 1
                         summary.labels[label] += 1
                         summary.resized += int(resized)
-                        summary.noted += int(note is not None)
+                        summary.noted += int("note" in src.columns and bool(extra) and extra[-1] is not None)
                     else:
-                        rows.append((path, None, None, "error", err, None))
+                        rows.append((*src.fields(item), None, None, "error", err, *extra))
                         summary.failed += 1
                         summary.errors[err] += 1
                         if len(summary.first_errors) < 20:
-                            summary.first_errors.append((path, err))
+                            summary.first_errors.append((src.describe(item), err))
                 writer.write(rows)
                 summary.processed += len(rows)
                 if bar:

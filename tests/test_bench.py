@@ -22,9 +22,21 @@ onnx = pytest.importorskip("onnx")
 from ami.bench import latency as L  # noqa: E402
 from ami.runtime.artifact import INPUT_NAME, META_KEY, OUTPUT_NAME, ArtifactMeta  # noqa: E402
 from ami.runtime.engine import load_engine  # noqa: E402
+from ami.runtime.engines import backend  # noqa: E402
 from ami.train.registry import get  # noqa: E402
 
 BATCHES = (1, 8)
+OV_MISSING = backend("openvino").unavailable()
+
+
+def cpu_variants(artefact_precision: str) -> list[tuple[str, str]]:
+    """(engine title, precision) of the rows the benchmark makes for a file on this machine."""
+    out = []
+    for name in ("onnxruntime", "openvino"):
+        b = backend(name)
+        if b.unavailable() is None:
+            out += [(b.title, q) for q in b.precisions(artefact_precision)]
+    return out
 
 
 def cli_app(module):
@@ -109,6 +121,8 @@ def runners(edge):
     out = {"pytorch": L.torch_runner([edge["model"]], edge["pre"], "cpu", "edge.safetensors")}
     for key in ("fp32", "int8"):
         out[f"onnx-{key}"] = L.engine_runner(load_engine(edge[key], provider="cpu", threads=1))
+        if OV_MISSING is None:
+            out[f"openvino-{key}"] = L.engine_runner(load_engine(edge[key], engine="openvino", threads=1))
     return out
 
 
@@ -152,8 +166,10 @@ def test_parse_batches():
 # -- model-only latency per engine and batch -------------------------------------------------------
 
 @pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("engine", ["pytorch", "onnx-fp32", "onnx-int8"])
+@pytest.mark.parametrize("engine", ["pytorch", "onnx-fp32", "onnx-int8", "openvino-fp32", "openvino-int8"])
 def test_model_latency(benchmark, runners, pixels, engine, batch):
+    if engine.startswith("openvino") and OV_MISSING:
+        pytest.skip(OV_MISSING)
     r = runners[engine]
     x = np.ascontiguousarray(pixels[:batch])
     benchmark.extra_info.update(engine=r.engine, precision=r.precision, device=r.device, batch=batch, model=r.model)
@@ -226,13 +242,19 @@ def test_run_latency_side_by_side(edge, data_root):
                         workers=1,
                         show_progress=False, log=lambda s: None)
     cells = {(r.engine, r.precision, r.batch) for r in rep.rows}
-    assert cells == {(e, p, b) for e, p in [("PyTorch eager", "fp32"), ("ONNX Runtime", "fp32"),
-                                            ("ONNX Runtime", "int8")] for b in (1, 4)}
+    variants = [("PyTorch eager", "fp32")] + cpu_variants("fp32") + cpu_variants("int8")
+    assert ("ONNX Runtime", "int8") in variants
+    assert cells == {(e, p, b) for e, p in variants for b in (1, 4)}  # every installed engine, every precision
     for r in rep.rows:
         assert r.stats["rounds"] == 2 and r.stats["warmup"] == 1
         assert r.stats["p50_ms"] > 0 and r.stats["crops_per_s"] > 0
+        # each row against the peak of its own precision
+        assert r.peak_ref == {"fp32": "cpu_float32", "bf16": "cpu_bfloat16", "int8": "cpu_int8"}[r.precision]
         assert r.flops_per_crop and 0 < r.peak_fraction < 5
-    assert rep.peaks["cpu_float32"]["gflops"] > 0
+        assert r.peak_fraction == pytest.approx(r.achieved_gflops / rep.peaks[r.peak_ref]["gflops"])
+    assert rep.peaks["cpu_float32"]["gflops"] > 0 and rep.peaks["cpu_int8"]["dtype"] == "int8"
+    impls = [t["impl"] for t in rep.peaks["cpu_int8"]["implementations"] if "gflops" in t]
+    assert any("MatMulInteger (u8*s8)" in i for i in impls)
     skipped = {s["engine"]: s["reason"] for s in rep.skipped}
     if not torch.cuda.is_available():
         assert "no CUDA GPU" in skipped["TensorRT fp16/fp32"] or "TensorRT" in skipped["TensorRT fp16/fp32"]
@@ -240,16 +262,29 @@ def test_run_latency_side_by_side(edge, data_root):
     e = rep.end_to_end
     assert e["crops"] == 16 and e["reference"]["crops_per_s"] > 0 and len(e["reference"]["seconds_per_round"]) == 2
     assert e["reference"]["seconds"] == pytest.approx(float(np.median(e["reference"]["seconds_per_round"])))
-    runs = {r["precision"]: r for r in e["ami_infer"]}
-    assert runs["fp32"]["check"].startswith("pass") and runs["fp32"]["labels_identical"]
-    assert runs["fp32"]["ratio_vs_reference"] == pytest.approx(runs["fp32"]["crops_per_s"] / e["reference"]["crops_per_s"])
-    assert runs["int8"]["check"].startswith("not checked")
+    runs = {(r["engine"], r["precision"]): r for r in e["ami_infer"]}
+    auto = backend("openvino").title if OV_MISSING is None else "ONNX Runtime"
+    assert set(runs) == {(t, p) for t in {"ONNX Runtime", auto} for p in ("fp32", "int8")}  # ORT and auto's choice
+    for (title, prec), run in runs.items():
+        if prec == "fp32":
+            assert run["check"].startswith("pass") and run["labels_identical"], (title, run)
+        else:
+            assert run["check"].startswith("not checked")
+        assert run["ratio_vs_reference"] == pytest.approx(run["crops_per_s"] / e["reference"]["crops_per_s"])
+        # where the time went, and the bound the two stages set on the same cores
+        assert 0 < run["engine_fraction"] < 1 and 0 <= run["wait_fraction"] < 1
+        assert run["bound_crops_per_s"] == pytest.approx(
+            1 / (1 / run["model_only_crops_per_s"] + 1 / e["decode_only"]["crops_per_s"]))
+    assert e["decode_only"]["crops_per_s"] > 0 and len(e["decode_only"]["seconds_per_round"]) == 2
     d = json.loads(rep.to_json())
     assert d["schema"] == L.SCHEMA and d["machine"]["cpu"] and d["machine"]["onnxruntime"]
     assert {"engine", "batch", "stats", "flops_per_crop", "peak_fraction"} <= set(d["rows"][0])
     md = rep.to_markdown()
-    for text in ("PyTorch eager", "ONNX Runtime", "int8", "skipped", "GFLOP/s", "reference loop", "ami-infer"):
+    for text in ("PyTorch eager", "ONNX Runtime", "int8", "skipped", "GFLOP/s", "reference loop", "ami-infer",
+                 "cpu int8", "GOP/s", "Stages alone", "% of bound"):
         assert text in md
+    if OV_MISSING is None:
+        assert "| OpenVINO | int8 |" in md
 
 
 def test_latency_cli_writes_json_and_markdown(edge, tmp_path, monkeypatch):
@@ -263,7 +298,8 @@ def test_latency_cli_writes_json_and_markdown(edge, tmp_path, monkeypatch):
                                    "--json", str(j), "--md", str(md)])
     assert res.exit_code == 0, res.output
     d = json.loads(j.read_text())
-    assert [r["batch"] for r in d["rows"]] == [2, 2] and d["settings"]["pixels"].startswith("random")
+    assert [r["batch"] for r in d["rows"]] == [2] * (1 + len(cpu_variants("fp32")))
+    assert d["settings"]["pixels"].startswith("random")
     assert d["settings"]["models"] == ["edge.onnx"]  # outside the working folder: the name, never a machine path
     assert "| PyTorch eager |" in md.read_text() and "| ONNX Runtime |" in md.read_text()
 
@@ -276,3 +312,21 @@ def test_latency_cli_without_shipped_model_says_so(monkeypatch, tmp_path):
     res = CliRunner().invoke(app, ["latency", "--no-e2e"])
     assert res.exit_code == 2
     assert "no shipped model found" in res.output and "--model" in res.output
+
+
+def test_peak_keys_follow_precision():
+    from ami.bench.peaks import peak_key
+
+    assert peak_key("cpu", "fp32") == "cpu_float32" and peak_key("cpu", "int8") == "cpu_int8"
+    assert peak_key("cpu", "bf16") == "cpu_bfloat16" and peak_key("cuda", "fp16") == "cuda_float16"
+
+
+def test_cpu_peaks_per_precision(monkeypatch):
+    from ami.bench import peaks as K
+
+    f32 = K.cpu_peak("fp32", n=256, reps=2, threads=1)
+    i8 = K.cpu_peak("int8", n=256, reps=2, threads=1)
+    assert f32["gflops"] > 0 and f32["dtype"] == "float32" and i8["dtype"] == "int8"
+    assert i8["gflops"] == max(t["gflops"] for t in i8["implementations"] if "gflops" in t)
+    monkeypatch.setattr(K, "cpu_flags", lambda: {"avx2"})  # a CPU without bf16: no bf16 peak, no bf16 rows
+    assert K.cpu_peak("bf16", n=64, reps=1) is None

@@ -1,10 +1,13 @@
-"""ami.runtime.engine / ami.runtime.trt: loading artefacts, refusing bad ones, running them.
+"""ami.runtime.engines: the plug-in registry, loading artefacts with every engine, refusing bad
+ones with the same messages whichever engine reads them, running them, ``engine="auto"``.
 
-Uses tiny ONNX models built by tests/onnx_factory.py (no trained model needed). TensorRT tests
-that need a GPU skip with the reason on CPU machines."""
+Uses tiny ONNX models built by tests/onnx_factory.py (no trained model needed). OpenVINO tests
+skip with the reason where ``ami[openvino]`` is not installed; TensorRT tests that need a GPU skip
+with the reason on CPU machines."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 
@@ -14,9 +17,23 @@ from onnx import TensorProto
 from onnx_factory import TINY_PRE, build_model, reference_probs, tiny_meta, write_model
 
 from ami.runtime import engine as E
-from ami.runtime import trt as T
+from ami.runtime import engines as R
+from ami.runtime.engines import onnxruntime as ORT
+from ami.runtime.engines import tensorrt as T
 from ami.runtime.artifact import ArtifactError, ArtifactMeta
 from ami.runtime.preprocess import Preprocess
+
+
+OV_MISSING = R.backend("openvino").unavailable()
+needs_openvino = pytest.mark.skipif(OV_MISSING is not None, reason=str(OV_MISSING))
+
+
+def _need(engine: str) -> None:
+    """Skip (with the reason) a parametrised case whose engine is not installed here."""
+    if engine != "auto":
+        why = R.backend(engine).unavailable()
+        if why:
+            pytest.skip(why)
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +60,8 @@ def test_loads_and_matches_reference(tiny):
 
 
 def test_auto_provider_is_a_real_one(tiny):
-    eng = E.load_engine(tiny)  # auto: whatever this onnxruntime build has, CPU at worst
-    assert eng.provider in E.PROVIDER_NAMES.values()
+    eng = E.load_engine(tiny, engine="onnxruntime")  # auto provider: whatever this onnxruntime build has, CPU at worst
+    assert eng.provider in E.PROVIDER_NAMES.values() and eng.engine == "onnxruntime"
 
 
 def test_predict_rejects_wrong_arrays(tiny):
@@ -69,13 +86,17 @@ def test_predict_rejects_wrong_arrays(tiny):
     (dict(output_name="logits"), "expected one named 'prob_atypical'"),
     (dict(output_rank=2), "expected \\[N\\]"),
 ])
-def test_refuses_contract_violations(tmp_path, kwargs, message):
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_refuses_contract_violations(tmp_path, kwargs, message, engine):
+    _need(engine)
     path = write_model(tmp_path / "bad.onnx", **kwargs)
     with pytest.raises(ArtifactError, match=message):
-        E.load_engine(path, provider="cpu")
+        E.load_engine(path, engine=engine)
 
 
-def test_refuses_broken_files(tmp_path, tiny):
+@pytest.mark.parametrize("engine", ["auto", "onnxruntime", "openvino"])
+def test_refuses_broken_files(tmp_path, tiny, engine):
+    _need(engine)
     data = tiny.read_bytes()
     (tmp_path / "trunc.onnx").write_bytes(data[: len(data) // 2])
     (tmp_path / "junk.onnx").write_bytes(b"\x00garbage" * 100)
@@ -85,14 +106,14 @@ def test_refuses_broken_files(tmp_path, tiny):
              "empty.onnx": "empty", "dir.onnx": "directory", "missing.onnx": "not found"}
     for name, message in cases.items():
         with pytest.raises(ArtifactError, match=message):
-            E.load_engine(tmp_path / name)
+            E.load_engine(tmp_path / name, engine=engine)
 
 
 def test_default_model(monkeypatch, tmp_path, tiny):
-    monkeypatch.setattr(E, "DEFAULT_MODEL", tmp_path / "assets" / "edge.onnx")
+    monkeypatch.setattr(R, "DEFAULT_MODEL", tmp_path / "assets" / "edge.onnx")
     with pytest.raises(ArtifactError, match="no shipped model found at .*edge.onnx"):
         E.load_engine()
-    monkeypatch.setattr(E, "DEFAULT_MODEL", tiny)
+    monkeypatch.setattr(R, "DEFAULT_MODEL", tiny)
     assert E.load_engine().meta.model == "tiny-test"
 
 
@@ -147,7 +168,7 @@ class _FakeOrt:
 
 def test_provider_list_auto_order_and_trt_profile(tmp_path, tiny):
     ort = _FakeOrt(["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
-    lst = E._provider_list(ort, "auto", tiny, "{}", 128, tmp_path / "cache", 256, 0)
+    lst = ORT._provider_list(ort, "auto", tiny, "{}", 128, tmp_path / "cache", 256, 0)
     assert [p if isinstance(p, str) else p[0] for p in lst] == [
         "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     opts = lst[0][1]
@@ -155,18 +176,18 @@ def test_provider_list_auto_order_and_trt_profile(tmp_path, tiny):
     assert opts["trt_profile_opt_shapes"] == "pixels:64x128x128x3"
     assert opts["trt_profile_max_shapes"] == "pixels:256x128x128x3"
     assert opts["trt_engine_cache_enable"] and opts["trt_engine_cache_path"] == str(tmp_path / "cache")
-    assert E._provider_list(ort, "cpu", tiny, "", 0, None, 256, 0) == ["CPUExecutionProvider"]
-    assert [p[0] if isinstance(p, tuple) else p for p in E._provider_list(ort, "cuda", tiny, "", 0, None, 256, 0)] == [
+    assert ORT._provider_list(ort, "cpu", tiny, "", 0, None, 256, 0) == ["CPUExecutionProvider"]
+    assert [p[0] if isinstance(p, tuple) else p for p in ORT._provider_list(ort, "cuda", tiny, "", 0, None, 256, 0)] == [
         "CUDAExecutionProvider", "CPUExecutionProvider"]
     cpu_only = _FakeOrt(["CPUExecutionProvider"])
-    assert E._provider_list(cpu_only, "auto", tiny, "", 0, None, 256, 0) == ["CPUExecutionProvider"]
+    assert ORT._provider_list(cpu_only, "auto", tiny, "", 0, None, 256, 0) == ["CPUExecutionProvider"]
 
 
 def test_trt_ep_cache_key_follows_weights(tmp_path):
     a = write_model(tmp_path / "a.onnx")
     b = write_model(tmp_path / "b.onnx", pre=Preprocess(128, None, "bicubic", (0.4, 0.5, 0.6), (0.2, 0.2, 0.2)))
-    ka, kb = (E._model_key(p, "{}", "1.0") for p in (a, b))
-    assert ka != kb and ka == E._model_key(a, "{}", "1.0") and ka != E._model_key(a, "{}", "1.1")
+    ka, kb = (ORT._model_key(p, "{}", "1.0") for p in (a, b))
+    assert ka != kb and ka == ORT._model_key(a, "{}", "1.0") and ka != ORT._model_key(a, "{}", "1.1")
 
 
 # -- TensorRT plans ------------------------------------------------------------------------------
@@ -211,6 +232,9 @@ def test_plan_needs_sidecar_before_anything(tmp_path):
         E.load_engine(plan)
     with pytest.raises(E.EngineError, match="runs on TensorRT only"):
         E.load_engine(plan, provider="cpu")
+    for name in ("onnxruntime", "openvino"):
+        with pytest.raises(E.EngineError, match="is a TensorRT plan.*runs on TensorRT only"):
+            E.load_engine(plan, engine=name)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
@@ -295,3 +319,192 @@ def test_build_model_helper_is_valid():
     # the factory itself: a contract-abiding graph with metadata
     m = build_model()
     assert [p.key for p in m.metadata_props] == ["ami"]
+
+
+# -- the plug-in registry ------------------------------------------------------------------------
+
+def test_registry_lists_every_engine_as_one_plugin():
+    assert list(R.REGISTRY) == ["onnxruntime", "openvino", "tensorrt"]
+    assert R.ENGINE_CHOICES == ("auto", "onnxruntime", "openvino", "tensorrt")
+    for name in R.REGISTRY:
+        b = R.backend(name)
+        assert isinstance(b, R.Backend) and b.name == name and b.title and b.suffixes and b.install
+    rows = {r["name"]: r for r in R.engine_table()}
+    assert rows["onnxruntime"]["installed"] and rows["onnxruntime"]["version"]
+    assert rows["openvino"]["installed"] == (OV_MISSING is None)
+    if not rows["tensorrt"]["installed"]:
+        assert "pip install 'ami[trt]'" in rows["tensorrt"]["reason"]
+    with pytest.raises(E.EngineError, match="unknown engine 'npu'; choose one of auto, onnxruntime, openvino, tensorrt"):
+        E.load_engine(None, engine="npu")
+    with pytest.raises(E.EngineError, match="unknown precision 'fp8'"):
+        E.load_engine(None, precision="fp8")
+
+
+FAKE_PLUGIN = """
+import numpy as np
+from ami.runtime.engines.base import Backend, Engine
+from ami.runtime.engines.onnxruntime import BACKEND as ORT
+
+class Doubling(Engine):
+    engine, title = "fake", "Fake engine"
+
+    def __init__(self, inner):
+        self.inner, self.meta, self.path, self.provider = inner, inner.meta, inner.path, "fake CPU"
+
+    def predict(self, pixels):
+        return self.inner.predict(pixels) * np.float32(0.5)
+
+class FakeBackend(Backend):
+    name, title, suffixes, install = "fake", "Fake engine", (".onnx",), "nothing to install"
+
+    def auto_rank(self, path):
+        return 1000.0, "it is the fake engine of a test"
+
+    def load(self, path, precision, opts):
+        return Doubling(ORT.load(path, precision, opts))
+
+BACKEND = FakeBackend()
+"""
+
+
+def test_adding_an_engine_is_one_file_and_one_registry_line(tmp_path, monkeypatch, tiny):
+    (tmp_path / "ami_fake_engine.py").write_text(FAKE_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(R.REGISTRY, "fake", "ami_fake_engine")
+    assert "fake" in {r["name"] for r in R.engine_table()}
+    eng = E.load_engine(tiny, engine="fake")
+    x = _pixels(3)
+    np.testing.assert_allclose(eng.predict(x), 0.5 * reference_probs(x), atol=1e-6)
+    auto = E.load_engine(tiny)  # the highest rank wins, and says so
+    assert auto.engine == "fake" and "auto picked Fake engine: it is the fake engine of a test" in auto.choice
+
+
+def test_auto_picks_the_best_installed_engine_and_says_why(tiny, monkeypatch):
+    eng = E.load_engine(tiny)
+    assert eng.choice.startswith(f"auto picked {eng.title}: ")
+    best = R.candidates(tiny)[0][0]
+    assert eng.engine == best.name
+    if OV_MISSING is None and not ORT.BACKEND.gpu_providers():
+        assert eng.engine == "openvino" and "fastest installed CPU engine" in eng.choice
+        assert "also installed: ONNX Runtime" in eng.choice
+    # without OpenVINO: ONNX Runtime, and the hint how to get the faster engine
+    monkeypatch.setattr(type(R.backend("openvino")), "unavailable", lambda self: "OpenVINO is not installed (test)")
+    eng = E.load_engine(tiny)
+    if not ORT.BACKEND.gpu_providers():
+        assert eng.engine == "onnxruntime" and eng.provider == "CPUExecutionProvider"
+        assert "not installed: OpenVINO (pip install 'ami[openvino]')" in eng.choice
+    with pytest.raises(E.EngineError, match="OpenVINO is not installed \\(test\\)"):
+        E.load_engine(tiny, engine="openvino")
+
+
+@needs_openvino
+def test_auto_falls_back_when_an_engine_fails_on_this_machine(tiny, monkeypatch):
+    from ami.runtime.engines import openvino as OV
+
+    def broken(*a, **k):
+        raise E.EngineError("OpenVINO could not compile tiny.onnx for the CPU: simulated")
+
+    monkeypatch.setattr(OV, "OpenVinoEngine", broken)
+    eng = E.load_engine(tiny)
+    assert eng.engine == "onnxruntime" and "simulated" in eng.fallback and "simulated" in eng.choice
+    assert "running on ONNX Runtime" in eng.describe()
+    with pytest.raises(E.EngineError, match="simulated"):
+        E.load_engine(tiny, engine="openvino")
+
+
+def test_an_ort_provider_names_onnxruntime(tiny):
+    eng = E.load_engine(tiny, provider="cpu")
+    assert eng.engine == "onnxruntime" and eng.choice == ""
+    if OV_MISSING is None:
+        with pytest.raises(E.EngineError, match="--provider cuda is an ONNX Runtime execution provider"):
+            E.load_engine(tiny, engine="openvino", provider="cuda")
+
+
+# -- OpenVINO ------------------------------------------------------------------------------------
+
+@needs_openvino
+def test_openvino_fp32_matches_reference_and_onnxruntime(tiny, tmp_path):
+    eng = E.load_engine(tiny, engine="openvino", threads=1, cache_dir=tmp_path / "ov")
+    ort_eng = E.load_engine(tiny, engine="onnxruntime", threads=1)
+    assert eng.engine == "openvino" and eng.title == "OpenVINO" and eng.device == "cpu"
+    assert eng.precision == "fp32" and "(fp32, 1 threads)" in eng.provider
+    assert eng.meta == ort_eng.meta and eng.input_size == 128 and eng.threshold == 0.5
+    for n in (1, 7, 64):
+        x = _pixels(n, seed=n)
+        p = eng.predict(x)
+        assert p.dtype == np.float32 and p.shape == (n,)
+        np.testing.assert_allclose(p, reference_probs(x), atol=1e-6)
+        np.testing.assert_allclose(p, ort_eng.predict(x), atol=1e-6)
+    assert eng.predict(_pixels(0)).shape == (0,)
+    with pytest.raises(ValueError, match="uint8"):
+        eng.predict(_pixels(2).astype(np.float32))
+    assert "engine OpenVINO" in eng.describe()
+
+
+@needs_openvino
+def test_openvino_precision_is_explicit(tiny, tmp_path):
+    from ami.runtime.engines import openvino as OV
+
+    has_bf16 = "BF16" in OV.cpu_capabilities()
+    assert R.backend("openvino").precisions("fp32") == (("fp32", "bf16") if has_bf16 else ("fp32",))
+    x = _pixels(16, seed=3)
+    if has_bf16:
+        eng = E.load_engine(tiny, engine="openvino", precision="bf16", cache_dir=tmp_path / "ov")
+        assert eng.precision == "bf16" and eng.meta.precision == "fp32" and "run in bf16" in eng.describe()
+        d = np.abs(eng.predict(x) - reference_probs(x)).max()
+        assert 0 < d < 2e-2  # bf16 really ran: close, not identical
+    else:
+        with pytest.raises(E.EngineError, match="bf16 needs a CPU with bf16 instructions"):
+            E.load_engine(tiny, engine="openvino", precision="bf16")
+    # "f32" is OpenVINO's spelling of fp32
+    assert E.load_engine(tiny, engine="openvino", precision="f32", cache_dir=tmp_path / "ov").precision == "fp32"
+    # an int8 artefact runs as int8 (its float layers in f32), and only so
+    int8 = write_model(tmp_path / "int8.onnx", meta=dataclasses.replace(tiny_meta(), precision="int8"))
+    eng = E.load_engine(int8, engine="openvino", cache_dir=tmp_path / "ov")
+    assert eng.precision == "int8" and "(int8," in eng.provider
+    np.testing.assert_allclose(eng.predict(x), reference_probs(x), atol=1e-6)
+    for p in ("fp32", "bf16"):
+        with pytest.raises(E.EngineError, match="int8 artefact: OpenVINO runs it as int8"):
+            E.load_engine(int8, engine="openvino", precision=p)
+    with pytest.raises(E.EngineError, match="ONNX Runtime runs int8.onnx at its own precision \\(int8\\) only"):
+        E.load_engine(int8, engine="onnxruntime", precision="fp32")
+
+
+@needs_openvino
+def test_openvino_caches_compiled_models_on_disk(tiny, tmp_path, monkeypatch):
+    from ami.runtime.engines import openvino as OV
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert OV.default_cache_dir() == tmp_path / "xdg" / "ami" / "openvino"
+    a = E.load_engine(tiny, engine="openvino")
+    assert a.cache_dir == OV.default_cache_dir()
+    blobs = sorted(a.cache_dir.glob("*.blob"))
+    assert blobs, "OpenVINO wrote no compiled model to its cache"
+    b = E.load_engine(tiny, engine="openvino")  # the second start imports the blob
+    x = _pixels(5)
+    np.testing.assert_array_equal(a.predict(x), b.predict(x))
+    assert sorted(b.cache_dir.glob("*.blob")) == blobs  # the same model: no second blob
+    E.load_engine(tiny, engine="openvino", cache_dir=tmp_path / "elsewhere")
+    assert list((tmp_path / "elsewhere").glob("*.blob"))
+    assert OV.clear_cache(tmp_path / "elsewhere") >= 1 and not list((tmp_path / "elsewhere").glob("*.blob"))
+
+
+@needs_openvino
+def test_openvino_read_failure_on_a_good_file_falls_back(tiny, monkeypatch):
+    """A file only OpenVINO cannot read is an engine problem (auto falls back), not a bad artefact."""
+    from ami.runtime.engines import openvino as OV
+
+    class NoRead:
+        available_devices = ["CPU"]
+
+        def read_model(self, path):
+            raise RuntimeError("Check 'op' failed: unsupported operation (simulated)\nmore")
+
+        def get_property(self, *a):
+            return ["FP32"]
+
+    monkeypatch.setattr(OV, "core", lambda: NoRead())
+    with pytest.raises(E.EngineError, match="OpenVINO .* cannot read tiny.onnx \\(ONNX Runtime can\\): Check 'op' failed"):
+        E.load_engine(tiny, engine="openvino")
+    eng = E.load_engine(tiny)
+    assert eng.engine == "onnxruntime" and "cannot read" in eng.fallback

@@ -75,7 +75,7 @@ def _invoke(*args):
 
 def _start(*args, delay="0.25", gate: Path | None = None):
     """A real ami-infer run with a slow engine; while ``gate`` exists, its engine waits."""
-    return subprocess.Popen([sys.executable, "-c", SLOW_CLI, *map(str, args), "--no-progress"],
+    return subprocess.Popen([sys.executable, "-c", SLOW_CLI, *map(str, args), "--no-progress", "--engine", "onnxruntime"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**ENV, "AMI_TEST_DELAY": delay, "AMI_TEST_GATE": str(gate or "")})
 
@@ -470,7 +470,7 @@ def test_bad_metadata_is_a_clear_error(tmp_path, crops, meta, message):
 
 
 def test_plan_side_file_with_unknown_preprocessing_key(tmp_path):
-    from ami.runtime.trt import read_plan_sidecar, sidecar_path
+    from ami.runtime.engines.tensorrt import read_plan_sidecar, sidecar_path
 
     plan = tmp_path / "m.plan"
     plan.write_bytes(b"not really a plan")

@@ -133,18 +133,33 @@ def test_pytorch_side_reproduces_the_runs_own_predictions(tiny, data_root):
     assert np.abs(p - np.array([r[2] for r in rec])).max() <= 2e-6
 
 
+def _variants() -> list[tuple[str, str]]:
+    """(engine title, precision) rows parity makes for an fp32 ONNX file on this machine."""
+    from ami.runtime.engines import backends
+
+    return [(b.title, q) for b in backends() if b.accepts("x.onnx") and b.unavailable() is None
+            for q in b.precisions("fp32")]
+
+
 def test_tiny_fp32_engine_passes(tiny, data_root):
+    # fp32 only: a 1-epoch model's probabilities crowd around 0.5, where bf16 rounding reorders them
+    # (its AUROC moves ~0.01 on 64 crops); bf16 is checked on the shipped model, on the full sets.
     rep = P.parity(data_root, run=tiny["run"], engines=[tiny["engine"]], max_crops=SAMPLE, threads=1,
-                   show_progress=False, keep_predictions=True, log=_quiet)
+                   show_progress=False, keep_predictions=True, precisions=["fp32"], log=_quiet)
     assert rep.ok, rep.failures()
     present = [ds for ds in TEST_SETS if (data_root / ("AMi-Br" if ds == "AMi-Br-test" else ds)).is_dir()]
-    assert [r.dataset for r in rep.results] == present and "AMi-Br-test" in present and "AtNorM-MD" in present
+    variants = [v for v in _variants() if v[1] == "fp32"]
+    assert ("ONNX Runtime", "fp32") in variants
+    assert [r.dataset for r in rep.results] == [ds for ds in present for _ in variants]
+    assert "AMi-Br-test" in present and "AtNorM-MD" in present
     for ds in set(TEST_SETS) - set(present):
         assert "not present" in rep.absent[ds]
-    (info,) = rep.engines
-    assert info.precision == "fp32" and info.folds == [0] and "match" in info.provenance
+    assert [(i.name, i.precision) for i in rep.engines] == [(f"tiny.onnx / {t}", q) for t, q in variants]
+    for info in rep.engines:
+        assert info.artefact_precision == "fp32" and info.folds == [0] and "match" in info.provenance
     for r in rep.results:
-        assert r.n == SAMPLE and 0 < r.n_atypical < SAMPLE and r.precision == "fp32"
+        assert r.n == SAMPLE and 0 < r.n_atypical < SAMPLE
+        assert r.precision == "fp32"  # ONNX Runtime and OpenVINO f32: the strict limits
         assert [c.metric for c in r.checks] == ["labels", "AUROC", "max |Δp|"]
         assert r.n_flips == 0 and r.agreement == 1.0 and r.max_abs_dp <= 1e-4
         assert r.torch_auroc is not None and abs(r.d_auroc) <= 1e-4
@@ -155,9 +170,10 @@ def test_tiny_fp32_engine_passes(tiny, data_root):
     d = json.loads(rep.to_json())
     assert d["verdict"] == "pass" and d["failures"] == [] and d["schema"] == P.SCHEMA
     md = rep.to_markdown()
-    assert "| AMi-Br-test | tiny.onnx | fp32 |" in md and "PASS on AMi-Br-test" in md
+    assert "| AMi-Br-test | tiny.onnx / ONNX Runtime | fp32 |" in md and "PASS on AMi-Br-test" in md
     rows = rep.to_csv().splitlines()
-    assert rows[0].startswith("dataset,engine,precision,status") and len(rows) == 1 + len(TEST_SETS)
+    assert rows[0].startswith("dataset,engine,precision,status")
+    assert len(rows) == 1 + len(present) * len(variants) + len(set(TEST_SETS) - set(present))
 
 
 def test_perturbed_engine_fails_and_names_dataset_and_metric(tiny, broken, data_root, tmp_path):
@@ -166,19 +182,23 @@ def test_perturbed_engine_fails_and_names_dataset_and_metric(tiny, broken, data_
     out = tmp_path / "parity.json"
     res = CliRunner().invoke(cli_app(P), ["parity", "--data-root", str(data_root), "--run", str(tiny["run"]),
                                           "--engine", str(tiny["engine"]), "--engine", str(broken), "--max-crops",
-                                          str(SAMPLE), "--threads", "1", "--format", "json", "-o", str(out)])
+                                          str(SAMPLE), "--threads", "1", "--format", "json", "-o", str(out),
+                                          "--precision", "fp32"])
     assert res.exit_code == 1, res.output
     text = res.output
-    assert "tiny.onnx (fp32): PASS" in text
-    assert "broken.onnx (fp32): FAIL on AMi-Br-test" in text and "AtNorM-MD" in text
-    assert "max |Δp| = " in text and "PARITY FAILED" in text
+    for title, _ in {v for v in _variants() if v[1] == "fp32"}:  # every installed engine fails the broken file
+        assert f"tiny.onnx / {title} (fp32): PASS" in text
+        assert f"broken.onnx / {title} (fp32): FAIL on AMi-Br-test" in text
+    assert "AtNorM-MD" in text and "max |Δp| = " in text and "PARITY FAILED" in text
     d = json.loads(out.read_text())
     assert d["verdict"] == "fail"
-    assert any(f.startswith("broken.onnx (fp32) on AMi-Br-test: max |Δp|") for f in d["failures"])
-    assert any(f.startswith("broken.onnx (fp32) on AtNorM-MD: max |Δp|") for f in d["failures"])
+    assert any(f.startswith("broken.onnx / ONNX Runtime (fp32) on AMi-Br-test: max |Δp|") for f in d["failures"])
+    assert any(f.startswith("broken.onnx / ONNX Runtime (fp32) on AtNorM-MD: max |Δp|") for f in d["failures"])
     assert not any(f.startswith("tiny.onnx") for f in d["failures"])
     status = {(r["dataset"], r["engine"]): r["status"] for r in d["results"]}
-    assert status[("AMi-Br-test", "tiny.onnx")] == "pass" and status[("AMi-Br-test", "broken.onnx")] == "fail"
+    assert status[("AMi-Br-test", "tiny.onnx / ONNX Runtime")] == "pass"
+    assert status[("AMi-Br-test", "broken.onnx / ONNX Runtime")] == "fail"
+    assert {r["precision"] for r in d["results"]} == {"fp32"}  # --precision fp32: no bf16 rows
 
 
 def test_missing_run_weights_is_a_setup_error(tiny, tmp_path, data_root):
@@ -202,9 +222,37 @@ def test_shipped_edge_model_parity(data_root):
                                          "its parity cannot be checked")
     rep = P.parity(data_root, max_crops=0, show_progress=False, log=_quiet)
     assert rep.ok, "\n".join(rep.verdict_lines())
-    names = {e.name: e.precision for e in rep.engines}
-    assert names.get("edge.onnx") == "fp32"
+    got = {(e.name, e.precision) for e in rep.engines}
+    assert ("edge.onnx / ONNX Runtime", "fp32") in got
+    for title, q in _variants():  # every installed engine, every precision it offers here
+        assert (f"edge.onnx / {title}", q) in got
     if P.SHIPPED_ENGINES[1].is_file():
-        assert names.get("edge-int8.onnx") == "int8"
+        assert ("edge-int8.onnx / ONNX Runtime", "int8") in got
+        if ("OpenVINO", "fp32") in _variants():
+            assert ("edge-int8.onnx / OpenVINO", "int8") in got
     checked = {r.dataset for r in rep.results}
     assert {"AMi-Br-test", "AtNorM-MD"} <= checked
+
+
+def test_engines_are_enumerated_from_the_registry(tmp_path, monkeypatch):
+    """Each file on every installed engine that takes it, at each precision; named engines must exist."""
+    from onnx_factory import write_model
+
+    from ami.runtime.engines import backend
+
+    m = write_model(tmp_path / "m.onnx")
+    engines, notes = P.load_variants([m], threads=1, error=P.ParityError)
+    assert [(e.engine, e.precision) for e in engines] == [
+        (n, q) for n in ("onnxruntime", "openvino") if backend(n).unavailable() is None
+        for q in backend(n).precisions("fp32")]
+    with pytest.raises(P.ParityError, match="unknown engine 'npu'"):
+        P.load_variants([m], runtimes=["npu"], error=P.ParityError)
+    engines, notes = P.load_variants([m], runtimes=["onnxruntime"], precisions=["fp32", "bf16"], error=P.ParityError)
+    assert [e.precision for e in engines] == ["fp32"]
+    assert any("bf16 not available" in n for n in notes)
+    monkeypatch.setattr(type(backend("openvino")), "unavailable", lambda self: "OpenVINO is not installed (test)")
+    engines, notes = P.load_variants([m], error=P.ParityError)
+    assert [e.engine for e in engines] == ["onnxruntime"]
+    assert any("OpenVINO is not installed here" in n and "not checked" in n for n in notes)
+    with pytest.raises(P.ParityError, match="OpenVINO cannot run m.onnx here: OpenVINO is not installed"):
+        P.load_variants([m], runtimes=["openvino"], error=P.ParityError)

@@ -56,7 +56,7 @@ def _folds(run: Path):
 def test_mean_std_from_fold_files_and_absent_sets(tmp_path):
     run = _make_run(tmp_path, "virchow2-lora", "virchow2", "lora", range(5))
     configs = collect([run])
-    md = render_markdown(configs)
+    md = render_markdown(configs, ddof=1)
     row = next(ln for ln in md.splitlines() if ln.startswith("| Virchow2 (LoRA) |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     ba = [m["tests"]["AMi-Br-test"]["balanced_accuracy"] for m in _folds(run)]
@@ -66,6 +66,27 @@ def test_mean_std_from_fold_files_and_absent_sets(tmp_path):
     assert cells[7] == f"{np.mean(au):.4f} ± {np.std(au, ddof=1):.4f}"
     assert cells[4] == cells[5] == "absent"
     assert "0.8135" not in md  # no paper figure unless asked for
+
+
+@pytest.mark.parametrize("ddof", [None, 0, 1])
+def test_std_is_numpys_default_unless_asked_and_the_footer_says_which(tmp_path, ddof):
+    """The paper's notebooks computed the ± of Table 3 with np.std (ddof 0); so do we by default."""
+    run = _make_run(tmp_path, "uni-lora", "uni", "lora", range(5))
+    configs = collect([run])
+    md = render_markdown(configs) if ddof is None else render_markdown(configs, ddof=ddof)
+    want = 0 if ddof is None else ddof
+    ba = [m["tests"]["AMi-Br-test"]["balanced_accuracy"] for m in _folds(run)]
+    assert np.std(ba, ddof=0) != pytest.approx(np.std(ba, ddof=1))
+    row = next(ln for ln in md.splitlines() if ln.startswith("| UNI (LoRA) |"))
+    assert row.split("|")[3].strip() == f"{np.mean(ba):.4f} ± {np.std(ba, ddof=want):.4f}"
+    assert ("ddof=0 (numpy's default np.std" in md) == (want == 0) and ("sample std (ddof=1)" in md) == (want == 1)
+    wide = list(csv.DictReader(io.StringIO(render_csv(configs) if ddof is None else render_csv(configs, ddof=ddof))))
+    assert float(wide[0]["AMi-Br-test:balanced_accuracy:std"]) == pytest.approx(np.std(ba, ddof=want), abs=1e-6)
+    app = typer.Typer()
+    register(app)
+    app.command("noop")(lambda: None)
+    res = CliRunner().invoke(app, ["table", str(run)] + ([] if ddof is None else ["--ddof", str(ddof)]))
+    assert res.exit_code == 0 and row in res.output
 
 
 def test_paper_column_is_the_cited_figure_beside_ours(tmp_path):

@@ -69,7 +69,16 @@ def test_tiny_stand_in_forward_embed_and_one_step(name):
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         if method == "linear":
             assert trainable == {f"net.{HEAD}.weight", f"net.{HEAD}.bias"}
-        if method == "lora":
+        if method == "lora" and "depth" not in cfg.tiny_kwargs:  # a CNN (lite0): every dense convolution
+            clf = classifier_of(model)
+            # PEFT wraps each adapted conv; the original nn.Conv2d lives on as its base_layer
+            want = sorted(f"backbone.{n[:-len('.base_layer')]}" for n, m in clf.backbone.named_modules()
+                          if isinstance(m, torch.nn.Conv2d) and m.groups == 1 and n.endswith(".base_layer"))
+            dense = [n for n, m in clf.backbone.named_modules() if isinstance(m, torch.nn.Conv2d)
+                     and m.groups == 1 and "lora_" not in n and not n.endswith(".base_layer")]
+            assert not dense, dense  # no dense convolution was left out
+            assert adapted_modules(model) == want and want
+        elif method == "lora":
             depth = cfg.tiny_kwargs["depth"]
             want = sorted(f"backbone.blocks.{i}.{m}" for i in range(depth) for m in BLOCK_LINEARS)
             assert adapted_modules(model) == want  # the EXACT list: never patch_embed.proj, nothing else

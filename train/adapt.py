@@ -6,7 +6,10 @@ After :func:`apply_method` a model is ``LogitModel(net)`` where ``net`` is
   new ``nn.Linear(embed_dim, 1)`` at ``net.logit_head`` fed by the entry's embedding rule;
 - ``lora``:   a PEFT ``PeftModel`` around that same :class:`EmbeddingClassifier`, with LoRA on the
   modules matched by the entry's ``lora_targets`` regex (PEFT full-matches a string against each
-  module name) and ``logit_head`` as ``modules_to_save``; everything else frozen.
+  module name) and ``logit_head`` as ``modules_to_save``; everything else frozen. The Table-3
+  recipes set that regex to the scripts' suffix list (recipe ``lora_targets="script"``), which
+  also adapts ``patch_embed.proj``, the patch-embedding convolution (PEFT ``lora.Conv2d``; it
+  merges into the convolution's weight like a linear layer's); ``"blocks"`` keeps the blocks only.
 
 Embedding rules (``ModelConfig.embedding``), on the backbone's final (normed) token sequence:
 ``cls`` = class token; ``cls+mean`` = class token ++ mean of the patch tokens, every prefix
@@ -139,9 +142,13 @@ def apply_method(model: LogitModel, cfg: ModelConfig, method: str, lora_rank: in
                       target_modules=cfg.lora_targets, modules_to_save=[HEAD])
     peft_model = get_peft_model(clf, conf)
     names = adapted_modules(peft_model)
-    bad = [n for n in names if "patch_embed" in n or not n.startswith("backbone.")]
+    bad = [n for n in names if not n.startswith("backbone.")]
     if not names or bad:
         raise ValueError(f"{cfg.name}: LoRA regex {cfg.lora_targets!r} adapted {bad or 'nothing'}")
+    from .recipes import BLOCKS_LORA_TARGETS
+
+    if cfg.lora_targets == BLOCKS_LORA_TARGETS and any("patch_embed" in n for n in names):
+        raise ValueError(f"{cfg.name}: the blocks-only LoRA targets adapted the patch embedding")
     return LogitModel(peft_model)
 
 

@@ -11,7 +11,8 @@ import typer
 from ami.runtime.cli import DATA_ROOT_HELP
 from ami.runtime.datasets import resolve_data_root
 
-from .registry import METHODS, REGISTRY, Recipe, label, table3_configs
+from .recipes import departures, parse_value
+from .registry import METHODS, REGISTRY, configured, label, table3_configs
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None)
 
@@ -26,23 +27,31 @@ Examples:
   ami-train -m uni --method linear --folds 0,2 --out runs/uni-linear
   ami-train -m uni --method lora --weights ~/models/uni/pytorch_model.bin
   ami-train -m uni --method linear --tiny --random-init --max-train 64 --max-eval 32 --folds 0,1 --epochs 1
-  ami-train -m vit_large_patch16_224 --set lr=5e-5 --set batch_size=16
+  ami-train -m vit_large_patch16_224 --set lr=1e-4 --set batch_size=16
+  ami-train -m virchow2 --method lora --print-config   # the resolved recipe and where each value comes from
+  ami-train -m uni --method lora --set lora_targets=blocks --set aug.rotate_deg=0
   ami-train --folds full                      # the recipe on all training crops (no validation)
 
 A run directory is resumable: run the same command again after an interruption."""
 
 
 def _parse_set(items: list[str]) -> dict:
-    fields = Recipe.__dataclass_fields__
-    out = {}
+    """--set key=value items -> recipe overrides; ``aug.FIELD=value`` lands in ``augment_params``."""
+    out: dict = {}
     for it in items:
         if "=" not in it:
             raise typer.BadParameter(f"--set takes key=value, got {it!r}")
         k, v = it.split("=", 1)
-        if k not in fields:
-            raise typer.BadParameter(f"unknown recipe key {k!r}; known: {', '.join(fields)}")
-        typ = type(getattr(Recipe(), k))
-        out[k] = typ(v) if typ is not bool else v.lower() in ("1", "true", "yes")
+        try:
+            val = parse_value(k.strip(), v.strip())
+        except (KeyError, ValueError) as e:
+            raise typer.BadParameter(str(e.args[0] if isinstance(e, KeyError) else e)) from None
+        if k.startswith("aug."):
+            out.setdefault("augment_params", {})[k[4:]] = val
+        elif k == "augment_params":
+            out.setdefault("augment_params", {}).update(val)
+        else:
+            out[k.strip()] = val
     return out
 
 
@@ -58,6 +67,12 @@ def print_registry() -> None:
     for i, (name, method) in enumerate(t3, 1):
         typer.echo(f"  {i:>2}. {label(name, method):<26} "
                    f"ami-train -m {name} --method {method}")
+        cfg = configured(name, method)
+        for d in departures(name, method, REGISTRY[name].recipe_for(method), (cfg.preprocess.mean, cfg.preprocess.std),
+                            cfg.preprocess.resize):
+            typer.echo(f"        vs the paper's text: {d}")
+    typer.echo("\nDefaults are what each configuration's published script did (--print-config shows the script "
+               "statement behind every value); docs/reproduce.md lists every deviation.")
 
 
 @app.command(epilog=EPILOG)
@@ -85,6 +100,10 @@ def train(
     list_: bool = typer.Option(False, "--list", help="Print every registered configuration and exit."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Embedding cache of --method linear "
                                              "(default: $AMI_CACHE_DIR/embeddings, else ~/.cache/ami/embeddings)."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the fully resolved configuration as JSON - "
+                                      "exactly what the run's config.json would hold (but its creation time), with "
+                                      "'recipe_origin': the script statement behind each value, or 'ami default' - "
+                                      "and exit without reading any data or weights."),
 ):
     """Train MODEL with METHOD over the AMi-Br folds; evaluate each fold on every test set present.
 
@@ -104,7 +123,11 @@ def train(
         typer.echo(f"{model} supports --method {' or '.join(REGISTRY[model].methods)}, not {method!r}", err=True)
         raise typer.Exit(2)
     overrides = json.loads(config.read_text()) if config else {}
-    overrides.update(_parse_set(set_))
+    for k, v in _parse_set(set_).items():
+        if k == "augment_params":
+            overrides["augment_params"] = {**overrides.get("augment_params", {}), **v}
+        else:
+            overrides[k] = v
     if epochs is not None:
         overrides["epochs"] = epochs
     try:
@@ -115,6 +138,14 @@ def train(
                    data_root=resolve_data_root(data_root), recipe_overrides=overrides, device=device, amp=amp,
                    weights=weights, random_init=random_init, tiny=tiny, max_train=max_train, max_eval=max_eval,
                    threads=threads, cache_dir=cache_dir)
+    try:
+        spec.recipe  # reject unknown keys / values now, with the allowed ones
+    except (KeyError, ValueError) as e:
+        typer.echo(f"bad recipe: {e.args[0] if isinstance(e, KeyError) else e}", err=True)
+        raise typer.Exit(2) from None
+    if print_config:
+        typer.echo(json.dumps(spec.record(), indent=1))
+        raise typer.Exit(0)
     from .models import WeightsUnavailable
 
     try:

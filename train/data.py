@@ -107,8 +107,12 @@ def color_jitter(x: torch.Tensor, brightness: float, contrast: float, saturation
 # --- geometry -------------------------------------------------------------------------------
 def random_affine(x: torch.Tensor, out_size: int, g: torch.Generator, *, rotate_deg: float, any_rotation: bool,
                   hflip: float, vflip: float, scale: tuple[float, float], translate: float,
-                  padding: str = "reflection") -> torch.Tensor:
-    """One grid_sample per batch: flips, rotation, zoom (crop scale) and shift, output at out_size."""
+                  padding: str = "reflection", ratio: tuple[float, float] | None = None) -> torch.Tensor:
+    """One grid_sample per batch: flips, rotation, zoom (crop scale) and shift, output at out_size.
+
+    ``scale``: fraction of the crop's area kept, uniform (RandomResizedCrop's ``scale``);
+    ``ratio``: aspect ratio of the kept window, log-uniform (RandomResizedCrop's ``ratio``;
+    None = square window, which is also the random-number sequence of the edge recipe)."""
     b = x.shape[0]
     if any_rotation:
         ang = torch.rand(b, generator=g) * 2 * math.pi
@@ -116,40 +120,58 @@ def random_affine(x: torch.Tensor, out_size: int, g: torch.Generator, *, rotate_
         ang = (torch.rand(b, generator=g) * 2 - 1) * math.radians(rotate_deg)
     # zoom: `scale` is the fraction of the crop's area kept (RandomResizedCrop-like)
     area = scale[0] + torch.rand(b, generator=g) * (scale[1] - scale[0])
-    z = area.sqrt()
+    if ratio is None:
+        zx = zy = area.sqrt()
+    else:  # a window of that area and a log-uniform aspect ratio, clipped to the crop (torchvision
+        # retries such draws and falls back to a centre crop; clipping keeps one draw per crop)
+        lo, hi = math.log(ratio[0]), math.log(ratio[1])
+        r = torch.exp(lo + torch.rand(b, generator=g) * (hi - lo))
+        zx, zy = (area * r).sqrt().clamp(max=1.0), (area / r).sqrt().clamp(max=1.0)
     fx = torch.where(torch.rand(b, generator=g) < hflip, -1.0, 1.0)
     fy = torch.where(torch.rand(b, generator=g) < vflip, -1.0, 1.0)
-    max_shift = (1 - z) + translate  # stay mostly inside the crop
-    tx = (torch.rand(b, generator=g) * 2 - 1) * max_shift
-    ty = (torch.rand(b, generator=g) * 2 - 1) * max_shift
+    tx = (torch.rand(b, generator=g) * 2 - 1) * ((1 - zx) + translate)  # stay mostly inside the crop
+    ty = (torch.rand(b, generator=g) * 2 - 1) * ((1 - zy) + translate)
     c, s = torch.cos(ang), torch.sin(ang)
     theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 1] = c * z * fx, -s * z * fy
-    theta[:, 1, 0], theta[:, 1, 1] = s * z * fx, c * z * fy
+    theta[:, 0, 0], theta[:, 0, 1] = c * zx * fx, -s * zy * fy
+    theta[:, 1, 0], theta[:, 1, 1] = s * zx * fx, c * zy * fy
     theta[:, 0, 2], theta[:, 1, 2] = tx, ty
     grid = F.affine_grid(theta, (b, 3, out_size, out_size), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False)
 
 
-def augment(batch_uint8: torch.Tensor, pre: Preprocess, policy: str, g: torch.Generator) -> torch.Tensor:
-    """uint8 NHWC batch -> normalised float NCHW batch at ``pre.input_size``."""
+def augment(batch_uint8: torch.Tensor, pre: Preprocess, policy, g: torch.Generator) -> torch.Tensor:
+    """uint8 NHWC batch -> normalised float NCHW batch at ``pre.input_size``.
+
+    ``policy``: an :class:`~ami.train.recipes.AugPolicy` or the name of one (``recipes.POLICIES``).
+    ``affine``: one random affine resample of the native crop (flips, rotation, crop window), then
+    stain jitter (if any) and colour jitter; ``resize``: bilinear resize only; ``eval``: the batch is
+    already the evaluation preprocessing (``load_crops(samples, pre)``) and is only normalised."""
+    from .recipes import POLICIES, AugPolicy
+
+    if not isinstance(policy, AugPolicy):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown augmentation policy {policy!r}; known: {', '.join(POLICIES)}")
+        policy = POLICIES[policy]
+    p = policy
     x = to_float(batch_uint8)
-    if policy == "edge":
-        # mitoses have no orientation: any rotation + flips (covers the 8-fold dihedral group)
-        x = random_affine(x, pre.input_size, g, rotate_deg=0, any_rotation=True, hflip=0.5, vflip=0.0,
-                          scale=(0.8, 1.0), translate=0.06)
-        x = hed_jitter(x, sigma=0.05, bias=0.05, g=g)
-        x = color_jitter(x, 0.15, 0.15, 0.15, 0.02, g)
-    elif policy == "paper":
-        # the paper: h-flip, rotation <= 15 deg, colour jitter 0.2/0.2/0.2/0.1, RRC scale 0.8-1
-        x = random_affine(x, pre.input_size, g, rotate_deg=15, any_rotation=False, hflip=0.5, vflip=0.0,
-                          scale=(0.8, 1.0), translate=0.0, padding="zeros")
-        x = color_jitter(x, 0.2, 0.2, 0.2, 0.1, g)
-    elif policy == "none":
+    if p.kind == "affine":
+        x = random_affine(x, pre.input_size, g, rotate_deg=p.rotate_deg, any_rotation=p.any_rotation, hflip=p.hflip,
+                          vflip=p.vflip, scale=tuple(p.crop_scale), translate=p.translate, padding=p.padding,
+                          ratio=tuple(p.crop_ratio) if p.crop_ratio is not None else None)
+        if p.hed_sigma or p.hed_bias:
+            x = hed_jitter(x, sigma=p.hed_sigma, bias=p.hed_bias, g=g)
+        if p.brightness or p.contrast or p.saturation or p.hue:
+            x = color_jitter(x, p.brightness, p.contrast, p.saturation, p.hue, g)
+    elif p.kind == "resize":
         if x.shape[-1] != pre.input_size:
             x = F.interpolate(x, size=(pre.input_size,) * 2, mode="bilinear", antialias=True, align_corners=False)
+    elif p.kind == "eval":
+        if x.shape[-1] != pre.input_size or x.shape[-2] != pre.input_size:
+            raise ValueError(f"augmentation 'eval' needs crops at the evaluation size {pre.input_size} "
+                             f"(load them with load_crops(samples, pre)); got {tuple(x.shape[-2:])}")
     else:
-        raise ValueError(f"unknown augmentation policy {policy!r}")
+        raise ValueError(f"unknown augmentation kind {p.kind!r}")
     return normalize(x, pre)
 
 

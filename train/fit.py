@@ -42,7 +42,8 @@ from ami.runtime.splits import FOLDS_FILE, N_FOLDS, check_against_data, folds_sh
 
 from . import data as D
 from .models import count_params, create
-from .registry import ModelConfig, Recipe, definition, get, with_recipe_defaults
+from .recipes import origins
+from .registry import ModelConfig, Recipe, configure, definition, get, with_recipe_defaults
 
 
 def versions() -> dict:
@@ -126,23 +127,37 @@ class RunSpec:
 
     @property
     def cfg(self) -> ModelConfig:
-        return get(self.model)
+        """The registry entry as this configuration trains it (recipe's geometry, normalisation,
+        head tokens and LoRA targets applied: ``registry.configure``)."""
+        return configure(get(self.model), self.recipe)
 
     @property
     def recipe(self) -> Recipe:
-        return self.cfg.recipe_for(self.method).override(**self.recipe_overrides)
+        return get(self.model).recipe_for(self.method).override(**self.recipe_overrides)
 
     def resolved(self) -> dict:
-        cfg = self.cfg
+        """What config.json records (without versions, device and creation time)."""
+        cfg, recipe = self.cfg, self.recipe
         return {
             "model": self.model, "method": self.method, "arch": cfg.arch, "hub_id": cfg.hub_id,
             "weights_source": ("random init (from scratch: no pretrained weights)" if not cfg.pretrained
                                else "random init (--random-init: NOT the pretrained model)" if self.random_init
                                else self.weights or cfg.hub_id or cfg.weights_file),
             "random_init": self.random_init or not cfg.pretrained, "tiny_stand_in": self.tiny,
-            "preprocess": asdict(cfg.preprocess), "recipe": asdict(self.recipe), "amp": self.amp,
+            "preprocess": asdict(cfg.preprocess), "recipe": asdict(recipe), "amp": self.amp,
             "max_train": self.max_train, "max_eval": self.max_eval, "registry_entry": cfg.to_dict(),
+            # descriptive (derived from the above; not compared on resume): the training transform's
+            # parameters and where each recipe value comes from
+            "augmentation": {"policy": recipe.augment, **recipe.policy().to_dict()},
+            "recipe_origin": origins(self.model, self.method, recipe, set(self.recipe_overrides)),
         }
+
+    def record(self) -> dict:
+        """config.json as a new run would write it, but for its creation time (``ami-train --print-config``)."""
+        return {**self.resolved(), "versions": versions(), "device": str(pick_device(self.device))}
+
+
+_NOT_COMPARED = ("versions", "created", "device", "augmentation", "recipe_origin")  # descriptive keys
 
 
 def _comparable(conf: dict) -> dict:
@@ -150,8 +165,7 @@ def _comparable(conf: dict) -> dict:
     registry entry reduced to its network definition. The recipe the run uses is compared in full
     (key 'recipe'); the entry's default recipe, name, display text and notes may change between
     releases without changing what the run trains (e.g. the edge default going from 60 to 100 epochs)."""
-    c = with_recipe_defaults(json.loads(json.dumps({k: v for k, v in conf.items()
-                                                     if k not in ("versions", "created", "device")})))
+    c = with_recipe_defaults(json.loads(json.dumps({k: v for k, v in conf.items() if k not in _NOT_COMPARED})))
     if isinstance(c.get("registry_entry"), dict):
         c["registry_entry"] = definition(c["registry_entry"])
     return c
@@ -303,8 +317,7 @@ class Run:
                 raise SystemExit(f"{self.dir} holds a run with a different configuration (differs in: {', '.join(diff)}); "
                                  "use another --out directory")
         else:
-            atomic_write_json(cpath, {**resolved, "versions": versions(), "device": str(self.device),
-                                      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            atomic_write_json(cpath, {**self.spec.record(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         # split check: the pinned folds file against the data, every (re)start
         rows = load_folds(FOLDS_FILE)
         self.train_all, self.amibr_test = amibr_split(self.spec.data_root)
@@ -355,7 +368,8 @@ class Run:
         seed = r.seed + (0 if fold is None else fold)
         torch.manual_seed(seed)
         tr, va = self.fold_split(fold, seed)
-        train_set = D.load_crops(tr)
+        policy = r.policy()  # the training transform (recipe: augment + augment_params)
+        train_set = D.load_crops(tr, cfg.preprocess if policy.kind == "eval" else None)
         val_set = D.load_crops(va, cfg.preprocess) if va else None
 
         model = create(cfg, spec.method, weights=spec.weights, random_init=spec.random_init, tiny=spec.tiny,
@@ -427,7 +441,7 @@ class Run:
                        mininterval=2.0, disable=None)
             for step in bar:
                 b = idx[step * r.batch_size:(step + 1) * r.batch_size]
-                x = D.augment(train_set.images[b], cfg.preprocess, r.augment, g)
+                x = D.augment(train_set.images[b], cfg.preprocess, policy, g)
                 if self.device.type == "cpu":
                     x = x.contiguous(memory_format=torch.channels_last)
                 x, y = x.to(self.device, non_blocking=True), train_set.labels[b].to(self.device)

@@ -17,48 +17,20 @@ from dataclasses import asdict, dataclass, field, replace
 
 from ami.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
+from .recipes import BLOCKS_LORA_TARGETS, Recipe, lora_regex, normalization, script_recipe  # noqa: F401 (re-exported)
+
 METHODS = ("full", "linear", "lora")
 
 # LoRA targets: the attention qkv/proj and MLP fc1/fc2 linears of every transformer block, and
 # nothing else (a bare "proj" suffix would also catch patch_embed.proj, the stem convolution).
-VIT_LORA_TARGETS = r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
+# The Table-3 LoRA recipes use the scripts' target set instead (recipe key lora_targets="script",
+# which adapts patch_embed.proj too); this blocks-only regex stays each entry's own definition
+# and the recipe option "blocks".
+VIT_LORA_TARGETS = BLOCKS_LORA_TARGETS
 SWIN_LORA_TARGETS = r".*layers\.\d+\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
 
-
-@dataclass(frozen=True)
-class Recipe:
-    """Training hyper-parameters. Defaults are the paper's protocol."""
-
-    epochs: int = 100
-    batch_size: int = 8
-    optimizer: str = "adam"  # adam | adamw
-    lr: float = 1e-4
-    weight_decay: float = 1e-5
-    scheduler: str = "plateau"  # plateau (on val BA: factor 0.5, patience 3, min 1e-7) | cosine
-    warmup_epochs: int = 0
-    early_stop_patience: int = 15  # on validation balanced accuracy; 0 = off
-    augment: str = "paper"  # paper | edge
-    sampling: str = "balanced"  # balanced (inverse class frequency) | uniform
-    loss: str = "bce"  # bce | focal
-    label_smoothing: float = 0.0
-    mixup_alpha: float = 0.0  # >0: mixup, lambda ~ Beta(a, a) per batch, soft BCE targets; 0 = off
-    ema_decay: float = 0.0  # 0 = no weight averaging
-    drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.3
-    seed: int = 0
-
-    def override(self, **kw) -> "Recipe":
-        unknown = set(kw) - set(asdict(self))
-        if unknown:
-            raise KeyError(f"unknown recipe keys: {sorted(unknown)}; known: {sorted(asdict(self))}")
-        return replace(self, **kw)
-
-
 PAPER_RECIPE = Recipe()
-LORA_RECIPE = Recipe(lr=5e-5, early_stop_patience=10)  # the public LoRA scripts
+LORA_RECIPE = Recipe(lr=5e-5, early_stop_patience=10)  # lr / patience of the public LoRA scripts (entries outside Table 3)
 
 
 @dataclass(frozen=True)
@@ -160,6 +132,39 @@ def with_recipe_defaults(conf: dict) -> dict:
     return conf
 
 
+def configure(cfg: ModelConfig, recipe: Recipe) -> ModelConfig:
+    """The entry as one configuration trains it: the recipe's evaluation geometry, normalisation,
+    head tokens (embedding) and LoRA targets applied to the entry's own. With every such key at
+    "entry" (the default) this is ``cfg`` itself, so entries whose recipes do not set them (the
+    edge models) record exactly what they recorded before these keys existed. The result is what a
+    run's config.json records as its ``registry_entry``, so export and evaluation rebuild the
+    network and preprocessing the run was trained with."""
+    pre = cfg.preprocess
+    mean, std = normalization(recipe.normalize, (pre.mean, pre.std))
+    pre = replace(pre, mean=tuple(mean), std=tuple(std))
+    if recipe.eval_resize >= 0:
+        pre = replace(pre, resize=recipe.eval_resize or None)
+    if recipe.eval_interpolation != "entry":
+        pre = replace(pre, interpolation=recipe.eval_interpolation)
+    changes = {}
+    if pre != cfg.preprocess:
+        changes["preprocess"] = pre
+    if recipe.embedding != "entry" and recipe.embedding != cfg.embedding:
+        width = cfg.embed_dim // 2 if cfg.embedding == "cls+mean" else cfg.embed_dim
+        changes["embedding"] = recipe.embedding
+        changes["embed_dim"] = 2 * width if recipe.embedding == "cls+mean" else width
+    targets = lora_regex(recipe.lora_targets, cfg.lora_targets)
+    if targets != cfg.lora_targets:
+        changes["lora_targets"] = targets
+    return replace(cfg, **changes) if changes else cfg
+
+
+def configured(name: str, method: str, recipe: Recipe | None = None) -> ModelConfig:
+    """Today's entry ``name`` as configuration (name, method) trains it with ``recipe`` (default: its own)."""
+    cfg = get(name)
+    return configure(cfg, recipe if recipe is not None else cfg.recipe_for(method))
+
+
 _DESCRIPTIVE = ("name", "display", "notes", "recipe", "lora_recipe")
 
 
@@ -168,16 +173,33 @@ def current_name(conf: dict) -> str | None:
     unchanged, else the entry that now carries the same definition (the edge model's v1 was trained
     as 'edge' and is 'edge_200mf' today); None when no entry matches any more. Only the network
     definition counts (architecture, weights, preprocessing, head, embedding, LoRA targets): names,
-    display text, notes and default recipes do not, since a recipe is given by flags."""
+    display text, notes and default recipes do not, since a recipe is given by flags. A recorded entry
+    that the run's recipe configured (:func:`configure`: normalisation, head tokens, LoRA targets)
+    matches today's entry under that same recipe."""
     entry = conf.get("registry_entry")
     if not isinstance(entry, dict):
         return conf.get("model")
 
     want = definition(entry)
+    recipe = None
+    if isinstance(conf.get("recipe"), dict):
+        known = set(Recipe.__dataclass_fields__)
+        try:
+            recipe = Recipe(**{**asdict(Recipe()), **{k: v for k, v in conf["recipe"].items() if k in known}})
+        except TypeError:
+            recipe = None
     names = [conf.get("model")] + [n for n in REGISTRY if n != conf.get("model")]
     for n in names:
-        if n in REGISTRY and definition(REGISTRY[n].to_dict()) == want:
+        if n not in REGISTRY:
+            continue
+        if definition(REGISTRY[n].to_dict()) == want:
             return n
+        if recipe is not None:
+            try:
+                if definition(configure(REGISTRY[n], recipe).to_dict()) == want:
+                    return n
+            except ValueError:
+                pass
     return None
 
 
@@ -261,7 +283,7 @@ register(ModelConfig(
     name="efficientnetv2_m", arch="efficientnetv2_m", display="EfficientNetV2", family="e2e",
     methods=("full",), pretrained=False, preprocess=Preprocess(224, None, "bicubic"),
     head="classifier", embedding="pool", embed_dim=1280, params_m=54.1,
-    tiny_kwargs={"_tiny_arch": "efficientnetv2_rw_t"},
+    tiny_kwargs={"_tiny_arch": "efficientnetv2_rw_t"}, recipe=script_recipe("efficientnetv2_m", "full"),
     notes="table3; the public script builds it with no pretrained weights",
 ))
 register(ModelConfig(
@@ -269,7 +291,9 @@ register(ModelConfig(
     methods=("full",), hub_id="timm/vit_large_patch16_224.augreg_in21k_ft_in1k",
     preprocess=Preprocess(224, None, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     head="head", embedding="cls", embed_dim=1024, lora_targets=VIT_LORA_TARGETS, params_m=304.3,
-    tiny_kwargs={"embed_dim": 64, "depth": 2, "num_heads": 2}, notes="table3; ImageNet weights",
+    tiny_kwargs={"embed_dim": 64, "depth": 2, "num_heads": 2}, recipe=script_recipe("vit_large_patch16_224", "full"),
+    notes="table3; ImageNet weights; the script normalises with ImageNet statistics (recipe), not the 0.5/0.5 "
+          "of this timm tag",
 ))
 register(ModelConfig(
     name="swin_base_patch4_window7_224", arch="swin_base_patch4_window7_224", display="Swin-B (e2e)",
@@ -277,7 +301,7 @@ register(ModelConfig(
     preprocess=Preprocess(224, None, "bicubic", IMAGENET_MEAN, IMAGENET_STD),
     head="head.fc", embedding="pool", embed_dim=1024, lora_targets=SWIN_LORA_TARGETS, params_m=87.8,
     tiny_kwargs={"embed_dim": 32, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 2, 4)},
-    notes="table3; ImageNet weights",
+    recipe=script_recipe("swin_base_patch4_window7_224", "full"), notes="table3; ImageNet weights",
 ))
 
 # ---------------------------------------------------------------------------------------------
@@ -298,6 +322,7 @@ register(ModelConfig(
     preprocess=Preprocess(224, None, "bilinear", IMAGENET_MEAN, IMAGENET_STD),
     create_kwargs={"img_size": 224, "patch_size": 16, "init_values": 1e-5, "dynamic_img_size": True},
     head="head", embedding="cls", embed_dim=1024, num_prefix_tokens=1, lora_targets=VIT_LORA_TARGETS,
+    recipe=script_recipe("uni", "linear"), lora_recipe=script_recipe("uni", "lora"),
     params_m=303.4, tiny_kwargs=dict(_TINY_VIT),
     notes="table3; ViT-L/16, LayerScale (init_values 1e-5); model card: Resize(224) + ImageNet mean/std",
 ))
@@ -309,6 +334,7 @@ register(ModelConfig(
                    "embed_dim": 1536, "mlp_ratio": 2.66667 * 2, "no_embed_class": True, **_SWIGLU,
                    "reg_tokens": 8, "dynamic_img_size": True},
     head="head", embedding="cls", embed_dim=1536, num_prefix_tokens=9, lora_targets=VIT_LORA_TARGETS,
+    recipe=script_recipe("uni2_h", "linear"), lora_recipe=script_recipe("uni2_h", "lora"),
     params_m=681.4, tiny_kwargs=dict(_TINY_VIT),
     notes="table3; ViT-H/14-like (1536 wide, 24 deep), SwiGLUPacked + SiLU, 8 register tokens, no_embed_class",
 ))
@@ -318,6 +344,7 @@ register(ModelConfig(
     preprocess=Preprocess(224, None, "bicubic", IMAGENET_MEAN, IMAGENET_STD),
     create_kwargs={"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, **_SWIGLU},
     head="head", embedding="cls+mean", embed_dim=2560, num_prefix_tokens=1, lora_targets=VIT_LORA_TARGETS,
+    recipe=script_recipe("virchow", "linear"), lora_recipe=script_recipe("virchow", "lora"),
     params_m=631.2, tiny_kwargs=dict(_TINY_VIT),
     notes="table3; ViT-H/14, SwiGLUPacked + SiLU; embedding = class token ++ mean of patch tokens; model card "
           "preprocessing (ImageNet mean/std, bicubic) - the paper's Virchow LoRA scripts used mean = std = 0.5",
@@ -329,6 +356,7 @@ register(ModelConfig(
     create_kwargs={"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, **_SWIGLU, "reg_tokens": 4,
                    "dynamic_img_size": True},
     head="head", embedding="cls+mean", embed_dim=2560, num_prefix_tokens=5, lora_targets=VIT_LORA_TARGETS,
+    recipe=script_recipe("virchow2", "linear"), lora_recipe=script_recipe("virchow2", "lora"),
     params_m=631.2, tiny_kwargs=dict(_TINY_VIT),
     notes="table3; ViT-H/14, SwiGLUPacked + SiLU, 4 register tokens; embedding = class token ++ mean of patch "
           "tokens (register tokens excluded); model card preprocessing (the paper's LoRA scripts used 0.5/0.5)",
@@ -340,6 +368,7 @@ register(ModelConfig(
     create_kwargs={"img_size": 224, "in_chans": 3, "patch_size": 16, "embed_dim": 1536, "depth": 40,
                    "num_heads": 24, "init_values": 1e-5, "mlp_ratio": 5.33334},
     head="head", embedding="cls", embed_dim=1536, num_prefix_tokens=1, lora_targets=VIT_LORA_TARGETS,
+    recipe=script_recipe("prov_gigapath", "linear"), lora_recipe=script_recipe("prov_gigapath", "lora"),
     params_m=1135.0, tiny_kwargs=dict(_TINY_VIT),
     notes="table3; ViT-g/16 (timm's DINOv2 giant: SwiGLUPacked + SiLU); resize 256 bicubic, centre crop 224",
 ))
@@ -349,12 +378,14 @@ _H_OPTIMUS_0 = register(ModelConfig(
     preprocess=Preprocess(224, None, "bicubic", HOPTIMUS_MEAN, HOPTIMUS_STD),
     create_kwargs={"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False},
     head="head", embedding="cls", embed_dim=1536, num_prefix_tokens=5, lora_targets=VIT_LORA_TARGETS,
+    recipe=script_recipe("h_optimus_0", "linear"), lora_recipe=script_recipe("h_optimus_0", "lora"),
     params_m=1134.8, tiny_kwargs=dict(_TINY_VIT),
     notes="table3; ViT-g/14, SwiGLUPacked + SiLU, 4 register tokens; trained at 0.5 um/px (these crops are "
           "0.25 um/px)",
 ))
 register(replace(
     _H_OPTIMUS_0, name="h_optimus_1", display="H-optimus-1", hub_id="hf-hub:bioptimus/H-optimus-1",
+    recipe=script_recipe("h_optimus_1", "linear"), lora_recipe=script_recipe("h_optimus_1", "lora"),
     notes="table3; same architecture and loading as H-optimus-0 (model card: init_values 1e-5, "
           "dynamic_img_size False)",
 ))

@@ -227,24 +227,69 @@ def _revision_of(path: Path) -> str | None:
     return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
 
 
+class CachedCopiesDisagree(WeightsUnavailable):
+    """The local hub cache holds the same repository under two spellings, with different files."""
+
+
+def cached_spellings(repo: str, cache: Path) -> list[str]:
+    """Spellings of ``repo`` present in the local hub cache, the exact one first. The hub treats
+    repository ids case-insensitively (``MahmoodLab/UNI`` and ``MahmoodLab/uni`` are one repository),
+    but its cache keeps one folder per spelling that was downloaded."""
+    want = "models--" + repo.replace("/", "--")
+    found = []
+    try:
+        found = sorted(p.name for p in Path(cache).iterdir()
+                       if p.is_dir() and p.name.lower() == want.lower() and p.name != want)
+    except OSError:
+        pass
+    others = [n[len("models--"):].replace("--", "/", 1) for n in found]
+    return [repo] + others
+
+
+def _cache_hit(repo: str, cache: Path, tried: list[str], label: str, hub_id: str):
+    """(path, file name, spelling) of the checkpoint in the local cache under any spelling of ``repo``."""
+    from huggingface_hub import try_to_load_from_cache
+
+    hits = []
+    for spelling in cached_spellings(repo, cache):
+        for fname in HUB_FILES:
+            hit = try_to_load_from_cache(spelling, fname, cache_dir=str(cache))
+            if isinstance(hit, str) and Path(hit).is_file():
+                hits.append((Path(hit), fname, spelling))
+                break
+    if len(hits) > 1:
+        shas = {h[2]: file_sha256(h[0]) for h in hits}
+        if len(set(shas.values())) > 1:
+            lines = "\n".join(f"  hf-hub:{sp}: {path} (sha256 {shas[sp][:16]}...)" for path, _, sp in hits)
+            raise CachedCopiesDisagree(
+                f"{label} {hub_id}: the local Hugging Face cache ({cache}) holds this repository under "
+                f"{len(hits)} spellings, and their checkpoints differ:\n{lines}\n"
+                "The hub treats the names as one repository, so one copy is stale or altered. Delete the folder you "
+                "do not want (or `hf cache delete`), or choose one with --weights FILE.")
+    return hits[0] if hits else None
+
+
 def _from_hub(hub_id: str, tried: list[str], label: str):
     repo = hub_repo(hub_id)
     cache = hub_cache_dir()
     try:
-        from huggingface_hub import try_to_load_from_cache
+        import huggingface_hub  # noqa: F401
     except ImportError:
         tried.append(f"{label} {hub_id}: huggingface_hub is not installed (pip install 'ami[train]')")
         return None
-    for fname in HUB_FILES:
-        hit = try_to_load_from_cache(repo, fname, cache_dir=str(cache))
-        if isinstance(hit, str) and Path(hit).is_file():
-            try:
-                sd = read_state_dict(Path(hit))
-            except (ValueError, OSError) as e:
-                tried.append(f"{label} {hub_id}: cached {fname} unusable: {e}")
-                continue
-            return sd, {"kind": "hub-cache", "source": f"hf-hub:{repo}", "file": fname,
-                        "revision": _revision_of(Path(hit)), "sha256": file_sha256(Path(hit))}
+    hit = _cache_hit(repo, cache, tried, label, hub_id)
+    if hit is not None:
+        path, fname, spelling = hit
+        try:
+            sd = read_state_dict(path)
+        except (ValueError, OSError) as e:
+            tried.append(f"{label} {hub_id}: cached {fname} (as hf-hub:{spelling}) unusable: {e}")
+        else:
+            info = {"kind": "hub-cache", "source": f"hf-hub:{repo}", "file": fname,
+                    "revision": _revision_of(path), "sha256": file_sha256(path)}
+            if spelling != repo:
+                info["cached_as"] = f"hf-hub:{spelling}"
+            return sd, info
     where = f"not in the local Hugging Face cache ({cache})"
     if _offline():
         tried.append(f"{label} {hub_id}: {where}; HF_HUB_OFFLINE is set, so the hub was not asked")

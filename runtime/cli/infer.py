@@ -11,6 +11,8 @@ import typer
 
 from ..artifact import NO_DIGEST_WARNING, ArtifactError
 from ..engine import ASSETS, EngineError, load_engine
+from ..engines import ENGINE_CHOICES
+from ..imageio import fast_decoder
 from ..infer import IMAGE_SUFFIXES, InputError, format_for, is_stream, iter_inputs, run_inference
 
 SAMPLES = ASSETS / "samples"
@@ -50,7 +52,11 @@ Examples:
   ami-infer crops/ -o out.csv --resume --retry-errors   ... and try the failed crops again
   ami-infer crops/ -o - --no-progress | grep Atypical   stream CSV rows to a pipe
   ami-infer crops/ --model edge.plan        a TensorRT plan (ami[trt] and a GPU)
+  ami-infer crops/ --model edge-int8.onnx   int8 artefact; with ami[openvino] installed, auto runs it on OpenVINO
+  ami-infer crops/ --engine openvino --precision bf16    bf16 on a CPU that has it
   ami-infer --sample                        the real crops shipped with ami
+  ami-infer --slides detections.csv -o res.csv    crops cut from whole-slide images (ami[slides]):
+                                            rows per detection, res.slides.csv, res.geojson/ for QuPath
 """
 
 
@@ -64,6 +70,17 @@ class Provider(str, Enum):
     cpu = "cpu"
     cuda = "cuda"
     tensorrt = "tensorrt"
+
+
+# Engine names come from the plug-in registry (ami.runtime.engines.REGISTRY).
+EngineName = Enum("EngineName", {n: n for n in ENGINE_CHOICES}, type=str)
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    int8 = "int8"
 
 
 class Pool(str, Enum):
@@ -104,10 +121,19 @@ def infer(
                                               help="Decision threshold on prob_atypical. Default: the model's (from its metadata)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Crops per engine call."),
     workers: int = typer.Option(0, "--workers", min=0, help="Decoding workers (0 = one per CPU core, at most 8)."),
-    threads: int = typer.Option(0, "--threads", min=0, help="ONNX Runtime CPU threads (0 = its default: one per "
-                                "physical core; more than the machine's cores are capped to them)."),
+    threads: int = typer.Option(0, "--threads", min=0, help="Engine CPU threads (0 = the engine's default: one per physical "
+                                "core; more than the machine's cores are capped to them)."),
+    engine_name: EngineName = typer.Option("auto", "--engine", case_sensitive=False,
+                                           help="Inference engine: auto = the fastest installed for the model and this "
+                                                "machine (TensorRT plan > ONNX Runtime GPU > OpenVINO > ONNX Runtime CPU; "
+                                                "it prints what it picked and why), or force one by name."),
+    precision: Precision = typer.Option(Precision.auto, "--precision", case_sensitive=False,
+                                        help="auto = the model's own (fp32 or int8); bf16 = an fp32 model in bf16 on "
+                                             "OpenVINO, on a CPU with bf16 instructions (faster, within the fp16 parity "
+                                             "tolerances)."),
     provider: Provider = typer.Option(Provider.auto, "--provider", case_sensitive=False,
-                                      help="ONNX Runtime provider: auto = TensorRT > CUDA > CPU, whichever is installed."),
+                                      help="ONNX Runtime provider: auto = TensorRT > CUDA > CPU, whichever is installed "
+                                           "(a value other than auto selects --engine onnxruntime)."),
     resume: bool = typer.Option(False, "--resume", help="Skip inputs already in the output file and append the rest "
                                 "(refused if its record names another model file or threshold)."),
     resume_any: bool = typer.Option(False, "--resume-any", help="Resume even with another model or threshold than the "
@@ -120,6 +146,15 @@ def infer(
     pool: Pool = typer.Option(Pool.thread, "--pool", case_sensitive=False,
                               help="Decoding pool: threads (default, fastest here) or processes."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress line with crops/s on stderr."),
+    slides: Optional[Path] = typer.Option(None, "--slides", metavar="CSV",
+                                          help="Detections on whole-slide images: a CSV with slide, x, y (level-0 px of the "
+                                               "figure's centre) and optional id. Crops are cut at the model's training "
+                                               "resolution (needs ami[slides]). Instead of PATH."),
+    mpp: Optional[float] = typer.Option(None, "--mpp", metavar="UM_PER_PX",
+                                        help="With --slides: the um/px of slides whose metadata has none (refused otherwise)."),
+    border: str = typer.Option("pad", "--border", metavar="pad|refuse",
+                               help="With --slides: crops reaching past the slide's edge are padded black as in training "
+                                    "and flagged in the 'padded' column (pad), or become error rows (refuse)."),
 ):
     resume = resume or resume_any
     if resume and overwrite:
@@ -130,7 +165,11 @@ def infer(
     if threads > cores:
         typer.echo(f"ami-infer: note: --threads {threads} capped to this machine's {cores} cores", err=True)
         threads = cores
-    if not paths and not sample:
+    if slides is not None and (paths or sample):
+        raise _err("--slides replaces PATH and --sample; give one of them")
+    if slides is None and (mpp is not None or border != "pad"):
+        raise _err("--mpp and --border apply to --slides only")
+    if not paths and not sample and slides is None:
         raise _err("give at least one PATH (a folder, an image or a list of paths), or --sample; see --help")
     ext = "jsonl" if fmt == Fmt.jsonl else "csv"
     if sample and not paths and output is None and not resume:
@@ -151,7 +190,8 @@ def infer(
         raise _err(f"{out} already exists: pass --resume to continue it or --overwrite to replace it")
 
     try:
-        engine = load_engine(model, provider=provider.value, threads=threads)
+        engine = load_engine(model, provider=provider.value, threads=threads, engine=engine_name.value,
+                             precision=precision.value)
     except (ArtifactError, EngineError) as e:
         raise _err(str(e)) from None
     typer.echo(f"model: {engine.describe()}", err=True)
@@ -159,6 +199,15 @@ def infer(
         typer.echo(f"model: weights match their digest ({engine.meta.weights_digest[:19]}...)", err=True)
     else:
         typer.echo(f"ami-infer: warning: {NO_DIGEST_WARNING.format(name=engine.path.name)}", err=True)
+    if engine.choice:
+        typer.echo(f"engine: {engine.choice}", err=True)
+    if getattr(engine, "cache_dir", None):
+        typer.echo(f"compiled-model cache: {engine.cache_dir}", err=True)
+    if slides is not None:
+        from .infer_slides import run_slides_cli
+
+        run_slides_cli(slides, engine, out, out_fmt, mpp=mpp, border=border, batch_size=batch_size, workers=workers,
+                       threshold=threshold, resume=resume, progress=progress, pool=pool.value, overwrite=overwrite)
 
     try:
         crops = sample_inputs() if sample else []
@@ -170,7 +219,7 @@ def infer(
         where = ", ".join(paths or [])
         raise _err(f"no crops found in {where} (looked for {' '.join(IMAGE_SUFFIXES)} files, recursively)")
     where = "standard output" if str(out) == "-" else out
-    typer.echo(f"inputs: {len(crops)} crops -> {where} ({out_fmt})", err=True)
+    typer.echo(f"inputs: {len(crops)} crops -> {where} ({out_fmt}); PNG decoder: {fast_decoder()}", err=True)
     protect = [p for p in (paths or []) if os.path.isfile(p)]  # list files (and single crops) are inputs too
 
     try:

@@ -1,4 +1,4 @@
-"""TensorRT plans: the side file that describes them, and a runner for them.
+"""TensorRT plans (the ``tensorrt`` engine plug-in): the side file that describes them, and a runner.
 
 A serialised TensorRT engine (``X.plan``) cannot carry ONNX metadata, so the artefact contract puts
 it beside the plan in ``X.plan.json``: the same JSON document as the ONNX ``ami`` metadata
@@ -15,6 +15,7 @@ Everything GPU-side is imported lazily: ``tensorrt`` and ``cuda-python`` (``cuda
 ``ami[trt]`` extra, never needed on a CPU box. The API used is TensorRT 10/11's name-based one
 (``num_io_tensors``, ``get_tensor_name``, ``set_input_shape``, ``set_tensor_address``,
 ``execute_async_v3``). ``ami.export`` reuses :func:`write_plan_sidecar` and :func:`gpu_info`.
+(This module was ``ami.runtime.trt`` before engines became plug-ins.)
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifact import INPUT_NAME, OUTPUT_NAME, ArtifactError, ArtifactMeta, check_weights_digest
-from .engine import Engine, EngineError
+from ..artifact import INPUT_NAME, OUTPUT_NAME, ArtifactError, ArtifactMeta, check_weights_digest
+from .base import Backend, Engine, EngineError, LoadOptions
 
+PLAN_SUFFIXES = (".plan", ".engine", ".trt")
 SIDECAR_SUFFIX = ".json"
 SUPPORTED_TRT_MAJORS = (10, 11)
 BUILD_KEYS = ("tensorrt_version", "gpu_name", "compute_capability")
@@ -139,6 +141,8 @@ class TrtPlanEngine(Engine):
     ``prob_atypical`` float32 [N] out). Batches above the plan's profile maximum are split;
     batches below its minimum are padded."""
 
+    engine, title, device = "tensorrt", "TensorRT", "cuda"
+
     def __init__(self, path: str | os.PathLike, device_id: int = 0):
         self.path = Path(path)
         self.meta, self.build = read_plan_sidecar(self.path)
@@ -234,3 +238,43 @@ class TrtPlanEngine(Engine):
             self.close()
         except Exception:  # noqa: BLE001
             pass
+
+
+# -- the plug-in ---------------------------------------------------------------------------------
+
+class TrtBackend(Backend):
+    name = "tensorrt"
+    title = "TensorRT"
+    suffixes = PLAN_SUFFIXES
+    install = "pip install 'ami[trt]' on a box with an NVIDIA GPU"
+
+    def unavailable(self) -> str | None:
+        import importlib.util
+
+        for mod, what in (("tensorrt", "TensorRT"), ("cuda", "cuda-python")):
+            if importlib.util.find_spec(mod) is None:
+                return f"{what} is not installed; TensorRT plans need an NVIDIA GPU and `{self.install.split(' on ')[0]}`"
+        return None
+
+    def version(self) -> str:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("tensorrt")
+        except PackageNotFoundError:
+            return ""
+
+    def auto_rank(self, path: Path) -> tuple[float, str] | None:
+        return 100.0, f"{path.name} is a TensorRT plan: only TensorRT runs it"
+
+    def load(self, path: Path, precision: str | None, opts: LoadOptions) -> Engine:
+        if opts.provider not in ("auto", "tensorrt"):
+            raise EngineError(f"{path.name} is a TensorRT plan; it runs on TensorRT only (got --provider {opts.provider})")
+        eng = TrtPlanEngine(path, device_id=opts.device_id)
+        if precision is not None and precision != eng.meta.precision:
+            raise EngineError(f"{path.name} is a {eng.meta.precision} plan; a plan runs at the precision it was built "
+                              f"with, not {precision} (build another one with ami-export --engine trt)")
+        return eng
+
+
+BACKEND = TrtBackend()
