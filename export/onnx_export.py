@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from ami.runtime import __version__
-from ami.runtime.artifact import AMIBR_CROP, INPUT_NAME, OUTPUT_NAME, ArtifactMeta
+from ami.runtime.artifact import (AMIBR_CROP, INPUT_NAME, OUTPUT_NAME, ArtifactMeta, plan_weights_digest,
+                                  stamp_weights_digest)
 from ami.runtime.datasets import resolve_data_root
 
 from . import ExportError
@@ -138,8 +139,10 @@ def write_model(model, path: Path, meta: ArtifactMeta, doc: str = "") -> list[Pa
         data.unlink(missing_ok=True)
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data.name, size_threshold=1024)
+        stamp_weights_digest(path)  # the weights digest the runtime checks at load
         return [data, path]
     onnx.save_model(model, str(path))
+    stamp_weights_digest(path)
     return [path]
 
 
@@ -316,6 +319,7 @@ def _build_trt(float_path: Path, meta: ArtifactMeta, st: Staging, root: Path, im
     def sidecar(extra_check: dict | None = None) -> ArtifactMeta:
         trt_rec = {**info, **({"self_check": extra_check} if extra_check else {})}
         pmeta = replace(meta, precision=precision, versions={**meta.versions, "tensorrt": info["version"]},
+                        weights_digest=plan_weights_digest(plan),
                         extra={**meta.extra, "tensorrt": trt_rec, "built_from": Path(float_path).name})
         write_plan_sidecar(plan, pmeta, tensorrt_version=info["version"], gpu_name=info["gpu_name"],
                            compute_capability=info["compute_capability"], profile=dict(info["profile"]))

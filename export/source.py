@@ -65,11 +65,15 @@ class RunSource:
         from ami.train.registry import run_entry  # torch-free
 
         try:
-            return run_entry(self.config)
+            cfg = run_entry(self.config)
         except (TypeError, ValueError) as e:
             raise ExportError(f"{self.run_dir}: config.json's registry_entry is unreadable ({e})") from None
         except KeyError as e:
             raise ExportError(f"{self.run_dir}: {e.args[0]}") from None
+        if self.method == "lora" and not cfg.lora_targets:
+            raise ExportError(f"{self.run_dir}: config.json says method lora, but registry entry {cfg.name!r} has no "
+                              "LoRA targets (lora_targets), so no LoRA run of it exists: the run's config is wrong")
+        return cfg
 
 
 def _read_json(path: Path) -> dict:
@@ -179,11 +183,26 @@ def oof_predictions(src: RunSource) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """Out-of-fold validation predictions (labels, probabilities) of the artefact's folds."""
     ys, ps, used = [], [], []
     for k in _validation_folds(src):
-        rows = (src.metrics.get(str(k)) or {}).get("predictions", {}).get("validation") or []
+        where = f"{src.fold_dir(k) / METRICS}"
+        m = src.metrics.get(str(k)) or {}
+        preds = m.get("predictions", {}) if isinstance(m, dict) else None
+        rows = preds.get("validation") if isinstance(preds, dict) else None
+        if not isinstance(preds, dict) or not isinstance(rows, (list, type(None))):
+            got = rows if isinstance(preds, dict) else preds
+            raise ExportError(f"{where}: 'predictions' must hold a 'validation' list of [name, label, probability] "
+                              f"rows, got {type(got).__name__} {str(got)[:40]!r}")
+        rows = rows or []
+        try:
+            y = [int(r[1]) for r in rows]
+            p = [float(r[2]) for r in rows]
+        except (TypeError, ValueError, IndexError, KeyError):
+            raise ExportError(f"{where}: a validation prediction is not a [name, label, probability] row") from None
+        if any(v not in (0, 1) for v in y) or not all(0.0 <= v <= 1.0 for v in p):  # NaN fails too
+            raise ExportError(f"{where}: validation predictions need labels 0/1 and probabilities in [0, 1]")
         if rows:
             used.append(k)
-            ys += [int(r[1]) for r in rows]
-            ps += [float(r[2]) for r in rows]
+            ys += y
+            ps += p
     return np.asarray(ys, dtype=np.int64), np.asarray(ps, dtype=np.float64), used
 
 

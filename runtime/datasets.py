@@ -46,6 +46,16 @@ DATASETS: dict[str, DatasetSpec] = {
     "AtNorM-MD": DatasetSpec("AtNorM-MD", "AtNorM-MD", 2107, 219,
                              "MIDOG++ non-breast domains, human + canine, 5-expert majority; out-of-domain test set"),
 }
+# Content fingerprints (:func:`fingerprint`) of the public release, DeepMicroscopy/AMi-Br_Benchmark at
+# commit 3acf4da (the commit `ami-data download` fetches). A copy whose counts are right but whose
+# bytes, names or class folders differ (a crop replaced by another's bytes, two crops swapped) no
+# longer matches. AtNorM-Br is not pinned: the copy this project was built on holds it back, so its
+# fingerprint has never been computed here (verify says so instead of pretending).
+PINNED_FINGERPRINTS: dict[str, str | None] = {
+    "AMi-Br": "423c0704f8e17d8adadc689e21b7b0a7a195e1395f1c8dd30de3ae380037835c",
+    "AtNorM-Br": None,
+    "AtNorM-MD": "e9a62678eede5ee925aaa5dfec98f444cca1c67dffa90a10810cbe29b752acbc",
+}
 AMIBR_TRAIN_SIZE = 2894
 AMIBR_TEST_SIZE = 826
 # The evaluation sets of the paper, in table order.
@@ -161,11 +171,13 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def fingerprint(samples: list[Sample]) -> str:
-    """Content fingerprint of a set of crops: sha256 over (label, name, sha256(bytes)), sorted."""
+def fingerprint(samples: list[Sample], digests: dict[Path, str] | None = None) -> str:
+    """Content fingerprint of a set of crops: sha256 over (label, name, sha256(bytes)), sorted.
+    ``digests``: file sha256s already computed (path -> hex), to hash each file once."""
     h = hashlib.sha256()
     for s in sorted(samples, key=lambda s: (s.label, s.name)):
-        h.update(f"{s.label}\t{s.name}\t{file_sha256(s.path)}\n".encode())
+        d = digests[s.path] if digests and s.path in digests else file_sha256(s.path)
+        h.update(f"{s.label}\t{s.name}\t{d}\n".encode())
     return h.hexdigest()
 
 
@@ -176,6 +188,7 @@ class VerifyReport:
     counts: dict[str, int] = field(default_factory=dict)  # found per class
     expected: dict[str, int] = field(default_factory=dict)
     fingerprint: str | None = None
+    pinned: str | None = None  # the public release's fingerprint, when known
     problems: list[str] = field(default_factory=list)
     message: str = ""
 
@@ -227,11 +240,26 @@ def verify_dataset(root: Path, name: str, check_images: bool = True) -> VerifyRe
             if check_images and (err := _png_ok(p)):
                 rep.problems.append(err)
         rep.counts[cls] = n
+    counts_ok = True
     for cls, want in rep.expected.items():
         got = rep.counts.get(cls, 0)
         if got != want:
+            counts_ok = False
             rep.problems.append(f"{cls}: found {got} crops, expected {want}")
-    rep.fingerprint = fingerprint(samples)
+    digests = {x.path: file_sha256(x.path) for x in samples}
+    by_content: dict[str, list[Sample]] = {}
+    for x in samples:
+        by_content.setdefault(digests[x.path], []).append(x)
+    for same in by_content.values():
+        if len(same) > 1:
+            names = ", ".join(f"{'Atypical' if x.label else 'Normal'}/{x.name}" for x in same)
+            rep.problems.append(f"identical content under {len(same)} names: {names} (a crop replaced by another's bytes?)")
+    rep.fingerprint = fingerprint(samples, digests)
+    rep.pinned = PINNED_FINGERPRINTS.get(name)
+    if rep.pinned and rep.fingerprint != rep.pinned and counts_ok:  # wrong counts already say why
+        rep.problems.append(f"content fingerprint {rep.fingerprint[:16]}... differs from the public release's "
+                            f"{rep.pinned[:16]}...: the counts are right but a crop's bytes, name or class folder "
+                            "changed")
     if name == "AMi-Br":
         try:
             train, test = amibr_split(root)

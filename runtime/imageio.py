@@ -75,8 +75,11 @@ def _file_problem(path: str | os.PathLike) -> str | None:
     return None
 
 
-def decode_rgb(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open, fully decode and convert one crop to RGB. Raises ImageError with the reason."""
+def decode_rgb(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, info: dict | None = None) -> Image.Image:
+    """Open, fully decode and convert one crop to RGB. Raises ImageError with the reason.
+
+    A file with several frames (animated PNG / WebP, multi-page TIFF) gives its first frame;
+    pass ``info`` (a dict) to learn ``frames`` (how many there were) and ``size`` (width, height)."""
     p = os.fspath(path)
     try:
         problem = _file_problem(p)
@@ -86,6 +89,9 @@ def decode_rgb(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.I
             w, h = im.size
             if w * h > max_pixels:
                 raise ImageError(f"image too large ({w}x{h} pixels > {max_pixels}); refusing to decode")
+            if info is not None:
+                info["size"] = (w, h)
+                info["frames"] = int(getattr(im, "n_frames", 1) or 1)
             im.load()
             return _to_rgb(im)
     except ImageError:
@@ -146,6 +152,9 @@ def decode_rgb_fast(path: str | os.PathLike, max_pixels: int = MAX_PIXELS):
         return None
     w, h, depth, ctype = struct.unpack(">IIBB", data[16:26])
     if depth != 8 or ctype != 2 or w * h > max_pixels or w == 0 or h == 0:
+        return None
+    idat = data.find(b"IDAT")
+    if b"acTL" in data[:idat if idat > 0 else len(data)]:  # an animated PNG: decode_rgb notes its frames
         return None
     import numpy as np
 

@@ -1,5 +1,6 @@
 """Datasets, data-root resolution and ami-data on the real data (and on broken copies of it)."""
 
+import os
 import shutil
 from pathlib import Path
 
@@ -91,3 +92,37 @@ def test_download_offline_fails_fast_with_alternative(tmp_path):
     assert res.exit_code == 1
     assert "--data-root" in res.output
     assert not (tmp_path / "d" / "AMi-Br").exists()  # nothing half-written
+
+
+def _linked_copy(data_root: Path, dst: Path, name: str = "AtNorM-MD") -> Path:
+    """A full copy of one dataset made of symbolic links (fast): verify reads through them."""
+    for cls in ("Atypical", "Normal"):
+        (dst / name / cls).mkdir(parents=True)
+        for p in (data_root / name / cls).iterdir():
+            os.symlink(p, dst / name / cls / p.name)
+    return dst
+
+
+def test_verify_pins_the_release_and_finds_swapped_content(data_root, tmp_path):
+    """Issue 14: a crop replaced by another crop's bytes keeps every count right; before, verify passed."""
+    root = _linked_copy(data_root, tmp_path)
+    rep = ds.verify_dataset(root, "AtNorM-MD", check_images=False)
+    assert rep.ok and rep.fingerprint == rep.pinned == ds.PINNED_FINGERPRINTS["AtNorM-MD"], rep.problems
+    a = sorted((root / "AtNorM-MD" / "Atypical").iterdir())
+    victim, donor = a[0], a[1]
+    victim.unlink()
+    shutil.copy(donor, victim)  # same name, another crop's bytes
+    rep = ds.verify_dataset(root, "AtNorM-MD", check_images=False)
+    text = "\n".join(rep.problems)
+    assert not rep.ok
+    assert f"identical content under 2 names: Atypical/{donor.name}, Atypical/{victim.name}" in text or \
+        f"identical content under 2 names: Atypical/{victim.name}, Atypical/{donor.name}" in text
+    assert "differs from the public release" in text
+    res = runner.invoke(app, ["verify", "--data-root", str(root), "--quick"])
+    assert res.exit_code == 1 and "!= public release" in res.output
+
+
+def test_verify_real_data_matches_the_pins(data_root):
+    for name in ("AMi-Br", "AtNorM-MD"):
+        rep = ds.verify_dataset(data_root, name, check_images=False)
+        assert rep.ok and rep.fingerprint == ds.PINNED_FINGERPRINTS[name], (name, rep.problems)

@@ -22,6 +22,7 @@ onnx = pytest.importorskip("onnx")
 
 from ami.bench import parity as P  # noqa: E402
 from ami.runtime.datasets import TEST_SETS, load_eval_set  # noqa: E402
+from ami.runtime.artifact import stamp_weights_digest  # noqa: E402
 
 SAMPLE = 64
 
@@ -62,7 +63,9 @@ def tiny(tmp_path_factory, data_root):
 
 @pytest.fixture(scope="module")
 def broken(tiny):
-    """The tiny engine with every convolution weight perturbed (metadata unchanged)."""
+    """The tiny engine with every convolution weight perturbed (metadata unchanged but for the weights
+    digest, stamped again: this stands for an export that went wrong, which a digest cannot catch;
+    a corrupted copy, which it does, is tested in test_infer_faults.py)."""
     m = onnx.load(str(tiny["engine"]))
     rng = np.random.default_rng(0)
     n = 0
@@ -75,6 +78,7 @@ def broken(tiny):
     assert n > 10, "expected the convolution weights of a RegNet"
     path = tiny["base"] / "broken.onnx"
     onnx.save(m, str(path))
+    stamp_weights_digest(path)
     return path
 
 

@@ -262,6 +262,7 @@ def test_resume_finishes_an_interrupted_run(engine, lab, tmp_path, ext):
     lines = full.read_text().splitlines(keepends=True)
     head = 1 if ext == "csv" else 0
     part.write_text("".join(lines[: head + 10]) + lines[head + 10][:15])  # 10 rows and half of one
+    part.with_name(part.name + ".ami.json").write_text(full.with_name(full.name + ".ami.json").read_text())  # its record
     summary, sums = S.run_slides(lab["native.tif"]["csv"], engine, part, resume=True, progress=False, workers=2)
     assert summary.skipped == 10 and summary.processed == len(SAMPLES) - 10
     assert part.read_text() == full.read_text()

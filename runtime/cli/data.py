@@ -33,7 +33,9 @@ def verify(data_root: Optional[Path] = typer.Option(None, "--data-root", help=DA
     """Count every dataset's crops per class against the expected numbers and fingerprint them.
 
     A missing dataset is reported, not an error. Exit code 1 on any mismatch: missing or extra
-    files, a crop in both class folders, an unreadable PNG, a wrong train/test split.
+    files, a crop in both class folders, two crops with identical bytes, an unreadable PNG, a wrong
+    train/test split, or a content fingerprint that differs from the public release's pinned one
+    (AMi-Br and AtNorM-MD are pinned; AtNorM-Br is not, the copy here holds it back).
     """
     root = resolve_data_root(data_root)
     typer.echo(f"data root: {root}")
@@ -47,7 +49,9 @@ def verify(data_root: Optional[Path] = typer.Option(None, "--data-root", help=DA
             typer.echo(f"{r.name:<10} {'MISSING':<8} {'-':>14} {'-':>14}  -")
             continue
         cells = [f"{r.counts.get(c, 0)}/{r.expected[c]}" for c in ("Atypical", "Normal")]
-        typer.echo(f"{r.name:<10} {'ok' if r.ok else 'MISMATCH':<8} {cells[0]:>14} {cells[1]:>14}  {r.fingerprint}")
+        pin = ("= public release" if r.fingerprint == r.pinned else "!= public release") if r.pinned else "(not pinned)"
+        typer.echo(f"{r.name:<10} {'ok' if r.ok else 'MISMATCH':<8} {cells[0]:>14} {cells[1]:>14}  "
+                   f"{r.fingerprint} {pin}")
         bad |= not r.ok
     for r in reports:
         if not r.present:

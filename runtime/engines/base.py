@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..artifact import INPUT_NAME, META_KEY, OUTPUT_NAME, ArtifactError, ArtifactMeta
+from ..artifact import INPUT_NAME, META_KEY, OUTPUT_NAME, ArtifactError, ArtifactMeta, check_batch_axis
 
 # Precision names, as artefact metadata and engines report them. "f32" is accepted for "fp32".
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
@@ -70,6 +70,7 @@ class Engine:
     title: str = ""  # its display name: ONNX Runtime | OpenVINO | TensorRT
     device: str = "cpu"  # cpu | cuda
     fallback: str = ""  # why a faster choice was given up (auto only)
+    weights_verified: bool = False  # True: the weights digest in the metadata was recomputed and matched
     choice: str = ""  # how --engine auto chose this engine ("" when the engine was named)
     run_precision: str = ""  # the precision it computes in ("" = the artefact's)
 
@@ -189,6 +190,7 @@ def check_io(inputs: Sequence[TensorInfo], outputs: Sequence[TensorInfo], meta: 
         raise ArtifactError(f"{path}: input '{INPUT_NAME}' is {i.type}, expected tensor(uint8) "
                             "(the ami contract: the graph takes raw uint8 NHWC pixels and normalises itself)")
     shape = list(i.shape)
+    check_batch_axis(shape, path)
     want = [None, s, s, 3]
     if len(shape) != 4 or any(isinstance(d, int) and w is not None and d != w for d, w in zip(shape[1:], want[1:], strict=False)):
         raise ArtifactError(f"{path}: input '{INPUT_NAME}' has shape {shape}, expected [N, {s}, {s}, 3] "

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifact import INPUT_NAME, OUTPUT_NAME, ArtifactError, ArtifactMeta
+from ..artifact import INPUT_NAME, OUTPUT_NAME, ArtifactError, ArtifactMeta, check_weights_digest
 from .base import Backend, Engine, EngineError, LoadOptions, TensorInfo, cache_root, check_io, first_line, meta_from_props
 
 PROVIDER_NAMES = {
@@ -150,6 +150,7 @@ class OrtEngine(Engine):
                 raise EngineError(f"{', '.join(names)} could not run {path.name}: {gpu_error}") from None
             self.fallback = f"{', '.join(names)} failed ({gpu_error}); running on the CPU"
         self.meta = _meta_from_session(self.session, path)
+        self.weights_verified = check_weights_digest(path, self.meta)
         used = self.session.get_providers()
         self.provider = used[0] if used else "CPUExecutionProvider"
         self.device = "cpu" if self.provider == "CPUExecutionProvider" else "cuda"

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifact import ArtifactError, ArtifactMeta
+from ..artifact import ArtifactError, ArtifactMeta, check_weights_digest
 from .base import (Backend, Engine, EngineError, LoadOptions, TensorInfo, cache_root, check_io, cpu_int8_features,
                    first_line, meta_from_props)
 
@@ -116,6 +116,7 @@ class OpenVinoEngine(Engine):
             raise EngineError(f"OpenVINO {ov.__version__.split('-')[0]} cannot read {self.path.name} (ONNX Runtime can): "
                               f"{why}") from None
         self.meta = _meta_from_model(model, self.path)
+        self.weights_verified = check_weights_digest(self.path, self.meta)
         check_io([_tensor(p) for p in model.inputs], [_tensor(p) for p in model.outputs], self.meta, self.path)
 
         art = self.meta.precision

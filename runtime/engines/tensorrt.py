@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifact import INPUT_NAME, OUTPUT_NAME, ArtifactError, ArtifactMeta
+from ..artifact import INPUT_NAME, OUTPUT_NAME, ArtifactError, ArtifactMeta, check_weights_digest
 from .base import Backend, Engine, EngineError, LoadOptions
 
 PLAN_SUFFIXES = (".plan", ".engine", ".trt")
@@ -146,6 +146,7 @@ class TrtPlanEngine(Engine):
     def __init__(self, path: str | os.PathLike, device_id: int = 0):
         self.path = Path(path)
         self.meta, self.build = read_plan_sidecar(self.path)
+        self.weights_verified = check_weights_digest(self.path, self.meta)
         trt = _tensorrt()
         cudart = _cudart()
         self._cudart = cudart
