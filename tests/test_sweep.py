@@ -171,6 +171,18 @@ def test_status_reports_failed_and_not_started_jobs(tmp_path, data_root):
     assert lines[2].startswith("interrupted") and "is gone" in lines[2]
     assert lines[3].startswith("not started")
     assert lines[-1] == "3 jobs: 1 interrupted, 1 failed, 1 not started"
+    # a real failure is recorded by the job itself, with the reason
+    broken = dict(jobs[2], data_root=str(tmp_path / "no-data-here"))
+    with pytest.raises(BaseException):
+        S.run_job(broken, log=lambda s: None)
+    rec = json.loads(S.record_path(broken).read_text())
+    assert rec["state"] == "failed" and "no-data-here" in rec["error"]
+    assert S.job_status(broken)[0] == "failed"
+    # a job runs once at a time: a second process for the same job refuses (exit 75) and changes nothing
+    with S._Lock(S.record_path(jobs[0]).with_suffix(".lock")):
+        assert S._main([str(root), jobs[0]["id"]]) == S.BUSY_EXIT
+    assert json.loads(S.record_path(jobs[0]).read_text())["state"] == "failed"
+    S.record_path(broken).unlink()
     # a relaunch picks up exactly the jobs that need it
     assert [j["id"] for j in S.pending(jobs, lambda s: None)] == [j["id"] for j in jobs]
     # other result-deciding options into the same root are refused

@@ -32,11 +32,12 @@ Examples:
   ami-train -m uni --method lora --set lora_targets=blocks --set aug.rotate_deg=0
   ami-train --folds full                      # the recipe on all training crops (no validation)
 
+\b
 Sweeps (one job per configuration and fold; docs/reproduce.md):
   ami-train --sweep table3 --dry-run          # the 85 jobs of Table 3 and their run directories
   ami-train --sweep table3 --launcher slurm --amp bf16 --partition gpu --time 8:00:00
   ami-train --sweep uni,virchow2 --methods lora --folds 0,1 --launcher local --jobs 2
-  ami-train --sweep table3 --status           # done / running / queued / failed / not started
+  ami-train --sweep table3 --status           # every job: done, running, queued, failed, ...
 
 A run directory is resumable: run the same command again after an interruption."""
 

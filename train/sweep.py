@@ -689,7 +689,7 @@ def launch_submitit(jobs: list[dict], conf: dict, cli: dict, max_parallel: int =
     for res, group in resource_groups(jobs, conf, cli):
         kw = {f"{cluster}_max_num_timeout": max_requeues} if cluster in ("slurm", "local") else {}
         ex = submitit.AutoExecutor(folder=folder, cluster=cluster, **kw, **(executor_kwargs or {}))
-        params = dict(name="ami-sweep", timeout_min=res["time_min"], gpus_per_node=res["gpus"],
+        params = dict(name="ami-sweep", timeout_min=res["time_min"], gpus_per_node=res["gpus"] or None,
                       cpus_per_task=res["cpus"], mem_gb=res["mem_gb"], tasks_per_node=1, nodes=1,
                       slurm_signal_delay_s=120, slurm_array_parallelism=max_parallel or len(group))
         if res["partition"]:
@@ -789,6 +789,7 @@ def sweep_command(name: str, *, launcher: str = "local", out: Path | None = None
         per = max(1, (os.cpu_count() or 1) // max_parallel)  # CPU slots: do not oversubscribe the cores
         for j in jobs:
             j["threads"] = per
+    _require(launcher)  # before anything is written
     write_manifest(root, name, jobs)
     todo = pending(jobs, err)
     if launcher == "local":
@@ -802,6 +803,15 @@ def sweep_command(name: str, *, launcher: str = "local", out: Path | None = None
     failed = launch_ray(todo, conf, cli, log=err)
     echo(f"{len(todo) - failed} of {len(todo)} job(s) finished; results: ami-bench table {root}")
     return 1 if failed else 0
+
+
+def _require(launcher: str) -> None:
+    """Fail early, with the install command, when a launcher's library is missing."""
+    import importlib.util
+
+    need = {"slurm": ("submitit", "slurm"), "ray": ("ray", "ray")}.get(launcher)
+    if need and importlib.util.find_spec(need[0]) is None:
+        raise SweepError(f"--launcher {launcher} needs {need[0]}: pip install 'ami[{need[1]}]'")
 
 
 def _main(argv: list[str]) -> int:
