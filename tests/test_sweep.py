@@ -82,6 +82,8 @@ def test_lists_edge_and_method_filters(tmp_path):
             S.expand(bad, tmp_path)
     with pytest.raises(S.SweepError, match="fold 7 out of range"):
         S.expand("uni", tmp_path, folds="7")
+    with pytest.raises(S.SweepError, match="bad recipe for uni"):
+        S.expand("uni", tmp_path, options=S.JobOptions(recipe_overrides={"no_such_key": 1}))
     res = _cli(["--sweep", "uni:full", "--dry-run", "--out", str(tmp_path)], code=2)
     assert "uni supports linear or lora, not 'full'" in res.output and "Traceback" not in res.output
 

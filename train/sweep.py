@@ -45,7 +45,7 @@ from typing import Callable, Iterable
 
 from ami.runtime.splits import N_FOLDS
 
-from .registry import METHODS, REGISTRY, label, table3_configs
+from .registry import METHODS, REGISTRY, get, label, table3_configs
 
 LAUNCHERS = ("local", "slurm", "ray")
 MANIFEST = "sweep.json"
@@ -180,6 +180,11 @@ def expand(name: str, root: Path, methods: str | None = None, folds: str | None 
     pairs = expand_configs(name, methods, warn)
     if options.weights and len({m for m, _ in pairs}) > 1:
         raise SweepError("--weights names one model's weights; a sweep over several models cannot share them")
+    for model, method in pairs:  # a bad --set / --config stops here, not in every job
+        try:
+            get(model).recipe_for(method).override(**options.recipe_overrides)
+        except (KeyError, ValueError, TypeError) as e:
+            raise SweepError(f"bad recipe for {model} ({method}): {e.args[0] if isinstance(e, KeyError) else e}") from None
     fold_list = parse_folds(folds or default_folds(name))
     if not fold_list:
         raise SweepError("--folds: no fold named")
