@@ -32,6 +32,13 @@ Examples:
   ami-train -m uni --method lora --set lora_targets=blocks --set aug.rotate_deg=0
   ami-train --folds full                      # the recipe on all training crops (no validation)
 
+\b
+Sweeps (one job per configuration and fold; docs/reproduce.md):
+  ami-train --sweep table3 --dry-run          # the 85 jobs of Table 3 and their run directories
+  ami-train --sweep table3 --launcher slurm --amp bf16 --partition gpu --time 8:00:00
+  ami-train --sweep uni,virchow2 --methods lora --folds 0,1 --launcher local --jobs 2
+  ami-train --sweep table3 --status           # every job: done, running, queued, failed, ...
+
 A run directory is resumable: run the same command again after an interruption."""
 
 
@@ -53,6 +60,19 @@ def _parse_set(items: list[str]) -> dict:
         else:
             out[k.strip()] = val
     return out
+
+
+def _overrides(config: Optional[Path], set_: list[str], epochs: Optional[int]) -> dict:
+    """Recipe overrides from --config, then --set (augment_params merge key by key), then --epochs."""
+    overrides = json.loads(config.read_text()) if config else {}
+    for k, v in _parse_set(set_).items():
+        if k == "augment_params":
+            overrides["augment_params"] = {**overrides.get("augment_params", {}), **v}
+        else:
+            overrides[k] = v
+    if epochs is not None:
+        overrides["epochs"] = epochs
+    return overrides
 
 
 def print_registry() -> None:
@@ -106,6 +126,29 @@ def train(
                                       "exactly what the run's config.json would hold (but its creation time), with "
                                       "'recipe_origin': the script statement behind each value, or 'ami default' - "
                                       "and exit without reading any data or weights."),
+    sweep: Optional[str] = typer.Option(None, "--sweep", help="[sweep] Run many jobs, one per (configuration, fold): "
+                                        "'table3' (85 jobs), 'edge', or registry names like 'uni,virchow2:lora'. "
+                                        "--out is the sweep's root (default runs/NAME); the training flags apply "
+                                        "to every job."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="[sweep] Only these methods, e.g. 'linear,lora' "
+                                          "(default: every method each named model supports)."),
+    launcher: str = typer.Option("local", "--launcher", help="[sweep] local (child processes, one per GPU or CPU "
+                                 "slot), slurm (submitit job arrays; pip install 'ami[slurm]') or ray "
+                                 "(pip install 'ami[ray]')."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="[sweep] Print the jobs (and resources) and start nothing."),
+    status: bool = typer.Option(False, "--status", help="[sweep] List every job of the sweep root: done, running, "
+                                "queued, interrupted, failed or not started. Exit 1 if any failed."),
+    jobs: int = typer.Option(0, "--jobs", "-j", help="[sweep] At most N jobs at once (local: default one per "
+                             "visible GPU, else 1; slurm: array parallelism, default all)."),
+    gpus_per_job: Optional[int] = typer.Option(None, "--gpus-per-job", help="[sweep] GPUs per job (slurm/ray; default 1)."),
+    cpus_per_job: Optional[int] = typer.Option(None, "--cpus-per-job", help="[sweep] CPUs per job (slurm/ray; default 8)."),
+    mem_gb: Optional[int] = typer.Option(None, "--mem-gb", help="[sweep] Memory per job in GB (slurm; default 64)."),
+    time_limit: Optional[str] = typer.Option(None, "--time", help="[sweep] Time limit per job, e.g. 240 or 8:00:00 "
+                                             "(slurm; default 4:00:00). A job that reaches it is requeued and resumes."),
+    partition: Optional[str] = typer.Option(None, "--partition", help="[sweep] SLURM partition (default: the cluster's)."),
+    resources: Optional[Path] = typer.Option(None, "--resources", help="[sweep] JSON file of per-job resources "
+                                             "(defaults, per-job patterns, extra sbatch options, setup lines; "
+                                             "docs/reproduce.md). The flags above win over it."),
 ):
     """Train MODEL with METHOD over the AMi-Br folds; evaluate each fold on every test set present.
 
@@ -116,6 +159,28 @@ def train(
     if list_:
         print_registry()
         raise typer.Exit(0)
+    if sweep is not None or status:
+        from .sweep import JobOptions, SweepError, sweep_command  # import-light: no torch for --dry-run/--status
+
+        if print_config:
+            typer.echo("--print-config shows one run: use it without --sweep (e.g. -m uni --method lora)", err=True)
+            raise typer.Exit(2)
+        options = JobOptions(data_root=str(resolve_data_root(data_root).absolute()),
+                             recipe_overrides=_overrides(config, set_, epochs),
+                             device=device, amp=amp, weights=weights, random_init=random_init, tiny=tiny,
+                             max_train=max_train, max_eval=max_eval, threads=threads,
+                             cache_dir=str(cache_dir.absolute()) if cache_dir else None)
+        try:
+            code = sweep_command(sweep or model, launcher=launcher, out=out, methods=methods,
+                                 folds=folds, options=options,
+                                 dry_run=dry_run, show_status=status, max_parallel=jobs, resources=resources,
+                                 cli_resources={"gpus": gpus_per_job, "cpus": cpus_per_job, "mem_gb": mem_gb,
+                                                "time": time_limit, "partition": partition},
+                                 echo=typer.echo, err=lambda s: typer.echo(s, err=True))
+        except SweepError as e:
+            typer.echo(str(e), err=True)
+            raise typer.Exit(2) from None
+        raise typer.Exit(code)
     from .fit import RunSpec, parse_folds, run  # torch is imported here, not for --help/--list
 
     if model not in REGISTRY:
@@ -124,14 +189,7 @@ def train(
     if method not in REGISTRY[model].methods:
         typer.echo(f"{model} supports --method {' or '.join(REGISTRY[model].methods)}, not {method!r}", err=True)
         raise typer.Exit(2)
-    overrides = json.loads(config.read_text()) if config else {}
-    for k, v in _parse_set(set_).items():
-        if k == "augment_params":
-            overrides["augment_params"] = {**overrides.get("augment_params", {}), **v}
-        else:
-            overrides[k] = v
-    if epochs is not None:
-        overrides["epochs"] = epochs
+    overrides = _overrides(config, set_, epochs)
     try:
         fold_list = parse_folds(folds)
     except ValueError as e:
