@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -109,8 +110,23 @@ def _ck(cudart, result):
     err, *vals = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
         name = getattr(err, "name", str(err))
-        raise EngineError(f"CUDA call failed: {name}")
+        hint = ""
+        if "Driver" in name or "Stub" in name:  # cudaErrorInsufficientDriver / cudaErrorStubLibrary: wrong build
+            from ..gpu import cuda_python_mismatch
+
+            hint = cuda_python_mismatch()
+        raise EngineError(f"CUDA call failed: {name}" + (f"; {hint}" if hint else ""))
     return vals[0] if len(vals) == 1 else tuple(vals)
+
+
+def native_handle(obj) -> int:
+    """The address behind a cuda-python object (e.g. a stream) as an int: cuda-bindings >= 12.9
+    deprecates ``int(obj)`` for ``cuda.bindings.utils.get_cuda_native_handle``."""
+    try:
+        from cuda.bindings.utils import get_cuda_native_handle
+    except ImportError:
+        return int(obj)
+    return int(get_cuda_native_handle(obj))
 
 
 def gpu_info(device_id: int = 0) -> dict:
@@ -124,8 +140,10 @@ def gpu_info(device_id: int = 0) -> dict:
     return {"gpu_name": name.rstrip("\x00").strip(), "compute_capability": f"{prop.major}.{prop.minor}"}
 
 
-def check_plan_compatible(build: dict, tensorrt_version: str, device: dict, plan_name: str = "plan") -> None:
-    """Refuse a plan built for another TensorRT version or GPU architecture, saying which."""
+def check_plan_compatible(build: dict, tensorrt_version: str, device: dict, plan_name: str = "plan") -> list[str]:
+    """Refuse a plan built for another TensorRT version or GPU architecture, saying which. Returns
+    warnings: a plan is tuned for the GPU *model* it was built on, so another model of the same
+    architecture runs it, possibly slower or refused by TensorRT itself."""
     if str(build["tensorrt_version"]) != str(tensorrt_version):
         raise EngineError(f"{plan_name} was built with TensorRT {build['tensorrt_version']} but TensorRT "
                           f"{tensorrt_version} is installed; a plan only runs on the version that built it: "
@@ -134,6 +152,12 @@ def check_plan_compatible(build: dict, tensorrt_version: str, device: dict, plan
         raise EngineError(f"{plan_name} was built for compute capability {build['compute_capability']} "
                           f"({build.get('gpu_name', '?')}) but this GPU is {device['gpu_name']} "
                           f"(compute capability {device['compute_capability']}); rebuild it on this machine")
+    built_on = str(build.get("gpu_name") or "").strip()
+    if built_on and built_on != str(device.get("gpu_name", "")).strip():
+        return [f"{plan_name} was built on {built_on} and runs on {device['gpu_name']} (same compute capability "
+                f"{device['compute_capability']}): TensorRT plans are tuned for one GPU model, so it may run slower or "
+                "be refused; rebuild it on this GPU for its own timings"]
+    return []
 
 
 class TrtPlanEngine(Engine):
@@ -153,7 +177,9 @@ class TrtPlanEngine(Engine):
         self._stream = None
         _ck(cudart, cudart.cudaSetDevice(device_id))
         device = gpu_info(device_id)
-        check_plan_compatible(self.build, trt.__version__, device, self.path.name)
+        self.warnings = check_plan_compatible(self.build, trt.__version__, device, self.path.name)
+        for w in self.warnings:
+            warnings.warn(w, RuntimeWarning, stacklevel=2)
 
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
@@ -208,7 +234,7 @@ class TrtPlanEngine(Engine):
         h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         _ck(cudart, cudart.cudaMemcpyAsync(self._d_in, x.ctypes.data, x.nbytes, h2d, self._stream))
-        if not self._ctx.execute_async_v3(int(self._stream)):
+        if not self._ctx.execute_async_v3(native_handle(self._stream)):
             raise EngineError("TensorRT execution failed (execute_async_v3 returned False)")
         _ck(cudart, cudart.cudaMemcpyAsync(out.ctypes.data, self._d_out, out.nbytes, d2h, self._stream))
         _ck(cudart, cudart.cudaStreamSynchronize(self._stream))
