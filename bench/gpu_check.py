@@ -117,7 +117,7 @@ def environment(work: Path, device: str) -> dict:
     cp = {"version": G.cuda_python_version()}
     if cp["version"]:
         try:
-            from ami.runtime.trt import gpu_info
+            from ami.runtime.engines.tensorrt import gpu_info
 
             cp["gpu_info"] = gpu_info(0)
         except Exception as e:  # noqa: BLE001
@@ -198,7 +198,7 @@ def tensorrt_round_trip(work: Path, device: str, log) -> dict:
     from ami.export.synthetic import synthetic_crops, tiny_onnx
     from ami.export.tensorrt import TensorRTUnavailable, build_engine, fp16_graph, require_tensorrt, run_plan
     from ami.runtime.engine import load_engine
-    from ami.runtime.trt import write_plan_sidecar
+    from ami.runtime.engines.tensorrt import write_plan_sidecar
 
     try:
         trt, _, gpu = require_tensorrt()
@@ -427,9 +427,10 @@ def training_section(device: str, deadline: Deadline, *, models: list[tuple[str,
     if device == "cuda" and not torch.cuda.is_available():
         return {"status": "skipped", "reason": "no CUDA GPU (torch.cuda.is_available() is False)"}
     dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False  # PyTorch's default: what ami-train runs
+    if dev.type == "cuda":  # PyTorch's defaults, what ami-train runs (the latency part changed them)
+        torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = False
     todo = models or table3_configs()
     rows, failed = [], []
     for name, method in todo:

@@ -93,9 +93,11 @@ def require_tensorrt():
     try:
         import tensorrt as trt
     except ImportError as e:
+        from ami.runtime.gpu import trt_install_hint
+
         raise TensorRTUnavailable(f"--engine trt needs TensorRT {' or '.join(map(str, SUPPORTED_MAJORS))} and a CUDA GPU; "
                                   f"the tensorrt Python package is not installed here ({e}). On a GPU machine: "
-                                  "pip install 'ami[trt]' (and onnxruntime-gpu instead of onnxruntime).") from None
+                                  f"{trt_install_hint()}, and onnxruntime-gpu instead of onnxruntime.") from None
     try:
         major = int(str(trt.__version__).split(".")[0])
     except ValueError:

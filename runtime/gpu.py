@@ -143,3 +143,12 @@ def cuda_python_mismatch() -> str:
         return ""
     return (f"cuda-python {v} is built for CUDA {major}, but this driver supports CUDA {drv[0]}.{drv[1]}: "
             f"pip install '{trt_extra(drv[0])}' (or update the NVIDIA driver)")
+
+
+def trt_install_hint() -> str:
+    """`pip install 'ami[trt-cuXX]'` for this driver, or both choices when no driver is visible."""
+    drv = driver_cuda_version()
+    if drv is None:
+        return ("pip install 'ami[trt-cu12]' or 'ami[trt-cu13]' (the major of the \"CUDA Version\" that nvidia-smi "
+                "prints)")
+    return f"pip install '{trt_extra(drv[0])}' (this driver supports CUDA {drv[0]}.{drv[1]})"

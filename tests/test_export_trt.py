@@ -54,7 +54,7 @@ def test_build_engine_round_trip_on_a_generated_model(generated, tmp_path, preci
     from ami.export.onnx_export import write_model
     from ami.export.tensorrt import TOLERANCE, build_engine, fp16_graph, run_plan
     from ami.runtime.engine import load_engine
-    from ami.runtime.trt import write_plan_sidecar
+    from ami.runtime.engines.tensorrt import write_plan_sidecar
 
     path, x, ref = generated
     src = path

@@ -17,7 +17,7 @@ from onnx_factory import write_model
 
 from ami.runtime import engine as E
 from ami.runtime import gpu as G
-from ami.runtime import trt as T
+from ami.runtime.engines import tensorrt as T
 from ami.runtime.preprocess import Preprocess
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ A plan only runs on the exact TensorRT version and GPU architecture it was built
 checks both *before* deserialising and refuses a mismatch with that reason (instead of a crash).
 
 Everything GPU-side is imported lazily: ``tensorrt`` and ``cuda-python`` (``cuda.bindings``) are the
-``ami[trt]`` extra, never needed on a CPU box. The API used is TensorRT 10/11's name-based one
+``ami[trt-cu12]`` / ``ami[trt-cu13]`` extras (one per CUDA major), never needed on a CPU box. The API used is TensorRT 10/11's name-based one
 (``num_io_tensors``, ``get_tensor_name``, ``set_input_shape``, ``set_tensor_address``,
 ``execute_async_v3``). ``ami.export`` reuses :func:`write_plan_sidecar` and :func:`gpu_info`.
 (This module was ``ami.runtime.trt`` before engines became plug-ins.)
@@ -84,8 +84,10 @@ def _tensorrt():
     try:
         import tensorrt as trt
     except ImportError as e:
+        from ..gpu import trt_install_hint
+
         raise EngineError(f"TensorRT is not installed ({e}); TensorRT plans need an NVIDIA GPU and "
-                          "`pip install 'ami[trt]'` (or use the ONNX model with --provider cpu/cuda)") from None
+                          f"`{trt_install_hint()}` (or use the ONNX model with --provider cpu/cuda)") from None
     major = int(str(trt.__version__).split(".")[0])
     if major not in SUPPORTED_TRT_MAJORS:
         raise EngineError(f"TensorRT {trt.__version__} is not supported (supported majors: "
@@ -100,8 +102,10 @@ def _cudart():
         try:
             from cuda import cudart  # older cuda-python
         except ImportError as e:
+            from ..gpu import trt_install_hint
+
             raise EngineError(f"cuda-python is not installed ({e}); TensorRT plans need it: "
-                              "`pip install 'ami[trt]'`") from None
+                              f"`{trt_install_hint()}`") from None
     return cudart
 
 
@@ -271,7 +275,7 @@ class TrtBackend(Backend):
     name = "tensorrt"
     title = "TensorRT"
     suffixes = PLAN_SUFFIXES
-    install = "pip install 'ami[trt]' on a box with an NVIDIA GPU"
+    install = "pip install 'ami[trt-cu12]' or 'ami[trt-cu13]' (the CUDA major nvidia-smi prints) on a box with an NVIDIA GPU"
 
     def unavailable(self) -> str | None:
         import importlib.util
