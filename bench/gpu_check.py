@@ -23,7 +23,8 @@ Every part that cannot run here is *skipped with its reason* (no CUDA GPU, Tenso
 out of time budget); a failed part is reported and the command exits 1. ``--device cpu`` runs the
 same code on the CPU with tiny stand-ins (a rehearsal that proves the check works, not a measurement).
 
-Runs without typer too: ``python -m ami.bench.gpu_check --out DIR``.
+Runs without typer too: ``python -m ami.bench.gpu_check --out DIR``, and from a checkout that is
+not installed at all: ``python bench/gpu_check.py --out DIR`` (that checkout's code is used).
 """
 
 from __future__ import annotations
@@ -172,7 +173,7 @@ def pytorch_cuda(work: Path, device: str) -> dict:
     pre = tiny_preprocess()
     x = synthetic_crops(37, pre.input_size, seed=11)
     ref = session(model).run(None, {"pixels": x})[0]
-    from .latency import torch_runner
+    from ami.bench.latency import torch_runner
 
     r = torch_runner([tiny_network(0)], pre, device, "tiny generated network")
     rows = []
@@ -287,7 +288,7 @@ def _trt_reason() -> str:
 def latency(out_dir: Path, device: str, data_root, log, rehearsal: bool) -> dict:
     import torch
 
-    from .latency import run_latency
+    from ami.bench.latency import run_latency
 
     if device == "cuda" and not torch.cuda.is_available():
         return {"status": "skipped", "reason": "no CUDA GPU (torch.cuda.is_available() is False)"}
@@ -687,5 +688,22 @@ def register(app) -> None:
         raise typer.Exit(main(argv))
 
 
+def _bootstrap_checkout() -> None:
+    """Run from a checkout that is not installed (``python bench/gpu_check.py``): make ``ami``
+    importable by pointing a temporary ``ami/`` namespace folder at the checkout's layer folders."""
+    import atexit
+    import shutil
+
+    repo = Path(__file__).resolve().parents[1]
+    root = Path(tempfile.mkdtemp(prefix="ami-checkout-"))
+    atexit.register(shutil.rmtree, root, True)
+    (root / "ami").mkdir()
+    for layer in ("runtime", "train", "export", "bench"):
+        (root / "ami" / layer).symlink_to(repo / layer, target_is_directory=True)
+    sys.path.insert(0, str(root))
+
+
 if __name__ == "__main__":
+    if __spec__ is None:  # run as a file of a checkout: that checkout's code, installed or not
+        _bootstrap_checkout()
     sys.exit(main())
