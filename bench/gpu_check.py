@@ -191,6 +191,8 @@ def pytorch_cuda(work: Path, device: str) -> dict:
 # -- 3. TensorRT round trip -----------------------------------------------------------------------
 
 def tensorrt_round_trip(work: Path, device: str, log) -> dict:
+    from dataclasses import replace
+
     import numpy as np
     import onnx
 
@@ -226,7 +228,7 @@ def tensorrt_round_trip(work: Path, device: str, log) -> dict:
         info = build_engine(src, plan, input_size=meta.preprocess.input_size, batches=batches, precision=precision,
                             timing_cache=cache, log=log)
         build_s = time.perf_counter() - t0
-        write_plan_sidecar(plan, meta, tensorrt_version=info["version"], gpu_name=info["gpu_name"],
+        write_plan_sidecar(plan, replace(meta, precision=precision), tensorrt_version=info["version"], gpu_name=info["gpu_name"],
                            compute_capability=info["compute_capability"], profile=dict(info["profile"]))
         rec = {"build_s": round(build_s, 2), "timing_cache_state": info["timing_cache_state"], "batches": []}
         for b in ROUND_TRIP_BATCHES:
