@@ -295,7 +295,7 @@ def test_plan_runs_and_matches_reference(tmp_path, tiny):
 def test_gpu_providers_match_reference(tiny, tmp_path):
     import onnxruntime as ort
 
-    usable, trt_note = E.usable_providers(ort)
+    usable, trt_note = ORT.usable_providers(ort)
     for p in ("cuda", "tensorrt"):
         if E.PROVIDER_NAMES[p] not in usable:
             continue
@@ -326,7 +326,7 @@ def test_registry_lists_every_engine_as_one_plugin():
     assert rows["onnxruntime"]["installed"] and rows["onnxruntime"]["version"]
     assert rows["openvino"]["installed"] == (OV_MISSING is None)
     if not rows["tensorrt"]["installed"]:
-        assert "pip install 'ami[trt]'" in rows["tensorrt"]["reason"]
+        assert "pip install 'ami[trt-cu12]'" in rows["tensorrt"]["reason"]
     with pytest.raises(E.EngineError, match="unknown engine 'npu'; choose one of auto, onnxruntime, openvino, tensorrt"):
         E.load_engine(None, engine="npu")
     with pytest.raises(E.EngineError, match="unknown precision 'fp8'"):
