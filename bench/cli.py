@@ -8,13 +8,13 @@ from __future__ import annotations
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
-                  help="Results tables (Table 3), the engine parity suite and latency benchmarks.")
+                  help="Results tables (Table 3), the engine parity suite, latency benchmarks and the GPU device check.")
 
 
 def _register() -> None:
-    from . import card, latency, parity, table
+    from . import card, gpu_check, latency, parity, table
 
-    for mod in (table, parity, latency, card):
+    for mod in (table, parity, latency, card, gpu_check):
         mod.register(app)
 
 

@@ -49,26 +49,40 @@ def _have_cudart() -> bool:
     return True
 
 
+def _torch_gpu() -> dict | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    try:
+        if not torch.cuda.is_available():
+            return None
+        major, minor = torch.cuda.get_device_capability(0)
+        return {"name": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}", "source": "torch.cuda"}
+    except Exception:  # noqa: BLE001 - a broken CUDA install raises anything
+        return None
+
+
 def gpu_info() -> dict:
-    """{'name', 'compute_capability'} of CUDA device 0 (cuda-python, else torch.cuda), or
-    TensorRTUnavailable."""
+    """{'name', 'compute_capability', 'source'} of CUDA device 0: cuda-python, else torch.cuda -
+    also when cuda-python is installed but fails (a cuda-python 13 build on a CUDA 12 driver),
+    in which case 'cuda_python_error' says why. TensorRTUnavailable without a GPU."""
+    cuda_error = ""
     if _have_cudart():
         from ami.runtime.engine import EngineError
         from ami.runtime.engines.tensorrt import gpu_info as rt_gpu_info
 
         try:
             g = rt_gpu_info(0)
-            return {"name": g["gpu_name"], "compute_capability": g["compute_capability"]}
+            return {"name": g["gpu_name"], "compute_capability": g["compute_capability"], "source": "cuda-python"}
         except EngineError as e:
-            raise TensorRTUnavailable(f"--engine trt needs a CUDA GPU: {e}") from None
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability(0)
-            return {"name": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}"}
-    except ImportError:
-        pass
+            cuda_error = str(e)
+    g = _torch_gpu()
+    if g is not None:
+        return {**g, **({"cuda_python_error": cuda_error} if cuda_error else {})}
+    if cuda_error:
+        raise TensorRTUnavailable(f"--engine trt needs a CUDA GPU: cuda-python found none ({cuda_error}) and "
+                                  "neither did torch.cuda")
     raise TensorRTUnavailable("--engine trt needs a CUDA GPU, and none is visible on this machine "
                               "(neither cuda-python nor torch.cuda found a device). Build the plan on the GPU it "
                               "will run on.")
@@ -79,9 +93,11 @@ def require_tensorrt():
     try:
         import tensorrt as trt
     except ImportError as e:
+        from ami.runtime.gpu import trt_install_hint
+
         raise TensorRTUnavailable(f"--engine trt needs TensorRT {' or '.join(map(str, SUPPORTED_MAJORS))} and a CUDA GPU; "
                                   f"the tensorrt Python package is not installed here ({e}). On a GPU machine: "
-                                  "pip install 'ami[trt]' (and onnxruntime-gpu instead of onnxruntime).") from None
+                                  f"{trt_install_hint()}, and onnxruntime-gpu instead of onnxruntime.") from None
     try:
         major = int(str(trt.__version__).split(".")[0])
     except ValueError:
@@ -222,13 +238,7 @@ def build_engine(onnx_path: Path, plan_path: Path, *, input_size: int, batches=(
     profile.set_shape(INPUT_NAME, (bmin, s, s, 3), (bopt, s, s, 3), (bmax, s, s, 3))
     config.add_optimization_profile(profile)
     cache_path = Path(timing_cache) if timing_cache else default_timing_cache(trt.__version__, gpu["compute_capability"])
-    blob = cache_path.read_bytes() if cache_path.is_file() else b""
-    cache = config.create_timing_cache(blob)
-    save_cache = True
-    if not config.set_timing_cache(cache, ignore_mismatch=False):  # made by another version/GPU: start afresh
-        log(f"trt: timing cache {cache_path} does not fit this TensorRT/GPU; using a fresh one (the file is kept)")
-        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
-        save_cache = False
+    save_cache, cache_state = attach_timing_cache(config, cache_path, log)
     log(f"trt: building a {precision} engine with TensorRT {trt.__version__} for {gpu['name']} "
         f"(sm {gpu['compute_capability']}), batch {bmin}/{bopt}/{bmax}; this takes a while")
     serialized = builder.build_serialized_network(network, config)
@@ -248,7 +258,54 @@ def build_engine(onnx_path: Path, plan_path: Path, *, input_size: int, batches=(
     return {"version": trt.__version__, "major": major, "strongly_typed": True, "gpu_name": gpu["name"],
             "compute_capability": gpu["compute_capability"], "precision": precision,
             "profile": {"input": INPUT_NAME, "min": bmin, "opt": bopt, "max": bmax, "input_size": s},
-            "tf32": precision != "fp32", "timing_cache": str(cache_path)}
+            "tf32": precision != "fp32", "timing_cache": str(cache_path), "timing_cache_state": cache_state}
+
+
+def attach_timing_cache(config, cache_path: Path, log=print) -> tuple[bool, str]:
+    """Give the builder config the timing cache at ``cache_path``; (save it after the build?, state).
+
+    state: 'absent' (no file: a fresh cache, saved after the build), 'reused', 'corrupt' (unreadable
+    or not a TensorRT timing cache: treated as absent, with a warning, and replaced after the build)
+    or 'foreign' (a valid cache of another TensorRT version/GPU: a fresh one is used and the file kept)."""
+    try:
+        blob = cache_path.read_bytes() if cache_path.is_file() else b""
+    except OSError as e:
+        log(f"trt: warning: timing cache {cache_path} is unreadable ({e}); building without it")
+        blob, state = b"", "corrupt"
+    else:
+        state = "reused" if blob else "absent"
+    cache = None
+    if blob:
+        try:
+            cache = config.create_timing_cache(blob)
+        except Exception as e:  # noqa: BLE001 - TensorRT raises its own types for bad blobs
+            log(f"trt: warning: timing cache {cache_path} is not a TensorRT timing cache ({_first(e)}); treating it "
+                "as absent (a fresh one replaces it after the build)")
+            cache, state = None, "corrupt"
+        else:
+            if cache is None:
+                log(f"trt: warning: timing cache {cache_path} could not be read by TensorRT; treating it as absent "
+                    "(a fresh one replaces it after the build)")
+                state = "corrupt"
+    if cache is not None:
+        try:
+            fits = config.set_timing_cache(cache, ignore_mismatch=False)
+        except Exception as e:  # noqa: BLE001
+            log(f"trt: warning: timing cache {cache_path} was refused by TensorRT ({_first(e)}); treating it as absent")
+            fits, state = True, "corrupt"
+            cache = None
+        else:
+            if fits:
+                return True, state
+            log(f"trt: timing cache {cache_path} does not fit this TensorRT/GPU; using a fresh one (the file is kept)")
+            state = "foreign"
+    config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    return state != "foreign", state
+
+
+def _first(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def trt_predict(plan_path: Path, images: np.ndarray, batch: int, min_batch: int = 1) -> np.ndarray:
@@ -286,25 +343,31 @@ def trt_predict(plan_path: Path, images: np.ndarray, batch: int, min_batch: int 
     return np.concatenate(out).astype(np.float64)
 
 
-def run_plan(plan_path: Path, images: np.ndarray, min_batch: int, max_batch: int, n_single: int = 4):
+def run_plan(plan_path: Path, images: np.ndarray, min_batch: int, max_batch: int, n_single: int = 4, log=print):
     """(probabilities of all crops in chunks of ``max_batch``, probabilities of the first few at
     batch 1 or None when the profile starts above 1). Uses the runtime's TrtPlanEngine (the code
-    ami-infer runs, with its version/GPU checks) when cuda-python is present, else torch.cuda."""
+    ami-infer runs, with its version/GPU checks) when cuda-python is present and works, else
+    torch.cuda (also when cuda-python fails its CUDA calls, e.g. a CUDA 13 build on a CUDA 12 driver)."""
     if _have_cudart():
         from ami.runtime.engine import EngineError
         from ami.runtime.engines.tensorrt import TrtPlanEngine
 
         try:
             eng = TrtPlanEngine(plan_path)
+        except EngineError as e:
+            if "CUDA call failed" not in str(e) or _torch_gpu() is None:
+                raise ExportError(f"the plan just built does not run: {e}") from None
+            log(f"trt: cuda-python cannot drive this GPU ({e}); checking the plan through torch.cuda instead")
+        else:
             try:
                 p_all = eng.predict(images).astype(np.float64)
                 p_one = (np.concatenate([eng.predict(images[i:i + 1]) for i in range(min(n_single, len(images)))])
                          .astype(np.float64) if min_batch == 1 else None)
+            except (EngineError, ValueError) as e:
+                raise ExportError(f"the plan just built does not run: {e}") from None
             finally:
                 eng.close()
-        except (EngineError, ValueError) as e:
-            raise ExportError(f"the plan just built does not run: {e}") from None
-        return p_all, p_one
+            return p_all, p_one
     p_all = trt_predict(plan_path, images, max_batch, min_batch=min_batch)
     p_one = trt_predict(plan_path, images[:n_single], 1) if min_batch == 1 else None
     return p_all, p_one

@@ -241,11 +241,18 @@ def test_run_latency_side_by_side(edge, data_root):
                         crops=16, threads=1, rounds=2, warmup=1, peak_n=256, peak_reps=2, e2e_batch=8, e2e_rounds=2,
                         workers=1,
                         show_progress=False, log=lambda s: None)
-    cells = {(r.engine, r.precision, r.batch) for r in rep.rows}
+    cells = {(r.engine, r.precision, r.batch) for r in rep.rows if r.device == "cpu"}
     variants = [("PyTorch eager", "fp32")] + cpu_variants("fp32") + cpu_variants("int8")
     assert ("ONNX Runtime", "int8") in variants
     assert cells == {(e, p, b) for e, p in variants for b in (1, 4)}  # every installed engine, every precision
-    for r in rep.rows:
+    skipped = {s["engine"]: s["reason"] for s in rep.skipped}
+    # a GPU machine adds CUDA / TensorRT rows; each GPU engine is either measured or skipped with a reason
+    gpu_rows = {r.engine for r in rep.rows if r.device == "cuda"}
+    assert ("PyTorch eager" in gpu_rows) == torch.cuda.is_available()
+    if "TensorRT" not in gpu_rows:
+        assert any(k.startswith("TensorRT") for k in skipped)
+    cpu_rows = [r for r in rep.rows if r.device == "cpu"]
+    for r in cpu_rows:
         assert r.stats["rounds"] == 2 and r.stats["warmup"] == 1
         assert r.stats["p50_ms"] > 0 and r.stats["crops_per_s"] > 0
         # each row against the peak of its own precision
@@ -255,7 +262,6 @@ def test_run_latency_side_by_side(edge, data_root):
     assert rep.peaks["cpu_float32"]["gflops"] > 0 and rep.peaks["cpu_int8"]["dtype"] == "int8"
     impls = [t["impl"] for t in rep.peaks["cpu_int8"]["implementations"] if "gflops" in t]
     assert any("MatMulInteger (u8*s8)" in i for i in impls)
-    skipped = {s["engine"]: s["reason"] for s in rep.skipped}
     if not torch.cuda.is_available():
         assert "no CUDA GPU" in skipped["TensorRT fp16/fp32"] or "TensorRT" in skipped["TensorRT fp16/fp32"]
         assert "PyTorch eager (CUDA)" in skipped
@@ -298,7 +304,7 @@ def test_latency_cli_writes_json_and_markdown(edge, tmp_path, monkeypatch):
                                    "--json", str(j), "--md", str(md)])
     assert res.exit_code == 0, res.output
     d = json.loads(j.read_text())
-    assert [r["batch"] for r in d["rows"]] == [2] * (1 + len(cpu_variants("fp32")))
+    assert [r["batch"] for r in d["rows"] if r["device"] == "cpu"] == [2] * (1 + len(cpu_variants("fp32")))  # GPUs add rows
     assert d["settings"]["pixels"].startswith("random")
     assert d["settings"]["models"] == ["edge.onnx"]  # outside the working folder: the name, never a machine path
     assert "| PyTorch eager |" in md.read_text() and "| ONNX Runtime |" in md.read_text()

@@ -139,9 +139,12 @@ def test_gpu_provider_failures_are_explained(monkeypatch, tiny):
     import onnxruntime as ort
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    real = ort.InferenceSession
+    # the silent fallback itself is simulated (a CPU-only session), so this holds where CUDA really works too
+    monkeypatch.setattr(ort, "InferenceSession", lambda path, sess_options=None, providers=None:
+                        real(path, sess_options=sess_options, providers=["CPUExecutionProvider"]))
     with pytest.raises(E.EngineError, match="asked for CUDAExecutionProvider but ONNX Runtime fell back"):
         E.load_engine(tiny, provider="cuda")
-    real = ort.InferenceSession
 
     def flaky(path, sess_options=None, providers=None):
         if any((p if isinstance(p, str) else p[0]) != "CPUExecutionProvider" for p in providers):
@@ -166,7 +169,8 @@ class _FakeOrt:
         return self._p
 
 
-def test_provider_list_auto_order_and_trt_profile(tmp_path, tiny):
+def test_provider_list_auto_order_and_trt_profile(tmp_path, tiny, monkeypatch):
+    monkeypatch.setattr("ami.runtime.gpu.tensorrt_libraries", lambda: (True, "libnvinfer (simulated)"))
     ort = _FakeOrt(["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
     lst = ORT._provider_list(ort, "auto", tiny, "{}", 128, tmp_path / "cache", 256, 0)
     assert [p if isinstance(p, str) else p[0] for p in lst] == [
@@ -257,27 +261,13 @@ def _gpu_reason() -> str | None:
 
 
 def _build_plan(onnx_path, plan_path, max_batch=32):
-    """Build an fp32 plan from the tiny ONNX with TensorRT's Python API (strongly typed network)."""
-    import tensorrt as trt
+    """Build an fp32 plan from the tiny ONNX with ami.export's build_engine (what ami-export runs)."""
+    from ami.export.tensorrt import build_engine
 
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    flags = 0
-    if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    assert parser.parse(onnx_path.read_bytes()), [str(parser.get_error(i)) for i in range(parser.num_errors)]
-    config = builder.create_builder_config()
-    profile = builder.create_optimization_profile()
-    s = TINY_PRE.input_size
-    profile.set_shape("pixels", (1, s, s, 3), (8, s, s, 3), (max_batch, s, s, 3))
-    config.add_optimization_profile(profile)
-    data = builder.build_serialized_network(network, config)
-    assert data is not None, "TensorRT could not build the tiny plan"
-    plan_path.write_bytes(bytes(data))
-    info = T.gpu_info()
-    T.write_plan_sidecar(plan_path, tiny_meta(), tensorrt_version=trt.__version__, profile={"min": 1, "opt": 8, "max": max_batch}, **info)
+    info = build_engine(onnx_path, plan_path, input_size=TINY_PRE.input_size, batches=(1, 8, max_batch),
+                        precision="fp32", timing_cache=plan_path.with_name("timing.cache"))
+    T.write_plan_sidecar(plan_path, tiny_meta(), tensorrt_version=info["version"], gpu_name=info["gpu_name"],
+                         compute_capability=info["compute_capability"], profile={"min": 1, "opt": 8, "max": max_batch})
 
 
 @pytest.mark.trt
@@ -305,14 +295,17 @@ def test_plan_runs_and_matches_reference(tmp_path, tiny):
 def test_gpu_providers_match_reference(tiny, tmp_path):
     import onnxruntime as ort
 
+    usable, trt_note = ORT.usable_providers(ort)
     for p in ("cuda", "tensorrt"):
-        if E.PROVIDER_NAMES[p] not in ort.get_available_providers():
+        if E.PROVIDER_NAMES[p] not in usable:
             continue
         eng = E.load_engine(tiny, provider=p, cache_dir=tmp_path / "cache", max_batch=64)
         assert eng.provider == E.PROVIDER_NAMES[p]
         for n in (1, 64):
             x = _pixels(n, seed=n)
             np.testing.assert_allclose(eng.predict(x), reference_probs(x), atol=1e-5)
+    if trt_note:
+        pytest.skip(f"TensorRT execution provider not checked: {trt_note}")
 
 
 def test_build_model_helper_is_valid():
@@ -333,7 +326,7 @@ def test_registry_lists_every_engine_as_one_plugin():
     assert rows["onnxruntime"]["installed"] and rows["onnxruntime"]["version"]
     assert rows["openvino"]["installed"] == (OV_MISSING is None)
     if not rows["tensorrt"]["installed"]:
-        assert "pip install 'ami[trt]'" in rows["tensorrt"]["reason"]
+        assert "pip install 'ami[trt-cu12]'" in rows["tensorrt"]["reason"]
     with pytest.raises(E.EngineError, match="unknown engine 'npu'; choose one of auto, onnxruntime, openvino, tensorrt"):
         E.load_engine(None, engine="npu")
     with pytest.raises(E.EngineError, match="unknown precision 'fp8'"):

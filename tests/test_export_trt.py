@@ -1,4 +1,10 @@
-"""TensorRT plans from a real (tiny) run: GPU + TensorRT 10/11 only; skipped with the reason elsewhere."""
+"""TensorRT plans on a GPU with TensorRT 10/11; skipped with the reason elsewhere.
+
+The first tests need no data: a tiny generated ami model (:mod:`ami.export.synthetic`, the same
+/pre, /folds.0, /post graph as a real export) and generated crops go through ``fp16_graph``,
+``build_engine`` (with its timing cache), ``run_plan`` and ``load_engine`` at batches 1, 3, 16 and
+37 against ONNX Runtime on the CPU. The last two export a real (tiny) training run and need the
+benchmark data as well."""
 
 from __future__ import annotations
 
@@ -24,6 +30,62 @@ def _trt_reason() -> str | None:
 pytestmark = [pytest.mark.trt, pytest.mark.gpu]
 REASON = _trt_reason()
 needs_trt = pytest.mark.skipif(REASON is not None, reason=f"TensorRT plan tests need TensorRT and a CUDA GPU: {REASON}")
+
+
+BATCHES = (1, 3, 16, 37)
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    from ami.export.synthetic import synthetic_crops, tiny_onnx
+
+    d = tmp_path_factory.mktemp("gen")
+    path, _ = tiny_onnx(d / "tiny.onnx")
+    x = synthetic_crops(max(BATCHES), 64, seed=7)
+    ref = session(path).run(None, {"pixels": x})[0].astype(np.float64)
+    return path, x, ref
+
+
+@needs_trt
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_build_engine_round_trip_on_a_generated_model(generated, tmp_path, precision):
+    import onnx
+
+    from ami.export.onnx_export import write_model
+    from ami.export.tensorrt import TOLERANCE, build_engine, fp16_graph, run_plan
+    from ami.runtime.engine import load_engine
+    from ami.runtime.engines.tensorrt import write_plan_sidecar
+
+    path, x, ref = generated
+    src = path
+    meta = load_engine(path, provider="cpu").meta
+    if precision == "fp16":
+        src = tmp_path / "fp16.onnx"
+        write_model(fp16_graph(onnx.load(str(path))), src, meta)
+    plan, cache = tmp_path / f"tiny-{precision}.plan", tmp_path / "timing.cache"
+    info = build_engine(src, plan, input_size=64, batches=(1, 16, 37), precision=precision, timing_cache=cache)
+    assert info["timing_cache_state"] == "absent" and cache.stat().st_size > 0
+    write_plan_sidecar(plan, meta, tensorrt_version=info["version"], gpu_name=info["gpu_name"],
+                       compute_capability=info["compute_capability"], profile=dict(info["profile"]))
+    p_all, p_one = run_plan(plan, x, 1, 37)
+    tol = TOLERANCE[precision]
+    assert np.abs(p_all - ref).max() <= tol and np.abs(p_one - ref[:len(p_one)]).max() <= tol
+    eng = load_engine(plan)
+    assert eng.provider.startswith("TensorRT") and eng.max_batch == 37
+    for b in BATCHES:
+        assert np.abs(eng.predict(x[:b]) - ref[:b]).max() <= tol, f"batch {b}"
+    assert np.abs(eng.predict(np.concatenate([x, x])) - np.concatenate([ref, ref])).max() <= tol  # > max: split
+    # the timing cache is reused by the next build, and a corrupted one is treated as absent
+    again = build_engine(src, tmp_path / "again.plan", input_size=64, batches=(1, 16, 37), precision=precision,
+                         timing_cache=cache)
+    assert again["timing_cache_state"] == "reused"
+    cache.write_bytes(b"\x00 not a timing cache " * 64)
+    logs = []
+    bad = build_engine(src, tmp_path / "bad.plan", input_size=64, batches=(1, 16, 37), precision=precision,
+                       timing_cache=cache, log=logs.append)
+    # whatever TensorRT makes of the garbage (an exception, None, or an empty cache), the build goes on
+    assert bad["timing_cache_state"] in ("corrupt", "foreign", "reused"), logs
+    assert (tmp_path / "bad.plan").stat().st_size > 0
 
 
 @pytest.fixture(scope="module")

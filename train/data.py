@@ -46,8 +46,9 @@ def load_crops(samples: list[Sample], pre: Preprocess | None = None) -> CropSet:
 
 
 def normalize(x01: torch.Tensor, pre: Preprocess) -> torch.Tensor:
-    mean = torch.tensor(pre.mean, dtype=x01.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(pre.std, dtype=x01.dtype).view(1, 3, 1, 1)
+    # on the batch's device: a CUDA batch minus a CPU [1,3,1,1] tensor is an error (only 0-dim CPU tensors mix)
+    mean = torch.tensor(pre.mean, dtype=x01.dtype, device=x01.device).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std, dtype=x01.dtype, device=x01.device).view(1, 3, 1, 1)
     return (x01 - mean) / std
 
 

@@ -273,6 +273,22 @@ def _mixup(x: torch.Tensor, y: torch.Tensor, alpha: float, g: torch.Generator) -
     return lam * x + (1 - lam) * x[perm], lam * y + (1 - lam) * y[perm]
 
 
+def cuda_state(scaler, device: torch.device) -> dict:
+    """The parts of a CUDA run's resumable state beyond the CPU's: the fp16 GradScaler (its loss
+    scale and growth tracker) and the CUDA generator (dropout, drop-path on the GPU)."""
+    st = {"scaler": scaler.state_dict()} if scaler is not None else {}
+    if device.type == "cuda":
+        st["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return st
+
+
+def restore_cuda_state(st: dict, scaler, device: torch.device) -> None:
+    if scaler is not None and st.get("scaler"):
+        scaler.load_state_dict(st["scaler"])
+    if device.type == "cuda" and st.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(st["cuda_rng"], device)
+
+
 def _optimizer(params, r: Recipe) -> torch.optim.Optimizer:
     if r.optimizer == "adam":
         return torch.optim.Adam(params, lr=r.lr, weight_decay=r.weight_decay)
@@ -421,6 +437,7 @@ class Run:
                 ema.updates = st["ema_updates"]
             g.set_state(st["rng"])
             torch.set_rng_state(st["torch_rng"])
+            restore_cuda_state(st, scaler, self.device)
             start_epoch, best, history, bad_epochs = st["epoch"] + 1, st["best"], st["history"], st["bad_epochs"]
             self.log(f"[{fdir.name}] resuming after epoch {st['epoch']} (best val BA {best['ba']:.4f} @ {best['epoch']})")
 
@@ -487,7 +504,7 @@ class Run:
             msd = model.state_dict() if keep is None else {k: v for k, v in model.state_dict().items() if k in keep}
             state = {"model": msd, "opt": opt.state_dict(), "sched": sched.state_dict(),
                      "epoch": epoch, "best": best, "history": history, "bad_epochs": bad_epochs,
-                     "rng": g.get_state(), "torch_rng": torch.get_rng_state()}
+                     "rng": g.get_state(), "torch_rng": torch.get_rng_state(), **cuda_state(scaler, self.device)}
             if keep is not None:
                 state["model_contents"] = "trainable"
             if ema is not None:

@@ -57,11 +57,35 @@ def _model_key(path: Path, meta_json: str, ort_version: str) -> str:
     return h.hexdigest()[:16]
 
 
+def usable_providers(ort) -> tuple[list[str], str]:
+    """ONNX Runtime's available providers, less the TensorRT provider when TensorRT's library does
+    not load (onnxruntime-gpu lists it regardless, then silently runs on CUDA); and why it was dropped."""
+    available = list(ort.get_available_providers())
+    trt = PROVIDER_NAMES["tensorrt"]
+    if trt in available:
+        from ..gpu import tensorrt_libraries
+
+        ok, why = tensorrt_libraries()
+        if not ok:
+            return [p for p in available if p != trt], f"{trt} is listed by onnxruntime but TensorRT does not load ({why})"
+    return available, ""
+
+
+def _auto_note(asked: list, used: str, trt_note: str) -> str:
+    """What provider="auto" gave up, in words ('' when it got its first choice)."""
+    names = [p if isinstance(p, str) else p[0] for p in asked]
+    if trt_note:
+        return f"{trt_note}; running on {used}"
+    if names and names[0] != used:
+        return f"{names[0]} did not load (ONNX Runtime gave no error); running on {used}"
+    return ""
+
+
 def _provider_list(ort, provider: str, path: Path, meta_json: str, input_size: int,
                    cache_dir: Path | None, max_batch: int, device_id: int) -> list:
     if provider not in PROVIDER_CHOICES:
         raise EngineError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDER_CHOICES)}")
-    available = ort.get_available_providers()
+    available, trt_note = usable_providers(ort)
     cpu = "CPUExecutionProvider"
     if provider == "auto":
         wanted = [PROVIDER_NAMES[p] for p in ("tensorrt", "cuda") if PROVIDER_NAMES[p] in available]
@@ -71,9 +95,11 @@ def _provider_list(ort, provider: str, path: Path, meta_json: str, input_size: i
         name = PROVIDER_NAMES[provider]
         if name not in available:
             hint = ("install onnxruntime-gpu (instead of onnxruntime) on a machine with an NVIDIA GPU"
-                    + (" and TensorRT (`pip install 'ami[trt]'`)" if provider == "tensorrt" else ""))
+                    + (" and TensorRT (`pip install 'ami[trt-cu12]'` or `'ami[trt-cu13]'`, by the CUDA Version "
+                       "nvidia-smi prints)" if provider == "tensorrt" else ""))
             raise EngineError(f"{name} is not available in this onnxruntime "
-                              f"{ort.__version__} (available: {', '.join(available)}); {hint}")
+                              f"{ort.__version__} (available: {', '.join(available)}); "
+                              + (f"{trt_note}; " if trt_note and provider == "tensorrt" else "") + hint)
         wanted = [name]
         if provider == "tensorrt" and PROVIDER_NAMES["cuda"] in available:
             wanted.append(PROVIDER_NAMES["cuda"])  # for any node TensorRT cannot take
@@ -125,7 +151,7 @@ class OrtEngine(Engine):
 
         # The TensorRT EP needs the input size (from the metadata) for its profile shapes before the
         # real session exists: only then is the metadata read first, through an unoptimised CPU session.
-        available = ort.get_available_providers()
+        available, trt_note = usable_providers(ort)
         needs_trt = provider in ("tensorrt", "auto") and PROVIDER_NAMES["tensorrt"] in available
         if needs_trt:
             meta, meta_json = _read_onnx_meta(ort, path)
@@ -154,6 +180,8 @@ class OrtEngine(Engine):
         used = self.session.get_providers()
         self.provider = used[0] if used else "CPUExecutionProvider"
         self.device = "cpu" if self.provider == "CPUExecutionProvider" else "cuda"
+        if provider == "auto" and not self.fallback:
+            self.fallback = _auto_note(providers, self.provider, trt_note)
         if provider != "auto" and self.provider != PROVIDER_NAMES[provider]:
             raise EngineError(f"asked for {PROVIDER_NAMES[provider]} but ONNX Runtime fell back to {self.provider} "
                               "(its libraries failed to load; run with ORT logging to see why)")
@@ -218,7 +246,7 @@ class OrtBackend(Backend):
         return _ort().__version__
 
     def gpu_providers(self) -> list[str]:
-        avail = _ort().get_available_providers()
+        avail, _ = usable_providers(_ort())
         return [PROVIDER_NAMES[p] for p in ("tensorrt", "cuda") if PROVIDER_NAMES[p] in avail]
 
     def auto_rank(self, path: Path) -> tuple[float, str] | None:

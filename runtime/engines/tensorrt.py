@@ -12,7 +12,7 @@ A plan only runs on the exact TensorRT version and GPU architecture it was built
 checks both *before* deserialising and refuses a mismatch with that reason (instead of a crash).
 
 Everything GPU-side is imported lazily: ``tensorrt`` and ``cuda-python`` (``cuda.bindings``) are the
-``ami[trt]`` extra, never needed on a CPU box. The API used is TensorRT 10/11's name-based one
+``ami[trt-cu12]`` / ``ami[trt-cu13]`` extras (one per CUDA major), never needed on a CPU box. The API used is TensorRT 10/11's name-based one
 (``num_io_tensors``, ``get_tensor_name``, ``set_input_shape``, ``set_tensor_address``,
 ``execute_async_v3``). ``ami.export`` reuses :func:`write_plan_sidecar` and :func:`gpu_info`.
 (This module was ``ami.runtime.trt`` before engines became plug-ins.)
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -83,8 +84,10 @@ def _tensorrt():
     try:
         import tensorrt as trt
     except ImportError as e:
+        from ..gpu import trt_install_hint
+
         raise EngineError(f"TensorRT is not installed ({e}); TensorRT plans need an NVIDIA GPU and "
-                          "`pip install 'ami[trt]'` (or use the ONNX model with --provider cpu/cuda)") from None
+                          f"`{trt_install_hint()}` (or use the ONNX model with --provider cpu/cuda)") from None
     major = int(str(trt.__version__).split(".")[0])
     if major not in SUPPORTED_TRT_MAJORS:
         raise EngineError(f"TensorRT {trt.__version__} is not supported (supported majors: "
@@ -99,8 +102,10 @@ def _cudart():
         try:
             from cuda import cudart  # older cuda-python
         except ImportError as e:
+            from ..gpu import trt_install_hint
+
             raise EngineError(f"cuda-python is not installed ({e}); TensorRT plans need it: "
-                              "`pip install 'ami[trt]'`") from None
+                              f"`{trt_install_hint()}`") from None
     return cudart
 
 
@@ -109,8 +114,23 @@ def _ck(cudart, result):
     err, *vals = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
         name = getattr(err, "name", str(err))
-        raise EngineError(f"CUDA call failed: {name}")
+        hint = ""
+        if "Driver" in name or "Stub" in name:  # cudaErrorInsufficientDriver / cudaErrorStubLibrary: wrong build
+            from ..gpu import cuda_python_mismatch
+
+            hint = cuda_python_mismatch()
+        raise EngineError(f"CUDA call failed: {name}" + (f"; {hint}" if hint else ""))
     return vals[0] if len(vals) == 1 else tuple(vals)
+
+
+def native_handle(obj) -> int:
+    """The address behind a cuda-python object (e.g. a stream) as an int: cuda-bindings >= 12.9
+    deprecates ``int(obj)`` for ``cuda.bindings.utils.get_cuda_native_handle``."""
+    try:
+        from cuda.bindings.utils import get_cuda_native_handle
+    except ImportError:
+        return int(obj)
+    return int(get_cuda_native_handle(obj))
 
 
 def gpu_info(device_id: int = 0) -> dict:
@@ -124,8 +144,10 @@ def gpu_info(device_id: int = 0) -> dict:
     return {"gpu_name": name.rstrip("\x00").strip(), "compute_capability": f"{prop.major}.{prop.minor}"}
 
 
-def check_plan_compatible(build: dict, tensorrt_version: str, device: dict, plan_name: str = "plan") -> None:
-    """Refuse a plan built for another TensorRT version or GPU architecture, saying which."""
+def check_plan_compatible(build: dict, tensorrt_version: str, device: dict, plan_name: str = "plan") -> list[str]:
+    """Refuse a plan built for another TensorRT version or GPU architecture, saying which. Returns
+    warnings: a plan is tuned for the GPU *model* it was built on, so another model of the same
+    architecture runs it, possibly slower or refused by TensorRT itself."""
     if str(build["tensorrt_version"]) != str(tensorrt_version):
         raise EngineError(f"{plan_name} was built with TensorRT {build['tensorrt_version']} but TensorRT "
                           f"{tensorrt_version} is installed; a plan only runs on the version that built it: "
@@ -134,6 +156,12 @@ def check_plan_compatible(build: dict, tensorrt_version: str, device: dict, plan
         raise EngineError(f"{plan_name} was built for compute capability {build['compute_capability']} "
                           f"({build.get('gpu_name', '?')}) but this GPU is {device['gpu_name']} "
                           f"(compute capability {device['compute_capability']}); rebuild it on this machine")
+    built_on = str(build.get("gpu_name") or "").strip()
+    if built_on and built_on != str(device.get("gpu_name", "")).strip():
+        return [f"{plan_name} was built on {built_on} and runs on {device['gpu_name']} (same compute capability "
+                f"{device['compute_capability']}): TensorRT plans are tuned for one GPU model, so it may run slower or "
+                "be refused; rebuild it on this GPU for its own timings"]
+    return []
 
 
 class TrtPlanEngine(Engine):
@@ -154,7 +182,9 @@ class TrtPlanEngine(Engine):
         self._stream = None
         _ck(cudart, cudart.cudaSetDevice(device_id))
         device = gpu_info(device_id)
-        check_plan_compatible(self.build, trt.__version__, device, self.path.name)
+        self.warnings = check_plan_compatible(self.build, trt.__version__, device, self.path.name)
+        for w in self.warnings:
+            warnings.warn(w, RuntimeWarning, stacklevel=2)
 
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
@@ -209,7 +239,7 @@ class TrtPlanEngine(Engine):
         h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         _ck(cudart, cudart.cudaMemcpyAsync(self._d_in, x.ctypes.data, x.nbytes, h2d, self._stream))
-        if not self._ctx.execute_async_v3(int(self._stream)):
+        if not self._ctx.execute_async_v3(native_handle(self._stream)):
             raise EngineError("TensorRT execution failed (execute_async_v3 returned False)")
         _ck(cudart, cudart.cudaMemcpyAsync(out.ctypes.data, self._d_out, out.nbytes, d2h, self._stream))
         _ck(cudart, cudart.cudaStreamSynchronize(self._stream))
@@ -246,7 +276,7 @@ class TrtBackend(Backend):
     name = "tensorrt"
     title = "TensorRT"
     suffixes = PLAN_SUFFIXES
-    install = "pip install 'ami[trt]' on a box with an NVIDIA GPU"
+    install = "pip install 'ami[trt-cu12]' or 'ami[trt-cu13]' (the CUDA major nvidia-smi prints) on a box with an NVIDIA GPU"
 
     def unavailable(self) -> str | None:
         import importlib.util

@@ -1,0 +1,154 @@
+"""Facts about this machine's NVIDIA stack, without torch: what a GPU user needs to pick the right
+install and what the GPU engines need to say when a library does not fit.
+
+* :func:`driver_cuda_version` - the newest CUDA the installed *driver* supports (``libcuda``'s
+  ``cuDriverGetVersion``, the "CUDA Version" that ``nvidia-smi`` prints); None without a driver.
+* :func:`nvidia_smi` - GPU names, driver version and compute capability as ``nvidia-smi`` reports them.
+* :func:`tensorrt_libraries` - whether the TensorRT runtime library (``libnvinfer``) really loads
+  in this process. onnxruntime-gpu lists ``TensorrtExecutionProvider`` whether or not it does, and
+  then silently runs on CUDA; :mod:`ami.runtime.engine` asks here before claiming the provider.
+* :func:`trt_extra` / :func:`cuda_python_mismatch` - which ``ami[trt-cuXX]`` extra fits the
+  driver, and a sentence for a person when the installed cuda-python needs a newer driver
+  (cuda-python 13 on a CUDA 12 driver fails every call with cudaErrorInsufficientDriver).
+
+Nothing here raises: every probe returns None / (False, reason) when the thing is absent.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import re
+import shutil
+import subprocess
+import sys
+from importlib.metadata import PackageNotFoundError, version
+
+CUDA_MAJORS = (12, 13)  # the CUDA majors ami has a TensorRT extra for: ami[trt-cu12], ami[trt-cu13]
+TRT_LIB_MAJORS = (10, 11)
+TRT_EP = "TensorrtExecutionProvider"
+
+
+def _load(names: list[str]):
+    last = ""
+    for n in names:
+        try:
+            return ctypes.CDLL(n), ""
+        except OSError as e:
+            last = str(e)
+    return None, last or "not found"
+
+
+def driver_cuda_version() -> tuple[int, int] | None:
+    """(major, minor) of the CUDA version the NVIDIA driver supports, e.g. (12, 4); None without a driver."""
+    names = ["nvcuda.dll"] if sys.platform == "win32" else ["libcuda.so.1", "libcuda.so"]
+    found = ctypes.util.find_library("cuda")
+    if found:
+        names.append(found)
+    lib, _ = _load(names)
+    if lib is None:
+        return None
+    v = ctypes.c_int(0)
+    try:
+        if lib.cuDriverGetVersion(ctypes.byref(v)) != 0 or v.value <= 0:
+            return None
+    except (AttributeError, OSError):
+        return None
+    return v.value // 1000, (v.value % 1000) // 10
+
+
+def nvidia_smi(timeout: float = 10.0) -> dict | None:
+    """{'gpus': [{'name', 'driver_version', 'compute_capability', 'memory_total'}], 'cuda_version'}
+    from ``nvidia-smi``; None when it is not installed or fails."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        q = subprocess.run([exe, "--query-gpu=name,driver_version,compute_cap,memory.total", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=timeout)
+        plain = subprocess.run([exe], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if q.returncode != 0:
+        return {"error": (q.stderr or q.stdout).strip().splitlines()[:1], "gpus": []}
+    gpus = []
+    for line in q.stdout.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) >= 4:
+            gpus.append({"name": parts[0], "driver_version": parts[1], "compute_capability": parts[2],
+                         "memory_total": parts[3]})
+    m = re.search(r"CUDA Version:\s*([0-9.]+)", plain.stdout or "")
+    return {"gpus": gpus, "cuda_version": m.group(1) if m else None}
+
+
+def package_version(*names: str) -> str | None:
+    """Installed version of the first distribution found among ``names``."""
+    for n in names:
+        try:
+            return version(n)
+        except PackageNotFoundError:
+            continue
+    return None
+
+
+def cuda_python_version() -> str | None:
+    return package_version("cuda-bindings", "cuda-python")
+
+
+@functools.lru_cache(maxsize=1)
+def tensorrt_libraries() -> tuple[bool, str]:
+    """(True, which library) when TensorRT's runtime library loads in this process, else (False, why).
+
+    The tensorrt Python package (``tensorrt-cuXX``) ships libnvinfer in its own folder; importing
+    it loads the library, after which ONNX Runtime's TensorRT provider finds it by its soname."""
+    if sys.platform == "win32":
+        names = [f"nvinfer_{m}.dll" for m in TRT_LIB_MAJORS]
+    else:
+        names = [f"libnvinfer.so.{m}" for m in TRT_LIB_MAJORS]
+    lib, why = _load(names)
+    if lib is not None:
+        return True, getattr(lib, "_name", names[0])
+    try:
+        import tensorrt  # noqa: F401 - loads libnvinfer from the wheel's folder
+    except Exception as e:  # noqa: BLE001 - a broken install raises anything
+        return False, f"libnvinfer cannot be loaded ({why.splitlines()[0] if why else 'not found'}) and the tensorrt " \
+                      f"Python package is not importable ({type(e).__name__}: {e})"
+    lib, why2 = _load(names)
+    if lib is not None:
+        return True, getattr(lib, "_name", names[0]) + " (from the tensorrt Python package)"
+    return False, f"libnvinfer cannot be loaded ({why2.splitlines()[0] if why2 else why})"
+
+
+def trt_extra(cuda_major: int | None) -> str:
+    """The ami extra whose TensorRT and cuda-python builds fit a driver of this CUDA major."""
+    if cuda_major is None:
+        return "ami[trt-cu12]"
+    m = max([c for c in CUDA_MAJORS if c <= cuda_major] or [CUDA_MAJORS[0]])
+    return f"ami[trt-cu{m}]"
+
+
+def cuda_python_mismatch() -> str:
+    """A sentence when the installed cuda-python is built for a newer CUDA than the driver supports
+    (the usual cause of cudaErrorInsufficientDriver), else ''."""
+    v = cuda_python_version()
+    drv = driver_cuda_version()
+    if not v or drv is None:
+        return ""
+    try:
+        major = int(v.split(".")[0])
+    except ValueError:
+        return ""
+    if major <= drv[0]:
+        return ""
+    return (f"cuda-python {v} is built for CUDA {major}, but this driver supports CUDA {drv[0]}.{drv[1]}: "
+            f"pip install '{trt_extra(drv[0])}' (or update the NVIDIA driver)")
+
+
+def trt_install_hint() -> str:
+    """`pip install 'ami[trt-cuXX]'` for this driver, or both choices when no driver is visible."""
+    drv = driver_cuda_version()
+    if drv is None:
+        return ("pip install 'ami[trt-cu12]' or 'ami[trt-cu13]' (the major of the \"CUDA Version\" that nvidia-smi "
+                "prints)")
+    return f"pip install '{trt_extra(drv[0])}' (this driver supports CUDA {drv[0]}.{drv[1]})"
