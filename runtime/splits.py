@@ -19,6 +19,27 @@ from .datasets import DatasetError, Sample, amibr_split
 SPLITS_DIR = Path(__file__).parent / "splits"
 FOLDS_FILE = SPLITS_DIR / "amibr_folds_v1.csv"
 N_FOLDS = 5
+
+
+def parse_folds(text: str) -> list[int | None]:
+    """'all' -> 0..4; '0,2' -> [0, 2]; 'full' -> None (all training crops, no validation); repeats
+    dropped, order kept. Raises ValueError naming the bad part (``ami-train --folds``, sweeps)."""
+    out: list[int | None] = []
+    for part in text.split(","):
+        part = part.strip()
+        if part == "all":
+            out += list(range(N_FOLDS))
+        elif part == "full":
+            out.append(None)
+        elif part:
+            try:
+                k = int(part)
+            except ValueError:
+                raise ValueError(f"{part!r} is not a fold (0-{N_FOLDS - 1}, 'all' or 'full')") from None
+            if not 0 <= k < N_FOLDS:
+                raise ValueError(f"fold {k} out of range 0..{N_FOLDS - 1}")
+            out.append(k)
+    return list(dict.fromkeys(out))
 FOLDS_COLUMNS = ("image", "slide", "label", "fold")
 
 

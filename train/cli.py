@@ -181,7 +181,9 @@ def train(
             typer.echo(str(e), err=True)
             raise typer.Exit(2) from None
         raise typer.Exit(code)
-    from .fit import RunSpec, parse_folds, run  # torch is imported here, not for --help/--list
+    from ami.runtime.splits import parse_folds
+
+    from .fit import RunSpec, run  # torch is imported here, not for --help/--list
 
     if model not in REGISTRY:
         typer.echo(f"unknown model {model!r}; known: {', '.join(REGISTRY)}", err=True)

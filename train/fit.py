@@ -38,7 +38,7 @@ from ami.runtime.datasets import (
     fingerprint,
 )
 from ami.runtime.metrics import MetricError, best_threshold, evaluate
-from ami.runtime.splits import FOLDS_FILE, N_FOLDS, check_against_data, folds_sha256, load_folds
+from ami.runtime.splits import FOLDS_FILE, check_against_data, folds_sha256, load_folds
 
 from . import data as D
 from .models import count_params, create
@@ -588,20 +588,3 @@ def run(spec: RunSpec, folds: list[int | None], log=print) -> list[dict]:
     r = Run(spec, log)
     r.prepare()
     return [r.fit(f) for f in folds]
-
-
-def parse_folds(text: str) -> list[int | None]:
-    """'all' -> 0..4; '0,2' -> [0, 2]; 'full' -> all training crops (no validation)."""
-    out: list[int | None] = []
-    for part in text.split(","):
-        part = part.strip()
-        if part == "all":
-            out += list(range(N_FOLDS))
-        elif part == "full":
-            out.append(None)
-        elif part:
-            k = int(part)
-            if not 0 <= k < N_FOLDS:
-                raise ValueError(f"fold {k} out of range 0..{N_FOLDS - 1}")
-            out.append(k)
-    return out

@@ -383,6 +383,19 @@ _TIMM_TF = "timm resolve_data_config(model.pretrained_cfg) + create_transform of
 
 
 # (model, method) -> script path, {key: (value, code, seen)}
+def _virchow_lora(commit: str):
+    """Virchow and Virchow2 LoRA: the same script body (RRC 0.8-1, flip, jitter, no rotation;
+    0.5/0.5 normalisation; logit from the class token), read at each script's own commit."""
+    return _lora(_UP.format(commit),
+                 ("script_virchow_lora", "transforms.RandomResizedCrop(224, scale=(0.8, 1.0)), "
+                                         "transforms.RandomHorizontalFlip(), transforms.ColorJitter("
+                                         "brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1)"),
+                 normalize=("half", "transforms.Normalize(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))"),
+                 geometry=_RESIZE_CROP,
+                 embedding=("cls", "base_model.reset_classifier(num_classes=1) ... "
+                                   "outputs = outputs[:, 0]  # Use CLS token"))
+
+
 SCRIPTS: dict[tuple[str, str], tuple[str, dict]] = {
     ("efficientnetv2_m", "full"): (E2E.format(m="efficientnetv2_m"), _e2e("efficientnetv2_m", FORK)),
     ("vit_large_patch16_224", "full"): (E2E.format(m="vit_large_patch16_224"),
@@ -437,23 +450,9 @@ SCRIPTS: dict[tuple[str, str], tuple[str, dict]] = {
                          _lora(_UP.format("9703f39"), ("eval", "train_transform = create_transform(**resolve_data_config("
                                                               "model.pretrained_cfg, model=model))  (= val_transform)"))),
     ("virchow", "lora"): (LORA.format(m="Virchow", f="virchow"),
-                          _lora(_UP.format("405b185"),
-                                ("script_virchow_lora", "transforms.RandomResizedCrop(224, scale=(0.8, 1.0)), "
-                                                        "transforms.RandomHorizontalFlip(), transforms.ColorJitter("
-                                                        "brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1)"),
-                                normalize=("half", "transforms.Normalize(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))"),
-                                geometry=_RESIZE_CROP,
-                                embedding=("cls", "base_model.reset_classifier(num_classes=1) ... "
-                                                  "outputs = outputs[:, 0]  # Use CLS token"))),
+                          _virchow_lora("405b185")),
     ("virchow2", "lora"): (LORA.format(m="Virchow2", f="virchow2"),
-                           _lora(_UP.format("fc3a199"),
-                                 ("script_virchow_lora", "transforms.RandomResizedCrop(224, scale=(0.8, 1.0)), "
-                                                         "transforms.RandomHorizontalFlip(), transforms.ColorJitter("
-                                                         "brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1)"),
-                                 normalize=("half", "transforms.Normalize(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))"),
-                                 geometry=_RESIZE_CROP,
-                                 embedding=("cls", "base_model.reset_classifier(num_classes=1) ... "
-                                                   "outputs = outputs[:, 0]  # Use CLS token"))),
+                           _virchow_lora("fc3a199")),
     ("prov_gigapath", "lora"): (LORA.format(m="prov-gigapath", f="prov-gigapath"),
                                 _lora(_UP.format("5c56efb"), _RRC, geometry=_RESIZE_CROP,
                                       normalize=("imagenet", "transforms.Normalize(mean=[0.485, 0.456, 0.406], "

@@ -41,9 +41,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
-from ami.runtime.splits import N_FOLDS
+from ami.runtime import splits
 
 from .registry import METHODS, REGISTRY, get, label, table3_configs
 
@@ -89,24 +89,11 @@ register_sweep(NamedSweep("edge", "the shipped edge model's 5 folds (--folds all
 
 
 def parse_folds(text: str) -> list[int | None]:
-    """'all' -> 0..4; '0,2' -> [0, 2]; 'full' -> None (all training crops). Same rules as
-    ``ami-train --folds``, without importing torch."""
-    out: list[int | None] = []
-    for part in text.split(","):
-        part = part.strip()
-        if part == "all":
-            out += list(range(N_FOLDS))
-        elif part == "full":
-            out.append(None)
-        elif part:
-            try:
-                k = int(part)
-            except ValueError:
-                raise SweepError(f"--folds: {part!r} is not a fold (0-{N_FOLDS - 1}, 'all' or 'full')") from None
-            if not 0 <= k < N_FOLDS:
-                raise SweepError(f"--folds: fold {k} out of range 0..{N_FOLDS - 1}")
-            out.append(k)
-    return list(dict.fromkeys(out))
+    """``ami.runtime.splits.parse_folds`` (the rules of ``ami-train --folds``), as a SweepError."""
+    try:
+        return splits.parse_folds(text)
+    except ValueError as e:
+        raise SweepError(f"--folds: {e}") from None
 
 
 def expand_configs(name: str, methods: str | None = None, warn=lambda s: None) -> list[tuple[str, str]]:
