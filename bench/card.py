@@ -22,6 +22,7 @@ import typer
 
 from ami.runtime.datasets import available_eval_sets, resolve_data_root
 from ami.runtime.metrics import balanced_accuracy, cross_validated_threshold, evaluate, mean_std
+from ami.runtime.rundir import ALL, WEIGHTS, RunDir, read_json
 
 def scrub(text: str, data_root: Path) -> str:
     """Replace this machine's data root (e.g. inside "dataset absent" messages) by <data-root>."""
@@ -57,7 +58,7 @@ def reproduce_commands(run: Path, cfg_json: dict, compare: list[Path] = ()) -> l
         f"{train} --folds 0,2,4 & {train} --folds 1,3,full  # 5 folds + all-crops model, 2 processes",
         f"ami-export {r} --folds full --engine onnx -o runtime/assets/edge.onnx",
         "ami-export runtime/assets/edge.onnx --engine onnx-int8 --activations u8 -o runtime/assets/edge-int8.onnx",
-        f"cp {r}/all/best.safetensors runtime/assets/edge.safetensors",
+        f"cp {r}/{ALL}/{WEIGHTS} runtime/assets/edge.safetensors",
         f"ami-bench card {r} --out runtime/assets" + "".join(f" --compare {c}" for c in compare),
     ]
 
@@ -94,7 +95,7 @@ def recipe_comparison(runs: list[Path]) -> list[dict]:
 
     out = []
     for run in runs:
-        conf = json.loads((run / "config.json").read_text())
+        conf = RunDir(run).config()
         folds = _fold_metrics(run)
         if not folds:
             raise ValueError(f"{run}: no finished fold (fold*/metrics.json)")
@@ -106,7 +107,7 @@ def recipe_comparison(runs: list[Path]) -> list[dict]:
             row[f"selected_{metric}"] = mean_std([m["validation"][metric] for m in folds.values()])
             last = []
             for k in folds:
-                with (run / f"fold{k}" / "history.csv").open() as f:
+                with RunDir(run).fold(k).history.open() as f:
                     last.append(float(list(csv.DictReader(f))[-1][key]))
             row[f"final_{metric}"] = mean_std(last)
         out.append(row)
@@ -114,10 +115,8 @@ def recipe_comparison(runs: list[Path]) -> list[dict]:
 
 
 def _fold_metrics(run: Path) -> dict[str, dict]:
-    out = {}
-    for p in sorted(run.glob("fold*/metrics.json")):
-        out[p.parent.name.removeprefix("fold")] = json.loads(p.read_text())
-    return out
+    """metrics.json of every finished cross-validation fold, by fold key ("0".."4")."""
+    return {f.key: f.metrics() for f in RunDir(run).cv_folds() if f.is_finished()}
 
 
 def _metric_rows(rows: list) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -154,19 +153,19 @@ def _tta_on_validation(run: Path, data_root: Path, log) -> dict:
     """Dihedral (8-fold) test-time augmentation vs none, per fold, on the VALIDATION crops."""
     import torch
 
-    from ami.export.ensemble import build_fold_model
-    from ami.export.source import resolve_source
     from ami.runtime.splits import fold_samples
     from ami.train import data as D
+    from ami.train.foldmodel import load_fold_model, run_model_entry
 
+    rundir = RunDir(run)
+    pre = run_model_entry(rundir.config(), run).preprocess
     res = {}
-    for k in sorted(p.parent.name.removeprefix("fold") for p in run.glob("fold*/metrics.json")):
-        src = resolve_source(run, folds=k)
-        model = build_fold_model(src, int(k), log=log)
+    for k in _fold_metrics(run):
+        model = load_fold_model(rundir, int(k))
         _, va = fold_samples(data_root, int(k))
-        cs = D.load_crops(va, src.cfg.preprocess)
+        cs = D.load_crops(va, pre)
         with torch.no_grad():
-            x = D.eval_batch(cs.images, src.cfg.preprocess)
+            x = D.eval_batch(cs.images, pre)
             views = []
             for flip in (False, True):
                 xf = torch.flip(x, dims=[3]) if flip else x
@@ -221,14 +220,14 @@ def build_card(run: Path, onnx: Path, int8: Path | None, data_root: Path, thread
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ami.export.ensemble import build_fold_model
-    from ami.export.source import resolve_source
     from ami.runtime.engine import load_engine
+    from ami.train.foldmodel import load_fold_model
 
-    cfg_json = json.loads((run / "config.json").read_text())
-    split = json.loads((run / "split.json").read_text())
+    rundir = RunDir(run)
+    cfg_json = rundir.config()
+    split = read_json(rundir.split_path)
     folds = _fold_metrics(run)
-    alldata = json.loads((run / "all" / "metrics.json").read_text()) if (run / "all" / "metrics.json").exists() else None
+    alldata = rundir.fold(ALL).metrics() if rundir.fold(ALL).is_finished() else None
     card: dict = {"model": cfg_json["model"], "arch": cfg_json["arch"], "weights_source": cfg_json["weights_source"],
                   "recipe": cfg_json["recipe"], "preprocess": cfg_json["preprocess"], "split": split,
                   "reproduce": reproduce_commands(run, cfg_json, [_portable(c) for c in compare]), "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -263,8 +262,7 @@ def build_card(run: Path, onnx: Path, int8: Path | None, data_root: Path, thread
         m8 = load_engine(int8, provider="cpu").meta
         card["shipped_int8"] = {"file": int8.name, "calibration": m8.calibration, "tests": _engine_tests(int8, data_root)}
     # size and cost
-    src = resolve_source(run, folds="full" if (run / "all").exists() else "0")
-    model = build_fold_model(src, src.folds[0], log=lambda *a: None)
+    model = load_fold_model(rundir, ALL if rundir.fold(ALL).path.exists() else 0)
     size = cfg_json["preprocess"]["input_size"]
     with FlopCounterMode(display=False) as fc:
         model(torch.zeros(1, 3, size, size))

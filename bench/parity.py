@@ -457,9 +457,9 @@ class TorchReference:
 
 
 def build_single_model(weights: Path, model_name: str, method: str = "full"):
-    """A registry network with every tensor from ``weights`` (a full state dict, e.g. edge.safetensors)."""
-    from ami.train.fit import load_weights
-    from ami.train.models import create
+    """(network, registry entry) of a bare checkpoint of registry entry ``model_name`` (e.g. the shipped
+    edge.safetensors, every tensor), rebuilt by :func:`ami.train.foldmodel.load_model` as the exporter does."""
+    from ami.train.foldmodel import FoldModelError, load_model
     from ami.train.registry import get
 
     try:
@@ -467,34 +467,26 @@ def build_single_model(weights: Path, model_name: str, method: str = "full"):
     except KeyError as e:
         raise ParityError(f"{weights}: {e.args[0]}") from None
     try:
-        from timm.layers import set_layer_config
-
-        with set_layer_config(exportable=True):
-            model = create(cfg, method, random_init=True)
-    except Exception as e:  # noqa: BLE001
-        raise ParityError(f"cannot build {model_name}/{method} in PyTorch: {type(e).__name__}: {e}") from None
-    try:
-        load_weights(model, Path(weights))
-    except Exception as e:  # noqa: BLE001 - shape mismatch, missing keys, corrupt file
-        first = "; ".join(str(e).splitlines()[:2])[:400]
-        raise ParityError(f"{weights} does not fit {model_name}/{method}: {type(e).__name__}: {first}") from None
-    return model.float().eval(), cfg
+        return load_model(cfg, method, Path(weights)), cfg
+    except FoldModelError as e:
+        raise ParityError(str(e)) from None
 
 
 def build_run_models(run: Path, folds: list) -> tuple[list, object, object]:
-    """(fold networks, registry entry, RunSource) of ``folds`` of a run, built as the exporter builds them."""
+    """(fold networks, registry entry, RunSource) of ``folds`` of a run, built as the exporter builds them
+    (:func:`ami.train.foldmodel.load_fold_model`)."""
+    from ami.train.foldmodel import FoldModelError, load_fold_model
+
     try:
         from ami.export import ExportError
-        from ami.export.ensemble import build_fold_model
         from ami.export.source import resolve_source
     except ImportError as e:  # pragma: no cover - the export layer ships with this package
         raise ParityError(f"--run needs ami.export ({e})") from None
     try:
         src = resolve_source(Path(run), list(folds))
-        models = [build_fold_model(src, f, log=lambda *_: None) for f in src.folds]
-    except ExportError as e:
+        return [load_fold_model(src.run, f) for f in src.folds], src.cfg, src
+    except (ExportError, FoldModelError) as e:
         raise ParityError(str(e)) from None
-    return models, src.cfg, src
 
 
 def _provenance_run(src, meta: ArtifactMeta) -> str:

@@ -26,6 +26,7 @@ import typer
 
 from ami.runtime.datasets import TEST_SETS
 from ami.runtime.metrics import MetricError, mean_std, roc_curve
+from ami.runtime.rundir import CONFIG, RunDir, RunDirError
 
 METRICS = (("balanced_accuracy", "BA"), ("auroc", "AUROC"))
 SHORT = {"AMi-Br-test": "AMi-Br"}
@@ -116,10 +117,10 @@ def _group_key(conf: dict) -> tuple:
 def _run_dirs(paths: list[Path]) -> list[Path]:
     out = []
     for p in paths:
-        if (p / "config.json").is_file():
+        if RunDir(p).is_run():
             out.append(p)
         elif p.is_dir():
-            out += sorted(q for q in p.iterdir() if (q / "config.json").is_file())
+            out += sorted(q for q in p.iterdir() if RunDir(q).is_run())
     return out
 
 
@@ -129,9 +130,9 @@ def collect(paths: list[Path], warn=lambda s: print(s, file=sys.stderr)) -> list
     dirs = _run_dirs([Path(p) for p in paths])
     for p in paths:
         if Path(p) not in dirs and not any(d.parent == Path(p) for d in dirs):
-            warn(f"skipping {p}: not a run directory (no config.json)")
+            warn(f"skipping {p}: not a run directory (no {CONFIG})")
     for d in dirs:
-        conf = _upgraded(json.loads((d / "config.json").read_text()))
+        conf = _upgraded(RunDir(d).config())
         key = _group_key(conf)
         if key not in groups:
             flags = []
@@ -146,16 +147,15 @@ def collect(paths: list[Path], warn=lambda s: print(s, file=sys.stderr)) -> list
                                  setup={**(conf.get("recipe") or {}), "amp": conf.get("amp", "none")})
         g = groups[key]
         g.runs.append(d)
-        for fdir in sorted(d.glob("fold[0-9]*")):
-            mpath = fdir / "metrics.json"
-            if not mpath.is_file():
+        for fd in RunDir(d).cv_folds():
+            if not fd.is_finished():
                 continue
-            m = json.loads(mpath.read_text())
+            m = fd.metrics()
             k = int(m["fold"])
             if k in g.folds:
                 raise TableError(f"fold {k} of {g.label} is in two run directories ({g.folds[k]['_dir']} and "
-                                 f"{fdir}); keep one")
-            m["_dir"] = str(fdir)
+                                 f"{fd.path}); keep one")
+            m["_dir"] = str(fd.path)
             g.folds[k] = m
     _tell_apart(list(groups.values()))
     try:
@@ -373,7 +373,7 @@ def register(app: typer.Typer) -> None:
         try:
             configs = collect(runs, warn=lambda s: typer.echo(s, err=True))
             if not configs:
-                typer.echo("no run directories found (each holds a config.json written by ami-train)", err=True)
+                typer.echo(f"no run directories found (each holds a {CONFIG} written by ami-train)", err=True)
                 raise typer.Exit(2)
             text = render_markdown(configs, paper, ddof) if fmt == "md" else render_csv(configs, paper, ddof)
             if output:
@@ -389,6 +389,6 @@ def register(app: typer.Typer) -> None:
             if roc:
                 for ds, p in plot_roc(configs, roc, ddof).items():
                     typer.echo(f"ROC {ds}: {p}", err=True)
-        except TableError as e:
+        except (TableError, RunDirError) as e:
             typer.echo(str(e), err=True)
             raise typer.Exit(2) from None

@@ -65,59 +65,17 @@ class DeployGraph(nn.Module):
         return self.post(torch.stack([m(x) for m in self.folds]))
 
 
-def _is_partial(path) -> bool:
-    """True when the checkpoint holds only the trained tensors (linear/LoRA on pretrained weights)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            return (f.metadata() or {}).get("contents") == "trainable"
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own errors for corrupt files
-        raise ExportError(f"{path}: unreadable weights ({type(e).__name__}: {e})") from None
-
-
 def build_fold_model(src: RunSource, fold, weights: str | None = None, log=print) -> nn.Module:
-    """The fold's network as trained (for LoRA: still unmerged), weights loaded, eval mode, float32.
+    """The fold's network as trained (for LoRA: still unmerged), weights loaded, eval mode, float32:
+    :func:`ami.train.foldmodel.load_fold_model` in timm's exportable mode (no fused attention), its
+    errors as :class:`ExportError`. ``weights``: the frozen backbone of a trainable-only checkpoint
+    (a local file or hf-hub id) instead of the run's weight source."""
+    from ami.train.foldmodel import FoldModelError, load_fold_model
 
-    Built in timm's exportable mode (no fused attention). A complete checkpoint needs no weight
-    source (random init, then every tensor from best.safetensors); a trainable-only checkpoint
-    (linear/LoRA on pretrained weights) gets its frozen backbone from the run's weight source,
-    or from ``weights`` (a local file or hf-hub id) when given.
-    """
-    from timm.layers import set_layer_config
-
-    from ami.train.fit import load_weights
-    from ami.train.models import WeightsUnavailable, create
-
-    cfg = src.cfg
-    c = src.config
-    r = c.get("recipe") or {}
-    lora_kw = {k: r[k] for k in ("lora_rank", "lora_alpha", "lora_dropout") if k in r}
-    path = src.weights(fold)
-    partial = _is_partial(path)
-    if partial:
-        random_init = bool(c.get("random_init"))
-        ws = c.get("weights_source")
-        w = weights or (ws if ws and ws != cfg.hub_id and not str(ws).startswith("random init") else None)
-    else:
-        random_init, w = True, None
     try:
-        with set_layer_config(exportable=True):
-            model = create(cfg, src.method, weights=w, random_init=random_init, tiny=src.tiny, **lora_kw)
-    except WeightsUnavailable as e:
-        raise ExportError(f"{path} holds only the trained tensors; the frozen backbone must come from its weight "
-                          f"source, which is not reachable here: {e} (pass --weights LOCAL_FILE)") from None
-    except ImportError as e:
-        raise ExportError(f"cannot build {cfg.name}/{src.method}: {e}") from None
-    try:
-        load_weights(model, path)
-    except (RuntimeError, KeyError) as e:
-        first = "; ".join(str(e).splitlines()[:3])
-        raise ExportError(f"{path}: these weights do not fit {cfg.name}/{src.method}"
-                          f"{' (tiny stand-in)' if src.tiny else ''} as config.json describes it: {first[:400]}") from None
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own errors for corrupt files
-        raise ExportError(f"{path}: unreadable weights ({type(e).__name__}: {e})") from None
-    return model.float().eval()
+        return load_fold_model(src.run, fold, weights, exportable=True)
+    except FoldModelError as e:
+        raise ExportError(str(e)) from None
 
 
 @torch.no_grad()

@@ -1,9 +1,7 @@
 """What is being exported: a training run, some of its folds, and what the run says about them.
 
-Torch-free. Reads the run-directory layout written by :mod:`ami.train.fit`::
-
-    RUN/config.json  RUN/split.json  RUN/fold{k}/{best.safetensors,metrics.json}  RUN/all/...
-
+Torch-free. Reads a run directory (``config.json``, ``split.json``, ``fold{k}/best.safetensors``,
+``fold{k}/metrics.json``, ``all/...``) through :mod:`ami.runtime.rundir`, which owns that layout,
 and answers the export's questions from *validation* records only: which run is best
 (:func:`pick_best`), which decision threshold to ship (:func:`choose_threshold`), and which
 validation metrics the artefact was exported from (:func:`validation_summary`). Test-set entries
@@ -12,8 +10,6 @@ of ``metrics.json`` are never read here.
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,13 +18,11 @@ import numpy as np
 from ami.runtime.datasets import file_sha256
 from ami.runtime.metrics import (MetricError, auroc, balanced_accuracy, best_threshold, cross_validated_threshold,
                                  mean_std)
+from ami.runtime.rundir import ALL, CONFIG, METRICS, WEIGHTS, FoldId, RunDir, RunDirError
 from ami.runtime.splits import FOLDS_FILE, N_FOLDS, folds_sha256
+from ami.runtime.splits import parse_folds as parse_fold_list
 
 from . import ExportError
-
-WEIGHTS = "best.safetensors"
-METRICS = "metrics.json"
-_FOLD_DIR = re.compile(r"^fold(\d+)$")
 
 
 @dataclass
@@ -38,8 +32,12 @@ class RunSource:
     run_dir: Path
     config: dict
     split: dict
-    folds: list  # fold indices (ints), or ["all"] for RUN/all (trained on all training crops)
+    folds: list[FoldId]  # fold indices (ints), or [ALL] for RUN/all (trained on all training crops)
     metrics: dict = field(default_factory=dict)  # fold key ("0".."4", "all") -> metrics.json
+
+    @property
+    def run(self) -> RunDir:
+        return RunDir(self.run_dir)
 
     @property
     def model(self) -> str:
@@ -54,54 +52,26 @@ class RunSource:
         return bool(self.config.get("tiny_stand_in", False))
 
     def fold_dir(self, fold) -> Path:
-        return self.run_dir / ("all" if fold == "all" else f"fold{fold}")
+        return self.run.fold(fold).path
 
     def weights(self, fold) -> Path:
-        return self.fold_dir(fold) / WEIGHTS
+        return self.run.fold(fold).weights
 
     @property
     def cfg(self):
         """The registry entry the run was trained with (its recorded copy; see ``run_entry``)."""
-        from ami.train.registry import run_entry  # torch-free
+        from ami.train.foldmodel import FoldModelError, run_model_entry  # torch-free
 
         try:
-            cfg = run_entry(self.config)
-        except (TypeError, ValueError) as e:
-            raise ExportError(f"{self.run_dir}: config.json's registry_entry is unreadable ({e})") from None
-        except KeyError as e:
-            raise ExportError(f"{self.run_dir}: {e.args[0]}") from None
-        if self.method == "lora" and not cfg.lora_targets:
-            raise ExportError(f"{self.run_dir}: config.json says method lora, but registry entry {cfg.name!r} has no "
-                              "LoRA targets (lora_targets), so no LoRA run of it exists: the run's config is wrong")
-        return cfg
+            return run_model_entry(self.config, self.run_dir)
+        except FoldModelError as e:
+            raise ExportError(str(e)) from None
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ExportError(f"{path} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportError(f"{path} is not valid JSON ({e})") from None
-
-
-def is_run_dir(path: Path) -> bool:
-    return (Path(path) / "config.json").is_file()
-
-
-def completed_folds(run_dir: Path) -> list[int]:
-    """Fold indices with both best weights and metrics.json (a finished fold)."""
-    out = []
-    for k in range(N_FOLDS):
-        d = Path(run_dir) / f"fold{k}"
-        if (d / WEIGHTS).is_file() and (d / METRICS).is_file():
-            out.append(k)
-    return out
-
-
-def parse_folds(text: str | list | tuple | int | None, run_dir: Path) -> list:
-    """'all' -> every completed fold 0..4 (an ensemble); 'full' -> ['all'] (the all-crops model);
-    '0,2' -> [0, 2]. A list/int is taken as given."""
+def parse_folds(text: str | list | tuple | int | None, run_dir: Path) -> list[FoldId]:
+    """The folds of one artefact, as ``ami-export --folds`` names them: 'all' -> every completed fold
+    0..4 (an ensemble); 'full' -> [ALL] (the all-crops model); '0,2' -> [0, 2]. A list/int is taken
+    as given."""
     if text is None:
         text = "all"
     if isinstance(text, int):
@@ -110,62 +80,70 @@ def parse_folds(text: str | list | tuple | int | None, run_dir: Path) -> list:
         return list(text)
     text = str(text).strip()
     if text == "all":
-        done = completed_folds(run_dir)
+        done = RunDir(run_dir).completed_folds()
         if not done:
             raise ExportError(f"{run_dir} has no completed fold (fold*/{WEIGHTS} + fold*/{METRICS}); "
                               "train it first (ami-train) or pass --folds full for RUN/all")
         return done
     if text == "full":
-        return ["all"]
-    out = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if not part.isdigit() or not 0 <= int(part) < N_FOLDS:
-            raise ExportError(f"--folds takes 'all', 'full' or fold indices 0..{N_FOLDS - 1} like '0,2'; got {text!r}")
-        out.append(int(part))
-    if not out:
+        return [ALL]
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts:
         raise ExportError(f"--folds {text!r} names no fold")
-    return sorted(set(out))
+    wrong = f"--folds takes 'all', 'full' or fold indices 0..{N_FOLDS - 1} like '0,2'; got {text!r}"
+    if any(part in ("all", "full") for part in parts):  # one artefact: an ensemble of CV folds or RUN/all
+        raise ExportError(wrong)
+    try:
+        return sorted(parse_fold_list(text))
+    except ValueError:
+        raise ExportError(wrong) from None
+
+
+def _locate(p: Path) -> tuple[RunDir, list[FoldId] | None]:
+    """The run of a run directory or of one fold directory (then that fold), else ExportError."""
+    try:
+        run, fold = RunDir.locate(p)
+    except RunDirError as e:
+        hint = "; an ONNX file is exported with --engine onnx-int8 or trt" if p.is_file() else ""
+        raise ExportError(f"{e}{hint}") from None
+    return run, None if fold is None else [fold]
+
+
+def _read_source_metrics(run: RunDir, chosen: list[FoldId]) -> dict:
+    """metrics.json of each chosen fold (the all-crops model may lack one) and of every completed fold."""
+    metrics = {}
+    for f in chosen:
+        fd = run.fold(f)
+        fd.require_weights()
+        if fd.is_finished():
+            metrics[fd.key] = fd.metrics()
+        elif not fd.is_all:
+            raise ExportError(f"{fd.metrics_path} is missing: fold {f} of {run.name} did not finish")
+    # out-of-fold validation records of every completed fold (used for the all-crops model)
+    for k in run.completed_folds():
+        if str(k) not in metrics:
+            metrics[str(k)] = run.fold(k).metrics()
+    return metrics
 
 
 def resolve_source(source: str | Path, folds="all") -> RunSource:
     """A run directory (with ``folds``) or one fold directory of it -> :class:`RunSource`."""
     p = Path(source)
-    if not p.exists():
-        raise ExportError(f"{p} does not exist")
-    if p.is_dir() and not is_run_dir(p) and is_run_dir(p.parent) and (_FOLD_DIR.match(p.name) or p.name == "all"):
-        run_dir = p.parent
-        chosen = ["all"] if p.name == "all" else [int(_FOLD_DIR.match(p.name).group(1))]
-        if folds not in (None, "all") and parse_folds(folds, run_dir) != chosen:
+    run, chosen = _locate(p)
+    try:
+        if chosen is None:
+            chosen = parse_folds(folds, run.path)
+        elif folds not in (None, "all") and parse_folds(folds, run.path) != chosen:
             raise ExportError(f"{p} is one fold; --folds {folds} contradicts it (pass the run directory instead)")
-    elif p.is_dir() and is_run_dir(p):
-        run_dir = p
-        chosen = parse_folds(folds, run_dir)
-    elif p.is_dir():
-        raise ExportError(f"{p} is not a training run (no config.json) nor a fold directory of one")
-    else:
-        raise ExportError(f"{p} is a file, not a run directory; an ONNX file is exported with --engine onnx-int8 or trt")
-    config = _read_json(run_dir / "config.json")
-    for key in ("model", "method"):
-        if key not in config:
-            raise ExportError(f"{run_dir / 'config.json'} lacks {key!r}: not a run written by ami-train")
-    split_path = run_dir / "split.json"
-    split = _read_json(split_path) if split_path.is_file() else {}
-    metrics = {}
-    for f in chosen:
-        d = run_dir / ("all" if f == "all" else f"fold{f}")
-        if not (d / WEIGHTS).is_file():
-            raise ExportError(f"{d / WEIGHTS} is missing: fold {f} of {run_dir.name} is not trained (or not finished)")
-        if (d / METRICS).is_file():
-            metrics[str(f)] = _read_json(d / METRICS)
-        elif f != "all":
-            raise ExportError(f"{d / METRICS} is missing: fold {f} of {run_dir.name} did not finish")
-    # out-of-fold validation records of every completed fold (used for the all-crops model)
-    for k in completed_folds(run_dir):
-        metrics.setdefault(str(k), _read_json(run_dir / f"fold{k}" / METRICS))
-    return RunSource(run_dir=run_dir, config=config, split=split, folds=chosen, metrics=metrics)
+        config = run.config()
+        for key in ("model", "method"):
+            if key not in config:
+                raise ExportError(f"{run.config_path} lacks {key!r}: not a run written by ami-train")
+        split = run.split()
+        metrics = _read_source_metrics(run, chosen)
+    except RunDirError as e:
+        raise ExportError(str(e)) from None
+    return RunSource(run_dir=run.path, config=config, split=split, folds=chosen, metrics=metrics)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,7 +152,7 @@ def resolve_source(source: str | Path, folds="all") -> RunSource:
 
 def _validation_folds(src: RunSource) -> list[int]:
     """The folds whose validation records describe this artefact (all completed folds for RUN/all)."""
-    if src.folds == ["all"]:
+    if src.folds == [ALL]:
         return sorted(int(k) for k in src.metrics if k.isdigit())
     return [f for f in src.folds if isinstance(f, int)]
 
@@ -229,7 +207,7 @@ def choose_threshold(src: RunSource, override: float | None = None) -> tuple[flo
         return 0.5, f"default 0.5 (validation predictions unusable: {e})", {"source": "default"}
     where = (f"out-of-fold validation predictions of {_folds_text(used)} (n={y.size}, "
              f"{int(y.sum())} atypical)")
-    if src.folds == ["all"]:
+    if src.folds == [ALL]:
         where += "; the all-crops model has no validation of its own, its run's fold models stand in"
     elif len(src.folds) > 1:
         where += "; each crop scored by the one fold model that did not train on it, not by the ensemble"
@@ -265,7 +243,7 @@ def validation_summary(src: RunSource, threshold: float = 0.5) -> dict:
     out: dict = {"what": "fold validation metrics from metrics.json (threshold 0.5, best epoch chosen by "
                          "validation balanced accuracy); no test metric is used anywhere in export",
                  "folds": per_fold}
-    if src.folds == ["all"]:
+    if src.folds == [ALL]:
         out["note"] = "model trained on all training crops: these are its run's fold models' validation metrics"
     if per_fold:
         ba = [v["balanced_accuracy"] for v in per_fold.values()]
@@ -319,15 +297,16 @@ class RunScore:
 
 def score_run(run_dir: Path, min_folds: int = N_FOLDS) -> RunScore:
     """Mean validation balanced accuracy over a run's completed folds (metrics.json 'validation')."""
+    run = RunDir(run_dir)
     try:
-        cfg = json.loads((run_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        return RunScore(run_dir, "?", "?", [], [], None, f"unreadable config.json ({e})")
+        cfg = run.config()
+    except (OSError, RunDirError) as e:
+        return RunScore(run_dir, "?", "?", [], [], None, f"unreadable {CONFIG} ({e})")
     folds, bas = [], []
-    for k in completed_folds(run_dir):
+    for k in run.completed_folds():
         try:
-            v = json.loads((run_dir / f"fold{k}" / METRICS).read_text()).get("validation") or {}
-        except (OSError, json.JSONDecodeError):
+            v = run.fold(k).metrics().get("validation") or {}
+        except (OSError, RunDirError):
             continue
         ba = v.get("balanced_accuracy")
         if isinstance(ba, (int, float)):
@@ -344,7 +323,7 @@ def find_runs(root: Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         raise ExportError(f"--best {root}: not a directory")
-    found = {p.parent for pat in ("config.json", "*/config.json", "*/*/config.json") for p in root.glob(pat)}
+    found = {p.parent for pat in (CONFIG, f"*/{CONFIG}", f"*/*/{CONFIG}") for p in root.glob(pat)}
     return sorted(found)
 
 
@@ -364,6 +343,6 @@ def pick_best(runs_root: Path, method: str | None = None, model: str | None = No
     ok = sorted((s for s in scores if not s.reason), key=lambda s: (-s.mean_ba, str(s.run_dir)))
     rest = sorted((s for s in scores if s.reason), key=lambda s: str(s.run_dir))
     if not ok:
-        why = "; ".join(f"{s.run_dir.name}: {s.reason}" for s in rest) or "no run directory (*/config.json) found"
+        why = "; ".join(f"{s.run_dir.name}: {s.reason}" for s in rest) or f"no run directory (*/{CONFIG}) found"
         raise ExportError(f"--best {runs_root}: no eligible run ({why})")
     return ok[0].run_dir, ok + rest

@@ -191,6 +191,13 @@ class FoldDir:
         """Finished and its weights are there (what export and parity need)."""
         return self.weights.is_file() and self.metrics_path.is_file()
 
+    def require_weights(self) -> Path:
+        """The weights file, or :class:`RunDirError` saying that this fold is not trained yet."""
+        if not self.weights.is_file():
+            raise RunDirError(f"{self.weights} is missing: fold {self.key} of {self.run.name} is not trained "
+                              "(or not finished)")
+        return self.weights
+
     def metrics(self) -> dict:
         return read_json(self.metrics_path)
 

@@ -61,10 +61,11 @@ def images(data_root):
 
 
 def _torch_probs(run_dir, folds, images):
-    from ami.export.ensemble import build_fold_model, reference_probs
+    from ami.export.ensemble import reference_probs
+    from ami.train.foldmodel import load_fold_model
 
     src = resolve_source(run_dir, ",".join(map(str, folds)))
-    return [reference_probs([build_fold_model(src, f)], src.cfg.preprocess, images) for f in folds]
+    return [reference_probs([load_fold_model(run_dir, f)], src.cfg.preprocess, images) for f in folds]
 
 
 # ---------------------------------------------------------------------------------------------

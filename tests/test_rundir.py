@@ -42,6 +42,9 @@ def test_layout_finished_and_complete_folds(tmp_path):
     assert f.path == tmp_path / "r" / "fold0" and f.weights.name == "best.safetensors"
     assert f.metrics() == {"fold": 0} and f.history.name == "history.csv" and f.state.name == "state.pt"
     assert run.fold(None).path == tmp_path / "r" / "all" and run.fold(None).is_all
+    assert f.require_weights() == f.weights
+    with pytest.raises(RunDirError, match=r"fold1.best\.safetensors is missing: fold 1 of r is not trained"):
+        run.fold(1).require_weights()
     assert not list(tmp_path.rglob("*.tmp"))  # atomic writes leave no temporary files
 
 

@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from ami.train.adapt import HEAD, adapted_modules, classifier_of, embed, load_run_model, merge_lora
+from ami.train.adapt import HEAD, adapted_modules, classifier_of, embed, merge_lora
+from ami.train.foldmodel import load_fold_model
 from ami.train.models import WeightsUnavailable, build_backbone, create
 from ami.train.registry import REGISTRY, VIT_LORA_TARGETS, get
 from ami.train.weights import WeightsMismatch, load_pretrained
@@ -313,7 +314,7 @@ def test_end_to_end_runs_and_table(data_root, tmp_path):
     m = json.loads((runs["linear"] / "fold0" / "metrics.json").read_text())
     rows = m["predictions"]["validation"][:6]
     by_name = {s.name: s for s in amibr_split(data_root)[0]}
-    model = load_run_model(runs["linear"], 0)
+    model = load_fold_model(runs["linear"], 0)
     p = predict(model, D.load_crops([by_name[r[0]] for r in rows], get("uni").preprocess), get("uni"),
                 torch.device("cpu"))
     assert abs(p - [r[2] for r in rows]).max() < 1e-5

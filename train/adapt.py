@@ -216,39 +216,3 @@ def merge_lora(model: LogitModel, example: torch.Tensor | None = None, atol: flo
         p.requires_grad_(False)
     return merged
 
-
-# -- rebuilding a trained fold model ------------------------------------------------------------
-def load_run_model(run_dir, fold: int | str = 0, weights: str | None = None) -> LogitModel:
-    """The model of ``RUN/fold{k}/best.safetensors`` (or ``fold='all'``), rebuilt on the CPU.
-
-    Uses the run's config.json (model, method, tiny, random init, LoRA rank/alpha/dropout) and the
-    same weight source as training (``weights`` overrides it, e.g. a local copy of the hub file).
-    For linear/LoRA runs on pretrained weights the file holds only the trained tensors; the
-    frozen backbone is reloaded from that source.
-    """
-    import json
-    from pathlib import Path
-
-    from safetensors import safe_open
-
-    from .models import create
-    from .registry import run_entry
-
-    run_dir = Path(run_dir)
-    conf = json.loads((run_dir / "config.json").read_text())
-    cfg = run_entry(conf)
-    r = conf["recipe"]
-    path = run_dir / ("all" if fold in (None, "all") else f"fold{fold}") / "best.safetensors"
-    if weights is None and not conf["random_init"] and conf["weights_source"] != cfg.hub_id:
-        weights = conf["weights_source"]
-    model = create(cfg, conf["method"], weights=weights, random_init=conf["random_init"],
-                   tiny=conf.get("tiny_stand_in", False), lora_rank=r["lora_rank"], lora_alpha=r["lora_alpha"],
-                   lora_dropout=r["lora_dropout"])
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-        sd = {k: f.get_tensor(k) for k in f.keys()}
-    if meta.get("contents") == "trainable":
-        load_partial_state(model, sd)
-    else:
-        model.load_state_dict(sd)
-    return model.eval()

@@ -41,6 +41,7 @@ from ami.runtime.metrics import MetricError, best_threshold, evaluate
 from ami.runtime.splits import FOLDS_FILE, check_against_data, folds_sha256, load_folds
 
 from . import data as D
+from .foldmodel import load_state_file
 from .models import count_params, create
 from .recipes import origins
 from .registry import ModelConfig, Recipe, configure, definition, get, with_recipe_defaults
@@ -91,20 +92,6 @@ def save_weights(model: nn.Module, path: Path, metadata: dict | None = None, key
     tmp = path.with_name(path.name + ".tmp")
     save_file(sd, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
     os.replace(tmp, path)
-
-
-def load_weights(model: nn.Module, path: Path) -> None:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), "pt") as f:
-        partial = (f.metadata() or {}).get("contents") == "trainable"
-    if partial:
-        from .adapt import load_partial_state
-
-        load_partial_state(model, load_file(str(path)))
-    else:
-        model.load_state_dict(load_file(str(path)))
 
 
 @dataclass
@@ -521,7 +508,7 @@ class Run:
             save_weights(final, fdir / "best.safetensors", {"epoch": r.epochs - 1}, keys=keep)
             best = {"ba": None, "epoch": len(history) - 1, "auroc": None}
         else:
-            load_weights(final, fdir / "best.safetensors")
+            load_state_file(final, fdir / "best.safetensors")
         return self._evaluate(fold, final, va, val_set, best, history, time.time() - t_start)
 
     def _write_history(self, fdir: Path, history: list[dict]) -> None:
