@@ -24,7 +24,7 @@ from ami.runtime.metrics import (MetricError, auroc, balanced_accuracy, best_thr
                                  mean_std)
 from ami.runtime.splits import FOLDS_FILE, N_FOLDS, folds_sha256
 
-from . import ExportError
+from .errors import ExportError
 
 WEIGHTS = "best.safetensors"
 METRICS = "metrics.json"
