@@ -201,7 +201,7 @@ def _throughput(path: Path, batch: int, threads: int, rounds: int, size: int) ->
 
 def _engine_tests(path: Path, data_root: Path) -> dict:
     from ami.runtime.engine import load_engine
-    from ami.runtime.imageio import decode_rgb
+    from ami.runtime.pixels import decode_pixels
 
     eng = load_engine(path, provider="cpu")
     out = {}
@@ -209,7 +209,7 @@ def _engine_tests(path: Path, data_root: Path) -> dict:
         if isinstance(samples, str):
             out[name] = {"absent": samples}
             continue
-        imgs = np.stack([eng.meta.preprocess.to_uint8(decode_rgb(s.path)) for s in samples])
+        imgs = decode_pixels([s.path for s in samples], eng.meta.preprocess)
         p = np.concatenate([eng.predict(imgs[i:i + 256]) for i in range(0, len(imgs), 256)])
         out[name] = evaluate([s.label for s in samples], p, eng.meta.threshold).to_dict()
     return out

@@ -511,7 +511,7 @@ def to_markdown(rep: dict) -> str:
             L += [f"| {b['batch']} | {b['max_abs_dp']:.2e} |" for b in sec["batches"]]
             L += ["", f"Tolerance {sec['tolerance']:g}.", ""]
         elif key == "tensorrt_round_trip" and sec.get("precisions"):
-            L += [f"TensorRT {sec['tensorrt']} on {sec['gpu'].get('name')} (sm {sec['gpu'].get('compute_capability')}).", "",
+            L += [f"TensorRT {sec['tensorrt']} on {sec['gpu'].get('gpu_name')} (sm {sec['gpu'].get('compute_capability')}).", "",
                   "| precision | build s | batch | max \\|Δp\\| vs ORT CPU fp32 | ok |", "|---|---|---|---|---|"]
             for p, rec in sec["precisions"].items():
                 for b in rec["batches"]:

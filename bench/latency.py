@@ -43,7 +43,10 @@ import typer
 from ami.runtime.artifact import ArtifactError
 from ami.runtime.datasets import available_eval_sets, resolve_data_root
 from ami.runtime.engine import ASSETS, EngineError, load_engine
+from ami.runtime.engines.base import parse_batch_sizes
 from ami.runtime.preprocess import Preprocess
+from ami.runtime.sampling import stratified_subset
+from ami.runtime.tolerances import FP32_PROB_TOL
 
 from .parity import (
     SHIPPED_ENGINES,
@@ -51,17 +54,16 @@ from .parity import (
     ParityError,
     build_run_models,
     build_single_model,
-    decode_pixels,
+    decode_crops,
     load_variants,
     machine_info,
-    sample_crops,
 )
 from .peaks import cpu_peak, peak_key
 
 SCHEMA = "ami-bench-latency/1"
 DEFAULT_BATCHES = (1, 8, 32, 64, 128)
 E2E_SETS = ("AtNorM-MD", "AMi-Br-test", "AtNorM-Br")  # the first present one gives the end-to-end crops
-FP32_E2E_TOL = 1e-4  # ami-infer (fp32 ONNX) vs the reference loop: max |delta p|
+FP32_E2E_TOL = FP32_PROB_TOL  # ami-infer (fp32 ONNX) vs the reference loop: max |delta p|
 
 
 class LatencyError(RuntimeError):
@@ -141,6 +143,7 @@ def torch_runner(models: list, pre: Preprocess, device: str = "cpu", model_name:
     """PyTorch eager: uint8 batch -> (to device) -> eval_batch -> networks -> mean sigmoid; CUDA synchronised."""
     import torch
 
+    from ami.export.ensemble import fold_mean_probs
     from ami.train.data import eval_batch
 
     dev = torch.device(device)
@@ -155,8 +158,7 @@ def torch_runner(models: list, pre: Preprocess, device: str = "cpu", model_name:
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(pixels)).to(dev, non_blocking=False)
             x = eval_batch(x, pre).contiguous(memory_format=fmt)
-            p = torch.stack([torch.sigmoid(m(x).float()) for m in nets]).mean(0)
-            out = p.cpu().numpy()  # a device->host copy: synchronises CUDA
+            out = fold_mean_probs(nets, x).cpu().numpy()  # a device->host copy: synchronises CUDA
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         return out
@@ -462,7 +464,7 @@ def e2e_crops(data_root: Path | None, folder: Path | None, n: int) -> tuple[list
     for name in E2E_SETS:
         found = sets.get(name)
         if isinstance(found, list) and found:
-            picked = sample_crops(found, n)
+            picked = stratified_subset(found, n)
             return [str(s.path) for s in picked], f"{name} (class-stratified sample, seed 0)" if 0 < n < len(found) else name
     raise LatencyError(f"no test set found under data root {root} for the end-to-end run; pass --data-root D or "
                        "--folder DIR (or --no-e2e)")
@@ -489,16 +491,10 @@ def run_ami_infer(paths: list[str], eng, *, batch: int, workers: int, pool: str 
 # -- the benchmark -------------------------------------------------------------------------------
 
 def parse_batches(text: str | Sequence[int]) -> list[int]:
-    if isinstance(text, str):
-        try:
-            vals = [int(b) for b in text.split(",") if b.strip()]
-        except ValueError:
-            raise LatencyError(f"--batch takes batch sizes like 1,8,32; got {text!r}") from None
-    else:
-        vals = [int(b) for b in text]
-    if not vals or min(vals) < 1:
-        raise LatencyError(f"batch sizes must be positive integers, got {text!r}")
-    return sorted(set(vals))
+    try:
+        return parse_batch_sizes(text)
+    except ValueError as e:
+        raise LatencyError(f"--batch {e}") from None
 
 
 def _gpu_state() -> tuple[bool, str]:
@@ -646,9 +642,7 @@ def run_latency(models: Sequence[str | Path] | None = None, *, run: str | Path |
     big = max(batches)
     try:
         crop_paths, crop_source = e2e_crops(data_root, Path(folder) if folder else None, crops)
-        from ami.runtime.datasets import Sample
-
-        pix = decode_pixels([Sample(Path(p), 0, Path(p).name) for p in crop_paths[:big]], pre, "decoding", show_progress)
+        pix = decode_crops(crop_paths[:big], pre, "decoding", show_progress)
         if len(pix) < big:  # fewer crops than the largest batch: repeat them (the work does not depend on content)
             pix = np.concatenate([pix] * (big // len(pix) + 1))[:big]
         settings["pixels"] = f"{min(big, len(crop_paths))} real crops of {crop_source}" + \

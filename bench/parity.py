@@ -51,12 +51,16 @@ import typer
 
 from ami.runtime import __version__
 from ami.runtime.artifact import ArtifactError, ArtifactMeta
-from ami.runtime.datasets import TEST_SETS, Sample, available_eval_sets, file_sha256, resolve_data_root
+from ami.runtime.datasets import TEST_SETS, available_eval_sets, resolve_data_root
 from ami.runtime.engine import ASSETS, EngineError, load_engine
 from ami.runtime.engines import REGISTRY, backend
-from ami.runtime.imageio import ImageError, decode_rgb
+from ami.runtime.hashing import file_sha256
+from ami.runtime.imageio import ImageError
 from ami.runtime.metrics import MetricError, auroc, balanced_accuracy
+from ami.runtime.pixels import decode_pixels
 from ami.runtime.preprocess import Preprocess
+from ami.runtime.sampling import stratified_subset
+from ami.runtime.tolerances import FP32_PROB_TOL, REDUCED_AUROC_TOL, REDUCED_BA_TOL
 
 SHIPPED_WEIGHTS = ASSETS / "edge.safetensors"
 SHIPPED_ENGINES = (ASSETS / "edge.onnx", ASSETS / "edge-int8.onnx")
@@ -92,8 +96,8 @@ class Tolerance:
         return ", ".join(parts)
 
 
-FP32_TOLERANCE = Tolerance(labels_identical=True, max_abs_dp=1e-4, d_auroc=1e-4)
-REDUCED_TOLERANCE = Tolerance(d_ba=0.01, d_auroc=0.005)
+FP32_TOLERANCE = Tolerance(labels_identical=True, max_abs_dp=FP32_PROB_TOL, d_auroc=1e-4)
+REDUCED_TOLERANCE = Tolerance(d_ba=REDUCED_BA_TOL, d_auroc=REDUCED_AUROC_TOL)
 TOLERANCES = {"fp32": FP32_TOLERANCE, "int8": REDUCED_TOLERANCE, "fp16": REDUCED_TOLERANCE, "bf16": REDUCED_TOLERANCE}
 
 
@@ -386,21 +390,6 @@ def machine_info() -> dict:
     return out
 
 
-def sample_crops(samples: list[Sample], n: int, seed: int = 0) -> list[Sample]:
-    """A deterministic class-stratified subset of at most ``n`` crops (all of them when n <= 0),
-    keeping at least one crop of each class present."""
-    if n <= 0 or n >= len(samples):
-        return list(samples)
-    rng = np.random.default_rng(seed)
-    pos = [s for s in samples if s.label == 1]
-    neg = [s for s in samples if s.label == 0]
-    k_pos = min(len(pos), max(1 if pos else 0, round(n * len(pos) / len(samples))))
-    k_neg = min(len(neg), n - k_pos)
-    pick = [pos[i] for i in sorted(rng.choice(len(pos), k_pos, replace=False))] if k_pos else []
-    pick += [neg[i] for i in sorted(rng.choice(len(neg), k_neg, replace=False))] if k_neg else []
-    return pick
-
-
 def progress(iterable, total: int | None = None, desc: str = "", enabled: bool = True):
     """tqdm on stderr when it is installed and enabled (it hides itself when stderr is not a terminal)."""
     if not enabled:
@@ -412,16 +401,13 @@ def progress(iterable, total: int | None = None, desc: str = "", enabled: bool =
     return tqdm(iterable, total=total, desc=desc, leave=False, disable=None, mininterval=0.5)
 
 
-def decode_pixels(samples: list[Sample], pre: Preprocess, desc: str = "decoding", show: bool = True) -> np.ndarray:
-    """uint8 NHWC at the model's input size, decoded exactly as ``ami-infer`` does it."""
-    s = pre.input_size
-    out = np.empty((len(samples), s, s, 3), np.uint8)
-    for i, smp in enumerate(progress(samples, len(samples), desc, show)):
-        try:
-            out[i] = pre.to_uint8(decode_rgb(smp.path))
-        except ImageError as e:
-            raise ParityError(f"{smp.path}: {e}") from None
-    return out
+def decode_crops(paths: Sequence[str | Path], pre: Preprocess, desc: str = "decoding", show: bool = True) -> np.ndarray:
+    """uint8 NHWC at the model's input size, decoded exactly as ``ami-infer`` does it
+    (:func:`ami.runtime.pixels.decode_pixels`), with a progress bar; ParityError for a bad crop."""
+    try:
+        return decode_pixels(paths, pre, progress=lambda it: progress(it, len(it), desc, show))
+    except ImageError as e:
+        raise ParityError(str(e)) from None
 
 
 # -- the PyTorch side ----------------------------------------------------------------------------
@@ -442,18 +428,10 @@ class TorchReference:
         self.src = None  # the RunSource, when built from a run
 
     def predict(self, pixels: np.ndarray, batch: int = 64, desc: str = "", show: bool = True) -> np.ndarray:
-        import torch
+        from ami.export.ensemble import reference_probs
 
-        from ami.train.data import eval_batch
-
-        out = []
-        with torch.inference_mode():
-            steps = range(0, len(pixels), batch)
-            for i in progress(steps, len(steps), desc, show):
-                x = eval_batch(torch.from_numpy(np.ascontiguousarray(pixels[i:i + batch])), self.pre).to(self.device)
-                p = torch.stack([torch.sigmoid(m(x).float()) for m in self.models]).mean(0)
-                out.append(p.cpu().double().numpy())
-        return np.concatenate(out) if out else np.zeros(0)
+        return reference_probs(self.models, self.pre, pixels, batch, device=self.device,
+                               progress=lambda steps: progress(steps, len(steps), desc, show))
 
 
 def build_single_model(weights: Path, model_name: str, method: str = "full"):
@@ -709,14 +687,14 @@ def parity(data_root: str | Path | None = None, *, run: str | Path | None = None
             report.absent[ds] = found
             log(f"parity: {ds}: absent")
             continue
-        samples = sample_crops(found, max_crops)
+        samples = stratified_subset(found, max_crops)
         y = np.array([s.label for s in samples], dtype=np.int64)
         pixels_by_pre: dict[Preprocess, np.ndarray] = {}
         torch_cache: dict[tuple, np.ndarray] = {}
         for eng, info, key in zip(loaded, infos, ref_of):
             pre = eng.meta.preprocess
             if pre not in pixels_by_pre:
-                pixels_by_pre[pre] = decode_pixels(samples, pre, f"{ds}: decoding", show_progress)
+                pixels_by_pre[pre] = decode_crops([s.path for s in samples], pre, f"{ds}: decoding", show_progress)
             pixels = pixels_by_pre[pre]
             ref = refs[key]
             extra: list[Check] = []

@@ -72,6 +72,8 @@ def reference_loop(paths: Sequence[str | Path], models: list[torch.nn.Module], p
     The time covers the whole loop: DataLoader start-up (its worker processes), decoding,
     transforms, batching, the forward passes and the copy of the results to numpy.
     """
+    from ami.export.ensemble import fold_mean_probs
+
     dev = torch.device(device)
     models = [m.eval().to(dev) for m in models]
     loader = torch.utils.data.DataLoader(CropFolder(paths, reference_transform(pre)), batch_size=batch_size,
@@ -81,8 +83,7 @@ def reference_loop(paths: Sequence[str | Path], models: list[torch.nn.Module], p
     with torch.inference_mode():
         for x, idx in loader:
             x = x.to(dev, non_blocking=True)
-            p = torch.stack([torch.sigmoid(m(x).float()) for m in models]).mean(0)
-            out[idx.numpy()] = p.cpu().double().numpy()
+            out[idx.numpy()] = fold_mean_probs(models, x).cpu().double().numpy()
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     elapsed = time.perf_counter() - t0

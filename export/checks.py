@@ -13,7 +13,6 @@ Torch-free: crops are decoded with the runtime's own decoder and geometry.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,14 +20,11 @@ import numpy as np
 
 from ami.runtime.artifact import INPUT_NAME, META_KEY, OUTPUT_NAME, ArtifactError, ArtifactMeta
 from ami.runtime.datasets import DatasetError, DatasetMissing, Sample, amibr_split
-from ami.runtime.imageio import ImageError, decode_rgb
+from ami.runtime.imageio import ImageError
+from ami.runtime.pixels import decode_pixels
 from ami.runtime.preprocess import Preprocess
 
-from . import ExportError
-
-
-class CheckFailed(ExportError):
-    """An exported artefact did not pass a self-check; nothing was written."""
+from .errors import CheckFailed, ExportError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,31 +40,16 @@ def training_samples(data_root: Path) -> list[Sample]:
     return train
 
 
-def stratified(samples: list[Sample], n: int, seed: int = 0) -> list[Sample]:
-    """A deterministic class-stratified subset of ``n`` samples (all of them if n <= 0 or n >= len)."""
-    if n <= 0 or n >= len(samples):
-        return list(samples)
-    rng = np.random.default_rng(seed)
-    pos = [s for s in samples if s.label == 1]
-    neg = [s for s in samples if s.label == 0]
-    k_pos = min(len(pos), max(1, round(n * len(pos) / len(samples))))
-    k_neg = min(len(neg), n - k_pos)
-    pick = [pos[i] for i in sorted(rng.choice(len(pos), k_pos, replace=False))]
-    pick += [neg[i] for i in sorted(rng.choice(len(neg), k_neg, replace=False))]
-    return pick
-
-
 def load_images(samples: list[Sample], pre: Preprocess, desc: str = "decoding crops") -> np.ndarray:
-    """uint8 NHWC at the model's input size, exactly as ami-infer prepares them."""
+    """uint8 NHWC at the model's input size, exactly as ami-infer prepares them
+    (:func:`ami.runtime.pixels.decode_pixels`); an undecodable crop is an ExportError."""
     from tqdm.auto import tqdm
 
-    out = np.empty((len(samples), pre.input_size, pre.input_size, 3), dtype=np.uint8)
-    for i, s in enumerate(tqdm(samples, desc=desc, leave=False, disable=None, mininterval=1.0)):
-        try:
-            out[i] = pre.to_uint8(decode_rgb(s.path))
-        except ImageError as e:
-            raise ExportError(f"{s.path}: {e}") from None
-    return out
+    try:
+        return decode_pixels([s.path for s in samples], pre,
+                             progress=lambda it: tqdm(it, desc=desc, leave=False, disable=None, mininterval=1.0))
+    except ImageError as e:
+        raise ExportError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,11 +226,3 @@ def parity(path: Path, images: np.ndarray, ref: np.ndarray, threshold: float, to
     compare(p_1, ref[:k], threshold, tol, f"{what} (batch 1)", [1])
     rep.batches = [1, min(batch, len(images))]
     return rep
-
-
-def env_threads() -> int:
-    """$AMI_THREADS, else 0 (library default)."""
-    try:
-        return int(os.environ.get("AMI_THREADS", "0"))
-    except ValueError:
-        return 0

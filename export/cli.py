@@ -9,6 +9,11 @@ import typer
 
 from ami.runtime.cli import DATA_ROOT_HELP
 
+from .errors import CheckFailed, ExportError, Int8Rejected, TensorRTUnavailable
+from .options import CALIB_CROPS, CHECK_CROPS, MIN_OPSET, CheckOptions, ExportOptions, Int8Options, TrtOptions
+
+_INT8 = Int8Options()
+
 app = typer.Typer(add_completion=False, rich_markup_mode=None)
 
 EPILOG = """\b
@@ -57,17 +62,17 @@ def export(
     data_root: Optional[Path] = typer.Option(None, "--data-root", help=DATA_ROOT_HELP),
     threshold: str = typer.Option("auto", help="Decision threshold to ship: 'auto' = 0.5 unless the run's validation "
                                   "predictions show a better one; or a number (recorded as user-specified)."),
-    opset: int = typer.Option(17, help="ONNX opset (>= 17)."),
-    check_crops: int = typer.Option(64, help="AMi-Br training crops for the self-checks."),
-    calib_crops: int = typer.Option(300, help="int8: calibration crops (AMi-Br training crops)."),
+    opset: int = typer.Option(MIN_OPSET, help=f"ONNX opset (>= {MIN_OPSET})."),
+    check_crops: int = typer.Option(CHECK_CROPS, help="AMi-Br training crops for the self-checks."),
+    calib_crops: int = typer.Option(CALIB_CROPS, help="int8: calibration crops (AMi-Br training crops)."),
     eval_crops: int = typer.Option(0, help="int8: cap on the held-apart evaluation crops (0 = all of them)."),
     per_channel: str = typer.Option("auto", help="int8: per-channel weight scales: auto (keep whichever is closer to "
                                     "float on the calibration crops), on, off."),
     calibration: str = typer.Option("minmax", help="int8: calibration method: minmax, entropy, percentile."),
     activations: str = typer.Option("s8", help="int8: activation type: s8 (int8, portable default) or u8 (uint8: "
                                     "faster on x86-64 CPUs with VNNI; may saturate on AVX2-only CPUs)."),
-    ba_tol: float = typer.Option(0.01, help="int8: largest accepted |delta balanced accuracy| vs float."),
-    auroc_tol: float = typer.Option(0.005, help="int8: largest accepted |delta AUROC| vs float."),
+    ba_tol: float = typer.Option(_INT8.ba_tol, help="int8: largest accepted |delta balanced accuracy| vs float."),
+    auroc_tol: float = typer.Option(_INT8.auroc_tol, help="int8: largest accepted |delta AUROC| vs float."),
     measure_speed: int = typer.Option(0, "--measure-speed", help="int8: also time fp32 vs int8 on this CPU at this "
                                       "batch size (e.g. 64)."),
     batch: str = typer.Option("1,32,128", help="trt: batch sizes of the optimisation profile (min,opt,max)."),
@@ -80,8 +85,6 @@ def export(
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (only after every check passed)."),
 ):
     """Export a trained run to a self-describing ONNX model, an int8 ONNX model or a TensorRT plan."""
-    from . import ExportError
-
     if (source is None) == (best is None):
         typer.echo("give either SOURCE or --best RUNS_ROOT (see --help)", err=True)
         raise typer.Exit(2)
@@ -100,17 +103,18 @@ def export(
             typer.echo(f"  {'*' if s.run_dir == chosen else ' '} {val}  {s.run_dir}  ({s.model}/{s.method}, "
                        f"{len(s.folds)} folds){'  - ' + s.reason if s.reason else ''}")
         source = str(chosen)
-    from .checks import CheckFailed
     from .onnx_export import export_onnx
-    from .quantize import Int8Rejected
-    from .tensorrt import TensorRTUnavailable
 
+    options = ExportOptions(
+        folds=folds, data_root=data_root, engine=engine, threshold=thr, force=force, threads=threads, weights=weights,
+        check=CheckOptions(opset=opset, check_crops=check_crops),
+        int8=Int8Options(calib_crops=calib_crops, eval_crops=eval_crops, per_channel=per_channel,
+                         calibration=calibration, activations=activations, ba_tol=ba_tol, auroc_tol=auroc_tol,
+                         speed_batch=measure_speed),
+        trt=TrtOptions(batch=batch, precision=precision, timing_cache=timing_cache, workspace_gb=workspace_gb),
+        log=typer.echo)
     try:
-        export_onnx(source, out, folds=folds, data_root=data_root, engine=engine, threshold=thr, opset=opset,
-                    check_crops=check_crops, force=force, threads=threads, weights=weights, calib_crops=calib_crops,
-                    eval_crops=eval_crops, per_channel=per_channel, calibration=calibration, activations=activations, ba_tol=ba_tol,
-                    auroc_tol=auroc_tol, speed_batch=measure_speed, batch=batch, precision=precision,
-                    timing_cache=timing_cache, workspace_gb=workspace_gb, log=typer.echo)
+        export_onnx(source, out, options)
     except TensorRTUnavailable as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(3) from None

@@ -11,13 +11,15 @@ int8 and fp16 steps rely on:
 
 from __future__ import annotations
 
+from typing import Callable, Iterable
+
 import numpy as np
 import torch
 from torch import nn
 
 from ami.runtime.preprocess import Preprocess
 
-from . import ExportError
+from .errors import ExportError
 from .source import RunSource
 
 NETWORK_PREFIX = "/folds."
@@ -78,15 +80,27 @@ def build_fold_model(src: RunSource, fold, weights: str | None = None, log=print
         raise ExportError(str(e)) from None
 
 
+def fold_mean_probs(models: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """[N] float32: the mean over the fold networks of sigmoid(logit) on the normalised batch ``x``,
+    what :class:`Postprocessing` computes in the graph (every PyTorch reference and runner uses it)."""
+    return torch.stack([torch.sigmoid(m(x).float()) for m in models]).mean(0)
+
+
 @torch.no_grad()
-def reference_probs(models: list[nn.Module], pre: Preprocess, images: np.ndarray, batch: int = 32) -> np.ndarray:
-    """PyTorch probabilities through the *training* preprocessing (ami.train.data.eval_batch),
-    mean over folds: the reference the exported graph must reproduce."""
+def reference_probs(models: list[nn.Module], pre: Preprocess, images: np.ndarray, batch: int = 32,
+                    device=None, progress: Callable[[Iterable], Iterable] | None = None) -> np.ndarray:
+    """PyTorch probabilities (float64 [N]) through the *training* preprocessing
+    (ami.train.data.eval_batch), mean over folds: the reference an exported engine must reproduce.
+
+    ``images``: uint8 NHWC. ``device``: where the models are (None: the CPU); ``progress`` wraps
+    the iteration over the batches (e.g. a progress bar)."""
     from ami.train import data as D
 
     out = []
-    for i in range(0, len(images), batch):
+    steps = range(0, len(images), batch)
+    for i in (progress(steps) if progress is not None else steps):
         x = D.eval_batch(torch.from_numpy(np.ascontiguousarray(images[i:i + batch])), pre)
-        p = torch.stack([torch.sigmoid(m(x).float()) for m in models]).mean(0)
-        out.append(p)
-    return torch.cat(out).double().numpy() if out else np.zeros(0)
+        if device is not None:
+            x = x.to(device)
+        out.append(fold_mean_probs(models, x).cpu().double().numpy())
+    return np.concatenate(out) if out else np.zeros(0)

@@ -12,8 +12,7 @@ from torch import nn
 
 from ami.runtime.preprocess import Preprocess
 
-from . import ExportError
-from .checks import CheckFailed
+from .errors import CheckFailed, ExportError
 
 MERGE_TOL = 1e-5
 

@@ -7,6 +7,11 @@ shipped-model build all use it)::
     export_onnx("runs/edge/fold0", "edge-f0.onnx", data_root=root)                       # one fold
     export_onnx("ami-edge.onnx", "ami-edge-int8.onnx", engine="onnx-int8", data_root=root)
     export_onnx("runs/uni-lora", "uni.plan", engine="trt", batch=(1, 32, 128), data_root=root)
+    export_onnx("runs/edge", "ami-edge-int8.onnx", ExportOptions(engine="onnx-int8", int8=Int8Options(calib_crops=800)))
+
+Every setting is a field of :class:`~ami.export.options.ExportOptions` (grouped: ``CheckOptions``
+for the float export and its self-checks, ``Int8Options``, ``TrtOptions``); the keyword arguments
+of :func:`export_onnx` are those fields by name.
 
 Steps for a run: build each fold network from its ``best.safetensors`` (LoRA: merged into the
 backbone in float32 and checked, :mod:`.merge`), wrap preprocessing + folds + mean probability
@@ -31,31 +36,18 @@ from pathlib import Path
 import numpy as np
 
 from ami.runtime import __version__
-from ami.runtime.artifact import (AMIBR_CROP, INPUT_NAME, OUTPUT_NAME, ArtifactMeta, plan_weights_digest,
-                                  stamp_weights_digest)
+from ami.runtime.artifact import AMIBR_CROP, INPUT_NAME, OUTPUT_NAME, PLAN_SUFFIXES, ArtifactMeta, plan_weights_digest
 from ami.runtime.datasets import resolve_data_root
+from ami.runtime.sampling import stratified_subset
 
-from . import ExportError
-from .checks import (
-    compare,
-    load_checked,
-    load_images,
-    ort_predict,
-    parity,
-    session,
-    set_meta,
-    stratified,
-    training_samples,
-    validate_contract,
-)
-from .quantize import AUROC_TOL, BA_TOL, CALIB_CROPS
+from .checks import (compare, load_checked, load_images, ort_predict, parity, session, training_samples,
+                     validate_contract)
+from .errors import ExportError
+from .onnx_file import write_model
+from .options import ENGINES, MIN_OPSET, ExportOptions
+from .quantize import quantize_int8
 from .source import RunSource, choose_threshold, resolve_source, source_record, validation_summary
 
-ENGINES = ("onnx", "onnx-int8", "trt")
-MIN_OPSET = 17
-PARITY_TOL = 1e-4
-CHECK_CROPS = 64
-EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GiB; leave room for the graph
 EXPORTER = "torch.onnx.export (TorchScript exporter, dynamo=False), traced at batch 2, dynamic batch axis"
 
 
@@ -113,37 +105,12 @@ class Staging:
 
 
 def final_paths(out: Path, engine: str) -> list[Path]:
+    from ami.runtime.engines.tensorrt import sidecar_path
+
     out = Path(out)
     if engine == "trt":
-        return [out, out.with_name(out.name + ".json")]
+        return [out, sidecar_path(out)]
     return [out, out.with_name(out.name + ".data")]
-
-
-def _initializer_bytes(model) -> int:
-    return sum(t.ByteSize() for t in model.graph.initializer)
-
-
-def write_model(model, path: Path, meta: ArtifactMeta, doc: str = "") -> list[Path]:
-    """Save ``model`` with ``meta`` in its metadata; external data (``<name>.data``) when > ~2 GB."""
-    import onnx
-
-    set_meta(model, meta)
-    model.producer_name = "ami-export"
-    model.producer_version = __version__
-    model.doc_string = (doc or meta.display) + (
-        f". Input '{INPUT_NAME}': uint8 [N,{meta.preprocess.input_size},{meta.preprocess.input_size},3] RGB; output "
-        f"'{OUTPUT_NAME}': float32 [N], P(Atypical). Metadata key 'ami' describes the rest.")
-    path = Path(path)
-    if _initializer_bytes(model) > EXTERNAL_DATA_BYTES:
-        data = path.with_name(path.name + ".data")
-        data.unlink(missing_ok=True)
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
-        stamp_weights_digest(path)  # the weights digest the runtime checks at load
-        return [data, path]
-    onnx.save_model(model, str(path))
-    stamp_weights_digest(path)
-    return [path]
 
 
 def _torch_export(graph, path: Path, input_size: int, opset: int) -> None:
@@ -160,23 +127,25 @@ def _torch_export(graph, path: Path, input_size: int, opset: int) -> None:
 
 
 def check_images(data_root: Path, n: int, pre) -> np.ndarray:
-    return load_images(stratified(training_samples(data_root), n, seed=0), pre, "self-check crops")
+    return load_images(stratified_subset(training_samples(data_root), n, seed=0), pre, "self-check crops")
 
 
-def _export_float(src: RunSource, st: Staging, final: Path, data_root: Path, *, threshold, opset: int,
-                  check_crops: int, check_batch: int, tol: float, threads: int, weights: str | None, log) -> tuple[Path, ArtifactMeta, np.ndarray, np.ndarray]:
-    """Run -> checked float32 ONNX at ``final`` (inside the staging folder)."""
-    import onnx
+def head_modules(cfg, method: str) -> list[str]:
+    """The classifier head of a fold network, recorded in the artefact (the int8 step keeps it
+    float32): the registry entry's timm head when the whole network is trained, the new one-logit
+    head (:data:`ami.train.adapt.HEAD`) of a linear probe or LoRA run."""
+    from ami.train.adapt import HEAD
+
+    return [cfg.head] if method == "full" else [HEAD]
+
+
+def _fold_models(src: RunSource, pre, images: np.ndarray, weights: str | None, log) -> tuple[list, dict]:
+    """(fold networks in float32, eval mode, LoRA merged and checked; LoRA merge reports by fold)."""
     import torch
 
-    from .ensemble import DeployGraph, build_fold_model, reference_probs
+    from .ensemble import build_fold_model
     from .merge import merge_lora_checked
 
-    cfg = src.cfg
-    pre = cfg.preprocess
-    what = f"{src.run_dir.name} ({cfg.name}/{src.method}, folds {','.join(map(str, src.folds))})"
-    log(f"export: {what}{' - TINY STAND-IN' if src.tiny else ''}")
-    images = check_images(data_root, check_crops, pre)
     models, merges = [], {}
     with torch.no_grad():
         for f in src.folds:
@@ -185,16 +154,33 @@ def _export_float(src: RunSource, st: Staging, final: Path, data_root: Path, *, 
                 m, merges[str(f)] = merge_lora_checked(m, pre, images, what=f"LoRA merge of fold {f}")
                 log(f"export: fold {f}: LoRA merged, max |delta p| {merges[str(f)]['max_abs_diff']:.2g} on {len(images)} crops")
             models.append(m)
-        ref = reference_probs(models, pre, images)
-    thr, rule, thr_details = choose_threshold(src, threshold)
+    return models, merges
+
+
+def _export_float(src: RunSource, st: Staging, final: Path, data_root: Path,
+                  opts: ExportOptions) -> tuple[Path, ArtifactMeta, np.ndarray, np.ndarray]:
+    """Run -> checked float32 ONNX at ``final`` (inside the staging folder)."""
+    import onnx
+
+    from .ensemble import DeployGraph, reference_probs
+
+    chk, log = opts.check, opts.log
+    cfg = src.cfg
+    pre = cfg.preprocess
+    what = f"{src.run_dir.name} ({cfg.name}/{src.method}, folds {','.join(map(str, src.folds))})"
+    log(f"export: {what}{' - TINY STAND-IN' if src.tiny else ''}")
+    images = check_images(data_root, chk.check_crops, pre)
+    models, merges = _fold_models(src, pre, images, opts.weights, log)
+    ref = reference_probs(models, pre, images)
+    thr, rule, thr_details = choose_threshold(src, opts.threshold)
     log(f"export: threshold {thr:.6g} - {rule}")
     graph = DeployGraph(pre, models).eval()
     raw_dir = st.work / "raw"
     raw_dir.mkdir()
     raw = raw_dir / "model.onnx"
-    _torch_export(graph, raw, pre.input_size, opset)
+    _torch_export(graph, raw, pre.input_size, chk.opset)
     load_checked(raw)
-    rep = parity(raw, images, ref, thr, tol, check_batch, threads=threads)
+    rep = parity(raw, images, ref, thr, chk.tol, chk.check_batch, threads=opts.threads)
     log(f"export: ONNX Runtime vs PyTorch on {rep.n} AMi-Br training crops (batch {rep.batches[0]} and "
         f"{rep.batches[1]}): max |delta p| {rep.max_abs_diff:.2g}, labels identical")
     display = cfg.display + (f" - {len(models)}-fold ensemble" if len(models) > 1 else "")
@@ -203,8 +189,8 @@ def _export_float(src: RunSource, st: Staging, final: Path, data_root: Path, *, 
     meta = ArtifactMeta(
         model=cfg.name, method=src.method, preprocess=pre, threshold=thr, threshold_rule=rule, precision="fp32",
         display=display, folds=list(src.folds), source=source_record(src), validation=validation_summary(src, thr),
-        versions=versions(src.method), crop=dict(AMIBR_CROP),
-        extra={"opset": opset, "exporter": EXPORTER, "dynamic_batch": True, "timm_exportable_mode": True,
+        versions=versions(src.method), crop=dict(AMIBR_CROP), head_modules=head_modules(cfg, src.method),
+        extra={"opset": chk.opset, "exporter": EXPORTER, "dynamic_batch": True, "timm_exportable_mode": True,
                "graph": f"uint8 pixels -> preprocessing -> {len(models)} fold network(s) -> mean of sigmoid(logit)",
                "self_check": {**rep.to_dict(), "crops": "AMi-Br training crops (stratified, seed 0)",
                               "reference": "PyTorch fp32, training preprocessing (ami.train.data.eval_batch)"},
@@ -212,113 +198,123 @@ def _export_float(src: RunSource, st: Staging, final: Path, data_root: Path, *, 
     write_model(onnx.load(str(raw)), final, meta)
     validate_contract(final)
     k = min(8, len(images))
-    parity(final, images[:k], ref[:k], thr, tol, batch=k, threads=threads, what="final file vs PyTorch")
+    parity(final, images[:k], ref[:k], thr, chk.tol, batch=k, threads=opts.threads, what="final file vs PyTorch")
     return final, meta, images, ref
 
 
-def export_onnx(source, out, *, folds="all", data_root=None, engine: str = "onnx", threshold: float | None = None,
-                opset: int = MIN_OPSET, check_crops: int = CHECK_CROPS, check_batch: int = 16, tol: float = PARITY_TOL,
-                force: bool = False, threads: int = 0, weights: str | None = None,
-                calib_crops: int = CALIB_CROPS, eval_crops: int = 0, per_channel="auto", calibration: str = "minmax",
-                activations: str = "s8",
-                ba_tol: float = BA_TOL, auroc_tol: float = AUROC_TOL,
-                speed_batch: int = 0, batch=(1, 32, 128), precision: str = "fp16", timing_cache=None,
-                workspace_gb: float = 0.0, log=print) -> Path:
-    """Export ``source`` (run dir, fold dir, or - for int8/trt - an ami ONNX file) to ``out``.
-
-    Returns ``out`` once every check passed; raises :class:`~ami.export.ExportError` (or a
-    subclass: CheckFailed, Int8Rejected, TensorRTUnavailable) otherwise, leaving no file behind.
-    """
-    if engine not in ENGINES:
-        raise ExportError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    if opset < MIN_OPSET:
-        raise ExportError(f"--opset must be >= {MIN_OPSET} (one LayerNormalization node, TensorRT-safe), got {opset}")
-    if check_crops < 2:
+def _check_request(opts: ExportOptions, out: Path) -> None:
+    """Refuse bad options and an output in the way before any work (ExportError, or TensorRTUnavailable)."""
+    if opts.engine not in ENGINES:
+        raise ExportError(f"--engine must be one of {', '.join(ENGINES)}, got {opts.engine!r}")
+    if opts.check.opset < MIN_OPSET:
+        raise ExportError(f"--opset must be >= {MIN_OPSET} (one LayerNormalization node, TensorRT-safe), "
+                          f"got {opts.check.opset}")
+    if opts.check.check_crops < 2:
         raise ExportError("the self-check needs at least 2 crops")
-    out = Path(out)
-    if engine == "trt" and out.suffix.lower() not in (".plan", ".engine", ".trt"):
+    if opts.engine == "trt" and out.suffix.lower() not in PLAN_SUFFIXES:
         raise ExportError(f"-o {out}: a TensorRT plan's name ends with .plan (its metadata goes beside it, NAME.plan.json)")
-    if engine != "trt" and out.suffix.lower() != ".onnx":
+    if opts.engine != "trt" and out.suffix.lower() != ".onnx":
         raise ExportError(f"-o {out}: an ONNX model's name ends with .onnx")
-    if engine == "trt":
+    if opts.engine == "trt":
         from .tensorrt import parse_batches, require_tensorrt
 
-        if precision not in ("fp16", "fp32"):
-            raise ExportError(f"--precision must be fp16 or fp32, got {precision!r}")
-        parse_batches(batch)
+        if opts.trt.precision not in ("fp16", "fp32"):
+            raise ExportError(f"--precision must be fp16 or fp32, got {opts.trt.precision!r}")
+        parse_batches(opts.trt.batch)
         require_tensorrt()  # fail before any work when there is no GPU / TensorRT
-    existing = [p for p in final_paths(out, engine) if p.exists()]
-    if existing and not force:
+    existing = [p for p in final_paths(out, opts.engine) if p.exists()]
+    if existing and not opts.force:
         raise ExportError(f"{existing[0]} already exists; pass --force to replace it (it is replaced only after "
                           "every check has passed)")
     if out.exists() and out.is_dir():
         raise ExportError(f"{out} is a directory; -o takes a file name")
-    root = resolve_data_root(data_root)
-    src_path = Path(source)
-    with Staging(out) as st:
-        images = None
-        if src_path.is_file():
-            if engine == "onnx":
-                raise ExportError(f"{src_path} is already an ONNX model; from a file, export --engine onnx-int8 or trt")
-            meta = validate_contract(src_path, load_checked(src_path, load_weights=False))
-            float_path = src_path
-            log(f"export: {src_path.name}: {meta.display} ({meta.precision}, folds {meta.folds})")
-        else:
-            src = resolve_source(src_path, folds)
-            final = st.path() if engine == "onnx" else st.work / "float.onnx"
-            float_path, meta, images, _ = _export_float(
-                src, st, final, root, threshold=threshold, opset=opset, check_crops=check_crops,
-                check_batch=check_batch, tol=tol, threads=threads, weights=weights, log=log)
-        if engine == "onnx-int8":
-            from .quantize import quantize_int8
 
-            quantize_int8(float_path, st.path(), meta, root, st.work / "int8", calib_crops=calib_crops,
-                          eval_crops=eval_crops, per_channel=per_channel, ba_tol=ba_tol, auroc_tol=auroc_tol,
-                          method=calibration, activations=activations, threads=threads, batch=check_batch,
-                          speed_batch=speed_batch, log=log)
-        elif engine == "trt":
-            _build_trt(float_path, meta, st, root, images, batch=batch, precision=precision, timing_cache=timing_cache,
-                       workspace_gb=workspace_gb, check_crops=check_crops, check_batch=check_batch, threads=threads, log=log)
+
+def _float_model(src_path: Path, st: Staging, root: Path,
+                 opts: ExportOptions) -> tuple[Path, ArtifactMeta, np.ndarray | None]:
+    """(checked float32 model, its metadata, the self-check crops or None): the given ami ONNX
+    file, or a fresh export of the run (into the output's place for engine onnx, else scratch)."""
+    if src_path.is_file():
+        if opts.engine == "onnx":
+            raise ExportError(f"{src_path} is already an ONNX model; from a file, export --engine onnx-int8 or trt")
+        meta = validate_contract(src_path, load_checked(src_path, load_weights=False))
+        opts.log(f"export: {src_path.name}: {meta.display} ({meta.precision}, folds {meta.folds})")
+        return src_path, meta, None
+    src = resolve_source(src_path, opts.folds)
+    final = st.path() if opts.engine == "onnx" else st.work / "float.onnx"
+    float_path, meta, images, _ = _export_float(src, st, final, root, opts)
+    return float_path, meta, images
+
+
+def export_onnx(source, out, options: ExportOptions | None = None, **kwargs) -> Path:
+    """Export ``source`` (run dir, fold dir, or - for int8/trt - an ami ONNX file) to ``out``.
+
+    ``options`` (:class:`ExportOptions`) holds every setting; keyword arguments named like its
+    fields (``engine="trt"``, ``calib_crops=800``, ``batch="1,8,32"``, ``log=...``) replace them.
+    Returns ``out`` once every check passed; raises :class:`~ami.export.ExportError` (or a
+    subclass: CheckFailed, Int8Rejected, TensorRTUnavailable) otherwise, leaving no file behind.
+    """
+    opts = (options or ExportOptions()).with_overrides(**kwargs)
+    out = Path(out)
+    _check_request(opts, out)
+    root = resolve_data_root(opts.data_root)
+    with Staging(out) as st:
+        float_path, meta, images = _float_model(Path(source), st, root, opts)
+        if opts.engine == "onnx-int8":
+            quantize_int8(float_path, st.path(), meta, root, st.work / "int8", opts.int8, threads=opts.threads,
+                          batch=opts.check.check_batch, log=opts.log)
+        elif opts.engine == "trt":
+            _build_trt(float_path, meta, st, root, images, opts)
         written = st.commit()
     for p in written:
-        log(f"wrote {p} ({p.stat().st_size / 1e6:.1f} MB)")
+        opts.log(f"wrote {p} ({p.stat().st_size / 1e6:.1f} MB)")
     return out
 
 
-def _build_trt(float_path: Path, meta: ArtifactMeta, st: Staging, root: Path, images, *, batch, precision: str,
-               timing_cache, workspace_gb: float, check_crops: int, check_batch: int, threads: int, log) -> None:
+def _fp16_graph_checked(float_path: Path, meta: ArtifactMeta, st: Staging, images: np.ndarray, p_float: np.ndarray,
+                        opts: ExportOptions) -> Path:
+    """The fp16 network graph TensorRT builds from, checked on ONNX Runtime where it can run it."""
     import onnx
 
-    from .tensorrt import TOLERANCE, build_engine, fp16_graph, parse_batches, run_plan
+    from .tensorrt import TOLERANCE, fp16_graph
 
+    m16 = fp16_graph(onnx.load(str(float_path)))
+    graph_path = st.work / "fp16.onnx"
+    write_model(m16, graph_path, replace(meta, precision="fp16"), doc=f"{meta.display} - fp16 network")
+    try:
+        p16 = ort_predict(session(graph_path, opts.threads), images, opts.check.check_batch)
+    except ExportError as e:  # ONNX Runtime's CPU provider lacks some fp16 kernels; the plan check decides
+        opts.log(f"trt: fp16 graph not runnable on this ONNX Runtime ({e}); the plan check below decides")
+    else:
+        r16 = compare(p16, p_float, meta.threshold, TOLERANCE["fp16"], "fp16 ONNX graph vs float32",
+                      [opts.check.check_batch], flip_margin=TOLERANCE["fp16"])
+        opts.log(f"trt: fp16 graph on ONNX Runtime vs float32: max |delta p| {r16.max_abs_diff:.2g}")
+    return graph_path
+
+
+def _build_trt(float_path: Path, meta: ArtifactMeta, st: Staging, root: Path, images, opts: ExportOptions) -> None:
+    from ami.runtime.engines.tensorrt import write_plan_sidecar
+
+    from .tensorrt import TOLERANCE, build_engine, parse_batches, run_plan
+
+    t, log = opts.trt, opts.log
     if meta.precision != "fp32":
         raise ExportError(f"TensorRT plans are built from the float32 ami model, not from a {meta.precision} one "
                           "(ONNX Runtime's int8 Q/DQ uses asymmetric activations, which TensorRT does not take)")
     if images is None:
-        images = check_images(root, check_crops, meta.preprocess)
-    p_float = ort_predict(session(float_path, threads), images, check_batch)
+        images = check_images(root, opts.check.check_crops, meta.preprocess)
+    p_float = ort_predict(session(float_path, opts.threads), images, opts.check.check_batch)
     thr = meta.threshold
     graph_path = Path(float_path)
-    if precision == "fp16":
-        m16 = fp16_graph(onnx.load(str(float_path)))
-        graph_path = st.work / "fp16.onnx"
-        write_model(m16, graph_path, replace(meta, precision="fp16"), doc=f"{meta.display} - fp16 network")
-        try:
-            p16 = ort_predict(session(graph_path, threads), images, check_batch)
-        except ExportError as e:  # ONNX Runtime's CPU provider lacks some fp16 kernels; the plan check decides
-            log(f"trt: fp16 graph not runnable on this ONNX Runtime ({e}); the plan check below decides")
-        else:
-            r16 = compare(p16, p_float, thr, TOLERANCE["fp16"], "fp16 ONNX graph vs float32", [check_batch],
-                          flip_margin=TOLERANCE["fp16"])
-            log(f"trt: fp16 graph on ONNX Runtime vs float32: max |delta p| {r16.max_abs_diff:.2g}")
+    if t.precision == "fp16":
+        graph_path = _fp16_graph_checked(float_path, meta, st, images, p_float, opts)
     plan = st.path()
-    info = build_engine(graph_path, plan, input_size=meta.preprocess.input_size, batches=batch, precision=precision,
-                        timing_cache=timing_cache, workspace_gb=workspace_gb, log=log)
-    from ami.runtime.engines.tensorrt import write_plan_sidecar
+    info = build_engine(graph_path, plan, input_size=meta.preprocess.input_size, batches=t.batch,
+                        precision=t.precision, timing_cache=t.timing_cache, workspace_gb=t.workspace_gb, log=log)
 
     def sidecar(extra_check: dict | None = None) -> ArtifactMeta:
         trt_rec = {**info, **({"self_check": extra_check} if extra_check else {})}
-        pmeta = replace(meta, precision=precision, versions={**meta.versions, "tensorrt": info["version"]},
+        pmeta = replace(meta, precision=t.precision, versions={**meta.versions, "tensorrt": info["version"]},
                         weights_digest=plan_weights_digest(plan),
                         extra={**meta.extra, "tensorrt": trt_rec, "built_from": Path(float_path).name})
         write_plan_sidecar(plan, pmeta, tensorrt_version=info["version"], gpu_name=info["gpu_name"],
@@ -326,10 +322,10 @@ def _build_trt(float_path: Path, meta: ArtifactMeta, st: Staging, root: Path, im
         return pmeta
 
     sidecar()
-    bmin, _, bmax = parse_batches(batch)
+    bmin, _, bmax = parse_batches(t.batch)
     p_plan, p_one = run_plan(plan, images, bmin, bmax)
-    tol = TOLERANCE[precision]
-    rep = compare(p_plan, p_float, thr, tol, f"TensorRT {precision} plan vs float32 ONNX (batch {bmax})", [bmax],
+    tol = TOLERANCE[t.precision]
+    rep = compare(p_plan, p_float, thr, tol, f"TensorRT {t.precision} plan vs float32 ONNX (batch {bmax})", [bmax],
                   flip_margin=tol)
     if p_one is not None:
         compare(p_one, p_float[:len(p_one)], thr, tol, "TensorRT plan at batch 1", [1], flip_margin=tol)

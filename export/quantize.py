@@ -26,31 +26,22 @@ import numpy as np
 
 from ami.runtime.artifact import INPUT_NAME, ArtifactMeta
 from ami.runtime.metrics import MetricError, evaluate
+from ami.runtime.sampling import stratified_subset
 from ami.runtime.splits import FOLDS_FILE, folds_sha256, load_folds
+from ami.runtime.tolerances import REDUCED_AUROC_TOL, REDUCED_BA_TOL
 
-from . import ExportError
-from .checks import (
-    compare,
-    load_images,
-    ort_predict,
-    session,
-    stratified,
-    training_samples,
-    validate_contract,
-)
+from .checks import compare, load_images, ort_predict, session, training_samples, validate_contract
 from .ensemble import is_io_node, is_network_node
+from .errors import ExportError, Int8Rejected
+from .onnx_file import write_model
+from .options import CALIB_CROPS, Int8Options
 
-BA_TOL = 0.01
-AUROC_TOL = 0.005
-CALIB_CROPS = 300
 _METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+_PER_CHANNEL = {"auto": [True, False], True: [True], False: [False], "on": [True], "off": [False]}
 
 
-class Int8Rejected(ExportError):
-    """The int8 model lost too much balanced accuracy or AUROC against the float model."""
-
-
-def int8_verdict(float_m: dict, int8_m: dict, ba_tol: float = BA_TOL, auroc_tol: float = AUROC_TOL) -> tuple[bool, str]:
+def int8_verdict(float_m: dict, int8_m: dict, ba_tol: float = REDUCED_BA_TOL,
+                 auroc_tol: float = REDUCED_AUROC_TOL) -> tuple[bool, str]:
     """Accept iff |BA_int8 - BA_float| <= ba_tol and |AUROC_int8 - AUROC_float| <= auroc_tol."""
     d_ba = abs(int8_m["balanced_accuracy"] - float_m["balanced_accuracy"])
     d_au = abs(int8_m["auroc"] - float_m["auroc"])
@@ -80,10 +71,10 @@ def split_crops(data_root: Path, meta: ArtifactMeta, n_calib: int = CALIB_CROPS,
         eval_desc = "AMi-Br training crops not drawn for calibration"
         if folds and not same_split:
             eval_desc += " (the model's folds file differs from the installed one, so its validation folds are unknown)"
-    calib = stratified(calib_pool or eval_pool, n_calib, seed=seed + 1)
+    calib = stratified_subset(calib_pool or eval_pool, n_calib, seed=seed + 1)
     taken = {s.name for s in calib}
     rest = [s for s in eval_pool if s.name not in taken]
-    ev = stratified(rest, eval_cap, seed=seed + 2)
+    ev = stratified_subset(rest, eval_cap, seed=seed + 2)
     if eval_cap and len(ev) < len(rest):
         eval_desc += f", stratified subset of {len(ev)}"
     desc = {
@@ -149,11 +140,50 @@ def count_float_shape_math(model) -> int:
     return sum(1 for n in model.graph.node if n.name in shape and n.op_type in _ARITHMETIC)
 
 
-def excluded_nodes(model, head: str | None) -> tuple[list[str], int]:
+def calibration_reader(images: np.ndarray, batch: int = 16):
+    """A fresh ``CalibrationDataReader`` over ``images`` (ONNX Runtime's base class, imported late)."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.r = _Reader(images, batch)
+
+        def get_next(self):
+            return self.r.get_next()
+
+    return Reader()
+
+
+def float_heads(meta: ArtifactMeta, name: str, log=print) -> list[str]:
+    """Module names of the classifier head, which the int8 graph keeps float32: the artefact's own
+    record (``head_modules``). An artefact exported before ami recorded it gets the linear/LoRA
+    head and the timm head of today's registry entry of its model name, as ami-export always did,
+    and the log says so; without such an entry only the linear/LoRA head is kept float."""
+    if meta.head_modules:
+        return list(meta.head_modules)
+    try:
+        from ami.train.adapt import HEAD
+        from ami.train.registry import get
+    except ImportError as e:
+        raise ExportError(f"{name} does not record its classifier head (exported before ami-export recorded it), "
+                          f"and the model registry to look it up in is not installed ({e}); export the run again "
+                          "with this ami-export") from None
+    try:
+        heads = [HEAD, get(meta.model).head]
+    except KeyError:
+        log(f"int8: {name} does not record its classifier head and the registry has no entry {meta.model!r}: only "
+            f"'{HEAD}' (a linear/LoRA head) stays float32; export the run again to record its head")
+        return [HEAD]
+    log(f"int8: {name} does not record its classifier head (exported before ami-export recorded it); keeping "
+        f"float32 {', '.join(heads)} from today's registry entry {meta.model!r}")
+    return heads
+
+
+def excluded_nodes(model, heads: list[str]) -> tuple[list[str], int]:
     """(nodes to keep float: pre/post-processing, the classifier head and shape arithmetic, n network nodes)."""
     names = [n.name for n in model.graph.node]
     n_net = sum(is_network_node(n) for n in names)
-    tags = ["/logit_head/"] + ([f"/{head.replace('.', '/')}/"] if head else [])  # linear/LoRA head, timm head
+    tags = [f"/{h.replace('.', '/')}/" for h in heads]  # module a.b -> ONNX node scope /a/b/
     excl = [n for n in names if is_io_node(n) or (is_network_node(n) and any(t in n for t in tags))]
     kept = set(excl)
     excl += [n for n in shape_arithmetic_nodes(model) if n not in kept]
@@ -166,37 +196,27 @@ def _has_external_data(model) -> bool:
     return any(uses_external_data(t) for t in model.graph.initializer)
 
 
-def quantize_int8(float_path: Path, out_path: Path, meta: ArtifactMeta, data_root: Path, work: Path, *,
-                  calib_crops: int = CALIB_CROPS, eval_crops: int = 0, per_channel="auto", ba_tol: float = BA_TOL,
-                  auroc_tol: float = AUROC_TOL, method: str = "minmax", activations: str = "s8", threads: int = 0,
-                  batch: int = 16, speed_batch: int = 0, log=print) -> ArtifactMeta:
-    """Quantise ``float_path`` (a checked ami float model) into ``out_path``; returns its metadata.
-
-    ``work`` is a scratch folder. Raises Int8Rejected when the acceptance test fails.
-    """
-    import onnx
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+def _check_options(meta: ArtifactMeta, opts: Int8Options) -> tuple[object, list[bool]]:
+    """(ONNX Runtime activation type, per-channel variants to try); ExportError for a bad option."""
+    from onnxruntime.quantization import QuantType
 
     if meta.precision != "fp32":
         raise ExportError(f"int8 is made from a float32 model; this one is {meta.precision}")
-    if method not in _METHODS:
-        raise ExportError(f"calibration method must be one of {', '.join(_METHODS)}, got {method!r}")
-    if activations not in ("s8", "u8"):
-        raise ExportError(f"activations must be s8 (int8, ONNX Runtime's default) or u8 (uint8), got {activations!r}")
-    act_type = QuantType.QInt8 if activations == "s8" else QuantType.QUInt8
-    pcs = {"auto": [True, False], True: [True], False: [False], "on": [True], "off": [False]}.get(per_channel)
+    if opts.calibration not in _METHODS:
+        raise ExportError(f"calibration method must be one of {', '.join(_METHODS)}, got {opts.calibration!r}")
+    if opts.activations not in ("s8", "u8"):
+        raise ExportError("activations must be s8 (int8, ONNX Runtime's default) or u8 (uint8), "
+                          f"got {opts.activations!r}")
+    pcs = _PER_CHANNEL.get(opts.per_channel)
     if pcs is None:
-        raise ExportError(f"per_channel must be auto, on or off, got {per_channel!r}")
-    work = Path(work)
-    work.mkdir(parents=True, exist_ok=True)
-    fmodel = onnx.load(str(float_path), load_external_data=False)
-    big = _has_external_data(fmodel)
+        raise ExportError(f"per_channel must be auto, on or off, got {opts.per_channel!r}")
+    return (QuantType.QInt8 if opts.activations == "s8" else QuantType.QUInt8), pcs
 
-    calib, ev, desc = split_crops(data_root, meta, calib_crops, eval_crops)
-    log(f"int8: {len(calib)} calibration crops, {len(ev)} evaluation crops ({desc['evaluation_set']})")
-    cal_img = load_images(calib, meta.preprocess, "calibration crops")
-    ev_img = load_images(ev, meta.preprocess, "evaluation crops")
+
+def _pre_process(float_path: Path, work: Path, big: bool, log) -> Path:
+    """ONNX Runtime's quantisation pre-processing (shape inference, graph optimisation) of the float
+    model; the float model itself when it fails (pre-processing is an optimisation)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prep = work / "prep.onnx"
     ext = dict(save_as_external_data=True, all_tensors_to_one_file=True, external_data_location="prep.onnx.data") if big else {}
@@ -205,29 +225,27 @@ def quantize_int8(float_path: Path, out_path: Path, meta: ArtifactMeta, data_roo
     except Exception as e:  # noqa: BLE001 - pre-processing is an optimisation; quantise the model as it is
         log(f"int8: ONNX Runtime's quantisation pre-processing failed ({str(e).splitlines()[0][:200]}); "
             "quantising the exported graph directly")
-        prep = Path(float_path)
-    pmodel = onnx.load(str(prep), load_external_data=False)
-    try:
-        from ami.train.registry import get
+        return Path(float_path)
+    return prep
 
-        head = get(meta.model).head
-    except (KeyError, ImportError):
-        head = None
-    excl, n_net = excluded_nodes(pmodel, head)
-    shape_math = count_float_shape_math(pmodel)
+
+def _float_nodes(prep: Path, meta: ArtifactMeta, float_path: Path, log) -> tuple[list[str], int]:
+    """(the nodes of the graph to quantise that stay float32 - pre/post-processing, classifier head,
+    shape arithmetic -, how many of them are shape arithmetic doing float math)."""
+    import onnx
+
+    model = onnx.load(str(prep), load_external_data=False)
+    excl, n_net = excluded_nodes(model, float_heads(meta, Path(float_path).name, log))
     if n_net == 0:
         raise ExportError(f"{Path(float_path).name}: no network nodes named '/folds.K/...': the int8 step needs a graph "
                           "exported by ami-export (export the run again)")
-    del pmodel, fmodel
+    return excl, count_float_shape_math(model)
 
-    fsess = session(float_path, threads)
-    p_cal_f = ort_predict(fsess, cal_img, batch)
-    class Reader(CalibrationDataReader):  # noqa: E306 - the ORT base class, bound late
-        def __init__(self):
-            self.r = _Reader(cal_img, batch)
 
-        def get_next(self):
-            return self.r.get_next()
+def _quantize_variants(prep: Path, work: Path, cal_img: np.ndarray, p_cal_f: np.ndarray, *, excl: list[str],
+                       act_type, pcs: list[bool], method: str, big: bool, threads: int, batch: int, log) -> dict:
+    """One QDQ model per per-channel choice in ``pcs``: {per_channel: {path, calibration-crop distance to float}}."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     cache = work / "calibration.json"
     variants = {}
@@ -235,23 +253,24 @@ def quantize_int8(float_path: Path, out_path: Path, meta: ArtifactMeta, data_roo
         qpath = work / f"int8-{'pc' if pc else 'pt'}.onnx"
         t0 = time.time()
         try:
-            quantize_static(str(prep), str(qpath), Reader(), quant_format=QuantFormat.QDQ, per_channel=pc,
-                            activation_type=act_type, weight_type=QuantType.QInt8, nodes_to_exclude=excl,
-                            calibrate_method=getattr(CalibrationMethod, _METHODS[method]),
+            quantize_static(str(prep), str(qpath), calibration_reader(cal_img, batch), quant_format=QuantFormat.QDQ,
+                            per_channel=pc, activation_type=act_type, weight_type=QuantType.QInt8,
+                            nodes_to_exclude=excl, calibrate_method=getattr(CalibrationMethod, _METHODS[method]),
                             use_external_data_format=big, calibration_cache_path=str(cache))
         except Exception as e:  # noqa: BLE001
             raise ExportError(f"ONNX Runtime quantisation failed: {str(e).splitlines()[0][:300]}") from None
-        q = session(qpath, threads)
-        p_cal_q = ort_predict(q, cal_img, batch)
+        p_cal_q = ort_predict(session(qpath, threads), cal_img, batch)
         variants[pc] = {"path": qpath, "calib_mean_abs_diff": float(np.mean(np.abs(p_cal_q - p_cal_f))),
                         "calib_max_abs_diff": float(np.max(np.abs(p_cal_q - p_cal_f))), "seconds": round(time.time() - t0, 1)}
         log(f"int8: per-{'channel' if pc else 'tensor'} weights: mean |delta p| vs float on the calibration crops "
             f"{variants[pc]['calib_mean_abs_diff']:.4g}")
-    pc = min(variants, key=lambda k: variants[k]["calib_mean_abs_diff"])
-    qpath = variants[pc]["path"]
+    return variants
 
-    # acceptance on held-apart crops
-    qsess = session(qpath, threads)
+
+def _accept(fsess, qsess, ev_img: np.ndarray, ev: list, meta: ArtifactMeta, opts: Int8Options, eval_set: str,
+            batch: int, log) -> tuple[dict, dict, np.ndarray, np.ndarray]:
+    """The acceptance test on the held-apart crops: (float metrics, int8 metrics, p_float, p_int8),
+    or Int8Rejected; then the int8 graph's batch invariance (batch 1 vs batch N)."""
     p_f = ort_predict(fsess, ev_img, batch, "float model")
     p_q = ort_predict(qsess, ev_img, batch, "int8 model")
     y = np.asarray([s.label for s in ev])
@@ -260,45 +279,88 @@ def quantize_int8(float_path: Path, out_path: Path, meta: ArtifactMeta, data_roo
         mq = evaluate(y, p_q, meta.threshold).to_dict()
     except MetricError as e:
         raise ExportError(f"int8 acceptance needs both classes among the evaluation crops: {e}") from None
-    ok, msg = int8_verdict(mf, mq, ba_tol, auroc_tol)
-    msg += f" on {len(ev)} {desc['evaluation_set']}"
+    ok, msg = int8_verdict(mf, mq, opts.ba_tol, opts.auroc_tol)
+    msg += f" on {len(ev)} {eval_set}"
     if not ok:
         raise Int8Rejected(f"int8 model REFUSED: {msg}. Nothing was written. Try more calibration crops "
                            "(--calib-crops), another --calibration method, or ship the float model.")
     log(f"int8: accepted: {msg}")
-    # batch invariance of the int8 graph (batch 1 vs batch N on the same crops)
     k = min(4, len(ev_img))
     compare(ort_predict(qsess, ev_img[:k], 1), p_q[:k], meta.threshold, 1e-4, "int8 model, batch 1 vs batch N", [1, batch])
+    return mf, mq, p_f, p_q
 
-    calibration = {**desc, "format": "QDQ (onnxruntime.quantization.quantize_static)",
-                   "activations": "int8 (S8S8)" if activations == "s8" else "uint8 (U8S8)",
-                   "weights": "int8, " + ("per-channel" if pc else "per-tensor"), "calibrate_method": _METHODS[method],
-                   "per_channel_choice": ("auto: the variant closer to float on the calibration crops"
-                                          if len(pcs) > 1 else "user"),
-                   "variants": {("per-channel" if k else "per-tensor"): {kk: vv for kk, vv in v.items() if kk != "path"}
-                                for k, v in variants.items()},
-                   "kept_float": "preprocessing, classifier head, sigmoid, fold mean" + (
-                       f", shape arithmetic ({shape_math} nodes: run-time padding)" if shape_math else ""),
-                   "acceptance": {"float": {k: mf[k] for k in ("balanced_accuracy", "auroc", "n", "n_atypical", "threshold")},
-                                  "int8": {k: mq[k] for k in ("balanced_accuracy", "auroc")},
-                                  "ba_tolerance": ba_tol, "auroc_tolerance": auroc_tol, "accepted": True,
-                                  "max_abs_diff_probability": float(np.max(np.abs(p_q - p_f)))}}
+
+def _calibration_record(desc: dict, opts: Int8Options, pcs: list[bool], variants: dict, pc: bool, mf: dict,
+                        mq: dict, p_f: np.ndarray, p_q: np.ndarray, shape_math: int = 0) -> dict:
+    """The ``calibration`` metadata of the int8 artefact: crops, format, choices, acceptance."""
+    return {**desc, "format": "QDQ (onnxruntime.quantization.quantize_static)",
+            "activations": "int8 (S8S8)" if opts.activations == "s8" else "uint8 (U8S8)",
+            "weights": "int8, " + ("per-channel" if pc else "per-tensor"),
+            "calibrate_method": _METHODS[opts.calibration],
+            "per_channel_choice": ("auto: the variant closer to float on the calibration crops"
+                                   if len(pcs) > 1 else "user"),
+            "variants": {("per-channel" if k else "per-tensor"): {kk: vv for kk, vv in v.items() if kk != "path"}
+                         for k, v in variants.items()},
+            "kept_float": "preprocessing, classifier head, sigmoid, fold mean" + (
+                f", shape arithmetic ({shape_math} nodes: run-time padding)" if shape_math else ""),
+            "acceptance": {"float": {k: mf[k] for k in ("balanced_accuracy", "auroc", "n", "n_atypical", "threshold")},
+                           "int8": {k: mq[k] for k in ("balanced_accuracy", "auroc")},
+                           "ba_tolerance": opts.ba_tol, "auroc_tolerance": opts.auroc_tol, "accepted": True,
+                           "max_abs_diff_probability": float(np.max(np.abs(p_q - p_f)))}}
+
+
+def _write_int8(qpath: Path, out_path: Path, meta: ArtifactMeta, float_path: Path, calibration: dict) -> ArtifactMeta:
+    import onnx
     import onnxruntime
 
     qmeta = replace(meta, precision="int8", calibration=calibration,
                     versions={**meta.versions, "onnxruntime_quantization": onnxruntime.__version__},
                     extra={**meta.extra, "int8_from": {"precision": meta.precision, "file": Path(float_path).name}})
-    from .onnx_export import write_model
-
-    qmodel = onnx.load(str(qpath))
-    write_model(qmodel, out_path, qmeta, doc=f"{meta.display} - int8 (QDQ)")
+    write_model(onnx.load(str(qpath)), out_path, qmeta, doc=f"{meta.display} - int8 (QDQ)")
     validate_contract(out_path)
-    if speed_batch:
-        sp = measure_speed(float_path, out_path, batch=speed_batch, threads=threads or 1)
-        log(f"int8: CPU speed at batch {sp['batch']} ({sp['threads']} thread(s), median of {sp['rounds']}): "
-            f"fp32 {sp['fp32']['crops_per_cpu_s']:.0f}, int8 {sp['int8']['crops_per_cpu_s']:.0f} crops per CPU-second "
-            f"(x{sp['int8_speedup_cpu']:.2f}); wall clock fp32 {sp['fp32']['crops_per_s']:.0f}, int8 "
-            f"{sp['int8']['crops_per_s']:.0f} crops/s (x{sp['int8_speedup_wall']:.2f})")
+    return qmeta
+
+
+def _log_speed(float_path: Path, out_path: Path, batch: int, threads: int, log) -> None:
+    sp = measure_speed(float_path, out_path, batch=batch, threads=threads or 1)
+    log(f"int8: CPU speed at batch {sp['batch']} ({sp['threads']} thread(s), median of {sp['rounds']}): "
+        f"fp32 {sp['fp32']['crops_per_cpu_s']:.0f}, int8 {sp['int8']['crops_per_cpu_s']:.0f} crops per CPU-second "
+        f"(x{sp['int8_speedup_cpu']:.2f}); wall clock fp32 {sp['fp32']['crops_per_s']:.0f}, int8 "
+        f"{sp['int8']['crops_per_s']:.0f} crops/s (x{sp['int8_speedup_wall']:.2f})")
+
+
+def quantize_int8(float_path: Path, out_path: Path, meta: ArtifactMeta, data_root: Path, work: Path,
+                  opts: Int8Options = Int8Options(), *, threads: int = 0, batch: int = 16, log=print) -> ArtifactMeta:
+    """Quantise ``float_path`` (a checked ami float model) into ``out_path``; returns its metadata.
+
+    ``work`` is a scratch folder. Raises Int8Rejected when the acceptance test fails.
+    """
+    import onnx
+
+    act_type, pcs = _check_options(meta, opts)
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    big = _has_external_data(onnx.load(str(float_path), load_external_data=False))
+
+    calib, ev, desc = split_crops(data_root, meta, opts.calib_crops, opts.eval_crops)
+    log(f"int8: {len(calib)} calibration crops, {len(ev)} evaluation crops ({desc['evaluation_set']})")
+    cal_img = load_images(calib, meta.preprocess, "calibration crops")
+    ev_img = load_images(ev, meta.preprocess, "evaluation crops")
+
+    prep = _pre_process(float_path, work, big, log)
+    excl, shape_math = _float_nodes(prep, meta, float_path, log)
+    fsess = session(float_path, threads)
+    variants = _quantize_variants(prep, work, cal_img, ort_predict(fsess, cal_img, batch), excl=excl,
+                                  act_type=act_type, pcs=pcs, method=opts.calibration, big=big, threads=threads,
+                                  batch=batch, log=log)
+    pc = min(variants, key=lambda k: variants[k]["calib_mean_abs_diff"])
+    qpath = variants[pc]["path"]
+    mf, mq, p_f, p_q = _accept(fsess, session(qpath, threads), ev_img, ev, meta, opts, desc["evaluation_set"],
+                               batch, log)
+    calibration = _calibration_record(desc, opts, pcs, variants, pc, mf, mq, p_f, p_q, shape_math)
+    qmeta = _write_int8(qpath, out_path, meta, float_path, calibration)
+    if opts.speed_batch:
+        _log_speed(float_path, out_path, opts.speed_batch, threads, log)
     return qmeta
 
 

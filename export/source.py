@@ -22,7 +22,7 @@ from ami.runtime.rundir import ALL, CONFIG, METRICS, WEIGHTS, FoldId, RunDir, Ru
 from ami.runtime.splits import FOLDS_FILE, N_FOLDS, folds_sha256
 from ami.runtime.splits import parse_folds as parse_fold_list
 
-from . import ExportError
+from .errors import ExportError
 
 
 @dataclass

@@ -83,7 +83,7 @@ def tiny_onnx(path: str | Path, *, input_size: int = TINY_SIZE, seed: int = 0, o
 
     from .checks import validate_contract
     from .ensemble import DeployGraph
-    from .onnx_export import write_model
+    from .onnx_file import write_model
 
     import onnx
 

@@ -19,16 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from ami.runtime.artifact import INPUT_NAME, OUTPUT_NAME
+from ami.runtime.engines.base import parse_batch_sizes
+from ami.runtime.gpu import TRT_MAJORS, tensorrt_major
+from ami.runtime.tolerances import FP32_PROB_TOL
 
-from . import ExportError
 from .ensemble import is_io_node
+from .errors import ExportError, TensorRTUnavailable
 
-SUPPORTED_MAJORS = (10, 11)
-TOLERANCE = {"fp16": 1e-2, "fp32": 1e-4}  # max |delta p| of the plan vs the float32 ONNX model
-
-
-class TensorRTUnavailable(ExportError):
-    """No usable TensorRT or no CUDA GPU on this machine."""
+TOLERANCE = {"fp16": 1e-2, "fp32": FP32_PROB_TOL}  # max |delta p| of the plan vs the float32 ONNX model
 
 
 def default_timing_cache(version: str = "", compute_capability: str = "") -> Path:
@@ -58,23 +56,23 @@ def _torch_gpu() -> dict | None:
         if not torch.cuda.is_available():
             return None
         major, minor = torch.cuda.get_device_capability(0)
-        return {"name": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}", "source": "torch.cuda"}
+        return {"gpu_name": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}", "source": "torch.cuda"}
     except Exception:  # noqa: BLE001 - a broken CUDA install raises anything
         return None
 
 
 def gpu_info() -> dict:
-    """{'name', 'compute_capability', 'source'} of CUDA device 0: cuda-python, else torch.cuda -
-    also when cuda-python is installed but fails (a cuda-python 13 build on a CUDA 12 driver),
-    in which case 'cuda_python_error' says why. TensorRTUnavailable without a GPU."""
+    """{'gpu_name', 'compute_capability', 'source'} of CUDA device 0 (the keys of
+    :func:`ami.runtime.engines.tensorrt.gpu_info`, plus where they come from): cuda-python, else
+    torch.cuda - also when cuda-python is installed but fails (a cuda-python 13 build on a CUDA 12
+    driver), in which case 'cuda_python_error' says why. TensorRTUnavailable without a GPU."""
     cuda_error = ""
     if _have_cudart():
         from ami.runtime.engine import EngineError
         from ami.runtime.engines.tensorrt import gpu_info as rt_gpu_info
 
         try:
-            g = rt_gpu_info(0)
-            return {"name": g["gpu_name"], "compute_capability": g["compute_capability"], "source": "cuda-python"}
+            return {**rt_gpu_info(0), "source": "cuda-python"}
         except EngineError as e:
             cuda_error = str(e)
     g = _torch_gpu()
@@ -95,16 +93,13 @@ def require_tensorrt():
     except ImportError as e:
         from ami.runtime.gpu import trt_install_hint
 
-        raise TensorRTUnavailable(f"--engine trt needs TensorRT {' or '.join(map(str, SUPPORTED_MAJORS))} and a CUDA GPU; "
+        raise TensorRTUnavailable(f"--engine trt needs TensorRT {' or '.join(map(str, TRT_MAJORS))} and a CUDA GPU; "
                                   f"the tensorrt Python package is not installed here ({e}). On a GPU machine: "
                                   f"{trt_install_hint()}, and onnxruntime-gpu instead of onnxruntime.") from None
-    try:
-        major = int(str(trt.__version__).split(".")[0])
-    except ValueError:
-        major = -1
-    if major not in SUPPORTED_MAJORS:
+    major = tensorrt_major(trt.__version__)
+    if major not in TRT_MAJORS:
         raise TensorRTUnavailable(f"TensorRT {trt.__version__} is installed; ami-export builds engines with TensorRT "
-                                  f"{' or '.join(f'{m}.x' for m in SUPPORTED_MAJORS)}")
+                                  f"{' or '.join(f'{m}.x' for m in TRT_MAJORS)}")
     return trt, major, gpu_info()
 
 
@@ -196,17 +191,11 @@ def _small(model) -> bool:
 
 
 def parse_batches(batch) -> tuple[int, int, int]:
-    """'1,32,128' / [1, 32, 128] -> (min, opt, max); one value -> a static profile."""
-    if isinstance(batch, str):
-        try:
-            vals = [int(b) for b in batch.split(",") if b.strip()]
-        except ValueError:
-            raise ExportError(f"--batch takes batch sizes like 1,32,128; got {batch!r}") from None
-    else:
-        vals = [int(b) for b in batch]
-    if not vals or min(vals) < 1:
-        raise ExportError(f"--batch needs positive batch sizes, got {batch!r}")
-    vals = sorted(set(vals))
+    """'1,32,128' / [1, 32, 128] -> (min, opt, max) of the optimisation profile; one value -> a static profile."""
+    try:
+        vals = parse_batch_sizes(batch)
+    except ValueError as e:
+        raise ExportError(f"--batch {e}") from None
     return vals[0], vals[len(vals) // 2], vals[-1]
 
 
@@ -239,7 +228,7 @@ def build_engine(onnx_path: Path, plan_path: Path, *, input_size: int, batches=(
     config.add_optimization_profile(profile)
     cache_path = Path(timing_cache) if timing_cache else default_timing_cache(trt.__version__, gpu["compute_capability"])
     save_cache, cache_state = attach_timing_cache(config, cache_path, log)
-    log(f"trt: building a {precision} engine with TensorRT {trt.__version__} for {gpu['name']} "
+    log(f"trt: building a {precision} engine with TensorRT {trt.__version__} for {gpu['gpu_name']} "
         f"(sm {gpu['compute_capability']}), batch {bmin}/{bopt}/{bmax}; this takes a while")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -255,7 +244,7 @@ def build_engine(onnx_path: Path, plan_path: Path, *, input_size: int, batches=(
         os.replace(tmp, cache_path)
     except OSError as e:
         log(f"trt: timing cache not saved ({e})")
-    return {"version": trt.__version__, "major": major, "strongly_typed": True, "gpu_name": gpu["name"],
+    return {"version": trt.__version__, "major": major, "strongly_typed": True, "gpu_name": gpu["gpu_name"],
             "compute_capability": gpu["compute_capability"], "precision": precision,
             "profile": {"input": INPUT_NAME, "min": bmin, "opt": bopt, "max": bmax, "input_size": s},
             "tf32": precision != "fp32", "timing_cache": str(cache_path), "timing_cache_state": cache_state}

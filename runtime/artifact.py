@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import CLASS_NAMES
+from .hashing import file_sha256
 from .preprocess import Preprocess
 
 META_KEY = "ami"
@@ -88,6 +89,9 @@ class ArtifactMeta:
     crop: dict = field(default_factory=dict)  # training field of view: mpp, size_px, centred, source
     format: str = FORMAT
     weights_digest: str = ""  # "sha256:<hex>" of the weights (see the module docstring); "" = predates digests
+    # module names of the classifier head in each fold network (e.g. ["head.fc"], ["logit_head"]): the
+    # int8 exporter keeps them float32. [] = not recorded (exported before ami recorded the head).
+    head_modules: list = field(default_factory=list)
 
     def training_crop(self) -> dict:
         """The crops the model was trained on: {"mpp", "size_px", "centred", "source", "assumed"}.
@@ -217,6 +221,9 @@ def validate_meta_dict(d) -> list[str]:
     for k in ("source", "validation", "calibration", "versions", "extra", "crop"):
         if k in d and not isinstance(d[k], dict):
             out.append(f"{k} must be an object, got {type(d[k]).__name__}")
+    h = d.get("head_modules", [])
+    if not isinstance(h, list) or not all(_text(x) for x in h):
+        out.append(f"head_modules must be a list of module names, got {h!r}")
     w = d.get("weights_digest", "")
     if w != "" and not (isinstance(w, str) and DIGEST_RE.match(w)):
         out.append(f"weights_digest must be 'sha256:' and 64 hex digits, got {w!r}")
@@ -341,11 +348,7 @@ def onnx_weights_digest(path: str | os.PathLike, data: bytes | None = None) -> s
 
 def plan_weights_digest(path: str | os.PathLike) -> str:
     """The weights digest of a TensorRT plan: sha256 of the whole plan file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(1 << 22):
-            h.update(b)
-    return "sha256:" + h.hexdigest()
+    return "sha256:" + file_sha256(path)
 
 
 def weights_digest(path: str | os.PathLike) -> str:

@@ -19,9 +19,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .hashing import file_sha256  # re-exported: ami.runtime.datasets.file_sha256 keeps working
+
 ENV_DATA_ROOT = "AMI_DATA_ROOT"
 CLASS_DIRS = {"Normal": 0, "Atypical": 1}
-IMAGE_SUFFIXES = (".png",)
+DATASET_SUFFIXES = (".png",)  # the benchmark releases ship their crops as PNG (ami-infer reads more: infer.IMAGE_SUFFIXES)
 TRAIN_SPLIT_CSV = "amibr_train_split.csv"
 
 
@@ -110,7 +112,7 @@ def scan(root: Path, name: str) -> list[Sample]:
         if not d.is_dir():
             continue
         for p in sorted(d.iterdir()):
-            if p.suffix.lower() in IMAGE_SUFFIXES:
+            if p.suffix.lower() in DATASET_SUFFIXES:
                 out.append(Sample(p, label, p.name))
     return out
 
@@ -161,14 +163,6 @@ def available_eval_sets(root: Path) -> dict[str, list[Sample] | str]:
         except DatasetMissing as e:
             out[name] = str(e)
     return out
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
 
 
 def fingerprint(samples: list[Sample], digests: dict[Path, str] | None = None) -> str:
@@ -229,7 +223,7 @@ def verify_dataset(root: Path, name: str, check_images: bool = True) -> VerifyRe
         for p in sorted(d.iterdir()):
             if p.name.startswith("."):
                 continue
-            if p.suffix.lower() not in IMAGE_SUFFIXES or not p.is_file():
+            if p.suffix.lower() not in DATASET_SUFFIXES or not p.is_file():
                 rep.problems.append(f"extra file {cls}/{p.name}")
                 continue
             if p.name in seen:

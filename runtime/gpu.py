@@ -26,7 +26,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 
 CUDA_MAJORS = (12, 13)  # the CUDA majors ami has a TensorRT extra for: ami[trt-cu12], ami[trt-cu13]
-TRT_LIB_MAJORS = (10, 11)
+TRT_MAJORS = (10, 11)  # the TensorRT majors ami builds plans with (ami-export) and runs them with (ami-infer)
 TRT_EP = "TensorrtExecutionProvider"
 
 
@@ -92,6 +92,14 @@ def package_version(*names: str) -> str | None:
     return None
 
 
+def tensorrt_major(tensorrt_version: str) -> int | None:
+    """The major of a TensorRT version string ('10.9.0.34' -> 10); None when it is not a version."""
+    try:
+        return int(str(tensorrt_version).split(".")[0])
+    except ValueError:
+        return None
+
+
 def cuda_python_version() -> str | None:
     return package_version("cuda-bindings", "cuda-python")
 
@@ -103,9 +111,9 @@ def tensorrt_libraries() -> tuple[bool, str]:
     The tensorrt Python package (``tensorrt-cuXX``) ships libnvinfer in its own folder; importing
     it loads the library, after which ONNX Runtime's TensorRT provider finds it by its soname."""
     if sys.platform == "win32":
-        names = [f"nvinfer_{m}.dll" for m in TRT_LIB_MAJORS]
+        names = [f"nvinfer_{m}.dll" for m in TRT_MAJORS]
     else:
-        names = [f"libnvinfer.so.{m}" for m in TRT_LIB_MAJORS]
+        names = [f"libnvinfer.so.{m}" for m in TRT_MAJORS]
     lib, why = _load(names)
     if lib is not None:
         return True, getattr(lib, "_name", names[0])

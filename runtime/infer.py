@@ -21,7 +21,6 @@ Design:
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
@@ -48,6 +47,7 @@ except ImportError:  # pragma: no cover - Windows: no lock (documented)
     fcntl = None  # type: ignore[assignment]
 
 from .engine import EngineError
+from .hashing import file_sha256
 from .imageio import MAX_PIXELS, ImageError, decode_rgb, decode_rgb_fast
 from .preprocess import Preprocess
 
@@ -555,11 +555,7 @@ def model_record(engine, threshold: float) -> dict:
     path = getattr(engine, "path", None)
     sha = None
     if path is not None and os.path.isfile(path):
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while b := f.read(1 << 22):
-                h.update(b)
-        sha = h.hexdigest()
+        sha = file_sha256(path)
     return {"model": str(meta.model), "precision": str(meta.precision), "file": str(path) if path else None,
             "sha256": sha, "weights_digest": getattr(meta, "weights_digest", "") or None, "threshold": float(threshold)}
 

@@ -18,12 +18,14 @@ from typer.testing import CliRunner
 
 from ami.export import ExportError
 from ami.export import onnx_export as OE
-from ami.export.checks import CheckFailed, load_images, session, stratified, training_samples, validate_contract
+from ami.export import onnx_file
+from ami.export.checks import CheckFailed, load_images, session, training_samples, validate_contract
 from ami.export.cli import app
 from ami.export.quantize import int8_verdict
 from ami.export.source import choose_threshold, pick_best, resolve_source
 from ami.runtime.artifact import META_KEY, ArtifactMeta
 from ami.runtime.metrics import best_threshold
+from ami.runtime.sampling import stratified_subset as stratified
 
 FAST = dict(check_crops=16, check_batch=8, threads=1)
 runner = CliRunner()
@@ -84,6 +86,7 @@ def test_single_fold_export_metadata_and_batches(run_dir, data_root, images, tmp
     assert ArtifactMeta.from_json(raw).to_json() == raw
     assert _meta_of(out).to_json() == raw
     assert meta.model == "edge" and meta.method == "full" and meta.folds == [0] and meta.precision == "fp32"
+    assert meta.head_modules == ["head.fc"]  # the run's own registry entry's head, for the int8 step
     split = json.loads((run_dir / "split.json").read_text())
     assert meta.source["folds_sha256"] == split["folds_sha256"]
     assert meta.source["train_fingerprint"] == split["train_fingerprint"]
@@ -189,7 +192,7 @@ def test_wrong_model_is_refused_and_nothing_is_lost(run_dir, data_root, tmp_path
 def test_large_models_use_external_data(run_dir, data_root, tmp_path, monkeypatch):
     """Above the size limit (2 GB; lowered here) the weights go to OUT.data beside OUT, and both
     are moved into place together."""
-    monkeypatch.setattr(OE, "EXTERNAL_DATA_BYTES", 1000)
+    monkeypatch.setattr(onnx_file, "EXTERNAL_DATA_BYTES", 1000)
     out = tmp_path / "big.onnx"
     OE.export_onnx(run_dir / "fold0", out, data_root=data_root, **FAST, log=lambda *a: None)
     data = tmp_path / "big.onnx.data"
@@ -401,6 +404,11 @@ def test_int8_accepted_keeps_contract_and_records_calibration(int8_model, images
     assert {n.op_type for n in pre} >= {"Cast", "Mul", "Sub", "Div", "Transpose"}
     for n in pre:
         assert all(producer[i].op_type != "DequantizeLinear" for i in n.input if i in producer), n.name
+    # the classifier head comes from the artefact's own metadata (no registry fallback) and keeps float weights
+    assert meta.head_modules == ["head.fc"] and not any("does not record its classifier head" in x for x in logs)
+    float_init = {t.name for t in g.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    head = [n for n in g.graph.node if "/head/fc/" in n.name and n.op_type == "Gemm"]
+    assert head and all(n.input[1] in float_init for n in head)
     # uint8 in, probabilities out, batch 1 and N, close to the float model
     s, sf = session(q, 1), session(fl, 1)
     pn = s.run(None, {"pixels": images})[0]

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from ami.export import onnx_export as OE
-from ami.export.checks import load_images, session, stratified, training_samples
+from ami.export.checks import load_images, session, training_samples
+from ami.runtime.sampling import stratified_subset as stratified
 
 
 def _trt_reason() -> str | None:
@@ -51,7 +52,7 @@ def generated(tmp_path_factory):
 def test_build_engine_round_trip_on_a_generated_model(generated, tmp_path, precision):
     import onnx
 
-    from ami.export.onnx_export import write_model
+    from ami.export.onnx_file import write_model
     from ami.export.tensorrt import TOLERANCE, build_engine, fp16_graph, run_plan
     from ami.runtime.engine import load_engine
     from ami.runtime.engines.tensorrt import write_plan_sidecar

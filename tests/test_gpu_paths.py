@@ -160,9 +160,9 @@ def test_export_gpu_facts_fall_back_to_torch_when_cuda_python_fails(monkeypatch)
 
     monkeypatch.setattr(X, "_have_cudart", lambda: True)
     monkeypatch.setattr(T, "gpu_info", broken)
-    monkeypatch.setattr(X, "_torch_gpu", lambda: {"name": "NVIDIA H200", "compute_capability": "9.0", "source": "torch.cuda"})
+    monkeypatch.setattr(X, "_torch_gpu", lambda: {"gpu_name": "NVIDIA H200", "compute_capability": "9.0", "source": "torch.cuda"})
     g = X.gpu_info()
-    assert g["name"] == "NVIDIA H200" and g["compute_capability"] == "9.0" and g["source"] == "torch.cuda"
+    assert g["gpu_name"] == "NVIDIA H200" and g["compute_capability"] == "9.0" and g["source"] == "torch.cuda"
     assert "InsufficientDriver" in g["cuda_python_error"]
     monkeypatch.setattr(X, "_torch_gpu", lambda: None)
     with pytest.raises(X.TensorRTUnavailable, match="cuda-python found none .*InsufficientDriver"):
@@ -304,7 +304,7 @@ def test_timing_cache_reused_corrupt_and_foreign(monkeypatch, tmp_path, corrupt)
     from ami.export import tensorrt as X
 
     trt, rec = _fake_tensorrt(corrupt)
-    monkeypatch.setattr(X, "require_tensorrt", lambda: (trt, 10, {"name": "Fake GPU", "compute_capability": "9.0"}))
+    monkeypatch.setattr(X, "require_tensorrt", lambda: (trt, 10, {"gpu_name": "Fake GPU", "compute_capability": "9.0"}))
     cache = tmp_path / "timing.cache"
     logs = []
 

@@ -105,12 +105,14 @@ def test_tolerance_checks():
 
 
 def test_sample_crops_is_stratified_and_deterministic(data_root):
+    from ami.runtime.sampling import stratified_subset
+
     s = load_eval_set(data_root, "AtNorM-MD")
-    a, b = P.sample_crops(s, SAMPLE), P.sample_crops(s, SAMPLE)
+    a, b = stratified_subset(s, SAMPLE), stratified_subset(s, SAMPLE)
     assert [x.name for x in a] == [x.name for x in b] and len(a) == SAMPLE
     frac = sum(x.label for x in s) / len(s)
     assert abs(sum(x.label for x in a) - frac * SAMPLE) <= 1
-    assert P.sample_crops(s, 0) == list(s)
+    assert stratified_subset(s, 0) == list(s)
 
 
 def test_engine_without_pytorch_side_is_refused(tmp_path):
@@ -129,7 +131,7 @@ def test_pytorch_side_reproduces_the_runs_own_predictions(tiny, data_root):
     samples = [by_name[r[0]] for r in rec]
     models, cfg, _ = P.build_run_models(tiny["run"], [0])
     ref = P.TorchReference(models, cfg.preprocess, "fold 0")
-    p = ref.predict(P.decode_pixels(samples, cfg.preprocess, show=False), show=False)
+    p = ref.predict(P.decode_crops([s.path for s in samples], cfg.preprocess, show=False), show=False)
     assert np.abs(p - np.array([r[2] for r in rec])).max() <= 2e-6
 
 

@@ -174,7 +174,8 @@ def load_partial_state(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
     if unknown:
         raise KeyError(f"partial state has keys the model lacks: {unknown[:8]}")
     res = model.load_state_dict(sd, strict=False)
-    assert not res.unexpected_keys
+    if res.unexpected_keys:  # cannot happen after the check above unless PyTorch renames keys on load
+        raise KeyError(f"partial state has keys the model did not take: {sorted(res.unexpected_keys)[:8]}")
 
 
 # -- merging LoRA for export --------------------------------------------------------------------

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ami.runtime.datasets import Sample
 from ami.runtime.imageio import decode_rgb
+from ami.runtime.pixels import decode_pixels
 from ami.runtime.preprocess import Preprocess
 
 
@@ -32,15 +33,19 @@ class CropSet:
 
 
 def load_crops(samples: list[Sample], pre: Preprocess | None = None) -> CropSet:
-    """Decode crops; with ``pre`` also apply its geometric part (evaluation tensors)."""
-    arrs = []
-    for s in samples:
-        im = decode_rgb(s.path)
-        arrs.append(pre.to_uint8(im) if pre is not None else np.asarray(im, dtype=np.uint8))
-    sizes = {a.shape for a in arrs}
-    if len(sizes) > 1:  # native crops of mixed size: bring them to the most common one
-        raise ValueError(f"crops of different sizes {sorted(sizes)[:3]}; pass a Preprocess to resize them")
-    images = torch.from_numpy(np.stack(arrs)) if arrs else torch.zeros(0, 1, 1, 3, dtype=torch.uint8)
+    """Decode crops; with ``pre`` also apply its geometric part (evaluation tensors: the pixels
+    :func:`ami.runtime.pixels.decode_pixels` gives an engine). Without ``pre`` the crops keep their
+    native size, which must then be the same for all of them."""
+    if not samples:
+        images = torch.zeros(0, 1, 1, 3, dtype=torch.uint8)
+    elif pre is not None:
+        images = torch.from_numpy(decode_pixels([s.path for s in samples], pre))
+    else:
+        arrs = [np.asarray(decode_rgb(s.path), dtype=np.uint8) for s in samples]
+        sizes = {a.shape for a in arrs}
+        if len(sizes) > 1:  # native crops of mixed size cannot be stacked: refused, never resized silently
+            raise ValueError(f"crops of different sizes {sorted(sizes)[:3]}; pass a Preprocess to resize them")
+        images = torch.from_numpy(np.stack(arrs))
     labels = torch.tensor([s.label for s in samples], dtype=torch.float32)
     return CropSet(images, labels, [s.name for s in samples])
 

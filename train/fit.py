@@ -38,6 +38,7 @@ from ami.runtime.datasets import (
     fingerprint,
 )
 from ami.runtime.metrics import MetricError, best_threshold, evaluate
+from ami.runtime.sampling import stratified_subset
 from ami.runtime.splits import FOLDS_FILE, check_against_data, folds_sha256, load_folds
 
 from . import data as D
@@ -165,16 +166,8 @@ def pick_device(name: str) -> torch.device:
 
 
 def _subset(samples: list[Sample], n: int, seed: int = 0) -> list[Sample]:
-    """A class-stratified, deterministic subset (smoke tests)."""
-    if not n or n >= len(samples):
-        return samples
-    rng = np.random.default_rng(seed)
-    pos = [s for s in samples if s.label == 1]
-    neg = [s for s in samples if s.label == 0]
-    k_pos = max(2, round(n * len(pos) / len(samples)))
-    pick = [pos[i] for i in sorted(rng.choice(len(pos), min(k_pos, len(pos)), replace=False))]
-    pick += [neg[i] for i in sorted(rng.choice(len(neg), min(n - len(pick), len(neg)), replace=False))]
-    return pick
+    """A class-stratified, deterministic subset (smoke tests), with at least two atypical crops."""
+    return stratified_subset(samples, n, seed, min_positives=2)
 
 
 class EMA:
@@ -555,7 +548,6 @@ class Run:
             cs = D.load_crops(samples, cfg.preprocess)
             p = predict(model, cs, cfg, self.device, amp=spec.amp)
             out["tests"][name] = _metrics_or_reason(cs.labels.numpy(), p)
-            out["tests"][name]["data_fingerprint"] = None  # filled by `ami-data verify`; the split pins AMi-Br
             out["predictions"][name] = _pred_rows(cs, p)
             t = out["tests"][name]
             if "balanced_accuracy" in t:

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ami.runtime.datasets import Sample, available_eval_sets, fingerprint
+from ami.runtime.hashing import file_sha256
 from ami.runtime.preprocess import Preprocess
 
 from . import data as D
@@ -67,14 +68,6 @@ def default_cache_root() -> Path:
 
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _file_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(1 << 22):
-            h.update(b)
-    return h.hexdigest()
 
 
 def extractor_identity(cfg: ModelConfig, model: nn.Module, *, tiny: bool, random_init: bool, seed: int,
@@ -136,7 +129,7 @@ class EmbeddingCache:
         from safetensors.torch import save_file
 
         save_file({"embeddings": x.contiguous(), "labels": labels}, str(tmp / EMB_FILE))
-        manifest = {"inputs": inputs, "names": [s.name for s in samples], "sha256": _file_sha(tmp / EMB_FILE),
+        manifest = {"inputs": inputs, "names": [s.name for s in samples], "sha256": file_sha256(tmp / EMB_FILE),
                     "shape": list(x.shape), "dtype": "float32", "extract_seconds": round(time.time() - t0, 2),
                     "built_with": _versions(), "device": str(device),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -165,7 +158,7 @@ class EmbeddingCache:
                 f"embedding cache {entry} was built from different inputs (differs in: {', '.join(diff)}); "
                 "refusing to reuse or overwrite it. Delete that folder, or use another --cache-dir.")
         path = entry / EMB_FILE
-        if not path.is_file() or _file_sha(path) != manifest.get("sha256"):
+        if not path.is_file() or file_sha256(path) != manifest.get("sha256"):
             raise EmbeddingCacheError(f"embedding cache {entry}: {EMB_FILE} is missing or does not match the "
                                       "sha256 in its manifest; delete that folder to rebuild it")
         from safetensors.torch import load_file
@@ -376,7 +369,6 @@ def fit_linear(run, fold: int | None) -> dict:
         x, y, names = emb.take(samples)
         p = _probs(head, x)
         out["tests"][name] = _metrics_or_reason(y.numpy(), p)
-        out["tests"][name]["data_fingerprint"] = None
         out["predictions"][name] = _rows(names, y, p)
         t = out["tests"][name]
         if "balanced_accuracy" in t:

@@ -19,7 +19,6 @@ Nothing here ever falls back to random weights: that is ``--random-init``, and o
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import re
@@ -30,6 +29,8 @@ from urllib.parse import urlparse
 
 import torch
 from torch import nn
+
+from ami.runtime import hashing
 
 from .models import WeightsUnavailable
 from .registry import ModelConfig
@@ -67,14 +68,11 @@ def hub_cache_dir() -> Path:
 
 
 def file_sha256(path: Path) -> str:
+    """:func:`ami.runtime.hashing.file_sha256`, memoised per (file, size, mtime): weights are large."""
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _SHA_MEMO:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while b := f.read(1 << 22):
-                h.update(b)
-        _SHA_MEMO[key] = h.hexdigest()
+        _SHA_MEMO[key] = hashing.file_sha256(path)
     return _SHA_MEMO[key]
 
 

@@ -160,6 +160,24 @@ class TensorInfo:
         return name == self.name or name in self.names
 
 
+def parse_batch_sizes(batches: str | Sequence[int]) -> list[int]:
+    """'1,32,128' or [1, 32, 128] -> the distinct batch sizes, ascending (``ami-export --batch``,
+    ``ami-bench latency --batch``). Raises ValueError saying what is wrong (callers prefix the option)."""
+    if isinstance(batches, str):
+        try:
+            vals = [int(b) for b in batches.split(",") if b.strip()]
+        except ValueError:
+            raise ValueError(f"takes batch sizes like 1,32,128; got {batches!r}") from None
+    else:
+        try:
+            vals = [int(b) for b in batches]
+        except (TypeError, ValueError):
+            raise ValueError(f"takes batch sizes like 1,32,128; got {batches!r}") from None
+    if not vals or min(vals) < 1:
+        raise ValueError(f"needs positive batch sizes, got {batches!r}")
+    return sorted(set(vals))
+
+
 def first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__

@@ -27,12 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifact import INPUT_NAME, OUTPUT_NAME, ArtifactError, ArtifactMeta, check_weights_digest
+from ..artifact import INPUT_NAME, OUTPUT_NAME, PLAN_SUFFIXES, ArtifactError, ArtifactMeta, check_weights_digest
+from ..gpu import TRT_MAJORS, tensorrt_major
 from .base import Backend, Engine, EngineError, LoadOptions
 
-PLAN_SUFFIXES = (".plan", ".engine", ".trt")
 SIDECAR_SUFFIX = ".json"
-SUPPORTED_TRT_MAJORS = (10, 11)
 BUILD_KEYS = ("tensorrt_version", "gpu_name", "compute_capability")
 
 
@@ -88,10 +87,9 @@ def _tensorrt():
 
         raise EngineError(f"TensorRT is not installed ({e}); TensorRT plans need an NVIDIA GPU and "
                           f"`{trt_install_hint()}` (or use the ONNX model with --provider cpu/cuda)") from None
-    major = int(str(trt.__version__).split(".")[0])
-    if major not in SUPPORTED_TRT_MAJORS:
+    if tensorrt_major(trt.__version__) not in TRT_MAJORS:
         raise EngineError(f"TensorRT {trt.__version__} is not supported (supported majors: "
-                          f"{', '.join(map(str, SUPPORTED_TRT_MAJORS))})")
+                          f"{', '.join(map(str, TRT_MAJORS))})")
     return trt
 
 
