@@ -53,6 +53,7 @@ from .parity import (
     build_single_model,
     decode_pixels,
     load_variants,
+    log_to_stderr,
     machine_info,
     sample_crops,
 )
@@ -552,10 +553,6 @@ def _shown(path) -> str:
         return p.name if p.is_absolute() else p.as_posix()
 
 
-def _to_stderr(text: str) -> None:
-    print(text, file=sys.stderr)
-
-
 @dataclass(frozen=True)
 class LatencyOptions:
     """What :func:`run_latency` measures and how; each field is one of its keyword arguments.
@@ -588,7 +585,7 @@ class LatencyOptions:
     show_progress: bool = True
     runtimes: Sequence[str] | None = None
     precisions: Sequence[str] | None = None
-    log: Callable[[str], None] = _to_stderr
+    log: Callable[[str], None] = log_to_stderr
 
 
 def run_latency(models: Sequence[str | Path] | None = None, options: LatencyOptions | None = None,
