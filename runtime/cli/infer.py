@@ -171,7 +171,7 @@ def infer(
                        batch_size=args.batch_size, workers=args.workers, threshold=args.threshold,
                        resume=args.resume, progress=args.progress, pool=args.pool, overwrite=args.overwrite)
     summary = classify(args, engine, gather_crops(args))
-    report(args, summary)
+    report_and_exit(args, summary)
 
 
 @dataclass(frozen=True)
@@ -299,7 +299,7 @@ def classify(a: InferArgs, engine, crops: list[str]):
         raise _err(f"cannot write {a.shown_output}: {e.strerror or e}") from None
 
 
-def report(a: InferArgs, summary) -> None:
+def report_and_exit(a: InferArgs, summary) -> None:
     """Print the run's summary (to stderr when the rows stream to stdout) and exit with its code."""
     for line in summary.lines():
         typer.echo(line, err=a.stream)  # a stream may be our own stdout: the summary must not mix into it
