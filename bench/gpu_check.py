@@ -191,17 +191,15 @@ def pytorch_cuda(work: Path, device: str) -> dict:
 # -- 3. TensorRT round trip -----------------------------------------------------------------------
 
 def tensorrt_round_trip(work: Path, device: str, log) -> dict:
-    from dataclasses import replace
-
+    """Build fp32 and fp16 plans of a tiny ami model with build_engine, check each against ONNX
+    Runtime on batches 1/3/16/37 (and through ami's own TensorRT engine), then check that the
+    timing cache is reused by the next build and that a corrupted one is treated as absent."""
     import numpy as np
-    import onnx
 
     from ami.export.checks import session
-    from ami.export.onnx_export import write_model
     from ami.export.synthetic import synthetic_crops, tiny_onnx
-    from ami.export.tensorrt import TensorRTUnavailable, build_engine, fp16_graph, require_tensorrt, run_plan
+    from ami.export.tensorrt import TensorRTUnavailable, require_tensorrt
     from ami.runtime.engine import load_engine
-    from ami.runtime.engines.tensorrt import write_plan_sidecar
 
     try:
         trt, _, gpu = require_tensorrt()
@@ -219,35 +217,66 @@ def tensorrt_round_trip(work: Path, device: str, log) -> dict:
     failed = []
     batches = (1, 16, max(ROUND_TRIP_BATCHES))
     for precision in ("fp32", "fp16"):
-        src = model
-        if precision == "fp16":
-            src = work / "tiny-fp16.onnx"
-            write_model(fp16_graph(onnx.load(str(model))), src, meta)
-        plan = work / f"tiny-{precision}.plan"
-        t0 = time.perf_counter()
-        info = build_engine(src, plan, input_size=meta.preprocess.input_size, batches=batches, precision=precision,
-                            timing_cache=cache, log=log)
-        build_s = time.perf_counter() - t0
-        write_plan_sidecar(plan, replace(meta, precision=precision), tensorrt_version=info["version"], gpu_name=info["gpu_name"],
-                           compute_capability=info["compute_capability"], profile=dict(info["profile"]))
-        rec = {"build_s": round(build_s, 2), "timing_cache_state": info["timing_cache_state"], "batches": []}
-        for b in ROUND_TRIP_BATCHES:
-            p, _ = run_plan(plan, x[:b], 1, max(batches), log=log)
-            d = float(np.abs(p - ref[:b]).max())
-            rec["batches"].append({"batch": b, "max_abs_dp": d, "ok": d <= TOL[precision]})
-        try:
-            eng = load_engine(plan)
-            rec["runtime_engine"] = eng.provider
-            d = float(np.abs(eng.predict(x) - ref).max())
-            rec["runtime_engine_max_abs_dp"] = d
-            rec["runtime_engine_ok"] = d <= TOL[precision]
-        except Exception as e:  # noqa: BLE001 - ami-infer's runner needs cuda-python; report why not
-            rec["runtime_engine"] = f"not run: {_first(e)}"
-        rec["tolerance"] = TOL[precision]
+        rec = _plan_round_trip(model, meta, precision, x, ref, work=work, cache=cache, batches=batches, log=log)
         if not all(b["ok"] for b in rec["batches"]) or rec.get("runtime_engine_ok") is False:
             failed.append(precision)
         out["precisions"][precision] = rec
-    # the timing cache: reused by the next build, a corrupted one treated as absent
+    failed += _timing_cache_round_trip(model, meta, out, work=work, cache=cache, batches=batches, log=log)
+    out["status"] = "fail" if failed else "pass"
+    if failed:
+        out["failed"] = failed
+    return out
+
+
+def _plan_round_trip(model: Path, meta, precision: str, x, ref, *, work: Path, cache: Path, batches: tuple,
+                     log) -> dict:
+    """Build one plan (fp16: from the fp16 graph of ``model``) with its side file, and compare its
+    probabilities with ONNX Runtime's ``ref`` per round-trip batch, and through load_engine."""
+    from dataclasses import replace
+
+    import numpy as np
+    import onnx
+
+    from ami.export.onnx_export import write_model
+    from ami.export.tensorrt import build_engine, fp16_graph, run_plan
+    from ami.runtime.engine import load_engine
+    from ami.runtime.engines.tensorrt import write_plan_sidecar
+
+    src = model
+    if precision == "fp16":
+        src = work / "tiny-fp16.onnx"
+        write_model(fp16_graph(onnx.load(str(model))), src, meta)
+    plan = work / f"tiny-{precision}.plan"
+    t0 = time.perf_counter()
+    info = build_engine(src, plan, input_size=meta.preprocess.input_size, batches=batches, precision=precision,
+                        timing_cache=cache, log=log)
+    build_s = time.perf_counter() - t0
+    write_plan_sidecar(plan, replace(meta, precision=precision), tensorrt_version=info["version"], gpu_name=info["gpu_name"],
+                       compute_capability=info["compute_capability"], profile=dict(info["profile"]))
+    rec = {"build_s": round(build_s, 2), "timing_cache_state": info["timing_cache_state"], "batches": []}
+    for b in ROUND_TRIP_BATCHES:
+        p, _ = run_plan(plan, x[:b], 1, max(batches), log=log)
+        d = float(np.abs(p - ref[:b]).max())
+        rec["batches"].append({"batch": b, "max_abs_dp": d, "ok": d <= TOL[precision]})
+    try:
+        eng = load_engine(plan)
+        rec["runtime_engine"] = eng.provider
+        d = float(np.abs(eng.predict(x) - ref).max())
+        rec["runtime_engine_max_abs_dp"] = d
+        rec["runtime_engine_ok"] = d <= TOL[precision]
+    except Exception as e:  # noqa: BLE001 - ami-infer's runner needs cuda-python; report why not
+        rec["runtime_engine"] = f"not run: {_first(e)}"
+    rec["tolerance"] = TOL[precision]
+    return rec
+
+
+def _timing_cache_round_trip(model: Path, meta, out: dict, *, work: Path, cache: Path, batches: tuple,
+                             log) -> list[str]:
+    """The timing cache: reused by the next build, a corrupted one treated as absent. Fills
+    ``out["timing_cache"]``; returns what failed."""
+    from ami.export.tensorrt import build_engine
+
+    failed = []
     t0 = time.perf_counter()
     again = build_engine(model, work / "again.plan", input_size=meta.preprocess.input_size, batches=batches,
                          precision="fp32", timing_cache=cache, log=log)
@@ -267,10 +296,7 @@ def tensorrt_round_trip(work: Path, device: str, log) -> dict:
         failed.append("corrupt timing cache")
     if out["timing_cache"]["reuse"]["state"] != "reused":
         failed.append("timing cache not reused")
-    out["status"] = "fail" if failed else "pass"
-    if failed:
-        out["failed"] = failed
-    return out
+    return failed
 
 
 def _trt_reason() -> str:

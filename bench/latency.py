@@ -30,10 +30,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
@@ -56,6 +55,7 @@ from .parity import (
     build_single_model,
     decode_crops,
     load_variants,
+    log_to_stderr,
     machine_info,
 )
 from .peaks import cpu_peak, peak_key
@@ -359,6 +359,19 @@ class LatencyReport:
         return json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n"
 
     def to_markdown(self) -> str:
+        """The model-only table, the end-to-end table, the notes and the versions."""
+        m = self.machine
+        lines = self._markdown_model_only() + self._markdown_end_to_end()
+        if self.notes:
+            lines += ["", "Notes:", ""] + [f"- {n}" for n in self.notes]
+        lines += ["", "Versions: " + ", ".join(f"{k} {m[k]}" for k in ("python", "numpy", "torch", "onnxruntime",
+                                                                       "openvino", "tensorrt") if m.get(k))
+                  + f". Load average at start: {m.get('load_average', '?')}. Total {self.seconds:.0f} s."]
+        return "\n".join(lines) + "\n"
+
+    def _markdown_model_only(self) -> list[str]:
+        """The measured peaks, the settings, one table row per (engine, batch) and per skipped
+        engine, and how FLOPs and % of peak are counted."""
         m = self.machine
         gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
         lines = [f"## Model-only latency and throughput - {m.get('cpu', '?')} ({m.get('cores', '?')} cores{gpu})", ""]
@@ -373,14 +386,7 @@ class LatencyReport:
         head = ["engine", "precision", "device", "model", "batch", "p50 ms", "p95 ms", "p99 ms", "crops/s",
                 "MFLOP/crop", "GFLOP/s", "% of peak", "rounds"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for r in self.rows:
-            st = r.stats
-            lines.append("| " + " | ".join([
-                r.engine, r.precision, r.device, r.model, str(r.batch), f"{st['p50_ms']:.2f}", f"{st['p95_ms']:.2f}",
-                f"{st['p99_ms']:.2f}", f"{st['crops_per_s']:.0f}",
-                "n/a" if r.flops_per_crop is None else f"{r.flops_per_crop / 1e6:.1f}",
-                "n/a" if r.achieved_gflops is None else f"{r.achieved_gflops:.1f}",
-                "n/a" if r.peak_fraction is None else f"{100 * r.peak_fraction:.1f}%", str(st["rounds"])]) + " |")
+        lines += [_model_only_md_row(r) for r in self.rows]
         for sk in self.skipped:
             lines.append("| " + " | ".join([sk["engine"], "-", "-", f"skipped: {sk['reason']}"] + ["-"] * (len(head) - 4))
                          + " |")
@@ -395,55 +401,69 @@ class LatencyReport:
                 lines += ["", f"WARNING: {len(over)} row(s) exceed 100% of their own-precision peak: the peak "
                               "measurement under-read (a busy machine during the GEMM timings); the rows' crops/s "
                               "stand, their % of peak does not."]
+        return lines
+
+    def _markdown_end_to_end(self) -> list[str]:
+        """The end-to-end table (ami-infer per engine, then the reference loop) and the stages alone."""
         e = self.end_to_end
-        if e:
-            rr = e.get("rounds", 1)
-            lines += ["", f"## End-to-end (decode + preprocess + infer) - {e.get('crops', '?')} crops of {e.get('source', '?')}",
-                      "", "Wall time of the whole loop (files -> probabilities), after one untimed warm-up batch; "
-                      + (f"median of {rr} interleaved rounds." if rr > 1 else "one timed round."), ""]
-            if e.get("skipped"):
-                lines.append(f"skipped: {e['skipped']}")
-            else:
-                h = ["pipeline", "engine", "model", "crops", "seconds", "crops/s", "vs reference", "labels identical",
-                     "max \\|Δp\\|", "engine / waiting for decode", "% of bound"]
-                lines += ["| " + " | ".join(h) + " |", "|" + "---|" * len(h)]
-                ref = e.get("reference")
-                for run in e.get("ami_infer", []):
-                    split = (f"{100 * run['engine_fraction']:.0f}% / {100 * run['wait_fraction']:.0f}%"
-                             if run.get("engine_fraction") is not None else "n/a")
-                    bound = (f"{100 * run['fraction_of_bound']:.0f}% of {run['bound_crops_per_s']:.0f}"
-                             if run.get("bound_crops_per_s") else "n/a")
-                    lines.append("| " + " | ".join([
-                        f"ami-infer ({run['workers']} {run['pool']} workers, batch {run['batch']})",
-                        run.get("engine", "ONNX Runtime"),
-                        f"{run['model']} ({run['precision']})", str(run["crops"]), f"{run['seconds']:.2f}",
-                        f"{run['crops_per_s']:.0f}", f"{run['ratio_vs_reference']:.2f}x" if run.get("ratio_vs_reference") else "n/a",
-                        ({True: "yes", False: "NO"}.get(run.get("labels_identical"), "n/a") if run["precision"] == "fp32"
-                         else f"{100 * run['label_agreement']:.1f}% agree (not checked)" if "label_agreement" in run
-                         else "n/a"),
-                        f"{run['max_abs_dp']:.2e}" if run.get("max_abs_dp") is not None else "n/a", split, bound]) + " |")
-                if ref:
-                    lines.append("| " + " | ".join([
-                        f"reference loop (PIL + torchvision + DataLoader, {ref['workers']} workers, batch {ref['batch']})",
-                        "PyTorch eager", f"{ref['model']} (fp32)", str(ref["crops"]), f"{ref['seconds']:.2f}",
-                        f"{ref['crops_per_s']:.0f}", "1.00x", "-", "-", "-", "-"]) + " |")
-                elif e.get("reference_skipped"):
-                    lines.append(f"| reference loop | skipped: {e['reference_skipped']} |" + " |" * (len(h) - 2))
-                dec = e.get("decode_only")
-                if dec:
-                    lines += ["", f"Stages alone, same rounds: decoding {dec['crops_per_s']:.0f} crops/s ({dec['what']}); "
-                              + "; ".join(f"{r.get('engine', '?')} {r['model']} ({r['precision']}) "
-                                          f"{r['model_only_crops_per_s']:.0f} crops/s" for r in e.get("ami_infer", [])
-                                          if r.get("model_only_crops_per_s"))
-                              + ". Bound = 1 / (1/model-only + 1/decode-only): both stages share the same cores. "
-                              "\"engine / waiting for decode\": the share of ami-infer's wall time spent inside the "
-                              "engine, and waiting for decoded batches (decoding is then the bottleneck)."]
-        if self.notes:
-            lines += ["", "Notes:", ""] + [f"- {n}" for n in self.notes]
-        lines += ["", "Versions: " + ", ".join(f"{k} {m[k]}" for k in ("python", "numpy", "torch", "onnxruntime",
-                                                                       "openvino", "tensorrt") if m.get(k))
-                  + f". Load average at start: {m.get('load_average', '?')}. Total {self.seconds:.0f} s."]
-        return "\n".join(lines) + "\n"
+        if not e:
+            return []
+        rr = e.get("rounds", 1)
+        lines = ["", f"## End-to-end (decode + preprocess + infer) - {e.get('crops', '?')} crops of {e.get('source', '?')}",
+                 "", "Wall time of the whole loop (files -> probabilities), after one untimed warm-up batch; "
+                 + (f"median of {rr} interleaved rounds." if rr > 1 else "one timed round."), ""]
+        if e.get("skipped"):
+            return lines + [f"skipped: {e['skipped']}"]
+        h = ["pipeline", "engine", "model", "crops", "seconds", "crops/s", "vs reference", "labels identical",
+             "max \\|Δp\\|", "engine / waiting for decode", "% of bound"]
+        lines += ["| " + " | ".join(h) + " |", "|" + "---|" * len(h)]
+        lines += [_e2e_md_row(run) for run in e.get("ami_infer", [])]
+        ref = e.get("reference")
+        if ref:
+            lines.append("| " + " | ".join([
+                f"reference loop (PIL + torchvision + DataLoader, {ref['workers']} workers, batch {ref['batch']})",
+                "PyTorch eager", f"{ref['model']} (fp32)", str(ref["crops"]), f"{ref['seconds']:.2f}",
+                f"{ref['crops_per_s']:.0f}", "1.00x", "-", "-", "-", "-"]) + " |")
+        elif e.get("reference_skipped"):
+            lines.append(f"| reference loop | skipped: {e['reference_skipped']} |" + " |" * (len(h) - 2))
+        dec = e.get("decode_only")
+        if dec:
+            lines += ["", f"Stages alone, same rounds: decoding {dec['crops_per_s']:.0f} crops/s ({dec['what']}); "
+                      + "; ".join(f"{r.get('engine', '?')} {r['model']} ({r['precision']}) "
+                                  f"{r['model_only_crops_per_s']:.0f} crops/s" for r in e.get("ami_infer", [])
+                                  if r.get("model_only_crops_per_s"))
+                      + ". Bound = 1 / (1/model-only + 1/decode-only): both stages share the same cores. "
+                      "\"engine / waiting for decode\": the share of ami-infer's wall time spent inside the "
+                      "engine, and waiting for decoded batches (decoding is then the bottleneck)."]
+        return lines
+
+
+def _model_only_md_row(r: Row) -> str:
+    """One (engine, batch) row of the model-only table."""
+    st = r.stats
+    return "| " + " | ".join([
+        r.engine, r.precision, r.device, r.model, str(r.batch), f"{st['p50_ms']:.2f}", f"{st['p95_ms']:.2f}",
+        f"{st['p99_ms']:.2f}", f"{st['crops_per_s']:.0f}",
+        "n/a" if r.flops_per_crop is None else f"{r.flops_per_crop / 1e6:.1f}",
+        "n/a" if r.achieved_gflops is None else f"{r.achieved_gflops:.1f}",
+        "n/a" if r.peak_fraction is None else f"{100 * r.peak_fraction:.1f}%", str(st["rounds"])]) + " |"
+
+
+def _e2e_md_row(run: dict) -> str:
+    """One ami-infer row of the end-to-end table."""
+    split = (f"{100 * run['engine_fraction']:.0f}% / {100 * run['wait_fraction']:.0f}%"
+             if run.get("engine_fraction") is not None else "n/a")
+    bound = (f"{100 * run['fraction_of_bound']:.0f}% of {run['bound_crops_per_s']:.0f}"
+             if run.get("bound_crops_per_s") else "n/a")
+    labels = ({True: "yes", False: "NO"}.get(run.get("labels_identical"), "n/a") if run["precision"] == "fp32"
+              else f"{100 * run['label_agreement']:.1f}% agree (not checked)" if "label_agreement" in run
+              else "n/a")
+    return "| " + " | ".join([
+        f"ami-infer ({run['workers']} {run['pool']} workers, batch {run['batch']})",
+        run.get("engine", "ONNX Runtime"),
+        f"{run['model']} ({run['precision']})", str(run["crops"]), f"{run['seconds']:.2f}",
+        f"{run['crops_per_s']:.0f}", f"{run['ratio_vs_reference']:.2f}x" if run.get("ratio_vs_reference") else "n/a",
+        labels, f"{run['max_abs_dp']:.2e}" if run.get("max_abs_dp") is not None else "n/a", split, bound]) + " |"
 
 
 # -- end to end ----------------------------------------------------------------------------------
@@ -528,104 +548,167 @@ def _shown(path) -> str:
         return p.name if p.is_absolute() else p.as_posix()
 
 
-def run_latency(models: Sequence[str | Path] | None = None, *, run: str | Path | None = None,
-                weights: str | Path | None = None, batches: Sequence[int] = DEFAULT_BATCHES,
-                data_root: str | Path | None = None, folder: str | Path | None = None, crops: int = 512,
-                threads: int = 0, rounds: int = 0, warmup: int = 2, seconds: float = 1.5, min_rounds: int = 5,
-                e2e: bool = True, e2e_batch: int = 64, e2e_rounds: int = 3, workers: int = 0, peak_n: int = 2048, peak_reps: int = 5,
-                trt: str = "auto", torch_cpu: bool = True, show_progress: bool = True,
-                runtimes: Sequence[str] | None = None, precisions: Sequence[str] | None = None,
-                log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> LatencyReport:
+@dataclass(frozen=True)
+class LatencyOptions:
+    """What :func:`run_latency` measures and how; each field is one of its keyword arguments.
+
+    ``run`` / ``weights``: where the PyTorch rows' weights come from (the run the first model was
+    exported from, or a full state dict). ``threads``: CPU threads of every engine (0 = all cores).
+    ``rounds`` > 0: exactly that many timed rounds per cell, else ``seconds`` worth (at least
+    ``min_rounds``), after ``warmup`` untimed ones. ``trt``: auto | off. ``runtimes`` /
+    ``precisions``: only these engines / precisions (None: every one installed / offered)."""
+
+    run: str | Path | None = None
+    weights: str | Path | None = None
+    batches: Sequence[int] | str = DEFAULT_BATCHES
+    data_root: str | Path | None = None
+    folder: str | Path | None = None
+    crops: int = 512
+    threads: int = 0
+    rounds: int = 0
+    warmup: int = 2
+    seconds: float = 1.5
+    min_rounds: int = 5
+    e2e: bool = True
+    e2e_batch: int = 64
+    e2e_rounds: int = 3
+    workers: int = 0
+    peak_n: int = 2048
+    peak_reps: int = 5
+    trt: str = "auto"
+    torch_cpu: bool = True
+    show_progress: bool = True
+    runtimes: Sequence[str] | None = None
+    precisions: Sequence[str] | None = None
+    log: Callable[[str], None] = log_to_stderr
+
+
+def run_latency(models: Sequence[str | Path] | None = None, options: LatencyOptions | None = None,
+                **settings) -> LatencyReport:
     """Measure every engine side by side; see the module docstring.
 
     ``models``: ONNX files / TensorRT plans (None: the shipped edge.onnx and edge-int8.onnx).
     PyTorch weights: ``run`` (the run the first model was exported from), ``weights`` (a full
     state dict), or by default the shipped ``edge.safetensors`` when the shipped models are used.
-    ``threads``: CPU threads of every engine (0 = all cores). ``rounds`` > 0: exactly that many
-    timed rounds per cell, else ``seconds`` worth (at least ``min_rounds``). ``trt``: auto (build
-    fp16/fp32 plans from the first fp32 ONNX model when a GPU and TensorRT are present) | off.
+    ``options``: a :class:`LatencyOptions`; keyword ``settings`` (its field names, e.g.
+    ``batches=[1, 8]``, ``trt="off"``) override its fields.
+
+    The steps: the models and weights (:func:`_models_to_time`), the engines and the PyTorch model
+    (:func:`_torch_side`), the matrix-product peaks (:func:`_measure_peaks`), the pixels
+    (:func:`_bench_pixels`), the runners (:func:`_runners`) and their timings
+    (:func:`_time_runners`), the peaks again (:func:`_measure_peaks_again`), then end to end.
     """
     t_start = time.perf_counter()
-    batches = parse_batches(batches)
-    threads = int(threads) if threads and threads > 0 else (os.cpu_count() or 1)
-    shipped = not models
-    if shipped:
-        paths = [p for p in SHIPPED_ENGINES if p.is_file()]
-        if not paths:
-            raise LatencyError(f"no shipped model found: {', '.join(p.name for p in SHIPPED_ENGINES)} are missing from "
-                               f"{ASSETS}; pass --model FILE")
-    else:
-        paths = [Path(p) for p in models]
-    notes: list[str] = []
-    if shipped:
-        for p in SHIPPED_ENGINES:
-            if not p.is_file():
-                notes.append(f"shipped engine {p.name} is missing from the package: not measured")
-        if run is None and weights is None:
-            if SHIPPED_WEIGHTS.is_file():
-                weights = SHIPPED_WEIGHTS
-            else:
-                notes.append(f"{SHIPPED_WEIGHTS.name} (the shipped model's PyTorch weights) is missing: no PyTorch row, "
-                             "no reference loop")
-
-    try:
-        import torch
-
-        torch.set_num_threads(threads)
-    except ImportError:
-        torch = None
+    opts = replace(options or LatencyOptions(), **settings)
+    threads = int(opts.threads) if opts.threads and opts.threads > 0 else (os.cpu_count() or 1)
+    opts = replace(opts, batches=parse_batches(opts.batches), threads=threads)
+    paths, weights, notes = _models_to_time(models, opts.run, opts.weights)
+    opts = replace(opts, weights=weights)
+    has_torch = _torch_threads(opts.threads)
 
     # engines: each file on every installed engine of the registry, at every precision it offers here
-    engines, more = load_variants(paths, runtimes=runtimes, precisions=precisions, provider="cpu", threads=threads,
-                                  error=LatencyError)
+    engines, more = load_variants(paths, runtimes=opts.runtimes, precisions=opts.precisions, provider="cpu",
+                                  threads=opts.threads, error=LatencyError)
     notes += more
+    pre = _common_preprocess(engines)
+    machine = machine_info()
+    gpu_ok, gpu_text = _gpu_state()
+    machine["gpu"] = gpu_text if gpu_ok else None
+    skipped: list[dict] = []
+    torch_models, torch_name = _torch_side(has_torch, engines, pre, opts, skipped)
+    settings = {"batches": opts.batches, "threads": opts.threads, "rounds": opts.rounds or None,
+                "warmup": opts.warmup, "seconds": opts.seconds, "min_rounds": opts.min_rounds, "crops": opts.crops,
+                "e2e_batch": opts.e2e_batch, "e2e_rounds": opts.e2e_rounds, "models": [_shown(p) for p in paths],
+                "torch_model": torch_name or None, "ort_spinning": False}
+    report = LatencyReport(machine=machine, settings=settings, skipped=skipped, notes=notes)
+    cpu_precisions = _measure_peaks(report, engines, opts, gpu_ok)
+    pix, crop_paths, crop_source = _bench_pixels(report, pre, opts)
+    runners = _runners(report, engines, torch_models, torch_name, pre, opts, (gpu_ok, gpu_text))
+    _time_runners(report, runners, pix, opts)
+    _measure_peaks_again(report, cpu_precisions, opts, gpu_ok)
+    if opts.e2e:
+        report.end_to_end = _end_to_end(crop_paths, crop_source, e2e_engines(engines), torch_models, pre,
+                                        torch_name, batch=opts.e2e_batch, workers=opts.workers,
+                                        threads=opts.threads, rounds=opts.e2e_rounds, log=opts.log)
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def _models_to_time(models: Sequence[str | Path] | None, run, weights) -> tuple[list[Path], object, list[str]]:
+    """(model files, PyTorch weights, notes): the named models, or the shipped ones present (their
+    weights, edge.safetensors, by default); notes say which shipped files are missing."""
+    if models:
+        return [Path(p) for p in models], weights, []
+    paths = [p for p in SHIPPED_ENGINES if p.is_file()]
+    if not paths:
+        raise LatencyError(f"no shipped model found: {', '.join(p.name for p in SHIPPED_ENGINES)} are missing from "
+                           f"{ASSETS}; pass --model FILE")
+    notes = [f"shipped engine {p.name} is missing from the package: not measured" for p in SHIPPED_ENGINES
+             if not p.is_file()]
+    if run is None and weights is None:
+        if SHIPPED_WEIGHTS.is_file():
+            weights = SHIPPED_WEIGHTS
+        else:
+            notes.append(f"{SHIPPED_WEIGHTS.name} (the shipped model's PyTorch weights) is missing: no PyTorch row, "
+                         "no reference loop")
+    return paths, weights, notes
+
+
+def _torch_threads(threads: int) -> bool:
+    """Give PyTorch ``threads`` CPU threads; False when torch is not installed."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    torch.set_num_threads(threads)
+    return True
+
+
+def _common_preprocess(engines: list) -> Preprocess:
+    """The preprocessing of the first engine; every engine must take crops of its input size."""
     pre = engines[0].meta.preprocess
     for e in engines[1:]:
         if e.meta.preprocess.input_size != pre.input_size:
             raise LatencyError(f"{e.path.name} takes {e.meta.preprocess.input_size} px crops, {engines[0].path.name} "
                                f"takes {pre.input_size} px: benchmark models of one input size per run")
-    machine = machine_info()
-    gpu_ok, gpu_text = _gpu_state()
-    machine["gpu"] = gpu_text if gpu_ok else None
-    try:
-        import onnxruntime as ort
+    return pre
 
-        cuda_ep = "CUDAExecutionProvider" in ort.get_available_providers()
-    except ImportError:  # pragma: no cover
-        cuda_ep = False
 
-    # the PyTorch model (same network as the first engine)
-    torch_models, torch_name, torch_pre = None, "", pre
-    skipped: list[dict] = []
-    if torch is None:
+def _torch_side(has_torch: bool, engines: list, pre: Preprocess, opts: LatencyOptions,
+                skipped: list[dict]) -> tuple[list | None, str]:
+    """(PyTorch networks, their name) of the first engine's model, from ``opts.run`` or
+    ``opts.weights``; (None, "") with a skip row when there is no torch or no weights."""
+    if not has_torch:
         skipped.append({"engine": "PyTorch eager", "reason": "torch is not installed"})
-    else:
-        first = engines[0].meta
-        try:
-            if run is not None:
-                torch_models, cfg, _src = build_run_models(Path(run), list(first.folds))
-                torch_name = f"{Path(run).name} folds {','.join(map(str, first.folds))}"
-                torch_pre = cfg.preprocess
-            elif weights is not None:
-                model, cfg = build_single_model(Path(weights), first.model, first.method)
-                torch_models, torch_name, torch_pre = [model], Path(weights).name, cfg.preprocess
-            else:
-                skipped.append({"engine": "PyTorch eager", "reason": "no PyTorch weights named (--run DIR or --weights FILE)"})
-        except ParityError as e:
-            raise LatencyError(str(e)) from None
-        if torch_models is not None and torch_pre != pre:
-            raise LatencyError(f"the PyTorch model's preprocessing {torch_pre} differs from {engines[0].path.name}'s {pre}")
+        return None, ""
+    run, weights = opts.run, opts.weights
+    torch_models, torch_name, torch_pre = None, "", pre
+    first = engines[0].meta
+    try:
+        if run is not None:
+            torch_models, cfg, _src = build_run_models(Path(run), list(first.folds))
+            torch_name = f"{Path(run).name} folds {','.join(map(str, first.folds))}"
+            torch_pre = cfg.preprocess
+        elif weights is not None:
+            model, cfg = build_single_model(Path(weights), first.model, first.method)
+            torch_models, torch_name, torch_pre = [model], Path(weights).name, cfg.preprocess
+        else:
+            skipped.append({"engine": "PyTorch eager", "reason": "no PyTorch weights named (--run DIR or --weights FILE)"})
+    except ParityError as e:
+        raise LatencyError(str(e)) from None
+    if torch_models is not None and torch_pre != pre:
+        raise LatencyError(f"the PyTorch model's preprocessing {torch_pre} differs from {engines[0].path.name}'s {pre}")
+    return torch_models, torch_name
 
-    settings = {"batches": batches, "threads": threads, "rounds": rounds or None, "warmup": warmup, "seconds": seconds,
-                "min_rounds": min_rounds, "crops": crops, "e2e_batch": e2e_batch, "e2e_rounds": e2e_rounds,
-                "models": [_shown(p) for p in paths], "torch_model": torch_name or None, "ort_spinning": False}
-    report = LatencyReport(machine=machine, settings=settings, skipped=skipped, notes=notes)
 
-    # hardware peak(s): one per precision the CPU rows use
+def _measure_peaks(report: LatencyReport, engines: list, opts: LatencyOptions, gpu_ok: bool) -> list[str]:
+    """The matrix-product peak of each precision the CPU rows use (and CUDA float32/float16 on a
+    GPU) into ``report.peaks``; a note when the machine is busy. Returns those CPU precisions."""
+    machine, notes = report.machine, report.notes
     cpu_precisions = ["fp32"] + sorted({e.precision for e in engines if e.device == "cpu"} - {"fp32"})
     for prec in cpu_precisions:
-        log(f"latency: timing the {prec} matrix-product peak")
-        pk = cpu_peak(prec, peak_n, peak_reps, threads)
+        opts.log(f"latency: timing the {prec} matrix-product peak")
+        pk = cpu_peak(prec, opts.peak_n, opts.peak_reps, opts.threads)
         if pk is not None:
             report.peaks[peak_key("cpu", prec)] = pk
         else:
@@ -635,14 +718,20 @@ def run_latency(models: Sequence[str | Path] | None = None, *, run: str | Path |
         notes.append(f"the machine was busy when the run started (load average {machine['load_average'][0]:.2f} on "
                      f"{machine.get('cores')} cores): absolute times are unreliable, compare ratios within this run only")
     if gpu_ok:
-        report.peaks["cuda_float32"] = peak_gflops(max(peak_n, 4096), peak_reps, "cuda", "float32")
-        report.peaks["cuda_float16"] = peak_gflops(max(peak_n, 4096), peak_reps, "cuda", "float16")
+        report.peaks["cuda_float32"] = peak_gflops(max(opts.peak_n, 4096), opts.peak_reps, "cuda", "float32")
+        report.peaks["cuda_float16"] = peak_gflops(max(opts.peak_n, 4096), opts.peak_reps, "cuda", "float16")
+    return cpu_precisions
 
-    # pixels: real crops when there are any (the content does not change the work of a CNN/ViT)
-    big = max(batches)
+
+def _bench_pixels(report: LatencyReport, pre: Preprocess, opts: LatencyOptions) -> tuple[np.ndarray, list[str], str]:
+    """(pixels of the largest batch, end-to-end crop paths, their source): real crops when there are
+    any (the content does not change the work of a CNN/ViT), repeated to fill the batch; else
+    random pixels, with a note."""
+    big = max(opts.batches)
+    settings = report.settings
     try:
-        crop_paths, crop_source = e2e_crops(data_root, Path(folder) if folder else None, crops)
-        pix = decode_crops(crop_paths[:big], pre, "decoding", show_progress)
+        crop_paths, crop_source = e2e_crops(opts.data_root, Path(opts.folder) if opts.folder else None, opts.crops)
+        pix = decode_crops(crop_paths[:big], pre, "decoding", opts.show_progress)
         if len(pix) < big:  # fewer crops than the largest batch: repeat them (the work does not depend on content)
             pix = np.concatenate([pix] * (big // len(pix) + 1))[:big]
         settings["pixels"] = f"{min(big, len(crop_paths))} real crops of {crop_source}" + \
@@ -651,16 +740,20 @@ def run_latency(models: Sequence[str | Path] | None = None, *, run: str | Path |
         crop_paths, crop_source = [], ""
         pix = np.random.default_rng(0).integers(0, 256, (big, pre.input_size, pre.input_size, 3), dtype=np.uint8)
         settings["pixels"] = "random uint8 pixels (no crops found)"
-        notes.append(f"model-only timings ran on random pixels: {e}")
+        report.notes.append(f"model-only timings ran on random pixels: {e}")
+    return pix, crop_paths, crop_source
 
-    # runners, in table order
-    onnx_flops = {}
-    for e in engines:
-        if e.path.suffix.lower() == ".onnx":
-            onnx_flops[e.path] = onnx_flops_per_crop(e.path)
+
+def _runners(report: LatencyReport, engines: list, torch_models: list | None, torch_name: str, pre: Preprocess,
+             opts: LatencyOptions, gpu: tuple[bool, str]) -> list[Runner]:
+    """The rows to time, in table order: PyTorch eager (CPU, CUDA), every engine, ONNX Runtime's CUDA
+    provider where onnxruntime-gpu has it, TensorRT plans; what cannot run becomes a skip row."""
+    gpu_ok, gpu_text = gpu
+    skipped = report.skipped
+    onnx_flops = {e.path: onnx_flops_per_crop(e.path) for e in engines if e.path.suffix.lower() == ".onnx"}
     runners: list[Runner] = []
     torch_flops = None
-    if torch_models is not None and torch_cpu:
+    if torch_models is not None and opts.torch_cpu:
         r = torch_runner(torch_models, pre, "cpu", torch_name)
         torch_flops = r.flops_per_crop
         runners.append(r)
@@ -679,51 +772,76 @@ def run_latency(models: Sequence[str | Path] | None = None, *, run: str | Path |
 
     for e in engines:
         runners.append(engine_runner(e, *flops_for(e)))
-    if cuda_ep:
+    if _ort_has_cuda():
         for e in engines:
             if e.engine == "onnxruntime":
                 try:
-                    g = load_engine(e.path, provider="cuda", threads=threads)
+                    g = load_engine(e.path, provider="cuda", threads=opts.threads)
                     runners.append(engine_runner(g, *flops_for(e)))
                 except (ArtifactError, EngineError) as ex:
                     skipped.append({"engine": f"ONNX Runtime CUDA ({e.path.name})", "reason": str(ex)})
-    # TensorRT plans
-    has_plan = any(e.path.suffix.lower() != ".onnx" for e in engines)
-    if trt == "off":
+    runners += _tensorrt_runners(engines, opts, gpu, skipped, flops_for)
+    return runners
+
+
+def _ort_has_cuda() -> bool:
+    try:
+        import onnxruntime as ort
+
+        return "CUDAExecutionProvider" in ort.get_available_providers()
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def _tensorrt_runners(engines: list, opts: LatencyOptions, gpu: tuple[bool, str], skipped: list[dict],
+                      flops_for: Callable) -> list[Runner]:
+    """TensorRT fp16 and fp32 plans built from the first fp32 ONNX model (``trt`` auto, a GPU and
+    TensorRT present, no plan among the models); each one that cannot be built is a skip row."""
+    gpu_ok, gpu_text = gpu
+    if opts.trt == "off":
         skipped.append({"engine": "TensorRT fp16/fp32", "reason": "--trt off"})
-    elif not has_plan:
-        ok, why = _trt_state() if gpu_ok else (False, gpu_text)
-        fp32 = next((e for e in engines if e.path.suffix.lower() == ".onnx" and e.precision == "fp32"), None)
-        if not ok:
-            skipped.append({"engine": "TensorRT fp16/fp32", "reason": why})
-        elif fp32 is None:
-            skipped.append({"engine": "TensorRT fp16/fp32", "reason": "no fp32 ONNX model to build plans from"})
-        else:
-            plan_dir = Path(tempfile.mkdtemp(prefix="ami-bench-trt-"))
-            for precision in ("fp16", "fp32"):
-                try:
-                    from ami.export import export_onnx
+        return []
+    if any(e.path.suffix.lower() != ".onnx" for e in engines):
+        return []
+    ok, why = _trt_state() if gpu_ok else (False, gpu_text)
+    fp32 = next((e for e in engines if e.path.suffix.lower() == ".onnx" and e.precision == "fp32"), None)
+    if not ok:
+        skipped.append({"engine": "TensorRT fp16/fp32", "reason": why})
+        return []
+    if fp32 is None:
+        skipped.append({"engine": "TensorRT fp16/fp32", "reason": "no fp32 ONNX model to build plans from"})
+        return []
+    big = max(opts.batches)
+    runners = []
+    plan_dir = Path(tempfile.mkdtemp(prefix="ami-bench-trt-"))
+    for precision in ("fp16", "fp32"):
+        try:
+            from ami.export import export_onnx
 
-                    plan = export_onnx(fp32.path, plan_dir / f"{fp32.path.stem}-{precision}.plan", engine="trt",
-                                       precision=precision, data_root=data_root, batch=(1, min(64, big), big),
-                                       log=lambda s: log(f"latency: {s}"))
-                    pe = load_engine(plan)
-                    runners.append(engine_runner(pe, *flops_for(fp32)))
-                except Exception as ex:  # noqa: BLE001 - a failed build is a reported skip, not a crash
-                    skipped.append({"engine": f"TensorRT {precision}", "reason": f"plan build failed: {ex}"})
+            plan = export_onnx(fp32.path, plan_dir / f"{fp32.path.stem}-{precision}.plan", engine="trt",
+                               precision=precision, data_root=opts.data_root, batch=(1, min(64, big), big),
+                               log=lambda s: opts.log(f"latency: {s}"))
+            pe = load_engine(plan)
+            runners.append(engine_runner(pe, *flops_for(fp32)))
+        except Exception as ex:  # noqa: BLE001 - a failed build is a reported skip, not a crash
+            skipped.append({"engine": f"TensorRT {precision}", "reason": f"plan build failed: {ex}"})
+    return runners
 
-    # model-only timings
+
+def _time_runners(report: LatencyReport, runners: list[Runner], pix: np.ndarray, opts: LatencyOptions) -> None:
+    """One row per (runner, batch): warm-up excluded, latency percentiles, crops/s, GFLOP/s and the
+    fraction of the peak of the runner's own precision."""
     for r in runners:
         pkey = peak_key(r.device, r.precision)
         peak = report.peaks.get(pkey)
-        for b in batches:
+        for b in opts.batches:
             x = np.ascontiguousarray(pix[:b])
             out = r.predict(x)
             if np.asarray(out).shape != (b,):
                 raise LatencyError(f"{r.label} returned shape {np.asarray(out).shape} for a batch of {b}")
-            log(f"latency: {r.label} {r.model} batch {b}")
-            times, w = time_fn(lambda: r.predict(x), rounds=rounds, warmup=warmup, seconds=seconds,
-                               min_rounds=min_rounds)
+            opts.log(f"latency: {r.label} {r.model} batch {b}")
+            times, w = time_fn(lambda: r.predict(x), rounds=opts.rounds, warmup=opts.warmup, seconds=opts.seconds,
+                               min_rounds=opts.min_rounds)
             st = stats_from(times, b, w)
             ach = r.flops_per_crop * st.crops_per_s / 1e9 if r.flops_per_crop else None
             report.rows.append(Row(engine=r.engine, precision=r.precision, device=r.device, provider=r.provider,
@@ -732,31 +850,26 @@ def run_latency(models: Sequence[str | Path] | None = None, *, run: str | Path |
                                    peak_fraction=ach / peak["gflops"] if ach and peak else None,
                                    peak_ref=pkey if peak else "", notes=r.notes))
 
-    # the peak again after the timings: the best of both is the machine's peak (a shared machine drifts)
+
+def _measure_peaks_again(report: LatencyReport, cpu_precisions: list[str], opts: LatencyOptions, gpu_ok: bool) -> None:
+    """The peaks again after the timings: the best of both is the machine's peak (a shared machine
+    drifts); every row's fraction of peak is recomputed against it."""
     for prec in cpu_precisions:
         key = peak_key("cpu", prec)
         if key in report.peaks:
-            again = cpu_peak(prec, peak_n, peak_reps, threads)
+            again = cpu_peak(prec, opts.peak_n, opts.peak_reps, opts.threads)
             first = report.peaks[key]
             best = again if again is not None and again["gflops"] > first["gflops"] else first
             report.peaks[key] = {**best, "what": best["what"] + "; best of a measurement before and one after the "
                                  "engine timings", "gflops_before_after": [first["gflops"],
                                                                            again["gflops"] if again else None]}
     if gpu_ok:
-        _repeat_peak(report, "cuda_float32", max(peak_n, 4096), peak_reps, "cuda", "float32")
-        _repeat_peak(report, "cuda_float16", max(peak_n, 4096), peak_reps, "cuda", "float16")
+        _repeat_peak(report, "cuda_float32", max(opts.peak_n, 4096), opts.peak_reps, "cuda", "float32")
+        _repeat_peak(report, "cuda_float16", max(opts.peak_n, 4096), opts.peak_reps, "cuda", "float16")
     for r in report.rows:
         peak = report.peaks.get(r.peak_ref)
         if r.achieved_gflops and peak:
             r.peak_fraction = r.achieved_gflops / peak["gflops"]
-
-    # end to end
-    if e2e:
-        report.end_to_end = _end_to_end(crop_paths, crop_source, e2e_engines(engines),
-                                        torch_models, pre, torch_name, batch=e2e_batch, workers=workers, threads=threads,
-                                        rounds=e2e_rounds, log=log)
-    report.seconds = time.perf_counter() - t_start
-    return report
 
 
 def _repeat_peak(report: LatencyReport, key: str, n: int, reps: int, device: str, dtype: str) -> None:
@@ -813,6 +926,19 @@ def model_only(eng, pixels: np.ndarray, batch: int) -> float:
     return time.perf_counter() - t0
 
 
+@dataclass
+class _E2ETimes:
+    """What the timed end-to-end rounds measured, per pipeline (engines in order)."""
+
+    ref: object = None  # the reference loop's last result (probabilities, workers, batch)
+    ref_times: list[float] = field(default_factory=list)
+    eng_times: list[list[float]] = field(default_factory=list)
+    eng_probs: list = field(default_factory=list)
+    eng_summ: list = field(default_factory=list)
+    dec_times: list[float] = field(default_factory=list)
+    mod_times: list[list[float]] = field(default_factory=list)
+
+
 def _end_to_end(paths: list[str], source: str, engines, torch_models, pre: Preprocess, torch_name: str, *, batch: int,
                 workers: int, threads: int, rounds: int = 1, log) -> dict:
     """The ami-infer pipeline (each engine) and the plain reference loop on the same crops.
@@ -831,82 +957,93 @@ def _end_to_end(paths: list[str], source: str, engines, torch_models, pre: Prepr
                          "one untimed warm-up pass over the first batch for each pipeline, then the timed rounds "
                          "(interleaved), median reported",
                  "ami_infer": []}
+    t = _e2e_rounds(paths, engines, torch_models, pre, batch=batch, workers=workers, rounds=rounds, log=log)
+    dec_s = float(np.median(t.dec_times))
+    out["decode_only"] = {"seconds": dec_s, "seconds_per_round": t.dec_times, "crops_per_s": len(paths) / dec_s,
+                          "what": f"ami-infer's decode + geometry stage alone (prepare_batch, {workers} threads, "
+                                  f"batch {batch}), no engine"}
+    ref_s = float(np.median(t.ref_times)) if t.ref_times else None
+    if t.ref is not None:
+        out["reference"] = {"model": torch_name, "crops": len(paths), "seconds": ref_s,
+                            "seconds_per_round": t.ref_times,
+                            "crops_per_s": len(paths) / ref_s if ref_s else math.inf, "workers": t.ref.workers,
+                            "batch": t.ref.batch_size,
+                            "pipeline": "PIL Image.open().convert('RGB') + torchvision Resize/ToTensor/Normalize + "
+                                        "torch DataLoader (worker processes) + PyTorch eager"}
+    else:
+        out["reference_skipped"] = "no PyTorch weights"
+    for i, eng in enumerate(engines):
+        out["ami_infer"].append(_e2e_record(eng, i, t, out, len(paths), threads))
+    return out
+
+
+def _e2e_rounds(paths: list[str], engines, torch_models, pre: Preprocess, *, batch: int, workers: int, rounds: int,
+                log) -> _E2ETimes:
+    """The warm-up pass of every pipeline, then the timed rounds: per round the reference loop,
+    ami-infer with each engine, and the two stages alone (decoding; each engine on the decoded pixels)."""
+    t = _E2ETimes(eng_times=[[] for _ in engines], eng_probs=[None] * len(engines), eng_summ=[None] * len(engines),
+                  mod_times=[[] for _ in engines])
     warm = paths[:min(len(paths), batch)]
-    ref_times, ref = [], None
-    eng_times: list[list[float]] = [[] for _ in engines]
-    eng_probs: list = [None] * len(engines)
-    eng_summ: list = [None] * len(engines)
     if torch_models is not None:
         from .reference import reference_loop
 
         reference_loop(warm, torch_models, pre, batch_size=batch, workers=workers)
     for eng in engines:
         run_ami_infer(warm, eng, batch=batch, workers=workers)
-    dec_times: list[float] = []
-    mod_times: list[list[float]] = [[] for _ in engines]
     for k in range(rounds):
+        of = f", round {k + 1}/{rounds}" if rounds > 1 else ""
         if torch_models is not None:
             log(f"latency: end-to-end reference loop (PIL + torchvision + DataLoader + PyTorch) on {len(paths)} crops"
-                + (f", round {k + 1}/{rounds}" if rounds > 1 else ""))
-            ref = reference_loop(paths, torch_models, pre, batch_size=batch, workers=workers)
-            ref_times.append(ref.elapsed_s)
+                + of)
+            t.ref = reference_loop(paths, torch_models, pre, batch_size=batch, workers=workers)
+            t.ref_times.append(t.ref.elapsed_s)
         for i, eng in enumerate(engines):
-            log(f"latency: end-to-end ami-infer with {eng.path.name} on {len(paths)} crops"
-                + (f", round {k + 1}/{rounds}" if rounds > 1 else ""))
-            eng_probs[i], secs, eng_summ[i] = run_ami_infer(paths, eng, batch=batch, workers=workers)
-            eng_times[i].append(secs)
+            log(f"latency: end-to-end ami-infer with {eng.path.name} on {len(paths)} crops" + of)
+            t.eng_probs[i], secs, t.eng_summ[i] = run_ami_infer(paths, eng, batch=batch, workers=workers)
+            t.eng_times[i].append(secs)
         # the two stages alone, in the same round: what bounds the pipeline on these cores
         log(f"latency: decode stage alone on {len(paths)} crops, and each engine alone on the decoded pixels")
         pixels, dsec = decode_only(paths, pre, batch=batch, workers=workers)
-        dec_times.append(dsec)
+        t.dec_times.append(dsec)
         for i, eng in enumerate(engines):
             eng.predict(pixels[:batch])
-            mod_times[i].append(model_only(eng, pixels, batch))
-    dec_s = float(np.median(dec_times))
-    out["decode_only"] = {"seconds": dec_s, "seconds_per_round": dec_times, "crops_per_s": len(paths) / dec_s,
-                          "what": f"ami-infer's decode + geometry stage alone (prepare_batch, {workers} threads, "
-                                  f"batch {batch}), no engine"}
-    ref_s = float(np.median(ref_times)) if ref_times else None
+            t.mod_times[i].append(model_only(eng, pixels, batch))
+    return t
+
+
+def _e2e_record(eng, i: int, t: _E2ETimes, out: dict, n: int, threads: int) -> dict:
+    """The end-to-end row of engine ``i``: its median speed, where its wall time went, the bound the
+    two stages set, and (with a reference loop) its agreement with it; fp32 is checked."""
+    batch, workers = out["batch"], out["workers"]
+    secs = float(np.median(t.eng_times[i]))
+    probs, summ = t.eng_probs[i], t.eng_summ[i]
+    rec = {"model": eng.path.name, "engine": eng.title or eng.engine, "precision": eng.precision,
+           "provider": eng.provider, "crops": n, "seconds": secs, "seconds_per_round": t.eng_times[i],
+           "crops_per_s": n / secs if secs > 0 else math.inf, "batch": batch,
+           "workers": workers, "pool": summ.get("pool", "thread"), "threads": threads}
+    # where the wall time went (ami-infer's own clocks, the median round) and the bound the stages set
+    rec["engine_fraction"] = summ.get("engine_s", 0.0) / summ["elapsed_s"] if summ.get("elapsed_s") else None
+    rec["wait_fraction"] = summ.get("wait_s", 0.0) / summ["elapsed_s"] if summ.get("elapsed_s") else None
+    m_rate = n / float(np.median(t.mod_times[i]))
+    d_rate = out["decode_only"]["crops_per_s"]
+    rec["model_only_crops_per_s"] = m_rate
+    rec["bound_crops_per_s"] = 1.0 / (1.0 / m_rate + 1.0 / d_rate)
+    rec["fraction_of_bound"] = rec["crops_per_s"] / rec["bound_crops_per_s"]
+    ref = t.ref
     if ref is not None:
-        out["reference"] = {"model": torch_name, "crops": len(paths), "seconds": ref_s, "seconds_per_round": ref_times,
-                            "crops_per_s": len(paths) / ref_s if ref_s else math.inf, "workers": ref.workers,
-                            "batch": ref.batch_size,
-                            "pipeline": "PIL Image.open().convert('RGB') + torchvision Resize/ToTensor/Normalize + "
-                                        "torch DataLoader (worker processes) + PyTorch eager"}
-    else:
-        out["reference_skipped"] = "no PyTorch weights"
-    for i, eng in enumerate(engines):
-        secs = float(np.median(eng_times[i]))
-        probs = eng_probs[i]
-        rec = {"model": eng.path.name, "engine": eng.title or eng.engine, "precision": eng.precision,
-               "provider": eng.provider, "crops": len(paths),
-               "seconds": secs, "seconds_per_round": eng_times[i],
-               "crops_per_s": len(paths) / secs if secs > 0 else math.inf, "batch": batch,
-               "workers": workers, "pool": eng_summ[i].get("pool", "thread"), "threads": threads}
-        # where the wall time went (ami-infer's own clocks, the median round) and the bound the stages set
-        summ = eng_summ[i]
-        rec["engine_fraction"] = summ.get("engine_s", 0.0) / summ["elapsed_s"] if summ.get("elapsed_s") else None
-        rec["wait_fraction"] = summ.get("wait_s", 0.0) / summ["elapsed_s"] if summ.get("elapsed_s") else None
-        m_rate = len(paths) / float(np.median(mod_times[i]))
-        d_rate = out["decode_only"]["crops_per_s"]
-        rec["model_only_crops_per_s"] = m_rate
-        rec["bound_crops_per_s"] = 1.0 / (1.0 / m_rate + 1.0 / d_rate)
-        rec["fraction_of_bound"] = rec["crops_per_s"] / rec["bound_crops_per_s"]
-        if ref is not None:
-            thr = eng.threshold
-            diff = np.abs(probs - ref.probs)
-            rec["ratio_vs_reference"] = rec["crops_per_s"] / out["reference"]["crops_per_s"]
-            rec["labels_identical"] = bool(np.all((probs >= thr) == (ref.probs >= thr)))
-            rec["label_agreement"] = float(np.mean((probs >= thr) == (ref.probs >= thr)))
-            rec["max_abs_dp"] = float(np.nanmax(diff))
-            rec["mean_abs_dp"] = float(np.nanmean(diff))
-            if eng.precision == "fp32":
-                rec["check"] = ("pass" if rec["labels_identical"] and rec["max_abs_dp"] <= FP32_E2E_TOL else "FAIL") + \
-                    f" (fp32: labels identical and max |Δp| <= {FP32_E2E_TOL:g})"
-            else:
-                rec["check"] = f"not checked ({eng.precision}: reported only; see ami-bench parity)"
-        out["ami_infer"].append(rec)
-    return out
+        thr = eng.threshold
+        diff = np.abs(probs - ref.probs)
+        rec["ratio_vs_reference"] = rec["crops_per_s"] / out["reference"]["crops_per_s"]
+        rec["labels_identical"] = bool(np.all((probs >= thr) == (ref.probs >= thr)))
+        rec["label_agreement"] = float(np.mean((probs >= thr) == (ref.probs >= thr)))
+        rec["max_abs_dp"] = float(np.nanmax(diff))
+        rec["mean_abs_dp"] = float(np.nanmean(diff))
+        if eng.precision == "fp32":
+            rec["check"] = ("pass" if rec["labels_identical"] and rec["max_abs_dp"] <= FP32_E2E_TOL else "FAIL") + \
+                f" (fp32: labels identical and max |Δp| <= {FP32_E2E_TOL:g})"
+        else:
+            rec["check"] = f"not checked ({eng.precision}: reported only; see ami-bench parity)"
+    return rec
 
 
 # -- command line --------------------------------------------------------------------------------
@@ -968,10 +1105,12 @@ def register(app: typer.Typer) -> None:
         if run is not None and weights is not None:
             raise typer.BadParameter("pass either --run or --weights, not both")
         try:
-            rep = run_latency(model, run=run, weights=weights, batches=batch, data_root=data_root, folder=folder,
-                              crops=crops, threads=threads, rounds=rounds, warmup=warmup, seconds=seconds,
-                              min_rounds=min_rounds, e2e=e2e, e2e_batch=e2e_batch, e2e_rounds=e2e_rounds, workers=workers, peak_n=peak_n,
-                              trt=trt, runtimes=runtime, precisions=precision, log=lambda s: typer.echo(s, err=True))
+            opts = LatencyOptions(run=run, weights=weights, batches=batch, data_root=data_root, folder=folder,
+                                  crops=crops, threads=threads, rounds=rounds, warmup=warmup, seconds=seconds,
+                                  min_rounds=min_rounds, e2e=e2e, e2e_batch=e2e_batch, e2e_rounds=e2e_rounds,
+                                  workers=workers, peak_n=peak_n, trt=trt, runtimes=runtime, precisions=precision,
+                                  log=lambda s: typer.echo(s, err=True))
+            rep = run_latency(model, opts)
         except (LatencyError, ParityError) as e:
             typer.echo(f"ami-bench latency: {e}", err=True)
             raise typer.Exit(2) from None

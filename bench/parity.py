@@ -42,7 +42,7 @@ import math
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
@@ -342,6 +342,11 @@ def _folds(folds) -> str:
 
 # -- helpers shared with the latency benchmark -----------------------------------------------------
 
+def log_to_stderr(text: str) -> None:
+    """The default progress log of the benchmarks: one line on standard error."""
+    print(text, file=sys.stderr)
+
+
 def machine_info() -> dict:
     """CPU model, core count and library versions (no torch import here)."""
     import os
@@ -601,13 +606,9 @@ def _compare(ds: str, engine_name: str, meta: ArtifactMeta, y: np.ndarray, p_tor
     return r
 
 
-def parity(data_root: str | Path | None = None, *, run: str | Path | None = None,
-           engines: Sequence[str | Path] | None = None, weights: str | Path | None = None, max_crops: int = 0,
-           batch: int = 64, threads: int = 0, provider: str = "cpu", device: str = "cpu",
-           datasets: Sequence[str] = TEST_SETS, show_progress: bool = True, keep_predictions: bool = False,
-           runtimes: Sequence[str] | None = None, precisions: Sequence[str] | None = None,
-           log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Report:
-    """Compare PyTorch and each engine on every present evaluation set; see the module docstring.
+@dataclass(frozen=True)
+class ParityOptions:
+    """What :func:`parity` compares and how; each field is one of its keyword arguments.
 
     ``engines``: ONNX files / TensorRT plans (None: the shipped edge engines). ``run``: the run
     directory they were exported from; ``weights``: alternatively a full state dict of one network
@@ -615,14 +616,79 @@ def parity(data_root: str | Path | None = None, *, run: str | Path | None = None
     class-stratified sample of at most this many crops per set (0 = all). ``provider``: ONNX Runtime
     provider for ONNX files (cpu by default: the reference runtime). ``device``: PyTorch device.
     ``keep_predictions``: keep every crop's two probabilities in the results (and the JSON).
+    ``runtimes`` / ``precisions``: only these engines / precisions (None: every one that applies)."""
+
+    run: str | Path | None = None
+    engines: Sequence[str | Path] | None = None
+    weights: str | Path | None = None
+    max_crops: int = 0
+    batch: int = 64
+    threads: int = 0
+    provider: str = "cpu"
+    device: str = "cpu"
+    datasets: Sequence[str] = TEST_SETS
+    show_progress: bool = True
+    keep_predictions: bool = False
+    runtimes: Sequence[str] | None = None
+    precisions: Sequence[str] | None = None
+    log: Callable[[str], None] = log_to_stderr
+
+
+def parity(data_root: str | Path | None = None, options: ParityOptions | None = None, **settings) -> Report:
+    """Compare PyTorch and each engine on every present evaluation set; see the module docstring.
+
+    ``options``: a :class:`ParityOptions`; keyword ``settings`` (its field names, e.g.
+    ``engines=[...]``, ``max_crops=200``) override its fields.
+
+    The steps: the two sides named (:func:`_pytorch_side_named`), the engines loaded, one PyTorch
+    reference per distinct model (:func:`_references`), then every present set compared
+    (:func:`_compare_set`).
     """
     t0 = time.perf_counter()
+    opts = replace(options or ParityOptions(), **settings)
     root = resolve_data_root(data_root)
-    if batch < 1:
-        raise ParityError(f"batch must be >= 1, got {batch}")
-    paths, notes = resolve_engines(engines)
+    if opts.batch < 1:
+        raise ParityError(f"batch must be >= 1, got {opts.batch}")
+    paths, notes = resolve_engines(opts.engines)
+    opts = replace(opts, weights=_pytorch_side_named(opts))
+
+    import torch  # the PyTorch side; imported here so --help and errors above stay fast
+
+    if opts.threads > 0:
+        torch.set_num_threads(opts.threads)
+
+    # load the engines: every file on every installed engine that takes it, at every precision
+    loaded, more = load_variants(paths, runtimes=opts.runtimes, precisions=opts.precisions, provider=opts.provider,
+                                 threads=opts.threads, error=ParityError)
+    notes += more
+    refs, ref_of, infos = _references(loaded, opts, notes)
+    report = Report(data_root=str(root), engines=infos, max_crops=max(0, int(opts.max_crops)), notes=notes)
+    sets = available_eval_sets(root)
+    for ds in opts.datasets:
+        found = sets.get(ds)
+        if found is None:
+            raise ParityError(f"unknown evaluation set {ds!r}; known: {', '.join(TEST_SETS)}")
+        if isinstance(found, str):
+            report.absent[ds] = found
+            opts.log(f"parity: {ds}: absent")
+            continue
+        report.results += _compare_set(ds, stratified_subset(found, opts.max_crops), loaded, infos, ref_of, refs, opts)
+    if opts.max_crops and any(i.precision != "fp32" for i in infos):
+        small = [r for r in report.results if r.precision != "fp32" and r.n_atypical and 1 / (2 * r.n_atypical) > 0.01]
+        if small:
+            report.notes.append("on a sample this small one flipped atypical label moves BA by more than the int8/fp16 "
+                                "tolerance (0.01); the full sets are the verdict that counts (run without --max-crops)")
+    report.machine = machine_info()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _pytorch_side_named(opts: ParityOptions) -> str | Path | None:
+    """The weights of the PyTorch side: ``opts.weights``; the shipped edge.safetensors when neither
+    a run nor engines are named. Refused: engines without a PyTorch side, or both a run and weights."""
+    run, weights = opts.run, opts.weights
     if run is None and weights is None:
-        if engines:
+        if opts.engines:
             raise ParityError("the PyTorch side is missing: pass --run DIR (the run the engine was exported from) or "
                               "--weights FILE (a full state dict of the network)")
         weights = SHIPPED_WEIGHTS
@@ -631,43 +697,19 @@ def parity(data_root: str | Path | None = None, *, run: str | Path | None = None
                               "shipped engines cannot be compared with their PyTorch model")
     if run is not None and weights is not None:
         raise ParityError("pass either --run or --weights, not both")
+    return weights
 
-    import torch  # the PyTorch side; imported here so --help and errors above stay fast
 
-    if threads > 0:
-        torch.set_num_threads(threads)
-
-    # load the engines: every file on every installed engine that takes it, at every precision
-    loaded, more = load_variants(paths, runtimes=runtimes, precisions=precisions, provider=provider, threads=threads,
-                                 error=ParityError)
-    notes += more
-
-    # build one PyTorch reference per distinct set of folds
+def _references(loaded: list, opts: ParityOptions, notes: list[str]) -> tuple[dict, list[tuple], list[EngineInfo]]:
+    """One PyTorch reference per distinct model of the engines (their folds of ``opts.run``, or
+    ``opts.weights`` as their network): (references by key, each engine's key, each engine's
+    :class:`EngineInfo`). A provenance warning becomes a note."""
     refs: dict[tuple, TorchReference] = {}
     infos: list[EngineInfo] = []
     ref_of: list[tuple] = []
     for eng in loaded:
         meta = eng.meta
-        if run is not None:
-            key = ("run", tuple(str(f) for f in meta.folds))
-            if not meta.folds:
-                raise ParityError(f"{eng.path.name}: its metadata names no folds; cannot rebuild its PyTorch model")
-            if key not in refs:
-                log(f"parity: building PyTorch fold model(s) {_folds(meta.folds)} of {Path(run).name}")
-                models, cfg, src = build_run_models(Path(run), list(meta.folds))
-                desc = (f"{cfg.name}/{src.method} from {Path(run).name}, folds {_folds(src.folds)}"
-                        + (" (mean of fold probabilities)" if len(models) > 1 else ""))
-                refs[key] = TorchReference(models, cfg.preprocess, desc, device)
-                refs[key].src = src
-            provenance = _provenance_run(refs[key].src, meta)
-        else:
-            key = ("weights", str(weights), meta.model, meta.method)
-            if key not in refs:
-                log(f"parity: building PyTorch {meta.model}/{meta.method} from {Path(weights).name}")
-                model, cfg = build_single_model(Path(weights), meta.model, meta.method)
-                refs[key] = TorchReference([model], cfg.preprocess, f"{meta.model}/{meta.method} from {Path(weights).name}",
-                                           device)
-            provenance = _provenance_file(Path(weights), meta)
+        key, provenance = _reference_for(eng, opts, refs)
         if provenance.startswith("WARNING"):
             notes.append(f"{eng.path.name}: {provenance}")
         ref_of.append(key)
@@ -676,51 +718,64 @@ def parity(data_root: str | Path | None = None, *, run: str | Path | None = None
                                 threshold=float(meta.threshold), tolerance=tolerance_for(eng.precision).describe(),
                                 reference=refs[key].description, provenance=provenance, runtime=eng.engine,
                                 artefact_precision=meta.precision))
+    return refs, ref_of, infos
 
-    report = Report(data_root=str(root), engines=infos, max_crops=max(0, int(max_crops)), notes=notes)
-    sets = available_eval_sets(root)
-    for ds in datasets:
-        found = sets.get(ds)
-        if found is None:
-            raise ParityError(f"unknown evaluation set {ds!r}; known: {', '.join(TEST_SETS)}")
-        if isinstance(found, str):
-            report.absent[ds] = found
-            log(f"parity: {ds}: absent")
-            continue
-        samples = stratified_subset(found, max_crops)
-        y = np.array([s.label for s in samples], dtype=np.int64)
-        pixels_by_pre: dict[Preprocess, np.ndarray] = {}
-        torch_cache: dict[tuple, np.ndarray] = {}
-        for eng, info, key in zip(loaded, infos, ref_of):
-            pre = eng.meta.preprocess
-            if pre not in pixels_by_pre:
-                pixels_by_pre[pre] = decode_crops([s.path for s in samples], pre, f"{ds}: decoding", show_progress)
-            pixels = pixels_by_pre[pre]
-            ref = refs[key]
-            extra: list[Check] = []
-            if ref.pre != pre:
-                extra.append(Check("preprocess", None, None, False,
-                                   f"preprocess: the engine's metadata ({pre}) differs from the PyTorch model's "
-                                   f"({ref.pre}); the same pixels were given to both"))
-            tkey = (key, pre)
-            if tkey not in torch_cache:
-                torch_cache[tkey] = ref.predict(pixels, batch, f"{ds}: PyTorch", show_progress)
-            p_engine = _predict_engine(eng, pixels, batch, f"{ds}: {info.name}", show_progress)
-            r = _compare(ds, info.name, eng.meta, y, torch_cache[tkey], p_engine, extra, eng.precision)
-            if keep_predictions:
-                r.predictions = {"names": [s.name for s in samples], "labels": y.tolist(),
-                                 "torch": torch_cache[tkey].tolist(), "engine": p_engine.tolist()}
-            report.results.append(r)
-            log(f"parity: {ds} / {info.name}: {'pass' if r.ok else 'FAIL'} (max |Δp| {r.max_abs_dp:.2e}, "
-                f"ΔBA {_f(r.d_ba, '+.4f')}, ΔAUROC {_f(r.d_auroc, '+.2e')}, {r.n_flips} label(s) differ, n={r.n})")
-    if max_crops and any(i.precision != "fp32" for i in infos):
-        small = [r for r in report.results if r.precision != "fp32" and r.n_atypical and 1 / (2 * r.n_atypical) > 0.01]
-        if small:
-            report.notes.append("on a sample this small one flipped atypical label moves BA by more than the int8/fp16 "
-                                "tolerance (0.01); the full sets are the verdict that counts (run without --max-crops)")
-    report.machine = machine_info()
-    report.seconds = time.perf_counter() - t0
-    return report
+
+def _reference_for(eng, opts: ParityOptions, refs: dict) -> tuple[tuple, str]:
+    """(key of the PyTorch reference of ``eng`` in ``refs``, built there when new; whether its weights
+    are those the engine records)."""
+    meta, run, weights, log = eng.meta, opts.run, opts.weights, opts.log
+    if run is not None:
+        key = ("run", tuple(str(f) for f in meta.folds))
+        if not meta.folds:
+            raise ParityError(f"{eng.path.name}: its metadata names no folds; cannot rebuild its PyTorch model")
+        if key not in refs:
+            log(f"parity: building PyTorch fold model(s) {_folds(meta.folds)} of {Path(run).name}")
+            models, cfg, src = build_run_models(Path(run), list(meta.folds))
+            desc = (f"{cfg.name}/{src.method} from {Path(run).name}, folds {_folds(src.folds)}"
+                    + (" (mean of fold probabilities)" if len(models) > 1 else ""))
+            refs[key] = TorchReference(models, cfg.preprocess, desc, opts.device)
+            refs[key].src = src
+        return key, _provenance_run(refs[key].src, meta)
+    key = ("weights", str(weights), meta.model, meta.method)
+    if key not in refs:
+        log(f"parity: building PyTorch {meta.model}/{meta.method} from {Path(weights).name}")
+        model, cfg = build_single_model(Path(weights), meta.model, meta.method)
+        refs[key] = TorchReference([model], cfg.preprocess, f"{meta.model}/{meta.method} from {Path(weights).name}",
+                                   opts.device)
+    return key, _provenance_file(Path(weights), meta)
+
+
+def _compare_set(ds: str, samples: list, loaded: list, infos: list[EngineInfo], ref_of: list[tuple],
+                 refs: dict, opts: ParityOptions) -> list[SetResult]:
+    """Every engine against its PyTorch reference on the crops of one set: each crop decoded once
+    per preprocessing, each reference run once per preprocessing, the same pixels to both sides."""
+    y = np.array([s.label for s in samples], dtype=np.int64)
+    pixels_by_pre: dict[Preprocess, np.ndarray] = {}
+    torch_cache: dict[tuple, np.ndarray] = {}
+    show, out = opts.show_progress, []
+    for eng, info, key in zip(loaded, infos, ref_of):
+        pre, ref = eng.meta.preprocess, refs[key]
+        if pre not in pixels_by_pre:
+            pixels_by_pre[pre] = decode_crops([s.path for s in samples], pre, f"{ds}: decoding", show)
+        pixels = pixels_by_pre[pre]
+        extra: list[Check] = []
+        if ref.pre != pre:
+            extra.append(Check("preprocess", None, None, False,
+                               f"preprocess: the engine's metadata ({pre}) differs from the PyTorch model's "
+                               f"({ref.pre}); the same pixels were given to both"))
+        tkey = (key, pre)
+        if tkey not in torch_cache:
+            torch_cache[tkey] = ref.predict(pixels, opts.batch, f"{ds}: PyTorch", show)
+        p_engine = _predict_engine(eng, pixels, opts.batch, f"{ds}: {info.name}", show)
+        r = _compare(ds, info.name, eng.meta, y, torch_cache[tkey], p_engine, extra, eng.precision)
+        if opts.keep_predictions:
+            r.predictions = {"names": [s.name for s in samples], "labels": y.tolist(),
+                             "torch": torch_cache[tkey].tolist(), "engine": p_engine.tolist()}
+        out.append(r)
+        opts.log(f"parity: {ds} / {info.name}: {'pass' if r.ok else 'FAIL'} (max |Δp| {r.max_abs_dp:.2e}, "
+                 f"ΔBA {_f(r.d_ba, '+.4f')}, ΔAUROC {_f(r.d_auroc, '+.2e')}, {r.n_flips} label(s) differ, n={r.n})")
+    return out
 
 
 def _predict_engine(eng, pixels: np.ndarray, batch: int, desc: str, show: bool) -> np.ndarray:
@@ -783,9 +838,10 @@ def register(app: typer.Typer) -> None:
         if fmt not in FORMATS:
             raise typer.BadParameter(f"--format must be one of {', '.join(FORMATS)}")
         try:
-            rep = parity(data_root, run=run, engines=engine, weights=weights, max_crops=max_crops, batch=batch,
-                         threads=threads, provider=provider, device=device, runtimes=runtime, precisions=precision,
-                         log=lambda s: typer.echo(s, err=True))
+            opts = ParityOptions(run=run, engines=engine, weights=weights, max_crops=max_crops, batch=batch,
+                                 threads=threads, provider=provider, device=device, runtimes=runtime,
+                                 precisions=precision, log=lambda s: typer.echo(s, err=True))
+            rep = parity(data_root, opts)
         except ParityError as e:
             typer.echo(f"ami-bench parity: {e}", err=True)
             raise typer.Exit(2) from None

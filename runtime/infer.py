@@ -405,6 +405,23 @@ def _row_key(vals: list, n_key: int):
     return tuple(csv_uncell(v) if isinstance(v, str) else str(v) for v in vals[:n_key])
 
 
+class _ByteLines:
+    """The lines of ``data`` (bytes, each with its newline) decoded for :func:`csv.reader`, with
+    ``pos``: the byte offset just after the last line handed out (where a parsed row ends)."""
+
+    def __init__(self, data: bytes):
+        self.data, self.pos = data, 0
+
+    def __iter__(self) -> Iterator[str]:
+        data = self.data
+        while self.pos < len(data):
+            j = data.find(b"\n", self.pos)
+            j = len(data) if j < 0 else j + 1
+            chunk = data[self.pos:j]
+            self.pos = j
+            yield chunk.decode("utf-8", "surrogateescape")
+
+
 def scan_output(path: str | os.PathLike, fmt: str, columns: tuple = COLUMNS, n_key: int = 1) -> Scan:
     """Parse an ami-infer output file (CSV by the csv module, so a quoted path holding a newline is
     one field; JSON Lines line by line). A damaged *tail* (a run killed mid-row) is measured, not
@@ -415,76 +432,86 @@ def scan_output(path: str | os.PathLike, fmt: str, columns: tuple = COLUMNS, n_k
     with open(p, "rb") as f:
         data = f.read()
     sc.size = len(data)
-    if not data:
-        return sc
-    if fmt == "csv":
-        pos = 0
-        ends: list[int] = []
+    if data:
+        (_scan_csv if fmt == "csv" else _scan_jsonl)(p, data, columns, n_key, sc)
+    return sc
 
-        def lines():
-            nonlocal pos
-            while pos < len(data):
-                j = data.find(b"\n", pos)
-                j = len(data) if j < 0 else j + 1
-                chunk = data[pos:j]
-                pos = j
-                yield chunk.decode("utf-8", "surrogateescape")
 
-        reader = csv.reader(lines(), strict=True)
-        header_line = ",".join(columns) + "\n"
+def _damaged(p: Path, where: str, what: str = "row") -> InputError:
+    return InputError(f"{p}: {where} and rows follow it; ami-infer cannot tell which rows to trust: fix or remove "
+                      f"that {what}, or start again with --overwrite")
+
+
+def _scan_csv(p: Path, data: bytes, columns: tuple, n_key: int, sc: Scan) -> None:
+    """:func:`scan_output` for CSV: the header, then every row up to the first damaged one, which
+    must be the (cut) last one."""
+    lines = _ByteLines(data)
+    reader = csv.reader(lines, strict=True)
+    if not _csv_header(p, data, reader, columns, sc):
+        return
+    bad_at = None  # (row number, reason) of the first damaged record after good_end
+    n = 1
+    while True:
         try:
-            header = next(reader)
-        except csv.Error:
-            header = None
-        if tuple(header or ()) == columns and data.startswith(header_line.encode()):
-            sc.good_end = len(header_line)
-        elif columns == COLUMNS and tuple(header or ()) == LEGACY_COLUMNS:
-            sc.legacy = True
-            return sc
-        elif header_line.encode().startswith(data):  # killed while writing the header
-            return sc
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            if lines.pos < len(data):  # not a cut tail: something in the middle does not parse
+                raise InputError(f"{p}: row {n + 1} is damaged (unparseable: {e}) and more of the file follows; "
+                                 "ami-infer cannot tell which rows to trust: fix or remove that row, or start "
+                                 "again with --overwrite") from None
+            bad_at = bad_at or (n + 1, f"unparseable ({e})")
+            break
+        n += 1
+        complete = data[lines.pos - 1:lines.pos] == b"\n"
+        if len(row) == len(columns) and complete and _valid_row(row, columns):
+            if bad_at:
+                raise _damaged(p, f"row {bad_at[0]} is damaged ({bad_at[1]})")
+            sc.rows[_row_key(row, n_key)] = (row[columns.index("status")], row[columns.index("label")])
+            sc.n_rows += 1
+            sc.good_end = lines.pos
         else:
-            raise InputError(f"{p} is not an ami-infer CSV (header {header}, expected {','.join(columns)}); "
-                             "choose another -o file or the matching --format")
-        bad_at = None  # (row number, reason) of the first damaged record after good_end
-        n = 1
-        while True:
-            try:
-                row = next(reader)
-            except StopIteration:
-                break
-            except csv.Error as e:
-                if pos < len(data):  # not a cut tail: something in the middle does not parse
-                    raise InputError(f"{p}: row {n + 1} is damaged (unparseable: {e}) and more of the file follows; "
-                                     "ami-infer cannot tell which rows to trust: fix or remove that row, or start "
-                                     "again with --overwrite") from None
-                bad_at = bad_at or (n + 1, f"unparseable ({e})")
-                break
-            n += 1
-            complete = data[pos - 1:pos] == b"\n"
-            if len(row) == len(columns) and complete and _valid_row(row, columns):
-                if bad_at:
-                    raise InputError(f"{p}: row {bad_at[0]} is damaged ({bad_at[1]}) and rows follow it; ami-infer "
-                                     "cannot tell which rows to trust: fix or remove that row, or start again with "
-                                     "--overwrite")
-                sc.rows[_row_key(row, n_key)] = (row[columns.index("status")], row[columns.index("label")])
-                sc.n_rows += 1
-                sc.good_end = pos
-            else:
-                bad_at = bad_at or (n, "incomplete" if not complete else f"{len(row)} fields, not a valid row")
-        # A cut tail is (part of) one row. If a whole valid row sits in it, an open quote further up
-        # swallowed it: that is damage, not a cut, and cutting would throw good rows away.
-        for line in data[sc.good_end:].split(b"\n")[:-1]:
-            try:
-                alone = next(csv.reader([line.decode("utf-8", "surrogateescape")], strict=True), [])
-            except csv.Error:
-                continue
-            if len(alone) == len(columns) and _valid_row(alone, columns):
-                raise InputError(f"{p}: row {bad_at[0] if bad_at else '?'} is damaged and complete rows follow it; "
-                                 "ami-infer cannot tell which rows to trust: fix or remove that row, or start again "
-                                 "with --overwrite")
-        return sc
-    # JSON Lines: one object per line (json escapes every newline inside a string)
+            bad_at = bad_at or (n, "incomplete" if not complete else f"{len(row)} fields, not a valid row")
+    _refuse_swallowed_rows(p, data[sc.good_end:], columns, bad_at)
+
+
+def _csv_header(p: Path, data: bytes, reader, columns: tuple, sc: Scan) -> bool:
+    """Read the header row: True when rows follow it (``sc.good_end`` set after it); False for a
+    file from before the note column (``sc.legacy``) or one cut inside its header; else refused."""
+    header_line = ",".join(columns) + "\n"
+    try:
+        header = next(reader)
+    except csv.Error:
+        header = None
+    if tuple(header or ()) == columns and data.startswith(header_line.encode()):
+        sc.good_end = len(header_line)
+        return True
+    if columns == COLUMNS and tuple(header or ()) == LEGACY_COLUMNS:
+        sc.legacy = True
+        return False
+    if header_line.encode().startswith(data):  # killed while writing the header
+        return False
+    raise InputError(f"{p} is not an ami-infer CSV (header {header}, expected {','.join(columns)}); "
+                     "choose another -o file or the matching --format")
+
+
+def _refuse_swallowed_rows(p: Path, tail: bytes, columns: tuple, bad_at) -> None:
+    """A cut tail is (part of) one row. If a whole valid row sits in it, an open quote further up
+    swallowed it: that is damage, not a cut, and cutting would throw good rows away."""
+    for line in tail.split(b"\n")[:-1]:
+        try:
+            alone = next(csv.reader([line.decode("utf-8", "surrogateescape")], strict=True), [])
+        except csv.Error:
+            continue
+        if len(alone) == len(columns) and _valid_row(alone, columns):
+            raise InputError(f"{p}: row {bad_at[0] if bad_at else '?'} is damaged and complete rows follow it; "
+                             "ami-infer cannot tell which rows to trust: fix or remove that row, or start again "
+                             "with --overwrite")
+
+
+def _scan_jsonl(p: Path, data: bytes, columns: tuple, n_key: int, sc: Scan) -> None:
+    """:func:`scan_output` for JSON Lines: one object per line (json escapes every newline inside a string)."""
     pos, n, bad_at = 0, 0, None
     while pos < len(data):
         j = data.find(b"\n", pos)
@@ -497,18 +524,10 @@ def scan_output(path: str | os.PathLike, fmt: str, columns: tuple = COLUMNS, n_k
             if bad_at is None:
                 sc.good_end = pos
             continue
-        try:
-            d = json.loads(line.decode("utf-8", "surrogateescape"))
-            ok = (complete and isinstance(d, dict)
-                  and all(k in d for k in (*columns[:n_key], "prob_atypical", "label", "status"))
-                  and _valid_row([("" if d.get(c) is None and c == "prob_atypical" else d.get(c, "")) for c in columns],
-                                 columns))
-        except (ValueError, TypeError, KeyError):
-            ok = False
-        if ok:
+        d = _json_row(line, complete, columns, n_key)
+        if d is not None:
             if bad_at:
-                raise InputError(f"{p}: line {bad_at} is damaged and rows follow it; ami-infer cannot tell which rows "
-                                 "to trust: fix or remove that line, or start again with --overwrite")
+                raise _damaged(p, f"line {bad_at} is damaged", "line")
             sc.rows[_row_key([d[c] for c in columns[:n_key]], n_key)] = (d["status"], d.get("label") or "")
             sc.n_rows += 1
             sc.good_end = pos
@@ -516,7 +535,19 @@ def scan_output(path: str | os.PathLike, fmt: str, columns: tuple = COLUMNS, n_k
             raise InputError(f"{p} is not an ami-infer JSON Lines file; choose another -o file or the matching --format")
         else:
             bad_at = bad_at or n
-    return sc
+
+
+def _json_row(line: bytes, complete: bool, columns: tuple, n_key: int) -> dict | None:
+    """A complete, valid JSON Lines row as a dict; None when the line is cut, not JSON or not a valid row."""
+    try:
+        d = json.loads(line.decode("utf-8", "surrogateescape"))
+        ok = (complete and isinstance(d, dict)
+              and all(k in d for k in (*columns[:n_key], "prob_atypical", "label", "status"))
+              and _valid_row([("" if d.get(c) is None and c == "prob_atypical" else d.get(c, "")) for c in columns],
+                             columns))
+    except (ValueError, TypeError, KeyError):
+        return None
+    return d if ok else None
 
 
 def read_results(path: str | os.PathLike, fmt: str, columns: tuple = COLUMNS, n_key: int = 1) -> dict:
@@ -702,19 +733,11 @@ class ResultWriter:
         if self.fmt == "csv":
             nl = data.index(b"\n") + 1
             head, body = data[:nl], data[nl:]
-            pos = 0
-
-            def lines():
-                nonlocal pos
-                while pos < len(body):
-                    j = body.find(b"\n", pos)
-                    j = len(body) if j < 0 else j + 1
-                    chunk, pos = body[pos:j], j
-                    yield chunk.decode("utf-8", "surrogateescape")
+            lines = _ByteLines(body)
             start = 0
-            for row in csv.reader(lines(), strict=True):
-                recs.append((_row_key(row, self.n_key), body[start:pos]))
-                start = pos
+            for row in csv.reader(lines, strict=True):
+                recs.append((_row_key(row, self.n_key), body[start:lines.pos]))
+                start = lines.pos
         else:
             head = b""
             for line in data.splitlines(keepends=True):
@@ -967,6 +990,25 @@ def check_probabilities(probs: np.ndarray, chunk: list[str]) -> None:
                           "the artefact is broken or is not an ami model")
 
 
+@dataclass(frozen=True)
+class InferenceOptions:
+    """The keyword arguments of :func:`run_inference` in one bundle (same names, same defaults)."""
+
+    fmt: str | None = None
+    batch_size: int = 64
+    workers: int = 0
+    threshold: float | None = None
+    resume: bool = False
+    progress: bool | ProgressLine = True
+    pool: str = "thread"
+    overwrite: bool = False
+    max_pixels: int = MAX_PIXELS
+    resume_any: bool = False
+    retry_errors: bool = False
+    protect: tuple = ()
+    source: CropFiles | None = None
+
+
 def run_inference(inputs: Iterable[str | os.PathLike], engine, out_path: str | os.PathLike, fmt: str | None = None,
                   batch_size: int = 64, workers: int = 0, threshold: float | None = None, resume: bool = False,
                   progress: bool | ProgressLine = True, *, pool: str = "thread", overwrite: bool = False,
@@ -984,178 +1026,262 @@ def run_inference(inputs: Iterable[str | os.PathLike], engine, out_path: str | o
     An existing non-empty ``out_path`` is refused unless ``resume`` or ``overwrite``; a file held
     by another run, or one of the inputs (or of ``protect``, e.g. list files), is always refused.
     ``pool``: thread | process. ``source``: what the inputs are (default :class:`CropFiles`: crop paths).
+
+    The steps: check the options against the engine and take the output (:class:`_InferenceRun`),
+    check and record what a resumed output holds (:meth:`~_InferenceRun.open_output`), pick the
+    inputs still to do (:meth:`~_InferenceRun.inputs_to_do`), then decode and classify them in
+    pipelined batches (:meth:`~_InferenceRun.run_batches`).
     """
-    if batch_size < 1:
-        raise InputError(f"batch size must be >= 1, got {batch_size}")
-    if pool not in POOLS:
-        raise InputError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
-    out_path = Path(out_path) if os.fspath(out_path) != "-" else Path("-")
-    fmt = format_for(out_path, fmt)
-    thr = float(engine.threshold if threshold is None else threshold)
-    if not 0.0 <= thr <= 1.0:
-        raise InputError(f"threshold must be within [0, 1], got {thr}")
-    workers = workers if workers and workers > 0 else default_workers()
-    names = tuple(engine.meta.class_names)
-    pre: Preprocess = engine.meta.preprocess
-    src = source or CropFiles()
-    all_inputs = [os.fspath(p) for p in inputs] if source is None else list(inputs)
-    stream = is_stream("-" if os.fspath(out_path) == "-" else out_path)
+    opts = InferenceOptions(fmt=fmt, batch_size=batch_size, workers=workers, threshold=threshold, resume=resume,
+                            progress=progress, pool=pool, overwrite=overwrite, max_pixels=max_pixels,
+                            resume_any=resume_any, retry_errors=retry_errors, protect=tuple(protect), source=source)
+    run = _InferenceRun(inputs, engine, out_path, opts)
+    run.open_output()
+    return run.run_batches(run.inputs_to_do())
 
-    writer = ResultWriter("-" if os.fspath(out_path) == "-" else out_path, fmt, resume=resume, overwrite=overwrite,
-                          columns=src.columns, n_key=src.n_key)
-    summary = Summary(out_path=out_path, fmt=fmt, provider=engine.provider, threshold=thr, found=len(all_inputs),
-                      workers=workers, pool=pool, batch_size=batch_size, input_size=pre.input_size,
-                      class_names=names, stream=stream)
-    run_rec = model_record(engine, thr)
-    record: dict | None = None
-    try:
-        _check_not_an_input(writer, all_inputs if source is None else [], protect)
-        writer.inspect()
-        if not stream:
-            old = read_record(out_path) if resume else None
-            has_rows = resume and os.path.getsize(out_path) > 0
-            if has_rows and old is None and not resume_any:
-                raise InputError(f"{out_path} has no record of the model and threshold that wrote its rows "
-                                 f"({record_path(out_path).name} is missing: an older ami-infer, or it was deleted); "
-                                 "pass --resume-any to continue it anyway, or start again with --overwrite")
-            if has_rows and old is not None and old.get("mixed") and not resume_any:
-                raise InputError(f"{out_path} already mixes the labels of several models or thresholds (see "
-                                 f"{record_path(out_path).name}); pass --resume-any to add to it anyway")
-            if has_rows and old is not None and not _same_labels(old.get("labels", {}), run_rec):
-                if not resume_any:
-                    raise InputError(f"{out_path} was written by {_describe_model(old['labels'])}, this run uses "
-                                     f"{_describe_model(run_rec)}: resuming would mix two models' or thresholds' labels "
-                                     "in one file. Use the same --model and --threshold, another -o file, or "
-                                     "--resume-any to mix them knowingly (the record then lists both)")
-                summary.mixed = _describe_model(old["labels"])
-            elif has_rows and old is None:
-                summary.mixed = "an unrecorded model and threshold"
-            writer.prepare()
-            summary.repaired_bytes = writer.scan.tail_bytes
-            history = list((old or {}).get("history", [])) if resume else []
-            record = {"format": RECORD_FORMAT, "output": out_path.name, "output_format": fmt,
-                      "labels": run_rec if not summary.mixed else (old or {}).get("labels", run_rec),
-                      "mixed": bool(summary.mixed) or bool((old or {}).get("mixed")),
-                      "writer": {"pid": os.getpid(), "host": socket.gethostname(),
-                                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
-                      "state": "running", "history": history + [{**run_rec, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                                                  "resume": bool(resume), "resume_any": bool(resume_any)}]}
-            _write_record(out_path, record)
-        else:
-            writer.prepare()
-    except BaseException:
-        writer.close()
-        raise
-    done = writer.scan.rows
 
-    todo = []
-    for p in all_inputs:
-        prev = done.get(src.key(p))
-        if prev is None:
-            todo.append(p)
-        elif prev[0] == "error" and retry_errors:
-            todo.append(p)
-            summary.retried += 1
-        else:
-            summary.skipped += 1
-            if prev[0] == "error":
-                summary.skipped_failed += 1
-            elif prev[1]:
-                summary.skipped_labels[prev[1]] += 1
+def _resume_mix(out_path: Path, old: dict | None, run_rec: dict, opts: InferenceOptions) -> str:
+    """Whether resuming ``out_path`` adds this run's labels to those of another model or threshold:
+    "" when not (or not resuming), else the earlier one in words. Refused (InputError) unless
+    ``resume_any``: an output without a record, one already mixed, or one of another model."""
+    if not (opts.resume and os.path.getsize(out_path) > 0):
+        return ""
+    if old is None:
+        if not opts.resume_any:
+            raise InputError(f"{out_path} has no record of the model and threshold that wrote its rows "
+                             f"({record_path(out_path).name} is missing: an older ami-infer, or it was deleted); "
+                             "pass --resume-any to continue it anyway, or start again with --overwrite")
+        return "an unrecorded model and threshold"
+    if old.get("mixed") and not opts.resume_any:
+        raise InputError(f"{out_path} already mixes the labels of several models or thresholds (see "
+                         f"{record_path(out_path).name}); pass --resume-any to add to it anyway")
+    if _same_labels(old.get("labels", {}), run_rec):
+        return ""
+    if not opts.resume_any:
+        raise InputError(f"{out_path} was written by {_describe_model(old['labels'])}, this run uses "
+                         f"{_describe_model(run_rec)}: resuming would mix two models' or thresholds' labels "
+                         "in one file. Use the same --model and --threshold, another -o file, or "
+                         "--resume-any to mix them knowingly (the record then lists both)")
+    return _describe_model(old["labels"])
 
-    executor: Executor
+
+def _new_record(out_path: Path, fmt: str, old: dict | None, run_rec: dict, mixed: str, opts: InferenceOptions) -> dict:
+    """The output's record for this run: the labels' model and threshold, whether the file is mixed,
+    the writer (pid, host, start) and the history of runs on it with this one appended."""
+    history = list((old or {}).get("history", [])) if opts.resume else []
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return {"format": RECORD_FORMAT, "output": out_path.name, "output_format": fmt,
+            "labels": run_rec if not mixed else (old or {}).get("labels", run_rec),
+            "mixed": bool(mixed) or bool((old or {}).get("mixed")),
+            "writer": {"pid": os.getpid(), "host": socket.gethostname(), "started": now},
+            "state": "running", "history": history + [{**run_rec, "started": now, "resume": bool(opts.resume),
+                                                        "resume_any": bool(opts.resume_any)}]}
+
+
+def _decode_pool(pool: str, workers: int) -> Executor:
+    """The decoding workers: threads, or processes that never fork a process running inference threads."""
     if pool == "process":
         import multiprocessing as mp
 
         # forkserver/spawn: never fork a process whose inference threads are running.
         method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-        executor = ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_worker_init,
-                                       initargs=(os.getpid(),))
-    else:
-        executor = ThreadPoolExecutor(workers, thread_name_prefix="ami-decode")
-    bar = progress if isinstance(progress, ProgressLine) else (ProgressLine(len(todo)) if progress and todo else None)
-    chunks = (todo[i:i + batch_size] for i in range(0, len(todo), batch_size))
-    depth = max(2, 2 * workers)
-    inflight: deque = deque()
-    stop = threading.Event()
-    restore = _install_stop_handlers(stop)
-    t0 = time.perf_counter()
-    state = "failed"
-    try:
-        with warnings.catch_warnings():
-            # Our own pixel limit refuses big images before decoding; Pillow's warning is noise here.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            for chunk in chunks:
-                inflight.append((chunk, executor.submit(src.prepare, chunk, pre, max_pixels)))
-                if len(inflight) >= depth:
-                    break
-            while inflight and not stop.is_set():
-                chunk, fut = inflight.popleft()
-                t_wait = time.perf_counter()
-                try:
-                    pixels, status = fut.result()
-                except BrokenExecutor:
-                    raise EngineError(f"a decoding worker process died while reading one of the {len(chunk)} crops from "
-                                      f"{src.describe(chunk[0])} to {src.describe(chunk[-1])} (a decoder crash; or, when calling run_inference "
-                                      "from a script with pool='process', a missing `if __name__ == '__main__':` "
-                                      "guard); rows before them are kept") from None
-                summary.wait_s += time.perf_counter() - t_wait
-                nxt = next(chunks, None)
-                if nxt is not None:
-                    inflight.append((nxt, executor.submit(src.prepare, nxt, pre, max_pixels)))
-                t_engine = time.perf_counter()
-                try:
-                    probs = engine.predict(pixels) if len(pixels) else np.zeros((0,), np.float32)
-                except Exception as e:  # noqa: BLE001 - a failing engine fails every batch: stop, say why
-                    raise EngineError(f"inference failed on the batch starting at {src.describe(chunk[0])}: "
-                                      f"{type(e).__name__}: {e}") from e
-                summary.engine_s += time.perf_counter() - t_engine
-                if len(probs) != len(pixels):
-                    raise EngineError(f"engine returned {len(probs)} probabilities for {len(pixels)} crops")
-                check_probabilities(probs, [src.describe(c) for c in chunk[:1]])
-                rows, k = [], 0
-                for item, (err, resized, extra) in zip(chunk, status):
-                    if err is None:
-                        p = float(probs[k])
-                        k += 1
-                        label = names[1] if p >= thr else names[0]
-                        rows.append((*src.fields(item), p, label, "ok", None, *extra))
-                        summary.ok += 1
-                        summary.labels[label] += 1
-                        summary.resized += int(resized)
-                        summary.noted += int("note" in src.columns and bool(extra) and extra[-1] is not None)
-                    else:
-                        rows.append((*src.fields(item), None, None, "error", err, *extra))
-                        summary.failed += 1
-                        summary.errors[err] += 1
-                        if len(summary.first_errors) < 20:
-                            summary.first_errors.append((src.describe(item), err))
-                writer.write(rows)
-                summary.processed += len(rows)
-                if bar:
-                    bar.update(summary.processed, summary.failed)
-            if stop.is_set() and (inflight or summary.processed < len(todo)):
-                summary.interrupted = True
-        state = "interrupted" if summary.interrupted else "complete"
-    except KeyboardInterrupt:
-        summary.interrupted = True
-        state = "interrupted"
-    finally:
-        summary.elapsed_s = time.perf_counter() - t0
-        restore()
-        for _, fut in inflight:
-            fut.cancel()
-        executor.shutdown(wait=not summary.interrupted, cancel_futures=True)
+        return ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_worker_init,
+                                   initargs=(os.getpid(),))
+    return ThreadPoolExecutor(workers, thread_name_prefix="ami-decode")
+
+
+class _InferenceRun:
+    """One call of :func:`run_inference`: its options checked against the engine, its output held by
+    a :class:`ResultWriter`, its :class:`Summary` filled in as the batches go."""
+
+    def __init__(self, inputs: Iterable, engine, out_path: str | os.PathLike, opts: InferenceOptions):
+        if opts.batch_size < 1:
+            raise InputError(f"batch size must be >= 1, got {opts.batch_size}")
+        if opts.pool not in POOLS:
+            raise InputError(f"pool must be one of {', '.join(POOLS)}, got {opts.pool!r}")
+        self.out_path = Path(out_path) if os.fspath(out_path) != "-" else Path("-")
+        self.fmt = format_for(self.out_path, opts.fmt)
+        self.thr = float(engine.threshold if opts.threshold is None else opts.threshold)
+        if not 0.0 <= self.thr <= 1.0:
+            raise InputError(f"threshold must be within [0, 1], got {self.thr}")
+        self.engine, self.opts = engine, opts
+        self.workers = opts.workers if opts.workers and opts.workers > 0 else default_workers()
+        self.names = tuple(engine.meta.class_names)
+        self.pre: Preprocess = engine.meta.preprocess
+        self.src = opts.source or CropFiles()
+        self.inputs = [os.fspath(p) for p in inputs] if opts.source is None else list(inputs)
+        target = "-" if os.fspath(self.out_path) == "-" else self.out_path
+        self.stream = is_stream(target)
+        self.writer = ResultWriter(target, self.fmt, resume=opts.resume, overwrite=opts.overwrite,
+                                   columns=self.src.columns, n_key=self.src.n_key)
+        self.summary = Summary(out_path=self.out_path, fmt=self.fmt, provider=engine.provider, threshold=self.thr,
+                               found=len(self.inputs), workers=self.workers, pool=opts.pool,
+                               batch_size=opts.batch_size, input_size=self.pre.input_size, class_names=self.names,
+                               stream=self.stream)
+        self.run_rec = model_record(engine, self.thr)
+        self.record: dict | None = None
+
+    def open_output(self) -> None:
+        """Under the writer's lock: refuse an output that is one of the inputs, check what a resumed
+        file holds and which model wrote it, cut a damaged tail or empty the file, record this run.
+        On any failure the output is released."""
+        writer, opts = self.writer, self.opts
+        try:
+            _check_not_an_input(writer, self.inputs if opts.source is None else [], opts.protect)
+            writer.inspect()
+            if self.stream:
+                writer.prepare()
+                return
+            old = read_record(self.out_path) if opts.resume else None
+            self.summary.mixed = _resume_mix(self.out_path, old, self.run_rec, opts)
+            writer.prepare()
+            self.summary.repaired_bytes = writer.scan.tail_bytes
+            self.record = _new_record(self.out_path, self.fmt, old, self.run_rec, self.summary.mixed, opts)
+            _write_record(self.out_path, self.record)
+        except BaseException:
+            writer.close()
+            raise
+
+    def inputs_to_do(self) -> list:
+        """The inputs not in the output yet, and (``retry_errors``) those whose row is an error;
+        the others are counted in the summary as skipped."""
+        done, s = self.writer.scan.rows, self.summary
+        todo = []
+        for p in self.inputs:
+            prev = done.get(self.src.key(p))
+            if prev is None:
+                todo.append(p)
+            elif prev[0] == "error" and self.opts.retry_errors:
+                todo.append(p)
+                s.retried += 1
+            else:
+                s.skipped += 1
+                if prev[0] == "error":
+                    s.skipped_failed += 1
+                elif prev[1]:
+                    s.skipped_labels[prev[1]] += 1
+        return todo
+
+    def run_batches(self, todo: list) -> Summary:
+        """Decode ``todo`` in the worker pool while the engine classifies the batch before; stop
+        after the current batch on SIGINT / SIGTERM; then record the run's end and release the output."""
+        opts, summary = self.opts, self.summary
+        executor = _decode_pool(opts.pool, self.workers)
+        progress = opts.progress
+        bar = progress if isinstance(progress, ProgressLine) else (ProgressLine(len(todo)) if progress and todo else None)
+        inflight: deque = deque()
+        stop = threading.Event()
+        restore = _install_stop_handlers(stop)
+        t0 = time.perf_counter()
+        state = "failed"
+        try:
+            with warnings.catch_warnings():
+                # Our own pixel limit refuses big images before decoding; Pillow's warning is noise here.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                self._pump(todo, executor, inflight, stop, bar)
+            state = "interrupted" if summary.interrupted else "complete"
+        except KeyboardInterrupt:
+            summary.interrupted = True
+            state = "interrupted"
+        finally:
+            summary.elapsed_s = time.perf_counter() - t0
+            restore()
+            for _, fut in inflight:
+                fut.cancel()
+            executor.shutdown(wait=not summary.interrupted, cancel_futures=True)
+            self._finish(state, bar)
+        return summary
+
+    def _pump(self, todo: list, executor: Executor, inflight: deque, stop: threading.Event,
+              bar: ProgressLine | None) -> None:
+        """Keep up to 2 x workers batches decoding ahead; classify and write each as it comes back."""
+        size, summary = self.opts.batch_size, self.summary
+        chunks = (todo[i:i + size] for i in range(0, len(todo), size))
+
+        def submit(chunk: list) -> None:
+            inflight.append((chunk, executor.submit(self.src.prepare, chunk, self.pre, self.opts.max_pixels)))
+
+        depth = max(2, 2 * self.workers)
+        for chunk in chunks:
+            submit(chunk)
+            if len(inflight) >= depth:
+                break
+        while inflight and not stop.is_set():
+            chunk, fut = inflight.popleft()
+            pixels, status = self._decoded(chunk, fut)
+            nxt = next(chunks, None)
+            if nxt is not None:
+                submit(nxt)
+            rows = self._rows(chunk, status, self._classify(chunk, pixels))
+            self.writer.write(rows)
+            summary.processed += len(rows)
+            if bar:
+                bar.update(summary.processed, summary.failed)
+        if stop.is_set() and (inflight or summary.processed < len(todo)):
+            summary.interrupted = True
+
+    def _decoded(self, chunk: list, fut):
+        """The decoded batch of ``chunk`` (the time waited for it counts as waiting for decode)."""
+        t_wait = time.perf_counter()
+        try:
+            res = fut.result()
+        except BrokenExecutor:
+            describe = self.src.describe
+            raise EngineError(f"a decoding worker process died while reading one of the {len(chunk)} crops from "
+                              f"{describe(chunk[0])} to {describe(chunk[-1])} (a decoder crash; or, when calling "
+                              "run_inference from a script with pool='process', a missing "
+                              "`if __name__ == '__main__':` guard); rows before them are kept") from None
+        self.summary.wait_s += time.perf_counter() - t_wait
+        return res
+
+    def _classify(self, chunk: list, pixels: np.ndarray) -> np.ndarray:
+        """The engine's probabilities for the good crops of a batch; any engine fault stops the run."""
+        t_engine = time.perf_counter()
+        try:
+            probs = self.engine.predict(pixels) if len(pixels) else np.zeros((0,), np.float32)
+        except Exception as e:  # noqa: BLE001 - a failing engine fails every batch: stop, say why
+            raise EngineError(f"inference failed on the batch starting at {self.src.describe(chunk[0])}: "
+                              f"{type(e).__name__}: {e}") from e
+        self.summary.engine_s += time.perf_counter() - t_engine
+        if len(probs) != len(pixels):
+            raise EngineError(f"engine returned {len(probs)} probabilities for {len(pixels)} crops")
+        check_probabilities(probs, [self.src.describe(c) for c in chunk[:1]])
+        return probs
+
+    def _rows(self, chunk: list, status: list, probs: np.ndarray) -> list[tuple]:
+        """One row per item of a batch (ok with its label, or error with the reason), counted in the summary."""
+        src, summary, names = self.src, self.summary, self.names
+        rows, k = [], 0
+        for item, (err, resized, extra) in zip(chunk, status):
+            if err is None:
+                p = float(probs[k])
+                k += 1
+                label = names[1] if p >= self.thr else names[0]
+                rows.append((*src.fields(item), p, label, "ok", None, *extra))
+                summary.ok += 1
+                summary.labels[label] += 1
+                summary.resized += int(resized)
+                summary.noted += int("note" in src.columns and bool(extra) and extra[-1] is not None)
+            else:
+                rows.append((*src.fields(item), None, None, "error", err, *extra))
+                summary.failed += 1
+                summary.errors[err] += 1
+                if len(summary.first_errors) < 20:
+                    summary.first_errors.append((src.describe(item), err))
+        return rows
+
+    def _finish(self, state: str, bar: ProgressLine | None) -> None:
+        """Record how the run ended, drop superseded rows of a complete run, release the output."""
+        summary, writer, record = self.summary, self.writer, self.record
         try:
             if record is not None:
                 record["state"] = state
                 record["history"][-1].update(finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), rows=summary.processed,
                                              state=state)
-                _write_record(out_path, record)  # before any rename below: the lock still covers it
+                _write_record(self.out_path, record)  # before any rename below: the lock still covers it
             if state == "complete" and (summary.retried or writer.scan.superseded):
                 summary.compacted = writer.compact()
         finally:
             writer.close()
             if bar:
                 bar.close(summary.processed, summary.failed)
-    return summary

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -156,42 +157,102 @@ def infer(
                                help="With --slides: crops reaching past the slide's edge are padded black as in training "
                                     "and flagged in the 'padded' column (pad), or become error rows (refuse)."),
 ):
-    resume = resume or resume_any
-    if resume and overwrite:
+    args = InferArgs(paths=tuple(paths or ()), output=output, fmt=fmt.value if fmt else None, model=model,
+                     threshold=threshold, batch_size=batch_size, workers=workers, threads=threads,
+                     engine=engine_name.value, precision=precision.value, provider=provider.value, resume=resume,
+                     resume_any=resume_any, retry_errors=retry_errors, overwrite=overwrite, sample=sample,
+                     pool=pool.value, progress=progress, slides=slides, mpp=mpp, border=border)
+    args = checked_args(args)
+    engine = open_engine(args)
+    if args.slides is not None:
+        from .infer_slides import run_slides_cli
+
+        run_slides_cli(args.slides, engine, args.output, args.out_fmt, mpp=args.mpp, border=args.border,
+                       batch_size=args.batch_size, workers=args.workers, threshold=args.threshold,
+                       resume=args.resume, progress=args.progress, pool=args.pool, overwrite=args.overwrite)
+    summary = classify(args, engine, gather_crops(args))
+    report_and_exit(args, summary)
+
+
+@dataclass(frozen=True)
+class InferArgs:
+    """The ami-infer command line as values (the enums as their strings). :func:`checked_args`
+    returns it resolved: ``resume`` includes --resume-any, ``threads`` capped to the cores,
+    ``output`` set (the default file, or the sample's own), ``out_fmt`` and ``stream`` filled in."""
+
+    paths: tuple[str, ...]
+    output: Optional[Path]
+    fmt: Optional[str]
+    model: Optional[Path]
+    threshold: Optional[float]
+    batch_size: int
+    workers: int
+    threads: int
+    engine: str
+    precision: str
+    provider: str
+    resume: bool
+    resume_any: bool
+    retry_errors: bool
+    overwrite: bool
+    sample: bool
+    pool: str
+    progress: bool
+    slides: Optional[Path]
+    mpp: Optional[float]
+    border: str
+    out_fmt: str = ""  # csv | jsonl, after checked_args
+    stream: bool = False  # the output is standard output, a pipe or a device
+
+    @property
+    def shown_output(self) -> str | Path:
+        """The output as messages name it."""
+        return "standard output" if str(self.output) == "-" else self.output
+
+
+def checked_args(a: InferArgs) -> InferArgs:
+    """Refuse flags that exclude each other and an output that cannot be used, before any model is
+    loaded; return the arguments resolved (see :class:`InferArgs`)."""
+    resume = a.resume or a.resume_any
+    if resume and a.overwrite:
         raise _err("--resume and --overwrite exclude each other")
-    if retry_errors and not resume:
+    if a.retry_errors and not resume:
         raise _err("--retry-errors goes with --resume (it retries the error rows of an existing output file)")
-    cores = os.cpu_count() or 1
+    threads, cores = a.threads, os.cpu_count() or 1
     if threads > cores:
         typer.echo(f"ami-infer: note: --threads {threads} capped to this machine's {cores} cores", err=True)
         threads = cores
-    if slides is not None and (paths or sample):
+    if a.slides is not None and (a.paths or a.sample):
         raise _err("--slides replaces PATH and --sample; give one of them")
-    if slides is None and (mpp is not None or border != "pad"):
+    if a.slides is None and (a.mpp is not None or a.border != "pad"):
         raise _err("--mpp and --border apply to --slides only")
-    if not paths and not sample and slides is None:
+    if not a.paths and not a.sample and a.slides is None:
         raise _err("give at least one PATH (a folder, an image or a list of paths), or --sample; see --help")
-    ext = "jsonl" if fmt == Fmt.jsonl else "csv"
-    if sample and not paths and output is None and not resume:
+    ext = "jsonl" if a.fmt == "jsonl" else "csv"
+    output, overwrite = a.output, a.overwrite
+    if a.sample and not a.paths and output is None and not resume:
         # the demo is repeatable: its own output file, replaced on every run
         output, overwrite = Path(f"ami-sample.{ext}"), True
     out = output or Path(f"ami-infer.{ext}")
     stream = is_stream(out)
     try:
-        out_fmt = format_for(out, fmt.value if fmt else None)
+        out_fmt = format_for(out, a.fmt)
     except InputError as e:
         raise _err(str(e)) from None
-
     if out.is_dir():
         raise _err(f"output {out} is a directory; give a file name with -o")
     if stream and resume:
         raise _err(f"cannot --resume {out}: it is a stream (standard output, a pipe or a device), not a file")
     if not stream and out.is_file() and out.stat().st_size > 0 and not (resume or overwrite):
         raise _err(f"{out} already exists: pass --resume to continue it or --overwrite to replace it")
+    return replace(a, resume=resume, threads=threads, output=out, overwrite=overwrite, out_fmt=out_fmt, stream=stream)
 
+
+def open_engine(a: InferArgs):
+    """Load the model on the chosen engine and say what runs it, whether its weights match their
+    digest, how auto chose, and where compiled models are cached."""
     try:
-        engine = load_engine(model, provider=provider.value, threads=threads, engine=engine_name.value,
-                             precision=precision.value)
+        engine = load_engine(a.model, provider=a.provider, threads=a.threads, engine=a.engine, precision=a.precision)
     except (ArtifactError, EngineError) as e:
         raise _err(str(e)) from None
     typer.echo(f"model: {engine.describe()}", err=True)
@@ -203,42 +264,47 @@ def infer(
         typer.echo(f"engine: {engine.choice}", err=True)
     if getattr(engine, "cache_dir", None):
         typer.echo(f"compiled-model cache: {engine.cache_dir}", err=True)
-    if slides is not None:
-        from .infer_slides import run_slides_cli
+    return engine
 
-        run_slides_cli(slides, engine, out, out_fmt, mpp=mpp, border=border, batch_size=batch_size, workers=workers,
-                       threshold=threshold, resume=resume, progress=progress, pool=pool.value, overwrite=overwrite)
 
+def gather_crops(a: InferArgs) -> list[str]:
+    """The crops to classify: the shipped samples (--sample), then every PATH expanded; none is refused."""
     try:
-        crops = sample_inputs() if sample else []
-        if paths:
-            crops += list(iter_inputs(paths))
+        crops = sample_inputs() if a.sample else []
+        if a.paths:
+            crops += list(iter_inputs(a.paths))
     except InputError as e:
         raise _err(str(e)) from None
     if not crops:
-        where = ", ".join(paths or [])
+        where = ", ".join(a.paths)
         raise _err(f"no crops found in {where} (looked for {' '.join(IMAGE_SUFFIXES)} files, recursively)")
-    where = "standard output" if str(out) == "-" else out
-    typer.echo(f"inputs: {len(crops)} crops -> {where} ({out_fmt}); PNG decoder: {fast_decoder()}", err=True)
-    protect = [p for p in (paths or []) if os.path.isfile(p)]  # list files (and single crops) are inputs too
+    return crops
 
+
+def classify(a: InferArgs, engine, crops: list[str]):
+    """Run the pipeline on ``crops`` into the output; its errors become ami-infer's messages and exit codes."""
+    typer.echo(f"inputs: {len(crops)} crops -> {a.shown_output} ({a.out_fmt}); PNG decoder: {fast_decoder()}", err=True)
+    protect = [p for p in a.paths if os.path.isfile(p)]  # list files (and single crops) are inputs too
     try:
-        summary = run_inference(crops, engine, "-" if str(out) == "-" else out, out_fmt, batch_size=batch_size,
-                                workers=workers, threshold=threshold, resume=resume, progress=progress,
-                                pool=pool.value, overwrite=overwrite, resume_any=resume_any,
-                                retry_errors=retry_errors, protect=protect)
+        return run_inference(crops, engine, "-" if str(a.output) == "-" else a.output, a.out_fmt,
+                             batch_size=a.batch_size, workers=a.workers, threshold=a.threshold, resume=a.resume,
+                             progress=a.progress, pool=a.pool, overwrite=a.overwrite, resume_any=a.resume_any,
+                             retry_errors=a.retry_errors, protect=protect)
     except InputError as e:
         raise _err(str(e)) from None
     except EngineError as e:
-        kept = "" if stream else f"\nrows written so far are kept in {out}; rerun with --resume"
+        kept = "" if a.stream else f"\nrows written so far are kept in {a.output}; rerun with --resume"
         raise _err(f"{e}{kept}", 3) from None
     except OSError as e:
-        raise _err(f"cannot write {where}: {e.strerror or e}") from None
+        raise _err(f"cannot write {a.shown_output}: {e.strerror or e}") from None
 
+
+def report_and_exit(a: InferArgs, summary) -> None:
+    """Print the run's summary (to stderr when the rows stream to stdout) and exit with its code."""
     for line in summary.lines():
-        typer.echo(line, err=stream)  # a stream may be our own stdout: the summary must not mix into it
-    if sample and not paths and out_fmt == "csv" and not stream:
-        _sample_agreement(out)
+        typer.echo(line, err=a.stream)  # a stream may be our own stdout: the summary must not mix into it
+    if a.sample and not a.paths and a.out_fmt == "csv" and not a.stream:
+        _sample_agreement(a.output)
     if summary.interrupted:
         raise typer.Exit(summary.exit_code)
     if summary.any_failed:

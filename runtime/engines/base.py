@@ -20,6 +20,7 @@ openvino, tensorrt) are imported inside the plug-ins' functions, never at module
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,6 +182,29 @@ def parse_batch_sizes(batches: str | Sequence[int]) -> list[int]:
 def first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
+
+
+def missing_library(module: str, label: str, install: str) -> str | None:
+    """None when ``module`` imports, else why not and how to get it: the answer of a plug-in's
+    :meth:`Backend.unavailable` for its library."""
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        return f"{label} is not installed ({e}); `{install}`"
+    return None
+
+
+def require_library(module: str, label: str, install: str):
+    """``module``, imported when an engine first needs it; EngineError (why, and how to get it) without it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise EngineError(f"{label} is not installed ({e}); `{install}`") from None
+
+
+def not_loadable(path: Path, why: str) -> ArtifactError:
+    """The error for a file that is not a readable ONNX model, in the same words whichever engine found it."""
+    return ArtifactError(f"{path} is not a loadable ONNX model (corrupted or truncated?): {why}")
 
 
 def meta_from_props(props: dict | None, path: Path) -> ArtifactMeta:

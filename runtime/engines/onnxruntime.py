@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifact import INPUT_NAME, OUTPUT_NAME, ArtifactError, ArtifactMeta, check_weights_digest
-from .base import Backend, Engine, EngineError, LoadOptions, TensorInfo, cache_root, check_io, first_line, meta_from_props
+from ..artifact import INPUT_NAME, OUTPUT_NAME, ArtifactMeta, check_weights_digest
+from .base import (Backend, Engine, EngineError, LoadOptions, TensorInfo, cache_root, check_io, first_line, meta_from_props,
+                   missing_library, not_loadable, require_library)
 
 PROVIDER_NAMES = {
     "cpu": "CPUExecutionProvider",
@@ -31,11 +32,7 @@ TRT_EP_MAX_BATCH = 256
 # -- ONNX Runtime --------------------------------------------------------------------------------
 
 def _ort():
-    try:
-        import onnxruntime as ort
-    except ImportError as e:  # pragma: no cover - a base dependency
-        raise EngineError(f"onnxruntime is not installed ({e}); `pip install onnxruntime`") from None
-    return ort
+    return require_library("onnxruntime", "onnxruntime", "pip install onnxruntime")
 
 
 def _model_key(path: Path, meta_json: str, ort_version: str) -> str:
@@ -126,11 +123,6 @@ def _provider_list(ort, provider: str, path: Path, meta_json: str, input_size: i
     return out
 
 
-def first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
 class OrtEngine(Engine):
     """An ONNX artefact run by ONNX Runtime."""
 
@@ -164,13 +156,13 @@ class OrtEngine(Engine):
             self.session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types for bad files
             if providers == ["CPUExecutionProvider"]:
-                raise ArtifactError(f"{path} is not a loadable ONNX model (corrupted or truncated?): {first_line(e)}") from None
+                raise not_loadable(path, first_line(e)) from None
             # A GPU provider may fail where the file is fine (libraries, driver, an op it cannot take).
             gpu_error = first_line(e)
             try:
                 self.session = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
             except Exception as e2:  # noqa: BLE001
-                raise ArtifactError(f"{path} is not a loadable ONNX model (corrupted or truncated?): {first_line(e2)}") from None
+                raise not_loadable(path, first_line(e2)) from None
             names = [p if isinstance(p, str) else p[0] for p in providers[:-1]]
             if provider != "auto":
                 raise EngineError(f"{', '.join(names)} could not run {path.name}: {gpu_error}") from None
@@ -203,7 +195,7 @@ def _read_onnx_meta(ort, path: Path) -> tuple[ArtifactMeta, str]:
     try:
         s = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001
-        raise ArtifactError(f"{path} is not a loadable ONNX model (corrupted or truncated?): {first_line(e)}") from None
+        raise not_loadable(path, first_line(e)) from None
     meta = _meta_from_session(s, path)
     return meta, meta.to_json()
 
@@ -232,15 +224,10 @@ def _check_io(session, meta: ArtifactMeta, path: Path) -> None:
 class OrtBackend(Backend):
     name = "onnxruntime"
     title = "ONNX Runtime"
-    suffixes = (".onnx",)
     install = "pip install onnxruntime (a base dependency; onnxruntime-gpu on a GPU box)"
 
     def unavailable(self) -> str | None:
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError as e:
-            return f"onnxruntime is not installed ({e}); `{self.install}`"
-        return None
+        return missing_library("onnxruntime", "onnxruntime", self.install)
 
     def version(self) -> str:
         return _ort().__version__

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..artifact import ArtifactError, ArtifactMeta, check_weights_digest
 from .base import (Backend, Engine, EngineError, LoadOptions, TensorInfo, cache_root, check_io, cpu_int8_features,
-                   first_line, meta_from_props)
+                   first_line, meta_from_props, missing_library, not_loadable, require_library)
 
 DEVICE = "CPU"
 # OpenVINO element types in ONNX's spelling (the contract's error messages use it, whatever the engine).
@@ -37,11 +37,7 @@ _HINTS = {"fp32": "f32", "bf16": "bf16"}
 
 
 def _ov():
-    try:
-        import openvino as ov
-    except ImportError as e:
-        raise EngineError(f"OpenVINO is not installed ({e}); `pip install 'ami[openvino]'`") from None
-    return ov
+    return require_library("openvino", "OpenVINO", "pip install 'ami[openvino]'")
 
 
 _CORE = None
@@ -109,10 +105,8 @@ class OpenVinoEngine(Engine):
                 from .onnxruntime import check_loadable
 
                 check_loadable(self.path)
-            except ArtifactError:
-                raise ArtifactError(f"{self.path} is not a loadable ONNX model (corrupted or truncated?): {why}") from None
-            except EngineError:  # no ONNX Runtime to ask: say what OpenVINO said
-                raise ArtifactError(f"{self.path} is not a loadable ONNX model (corrupted or truncated?): {why}") from None
+            except (ArtifactError, EngineError):  # EngineError: no ONNX Runtime to ask; say what OpenVINO said
+                raise not_loadable(self.path, why) from None
             raise EngineError(f"OpenVINO {ov.__version__.split('-')[0]} cannot read {self.path.name} (ONNX Runtime can): "
                               f"{why}") from None
         self.meta = _meta_from_model(model, self.path)
@@ -167,14 +161,12 @@ def _precision_refusal(name: str, artefact: str, want: str) -> str:
 class OvBackend(Backend):
     name = "openvino"
     title = "OpenVINO"
-    suffixes = (".onnx",)
     install = "pip install 'ami[openvino]'"
 
     def unavailable(self) -> str | None:
-        try:
-            import openvino  # noqa: F401
-        except ImportError as e:
-            return f"OpenVINO is not installed ({e}); `{self.install}`"
+        missing = missing_library("openvino", "OpenVINO", self.install)
+        if missing is not None:
+            return missing
         try:
             if DEVICE not in core().available_devices:
                 return f"OpenVINO finds no CPU device here (devices: {', '.join(core().available_devices) or 'none'})"
