@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from ami.train.adapt import HEAD, adapted_modules, classifier_of, embed, load_run_model, merge_lora
-from ami.train.models import WeightsUnavailable, build_backbone, create
+from ami.train.adapt import HEAD, adapted_modules, classifier_of, embed, merge_lora
+from ami.train.models import WeightsUnavailable, build_backbone, create, load_run_model
 from ami.train.registry import REGISTRY, VIT_LORA_TARGETS, get
 from ami.train.weights import WeightsMismatch, load_pretrained
 
@@ -376,30 +376,30 @@ def test_kill_and_resume(data_root, tmp_path):
 
 def test_autocast_modes():
     """bf16 autocast trains on CPU; CPU evaluation stays float32 (the shipped engine's precision)."""
-    from ami.train.fit import _autocast
+    from ami.train.loop import autocast
 
     cpu = torch.device("cpu")
     lin = torch.nn.Linear(4, 2)
     x = torch.randn(3, 4)
-    with _autocast(cpu, "bf16", training=True):
+    with autocast(cpu, "bf16", training=True):
         assert lin(x).dtype == torch.bfloat16
-    with _autocast(cpu, "bf16"):
+    with autocast(cpu, "bf16"):
         assert lin(x).dtype == torch.float32
-    with _autocast(cpu, "none", training=True):
+    with autocast(cpu, "none", training=True):
         assert lin(x).dtype == torch.float32
     with pytest.raises(ValueError, match="CUDA only"):
-        _autocast(cpu, "fp16", training=True)
+        autocast(cpu, "fp16", training=True)
     with pytest.raises(ValueError, match="unknown amp"):
-        _autocast(cpu, "int4")
+        autocast(cpu, "int4")
 
 
 def test_mixup_blends_inputs_and_targets_reproducibly():
-    from ami.train.fit import _mixup
+    from ami.train.loop import mixup
 
     x = torch.eye(8).reshape(8, 2, 2, 2)  # crop i is the i-th basis vector: its mix partner is readable
     y = torch.tensor([1.0, 0, 1, 0, 1, 0, 1, 0])
-    xa, ya = _mixup(x, y, 0.4, torch.Generator().manual_seed(3))
-    xb, yb = _mixup(x, y, 0.4, torch.Generator().manual_seed(3))
+    xa, ya = mixup(x, y, 0.4, torch.Generator().manual_seed(3))
+    xb, yb = mixup(x, y, 0.4, torch.Generator().manual_seed(3))
     assert torch.equal(xa, xb) and torch.equal(ya, yb)  # same generator state, same mixes (resume)
     flat = xa.reshape(8, 8)
     diag = flat.diagonal()

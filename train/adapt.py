@@ -16,6 +16,9 @@ Embedding rules (``ModelConfig.embedding``), on the backbone's final (normed) to
 (class + register) token excluded; ``mean`` = mean of the patch tokens; ``pool`` = timm's own
 pooled pre-logits features (CNNs, Swin).
 
+Every network of the package is a :class:`LogitModel` (one atypical logit per crop), built by
+:func:`ami.train.models.create`.
+
 The new head is called ``logit_head`` (not ``head``) because PEFT matches ``modules_to_save`` by
 name suffix, and every timm ViT already has a (reset) ``head``.
 """
@@ -25,11 +28,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .models import LogitModel
 from .registry import ModelConfig
 
 HEAD = "logit_head"
 RULES = ("cls", "cls+mean", "mean", "pool")
+
+
+class LogitModel(nn.Module):
+    """Wraps any classifier so that forward returns shape (N,) logits for the atypical class."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).reshape(x.shape[0], -1)[:, 0]
 
 
 def embedding_dim(backbone: nn.Module, rule: str) -> int:
@@ -167,16 +180,6 @@ def trainable_names(model: nn.Module) -> set[str]:
     return names
 
 
-def load_partial_state(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
-    """Load a trainable-only state dict: every key must exist in the model; the rest stays as built."""
-    own = model.state_dict()
-    unknown = sorted(set(sd) - set(own))
-    if unknown:
-        raise KeyError(f"partial state has keys the model lacks: {unknown[:8]}")
-    res = model.load_state_dict(sd, strict=False)
-    assert not res.unexpected_keys
-
-
 # -- merging LoRA for export --------------------------------------------------------------------
 class MergeMismatch(RuntimeError):
     """The merged network does not compute what the adapted one did."""
@@ -215,40 +218,3 @@ def merge_lora(model: LogitModel, example: torch.Tensor | None = None, atol: flo
     for p in merged.parameters():
         p.requires_grad_(False)
     return merged
-
-
-# -- rebuilding a trained fold model ------------------------------------------------------------
-def load_run_model(run_dir, fold: int | str = 0, weights: str | None = None) -> LogitModel:
-    """The model of ``RUN/fold{k}/best.safetensors`` (or ``fold='all'``), rebuilt on the CPU.
-
-    Uses the run's config.json (model, method, tiny, random init, LoRA rank/alpha/dropout) and the
-    same weight source as training (``weights`` overrides it, e.g. a local copy of the hub file).
-    For linear/LoRA runs on pretrained weights the file holds only the trained tensors; the
-    frozen backbone is reloaded from that source.
-    """
-    import json
-    from pathlib import Path
-
-    from safetensors import safe_open
-
-    from .models import create
-    from .registry import run_entry
-
-    run_dir = Path(run_dir)
-    conf = json.loads((run_dir / "config.json").read_text())
-    cfg = run_entry(conf)
-    r = conf["recipe"]
-    path = run_dir / ("all" if fold in (None, "all") else f"fold{fold}") / "best.safetensors"
-    if weights is None and not conf["random_init"] and conf["weights_source"] != cfg.hub_id:
-        weights = conf["weights_source"]
-    model = create(cfg, conf["method"], weights=weights, random_init=conf["random_init"],
-                   tiny=conf.get("tiny_stand_in", False), lora_rank=r["lora_rank"], lora_alpha=r["lora_alpha"],
-                   lora_dropout=r["lora_dropout"])
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-        sd = {k: f.get_tensor(k) for k in f.keys()}
-    if meta.get("contents") == "trainable":
-        load_partial_state(model, sd)
-    else:
-        model.load_state_dict(sd)
-    return model.eval()

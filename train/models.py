@@ -3,7 +3,7 @@
 ``create(cfg, method)`` is the single door: it builds the timm architecture with the entry's
 creation kwargs, loads weights from the entry's source (or refuses, see :mod:`ami.train.weights`),
 replaces the classifier by a one-logit head and applies the method (full fine-tuning, frozen
-backbone + linear head, or PEFT LoRA on the entry's exact targets).
+backbone + linear head, or PEFT LoRA on the entry's exact targets; :mod:`ami.train.adapt`).
 """
 
 from __future__ import annotations
@@ -11,18 +11,21 @@ from __future__ import annotations
 import importlib
 
 import timm
-import torch
 from torch import nn
 
-from .registry import ModelConfig
+from ami.runtime.rundir import RunDir, WeightsSource
+
+from .adapt import LogitModel as LogitModel  # re-exported: the one-logit wrapper every model is
+from .adapt import apply_method
+from .registry import ModelConfig, run_entry
+from .weights import WeightsUnavailable as WeightsUnavailable  # re-exported: create() raises it
+from .weights import load_pretrained, load_weights
 
 
 def resolve_kwargs(kwargs: dict) -> dict:
     """Registry kwargs may name classes as 'module.Name' strings (kept torch-free); import them."""
     out = {}
     for k, v in kwargs.items():
-        if k.startswith("_"):
-            continue
         if isinstance(v, str) and v.startswith(("timm.", "torch.")):
             mod, _, attr = v.rpartition(".")
             v = getattr(importlib.import_module(mod), attr)
@@ -35,7 +38,7 @@ def build_backbone(cfg: ModelConfig, tiny: bool = False, **overrides) -> nn.Modu
     kwargs = resolve_kwargs(cfg.create_kwargs)
     arch = cfg.arch
     if tiny:
-        arch = cfg.tiny_kwargs.get("_tiny_arch", arch)
+        arch = cfg.tiny_arch or arch
         kwargs.update(resolve_kwargs(cfg.tiny_kwargs))
     kwargs.update(overrides)
     kwargs.setdefault("num_classes", 1)
@@ -44,17 +47,6 @@ def build_backbone(cfg: ModelConfig, tiny: bool = False, **overrides) -> nn.Modu
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-class LogitModel(nn.Module):
-    """Wraps any classifier so that forward returns shape (N,) logits for the atypical class."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).reshape(x.shape[0], -1)[:, 0]
 
 
 def fresh_head(net: nn.Module, cfg: ModelConfig) -> None:
@@ -71,10 +63,6 @@ def fresh_head(net: nn.Module, cfg: ModelConfig) -> None:
         head.reset_parameters()
 
 
-class WeightsUnavailable(RuntimeError):
-    """No weight source for a pretrained entry could be reached."""
-
-
 def create(cfg: ModelConfig, method: str = "full", *, weights: str | None = None, random_init: bool = False,
            tiny: bool = False, drop_rate: float = 0.0, drop_path_rate: float = 0.0, **lora_kw) -> LogitModel:
     """Build the model for one (entry, method). Pretrained entries need weights or ``random_init``."""
@@ -86,17 +74,31 @@ def create(cfg: ModelConfig, method: str = "full", *, weights: str | None = None
     if drop_path_rate:
         over["drop_path_rate"] = drop_path_rate
     net = build_backbone(cfg, tiny=tiny, **over)
-    if cfg.pretrained and not random_init:
-        from .weights import load_pretrained  # noqa: PLC0415
-
+    pretrained = cfg.pretrained and not random_init
+    if pretrained or weights:  # --weights also fills an architecture trained from scratch / --random-init
         load_pretrained(net, cfg, weights)
+    if pretrained:
         fresh_head(net, cfg)
-    elif weights:
-        from .weights import load_pretrained  # noqa: PLC0415
-
-        load_pretrained(net, cfg, weights)
     if method == "full":
         return LogitModel(net)
-    from .adapt import apply_method  # noqa: PLC0415 - LoRA / linear probe
-
     return apply_method(LogitModel(net), cfg, method, **lora_kw)
+
+
+def load_run_model(run_dir, fold: int | str = 0, weights: str | None = None) -> LogitModel:
+    """The model of ``RUN/fold{k}/best.safetensors`` (or ``fold='all'``), rebuilt on the CPU.
+
+    Uses the run's config.json (model, method, tiny, random init, LoRA rank/alpha/dropout) and the
+    same weight source as training (``weights`` overrides it, e.g. a local copy of the hub file).
+    For linear/LoRA runs on pretrained weights the file holds only the trained tensors; the
+    frozen backbone is reloaded from that source.
+    """
+    run = RunDir(run_dir)
+    conf = run.config()
+    r = conf["recipe"]
+    if weights is None:
+        weights = WeightsSource.from_config(conf).override()
+    model = create(run_entry(conf), conf["method"], weights=weights, random_init=conf["random_init"],
+                   tiny=conf.get("tiny_stand_in", False), lora_rank=r["lora_rank"], lora_alpha=r["lora_alpha"],
+                   lora_dropout=r["lora_dropout"])
+    load_weights(model, run.fold(fold).weights)
+    return model.eval()
