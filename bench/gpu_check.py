@@ -394,7 +394,7 @@ def train_steps(model_name: str, method: str, dev, *, steps: int, batch: int, ti
            else "augment (CPU) + copy + forward/backward + optimizer step"}
     if dev.type == "cuda":
         rec["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
-    del model, opt, train_step
+    model = opt = train_step = None  # release the network (the step closure holds it) before emptying the cache
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return rec

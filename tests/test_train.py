@@ -393,6 +393,19 @@ def test_autocast_modes():
         autocast(cpu, "int4")
 
 
+def test_each_method_has_one_fold_trainer():
+    from ami.train.fit import EndToEndTrainer, trainer_for
+    from ami.train.linear import LinearProbeTrainer
+    from ami.train.loop import FoldTrainer
+    from ami.train.registry import METHODS
+
+    assert all(isinstance(trainer_for(m), FoldTrainer) for m in METHODS)
+    assert type(trainer_for("linear")) is LinearProbeTrainer
+    assert type(trainer_for("full")) is type(trainer_for("lora")) is EndToEndTrainer
+    with pytest.raises(ValueError, match="unknown method 'probe'"):
+        trainer_for("probe")
+
+
 def test_mixup_blends_inputs_and_targets_reproducibly():
     from ami.train.loop import mixup
 
