@@ -49,7 +49,7 @@ from .loop import (
 from .models import count_params, create
 from .recipes import origins
 from .registry import ModelConfig, Recipe, configure, definition, get, with_recipe_defaults
-from .weights import load_partial_state, load_weights, save_weights
+from .weights import TRAINABLE, load_partial_state, load_weights, save_weights
 
 @dataclass
 class RunSpec:
@@ -244,7 +244,7 @@ class EndToEndTrainer(FoldTrainer):
 
     def _resume(self, run: Run, fd: FoldDir, f: _Fold) -> None:
         st = torch.load(fd.state, map_location="cpu", weights_only=True)
-        if st.get("model_contents") == "trainable":
+        if st.get("model_contents") == TRAINABLE:
             load_partial_state(f.model, st["model"])
         else:
             f.model.load_state_dict(st["model"])
@@ -294,7 +294,7 @@ class EndToEndTrainer(FoldTrainer):
                  "opt": f.opt.state_dict(), "sched": f.schedule.state_dict(), **f.progress.state(epoch),
                  "rng": f.g.get_state(), "torch_rng": torch.get_rng_state(), **cuda_state(f.scaler, run.device)}
         if f.keep is not None:
-            state["model_contents"] = "trainable"
+            state["model_contents"] = TRAINABLE
         if f.ema is not None:
             state["ema"], state["ema_updates"] = f.ema.module.state_dict(), f.ema.updates
         atomic_torch_save(state, fd.state)
