@@ -351,12 +351,15 @@ def _sync(dev):
 
 
 def train_steps(model_name: str, method: str, dev, *, steps: int, batch: int, tiny: bool, amp: str) -> dict:
-    """Median seconds of one training step (linear: one embedding batch) and of one evaluation batch."""
+    """Median seconds of one training step (linear: one embedding batch) and of one evaluation batch.
+    The step is ami-train's own (:class:`ami.train.loop.TrainStep`: the recipe's augmentation, loss,
+    optimiser, mixed precision), without EMA and learning-rate schedule."""
     import numpy as np
     import torch
 
     from ami.export.synthetic import synthetic_crops
     from ami.train import data as D
+    from ami.train.loop import TrainStep, autocast, grad_scaler, make_optimizer
     from ami.train.models import count_params, create
     from ami.train.registry import get
 
@@ -372,33 +375,21 @@ def train_steps(model_name: str, method: str, dev, *, steps: int, batch: int, ti
                        **({k: getattr(r, k) for k in ("lora_rank", "lora_alpha", "lora_dropout")} if method == "lora" else {}))
     model.to(dev)
     build_s = time.perf_counter() - t0
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     use_amp = amp in ("bf16", "fp16") and (dev.type == "cuda" or amp == "bf16")
-    g = torch.Generator().manual_seed(0)
     crops = torch.from_numpy(synthetic_crops(batch, pre.input_size, seed=3))
     y = torch.tensor([i % 2 for i in range(batch)], dtype=torch.float32, device=dev)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = (torch.optim.AdamW if r.optimizer == "adamw" else torch.optim.Adam)(params, lr=r.lr, weight_decay=r.weight_decay)
-    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" and dev.type == "cuda" else None
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], r)
+    train_step = TrainStep(model, opt, r, pre, r.policy(), dev, amp, torch.Generator().manual_seed(0),
+                           scaler=grad_scaler(dev, amp))
 
     def step():
         if method == "linear":  # the frozen backbone's GPU work: embeddings of evaluation tensors
             model.eval()
-            with torch.no_grad(), torch.autocast(dev.type, dtype=dtype, enabled=use_amp):
+            with torch.no_grad(), autocast(dev, amp):
                 model(D.eval_batch(crops, pre).to(dev))
         else:
             model.train()
-            x = D.augment(crops, pre, r.augment, g).to(dev, non_blocking=True)
-            with torch.autocast(dev.type, dtype=dtype, enabled=use_amp):
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
+            train_step(crops, y)
         _sync(dev)
 
     for _ in range(WARMUP_STEPS):
@@ -415,7 +406,7 @@ def train_steps(model_name: str, method: str, dev, *, steps: int, batch: int, ti
     etimes = []
     for i in range(3):
         t = time.perf_counter()
-        with torch.no_grad(), torch.autocast(dev.type, dtype=dtype, enabled=use_amp):
+        with torch.no_grad(), autocast(dev, amp):
             model(D.eval_batch(xe, pre).to(dev))
         _sync(dev)
         if i:
@@ -429,7 +420,7 @@ def train_steps(model_name: str, method: str, dev, *, steps: int, batch: int, ti
            else "augment (CPU) + copy + forward/backward + optimizer step"}
     if dev.type == "cuda":
         rec["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
-    del model, opt
+    model = opt = train_step = None  # release the network (the step closure holds it) before emptying the cache
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return rec

@@ -4,7 +4,7 @@ Every figure in "ours" comes from ``RUN/fold{k}/metrics.json``: mean ± standard
 folds found, per test set and metric. The standard deviation is numpy's default (``np.std``,
 ddof=0, the population formula), which is what the paper's inference notebooks computed, so our
 spread is comparable with the published one; ``--ddof 1`` gives the sample standard deviation. The paper's published figures are an
-optional extra column (``--paper``), taken from :data:`PAPER_TABLE3` below and labelled "paper"
+optional extra column (``--paper``), taken from :data:`ami.train.registry.PAPER_TABLE3` and labelled "paper"
 wherever they appear. Runs of one configuration spread over several directories (one fold per
 machine) are merged; a fold found twice is an error. Datasets absent from disk stay "absent".
 
@@ -27,38 +27,10 @@ import typer
 from ami.runtime.datasets import TEST_SETS
 from ami.runtime.metrics import MetricError, mean_std, roc_curve
 from ami.runtime.rundir import CONFIG, RunDir, RunDirError
+from ami.train.registry import PAPER_CITATION, PAPER_TABLE3  # (model, method) -> test set -> metric -> (mean, std)
 
 METRICS = (("balanced_accuracy", "BA"), ("auroc", "AUROC"))
 SHORT = {"AMi-Br-test": "AMi-Br"}
-
-PAPER_CITATION = ("Banerjee et al., 'Benchmarking Deep Learning and Vision Foundation Models for Atypical vs. "
-                  "Normal Mitosis Classification with Cross-Dataset Evaluation', arXiv 2506.21444 (MELBA), Table 3: "
-                  "mean ± std over 5 folds")
-# (model, method) -> dataset -> metric -> (mean, std), as published (see PAPER_CITATION).
-_P = {
-    ("efficientnetv2_m", "full"): (0.6488, 0.1265, 0.7124, 0.1608, 0.6457, 0.1055, 0.7055, 0.1250, 0.6034, 0.1166, 0.6721, 0.1279),
-    ("vit_large_patch16_224", "full"): (0.7552, 0.0191, 0.8634, 0.0104, 0.7570, 0.0171, 0.8478, 0.0189, 0.7439, 0.0149, 0.8396, 0.0213),
-    ("swin_base_patch4_window7_224", "full"): (0.7491, 0.1061, 0.8451, 0.0996, 0.7213, 0.1116, 0.8272, 0.0879, 0.7226, 0.1048, 0.8069, 0.1213),
-    ("uni", "linear"): (0.6477, 0.0108, 0.7171, 0.0080, 0.6217, 0.0015, 0.6774, 0.0136, 0.5715, 0.0153, 0.6241, 0.0222),
-    ("uni2_h", "linear"): (0.6472, 0.0138, 0.7087, 0.0107, 0.6612, 0.0169, 0.7296, 0.0115, 0.5919, 0.0162, 0.6297, 0.0173),
-    ("virchow", "linear"): (0.6452, 0.0139, 0.7010, 0.0077, 0.6441, 0.0212, 0.7037, 0.0107, 0.5758, 0.0172, 0.6175, 0.0227),
-    ("virchow2", "linear"): (0.6403, 0.0079, 0.7040, 0.0052, 0.6667, 0.0133, 0.7201, 0.0060, 0.5652, 0.0064, 0.5878, 0.0211),
-    ("prov_gigapath", "linear"): (0.6091, 0.0140, 0.6569, 0.0132, 0.6005, 0.0091, 0.6323, 0.0125, 0.5601, 0.0153, 0.5818, 0.0129),
-    ("h_optimus_0", "linear"): (0.6372, 0.0164, 0.6926, 0.0062, 0.6122, 0.0185, 0.6903, 0.0217, 0.5603, 0.0400, 0.5935, 0.0423),
-    ("h_optimus_1", "linear"): (0.5918, 0.0165, 0.6494, 0.0108, 0.6139, 0.0195, 0.6696, 0.0193, 0.5915, 0.0308, 0.6436, 0.0499),
-    ("uni", "lora"): (0.7952, 0.0092, 0.8839, 0.0059, 0.7183, 0.0226, 0.7979, 0.0142, 0.7069, 0.0278, 0.8222, 0.0224),
-    ("uni2_h", "lora"): (0.7138, 0.0121, 0.8153, 0.0211, 0.7301, 0.0152, 0.8228, 0.0143, 0.6914, 0.0321, 0.7616, 0.0415),
-    ("virchow", "lora"): (0.7878, 0.0250, 0.8891, 0.0150, 0.7696, 0.0198, 0.8540, 0.0200, 0.7705, 0.0287, 0.8641, 0.0247),
-    ("virchow2", "lora"): (0.8135, 0.0145, 0.9026, 0.0051, 0.7632, 0.0190, 0.8579, 0.0117, 0.7424, 0.0305, 0.8503, 0.0171),
-    ("prov_gigapath", "lora"): (0.7602, 0.0113, 0.8682, 0.0122, 0.7263, 0.0296, 0.8077, 0.0184, 0.7007, 0.0228, 0.8073, 0.0259),
-    ("h_optimus_0", "lora"): (0.5888, 0.0766, 0.6159, 0.1276, 0.5901, 0.0827, 0.6224, 0.1220, 0.5406, 0.0619, 0.5826, 0.1263),
-    ("h_optimus_1", "lora"): (0.5908, 0.0909, 0.6362, 0.1143, 0.5699, 0.0752, 0.6352, 0.1091, 0.5617, 0.0874, 0.6019, 0.1312),
-}
-PAPER_TABLE3: dict[tuple[str, str], dict[str, dict[str, tuple[float, float]]]] = {
-    key: {ds: {m: (v[4 * i + 2 * j], v[4 * i + 2 * j + 1]) for j, (m, _) in enumerate(METRICS)}
-          for i, ds in enumerate(TEST_SETS)}
-    for key, v in _P.items()
-}
 
 
 class TableError(ValueError):

@@ -24,6 +24,13 @@ TABLE3 = ([("efficientnetv2_m", "full"), ("vit_large_patch16_224", "full"), ("sw
 def test_table3_is_exactly_the_papers_17_configurations():
     assert table3_configs() == TABLE3
     assert len(TABLE3) == 17
+    from ami.train.registry import PAPER_TABLE3
+
+    assert list(PAPER_TABLE3) == TABLE3  # the published figures: one row per configuration, in table order
+    for figures in PAPER_TABLE3.values():  # keyed by test set name, then metric
+        assert set(figures) == {"AMi-Br-test", "AtNorM-Br", "AtNorM-MD"}
+        assert all(set(f) == {"balanced_accuracy", "auroc"} for f in figures.values())
+    assert {n for n, c in REGISTRY.items() if c.table3} == {m for m, _ in TABLE3}
 
 
 def test_list_prints_every_entry_and_the_17_configurations():
@@ -47,7 +54,7 @@ def test_foundation_entry_fields(name):
     assert c.family == "foundation" and c.methods == ("linear", "lora")
     assert c.hub_id and c.hub_id.startswith("hf-hub:")
     assert c.lora_targets == VIT_LORA_TARGETS and c.head == "head"
-    assert ("table3" in c.notes) == (name in TABLE3_FMS)
+    assert c.table3 == (name in TABLE3_FMS)
     assert c.tiny_kwargs["depth"] < 4 and c.tiny_kwargs["embed_dim"] <= 64
     json.dumps(c.to_dict())  # kwargs that are classes are stored as importable strings
     assert c.preprocess.input_size == 224
@@ -131,6 +138,21 @@ def test_entry_round_trips_through_a_run_record(name):
     back = ModelConfig.from_dict(json.loads(json.dumps(c.to_dict())))
     assert json.dumps(back.to_dict(), sort_keys=True) == json.dumps(c.to_dict(), sort_keys=True)
     assert (back.arch, back.preprocess, back.recipe, back.methods) == (c.arch, c.preprocess, c.recipe, c.methods)
+
+
+def test_an_entry_recorded_with_the_old_tiny_arch_key_still_matches():
+    """Runs recorded before ``tiny_arch`` was a field kept it as ``tiny_kwargs["_tiny_arch"]``: such a record
+    has today's definition and rebuilds the same tiny stand-in."""
+    from ami.train.registry import ModelConfig, current_name, definition
+
+    c = get("efficientnetv2_m")
+    assert c.tiny_arch == "efficientnetv2_rw_t" and c.tiny_kwargs == {}
+    old = {k: v for k, v in json.loads(json.dumps(c.to_dict())).items() if k not in ("tiny_arch", "table3")}
+    old["tiny_kwargs"] = {"_tiny_arch": "efficientnetv2_rw_t"}
+    assert definition(old) == definition(c.to_dict())
+    assert current_name({"model": "efficientnetv2_m", "method": "full", "registry_entry": old}) == "efficientnetv2_m"
+    back = ModelConfig.from_dict(old)
+    assert (back.tiny_arch, back.tiny_kwargs) == ("efficientnetv2_rw_t", {})
 
 
 def test_a_run_rebuilds_the_entry_it_was_trained_with(tmp_path):

@@ -377,30 +377,43 @@ def test_kill_and_resume(data_root, tmp_path):
 
 def test_autocast_modes():
     """bf16 autocast trains on CPU; CPU evaluation stays float32 (the shipped engine's precision)."""
-    from ami.train.fit import _autocast
+    from ami.train.loop import autocast
 
     cpu = torch.device("cpu")
     lin = torch.nn.Linear(4, 2)
     x = torch.randn(3, 4)
-    with _autocast(cpu, "bf16", training=True):
+    with autocast(cpu, "bf16", training=True):
         assert lin(x).dtype == torch.bfloat16
-    with _autocast(cpu, "bf16"):
+    with autocast(cpu, "bf16"):
         assert lin(x).dtype == torch.float32
-    with _autocast(cpu, "none", training=True):
+    with autocast(cpu, "none", training=True):
         assert lin(x).dtype == torch.float32
     with pytest.raises(ValueError, match="CUDA only"):
-        _autocast(cpu, "fp16", training=True)
+        autocast(cpu, "fp16", training=True)
     with pytest.raises(ValueError, match="unknown amp"):
-        _autocast(cpu, "int4")
+        autocast(cpu, "int4")
+
+
+def test_each_method_has_one_fold_trainer():
+    from ami.train.fit import EndToEndTrainer, trainer_for
+    from ami.train.linear import LinearProbeTrainer
+    from ami.train.loop import FoldTrainer
+    from ami.train.registry import METHODS
+
+    assert all(isinstance(trainer_for(m), FoldTrainer) for m in METHODS)
+    assert type(trainer_for("linear")) is LinearProbeTrainer
+    assert type(trainer_for("full")) is type(trainer_for("lora")) is EndToEndTrainer
+    with pytest.raises(ValueError, match="unknown method 'probe'"):
+        trainer_for("probe")
 
 
 def test_mixup_blends_inputs_and_targets_reproducibly():
-    from ami.train.fit import _mixup
+    from ami.train.loop import mixup
 
     x = torch.eye(8).reshape(8, 2, 2, 2)  # crop i is the i-th basis vector: its mix partner is readable
     y = torch.tensor([1.0, 0, 1, 0, 1, 0, 1, 0])
-    xa, ya = _mixup(x, y, 0.4, torch.Generator().manual_seed(3))
-    xb, yb = _mixup(x, y, 0.4, torch.Generator().manual_seed(3))
+    xa, ya = mixup(x, y, 0.4, torch.Generator().manual_seed(3))
+    xb, yb = mixup(x, y, 0.4, torch.Generator().manual_seed(3))
     assert torch.equal(xa, xb) and torch.equal(ya, yb)  # same generator state, same mixes (resume)
     flat = xa.reshape(8, 8)
     diag = flat.diagonal()

@@ -16,6 +16,9 @@ Embedding rules (``ModelConfig.embedding``), on the backbone's final (normed) to
 (class + register) token excluded; ``mean`` = mean of the patch tokens; ``pool`` = timm's own
 pooled pre-logits features (CNNs, Swin).
 
+Every network of the package is a :class:`LogitModel` (one atypical logit per crop), built by
+:func:`ami.train.models.create`.
+
 The new head is called ``logit_head`` (not ``head``) because PEFT matches ``modules_to_save`` by
 name suffix, and every timm ViT already has a (reset) ``head``.
 """
@@ -25,11 +28,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .models import LogitModel
 from .registry import ModelConfig
 
 HEAD = "logit_head"
 RULES = ("cls", "cls+mean", "mean", "pool")
+
+
+class LogitModel(nn.Module):
+    """Wraps any classifier so that forward returns shape (N,) logits for the atypical class."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).reshape(x.shape[0], -1)[:, 0]
 
 
 def embedding_dim(backbone: nn.Module, rule: str) -> int:
@@ -167,17 +180,6 @@ def trainable_names(model: nn.Module) -> set[str]:
     return names
 
 
-def load_partial_state(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
-    """Load a trainable-only state dict: every key must exist in the model; the rest stays as built."""
-    own = model.state_dict()
-    unknown = sorted(set(sd) - set(own))
-    if unknown:
-        raise KeyError(f"partial state has keys the model lacks: {unknown[:8]}")
-    res = model.load_state_dict(sd, strict=False)
-    if res.unexpected_keys:  # cannot happen after the check above unless PyTorch renames keys on load
-        raise KeyError(f"partial state has keys the model did not take: {sorted(res.unexpected_keys)[:8]}")
-
-
 # -- merging LoRA for export --------------------------------------------------------------------
 class MergeMismatch(RuntimeError):
     """The merged network does not compute what the adapted one did."""
@@ -216,4 +218,3 @@ def merge_lora(model: LogitModel, example: torch.Tensor | None = None, atol: flo
     for p in merged.parameters():
         p.requires_grad_(False)
     return merged
-

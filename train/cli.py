@@ -152,54 +152,68 @@ def train(
 ):
     """Train MODEL with METHOD over the AMi-Br folds; evaluate each fold on every test set present.
 
-    Each fold's best epoch is chosen by validation balanced accuracy only; the test sets are
-    never used for selection. Results land in the run directory (config.json, split.json,
-    fold*/metrics.json, fold*/best.safetensors).
-    """
+    Each fold's best epoch is chosen by validation balanced accuracy only; the test sets are never
+    used for selection. Results land in the run directory (config.json, split.json, fold*/metrics.json,
+    fold*/best.safetensors)."""
     if list_:
         print_registry()
         raise typer.Exit(0)
+    common = dict(recipe_overrides=_overrides(config, set_, epochs), device=device, amp=amp, weights=weights,
+                  random_init=random_init, tiny=tiny, max_train=max_train, max_eval=max_eval, threads=threads)
     if sweep is not None or status:
-        from .sweep import JobOptions, SweepError, sweep_command  # import-light: no torch for --dry-run/--status
+        options = dict(data_root=str(resolve_data_root(data_root).absolute()),
+                       cache_dir=str(cache_dir.absolute()) if cache_dir else None, **common)
+        resources_flags = {"gpus": gpus_per_job, "cpus": cpus_per_job, "mem_gb": mem_gb, "time": time_limit,
+                           "partition": partition}
+        raise typer.Exit(_sweep(sweep or model, out, methods, folds, options, print_config, launcher=launcher,
+                                dry_run=dry_run, status=status, jobs=jobs, resources=resources,
+                                cli_resources=resources_flags))
+    from .fit import RunSpec  # torch is imported here, not for --help/--list
 
-        if print_config:
-            typer.echo("--print-config shows one run: use it without --sweep (e.g. -m uni --method lora)", err=True)
-            raise typer.Exit(2)
-        options = JobOptions(data_root=str(resolve_data_root(data_root).absolute()),
-                             recipe_overrides=_overrides(config, set_, epochs),
-                             device=device, amp=amp, weights=weights, random_init=random_init, tiny=tiny,
-                             max_train=max_train, max_eval=max_eval, threads=threads,
-                             cache_dir=str(cache_dir.absolute()) if cache_dir else None)
-        try:
-            code = sweep_command(sweep or model, launcher=launcher, out=out, methods=methods,
-                                 folds=folds, options=options,
-                                 dry_run=dry_run, show_status=status, max_parallel=jobs, resources=resources,
-                                 cli_resources={"gpus": gpus_per_job, "cpus": cpus_per_job, "mem_gb": mem_gb,
-                                                "time": time_limit, "partition": partition},
-                                 echo=typer.echo, err=lambda s: typer.echo(s, err=True))
-        except SweepError as e:
-            typer.echo(str(e), err=True)
-            raise typer.Exit(2) from None
-        raise typer.Exit(code)
-    from ami.runtime.splits import parse_folds
+    _check_model(model, method)
+    spec = RunSpec(model=model, method=method, run_dir=out or Path("runs") / f"{model}-{method}",
+                   data_root=resolve_data_root(data_root), cache_dir=cache_dir, **common)
+    _train_one(spec, folds, print_config)
 
-    from .fit import RunSpec, run  # torch is imported here, not for --help/--list
 
+def _sweep(name: str, out: Optional[Path], methods: Optional[str], folds: str, options: dict, print_config: bool,
+           **how) -> int:
+    """``--sweep`` / ``--status``: many jobs through a launcher (:mod:`ami.train.sweep`); the exit code."""
+    from .sweep import JobOptions, SweepError, sweep_command  # import-light: no torch for --dry-run/--status
+
+    if print_config:
+        typer.echo("--print-config shows one run: use it without --sweep (e.g. -m uni --method lora)", err=True)
+        raise typer.Exit(2)
+    try:
+        return sweep_command(name, launcher=how["launcher"], out=out, methods=methods, folds=folds,
+                             options=JobOptions(**options), dry_run=how["dry_run"], show_status=how["status"],
+                             max_parallel=how["jobs"], resources=how["resources"],
+                             cli_resources=how["cli_resources"], echo=typer.echo, err=lambda s: typer.echo(s, err=True))
+    except SweepError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from None
+
+
+def _check_model(model: str, method: str) -> None:
     if model not in REGISTRY:
         typer.echo(f"unknown model {model!r}; known: {', '.join(REGISTRY)}", err=True)
         raise typer.Exit(2)
     if method not in REGISTRY[model].methods:
         typer.echo(f"{model} supports --method {' or '.join(REGISTRY[model].methods)}, not {method!r}", err=True)
         raise typer.Exit(2)
-    overrides = _overrides(config, set_, epochs)
+
+
+def _train_one(spec, folds: str, print_config: bool) -> None:
+    """One run directory: check the folds and the recipe, then print the configuration or train."""
+    from ami.runtime.splits import parse_folds
+
+    from .fit import run
+    from .weights import WeightsUnavailable
+
     try:
         fold_list = parse_folds(folds)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    spec = RunSpec(model=model, method=method, run_dir=out or Path("runs") / f"{model}-{method}",
-                   data_root=resolve_data_root(data_root), recipe_overrides=overrides, device=device, amp=amp,
-                   weights=weights, random_init=random_init, tiny=tiny, max_train=max_train, max_eval=max_eval,
-                   threads=threads, cache_dir=cache_dir)
     try:
         spec.recipe  # reject unknown keys / values now, with the allowed ones
     except (KeyError, ValueError) as e:
@@ -208,8 +222,6 @@ def train(
     if print_config:
         typer.echo(json.dumps(spec.record(), indent=1))
         raise typer.Exit(0)
-    from .models import WeightsUnavailable
-
     try:
         results = run(spec, fold_list, log=typer.echo)
     except WeightsUnavailable as e:

@@ -30,8 +30,6 @@ if TYPE_CHECKING:
 
     from .models import LogitModel
 
-CONTENTS = "contents"  # safetensors metadata key of a checkpoint ...
-TRAINABLE = "trainable"  # ... whose value marks a trainable-only checkpoint
 LORA_OPTIONS = ("lora_rank", "lora_alpha", "lora_dropout")  # recipe keys the LoRA network is built with
 
 
@@ -44,34 +42,29 @@ def _unreadable(path: Path, e: Exception) -> FoldModelError:
 
 
 def is_partial(path: Path) -> bool:
-    """True when the checkpoint holds only the trained tensors (linear/LoRA on pretrained weights)."""
-    from safetensors import SafetensorError, safe_open
+    """:func:`ami.train.weights.is_partial`; an unreadable file raises :class:`FoldModelError`."""
+    from safetensors import SafetensorError
+
+    from .weights import is_partial as partial
 
     try:
-        with safe_open(str(path), "pt") as f:
-            return (f.metadata() or {}).get(CONTENTS) == TRAINABLE
+        return partial(path)
     except (SafetensorError, OSError) as e:
         raise _unreadable(path, e) from None
 
 
 def load_state_file(model: nn.Module, path: Path) -> None:
-    """Load a checkpoint into a built network: a complete one strictly, a trainable-only one onto the
-    tensors the network was built with. Tensors that do not fit raise RuntimeError / KeyError (as
-    ``load_state_dict`` does); an unreadable file raises :class:`FoldModelError`."""
+    """:func:`ami.train.weights.load_weights` (tensors that do not fit raise RuntimeError / KeyError,
+    as ``load_state_dict`` does); an unreadable file raises :class:`FoldModelError`."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
-    partial = is_partial(path)
+    from .weights import load_weights
+
+    is_partial(path)  # unreadable metadata -> FoldModelError
     try:
-        sd = load_file(str(path))
+        load_weights(model, path)
     except (SafetensorError, OSError) as e:
         raise _unreadable(path, e) from None
-    if partial:
-        from .adapt import load_partial_state
-
-        load_partial_state(model, sd)
-    else:
-        model.load_state_dict(sd)
 
 
 def run_model_entry(config: dict, where: Path | str) -> ModelConfig:

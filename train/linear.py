@@ -1,6 +1,7 @@
 """Linear probing on cached embeddings: the frozen backbone runs once per crop, not once per epoch.
 
-``ami-train -m uni --method linear`` lands here (``Run.fit`` dispatches to :func:`fit_linear`). For
+``ami-train -m uni --method linear`` lands here: :class:`LinearProbeTrainer` is the method's
+:class:`~ami.train.loop.FoldTrainer` (chosen by :func:`ami.train.fit.trainer_for`). For
 each set of crops it needs (the AMi-Br training crops, each test set present) it asks the
 :class:`EmbeddingCache` for the embeddings of the frozen backbone; the first fold extracts and
 stores them, the other folds (and later runs with the same inputs) read them back. The linear
@@ -27,26 +28,40 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from ami.runtime.datasets import Sample, available_eval_sets, fingerprint
+from ami.runtime.datasets import Sample, fingerprint
 from ami.runtime.hashing import file_sha256
 from ami.runtime.preprocess import Preprocess
+from ami.runtime.rundir import FoldDir
 
 from . import data as D
 from .adapt import HEAD, classifier_of
+from .loop import (
+    FoldTrainer,
+    LRSchedule,
+    Progress,
+    atomic_torch_save,
+    autocast,
+    epoch_batches,
+    make_optimizer,
+    metrics_or_reason,
+    recipe_loss,
+    steps_per_epoch,
+    versions,
+    write_history,
+)
 from .models import create
-from .registry import ModelConfig, Recipe
-from .weights import weights_record
+from .registry import ModelConfig
+from .weights import save_weights, weights_record
 
 ENV_CACHE = "AMI_CACHE_DIR"
 MANIFEST = "manifest.json"
@@ -81,7 +96,7 @@ def extractor_identity(cfg: ModelConfig, model: nn.Module, *, tiny: bool, random
         weights["kind"] = "hub" if weights.get("kind") == "hub-cache" else weights.get("kind")
     clf = classifier_of(model)
     return {
-        "model": cfg.name, "arch": cfg.tiny_kwargs.get("_tiny_arch", cfg.arch) if tiny else cfg.arch,
+        "model": cfg.name, "arch": (cfg.tiny_arch or cfg.arch) if tiny else cfg.arch,
         "create_kwargs": cfg.create_kwargs, "tiny": tiny, "tiny_kwargs": cfg.tiny_kwargs if tiny else None,
         "weights": weights, "preprocess": asdict(cfg.preprocess), "embedding": cfg.embedding,
         "num_prefix_tokens": clf.num_prefix_tokens, "embed_dim": clf.embed_dim,
@@ -131,7 +146,7 @@ class EmbeddingCache:
         save_file({"embeddings": x.contiguous(), "labels": labels}, str(tmp / EMB_FILE))
         manifest = {"inputs": inputs, "names": [s.name for s in samples], "sha256": file_sha256(tmp / EMB_FILE),
                     "shape": list(x.shape), "dtype": "float32", "extract_seconds": round(time.time() - t0, 2),
-                    "built_with": _versions(), "device": str(device),
+                    "built_with": versions(), "device": str(device),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         try:
@@ -167,19 +182,11 @@ class EmbeddingCache:
         return Embeddings(manifest["names"], t["labels"], t["embeddings"], entry, False, 0.0)
 
 
-def _versions() -> dict:
-    from .fit import versions
-
-    return versions()
-
-
 @torch.inference_mode()
 def extract(model: nn.Module, samples: list[Sample], pre: Preprocess, device: torch.device, amp: str = "none",
             batch: int = 64, chunk: int = 512, desc: str = "embed") -> torch.Tensor:
     """Embeddings [N, D] (float32, CPU) of the frozen backbone, in ``samples`` order."""
     from tqdm.auto import tqdm
-
-    from .fit import _autocast
 
     clf = classifier_of(model)
     clf.eval()
@@ -189,7 +196,7 @@ def extract(model: nn.Module, samples: list[Sample], pre: Preprocess, device: to
         cs = D.load_crops(samples[i:i + chunk], pre)
         for j in range(0, len(cs), batch):
             x = D.eval_batch(cs.images[j:j + batch], pre).to(device)
-            with _autocast(device, amp):
+            with autocast(device, amp):
                 out.append(clf.features(x).float().cpu())
             bar.update(min(batch, len(cs) - j))
     bar.close()
@@ -197,185 +204,147 @@ def extract(model: nn.Module, samples: list[Sample], pre: Preprocess, device: to
 
 
 # -- the fold -------------------------------------------------------------------------------
-def _rows(names: list[str], y: torch.Tensor, p: np.ndarray) -> list[list]:
-    return [[n, int(a), round(float(q), 6)] for n, a, q in zip(names, y.tolist(), p)]
-
-
 def _probs(head: nn.Linear, x: torch.Tensor) -> np.ndarray:
     with torch.no_grad():
         return torch.sigmoid(head(x).squeeze(1)).numpy().astype(np.float64)
 
 
-def _scheduler(opt, r: Recipe, total_steps: int, warm: int):
-    if r.scheduler == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=3, min_lr=1e-7)
-    if r.scheduler == "cosine":
-        def lr_lambda(step):
-            if step < warm:
-                return (step + 1) / warm
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total_steps - warm))))
-        return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-    raise ValueError(f"unknown scheduler {r.scheduler!r}")
+def _clone(sd: dict) -> dict:
+    return {k: v.detach().clone() for k, v in sd.items()}
 
 
-def fit_linear(run, fold: int | None) -> dict:
-    """One fold of the linear probe; writes the same run-directory files as the other methods."""
-    from .fit import (
-        _loss,
-        _metrics_or_reason,
-        _optimizer,
-        _subset,
-        atomic_torch_save,
-        atomic_write_json,
-        save_weights,
-        versions,
-    )
-    from ami.runtime.metrics import MetricError, best_threshold
+@dataclass
+class _Probe:
+    """The frozen backbone of a fold, its cache and the fold's embeddings."""
 
-    spec, cfg, r = run.spec, run.cfg, run.recipe
-    log = run.log
-    fdir = run.fold_dir(fold)
-    fdir.mkdir(parents=True, exist_ok=True)
-    t_start = time.time()
-    seed = r.seed + (0 if fold is None else fold)
-    random_init = spec.random_init or not cfg.pretrained
+    model: nn.Module
+    identity: dict
+    cache: EmbeddingCache
+    xtr: torch.Tensor
+    ytr: torch.Tensor
+    xva: torch.Tensor | None
+    yva: torch.Tensor | None
+    nva: list[str]
+    caches: dict = field(default_factory=dict)  # set name -> cache entry used
+    extract_seconds: float = 0.0
 
-    # the frozen backbone: one for all folds (a random one is seeded by the recipe, not the fold)
-    torch.manual_seed(r.seed)
-    model = create(cfg, "linear", weights=spec.weights, random_init=spec.random_init, tiny=spec.tiny)
-    model.to(run.device).eval()
-    identity = extractor_identity(cfg, model, tiny=spec.tiny, random_init=random_init, seed=r.seed, amp=spec.amp)
-    cache = EmbeddingCache(getattr(spec, "cache_dir", None), log)
 
-    tr, va = run.fold_split(fold, seed)
-    pool = cache.get(model, identity, "AMi-Br-train", tr + va, cfg.preprocess, run.device)
-    xtr, ytr, _ = pool.take(tr)
-    xva, yva, nva = pool.take(va) if va else (None, None, [])
-    caches, extract_s = {"AMi-Br-train": pool.entry.name}, pool.seconds
-    log(f"[{fdir.name}] {cfg.name}/linear: {len(tr)} train ({int(ytr.sum())} atypical), {len(va)} val embeddings "
-        f"of dim {xtr.shape[1]} ({'extracted' if pool.extracted else 'from cache'} {pool.entry})")
+class LinearProbeTrainer(FoldTrainer):
+    """``linear``: the frozen backbone embeds every crop once (:class:`EmbeddingCache`); a linear
+    head trains on those vectors on the CPU (no augmentation, no EMA); the fold ends with the head of
+    the best validation epoch (the all-crops model: the last epoch)."""
 
-    # -- the head, on the CPU --------------------------------------------------------------
-    torch.manual_seed(seed)
-    head = nn.Linear(xtr.shape[1], 1)
-    opt = _optimizer(head.parameters(), r)
-    steps_per_epoch = max(1, len(tr) // r.batch_size)
-    sched = _scheduler(opt, r, steps_per_epoch * r.epochs, steps_per_epoch * r.warmup_epochs)
-    g = torch.Generator().manual_seed(seed)
-    start_epoch, best, history, bad_epochs, best_head = 0, {"ba": -1.0, "epoch": -1, "auroc": float("nan")}, [], 0, None
-    state_path = fdir / "state.pt"
-    if state_path.exists():
-        st = torch.load(state_path, map_location="cpu", weights_only=True)
-        head.load_state_dict(st["head"])
-        opt.load_state_dict(st["opt"])
-        sched.load_state_dict(st["sched"])
-        g.set_state(st["rng"])
-        start_epoch, best, history, bad_epochs = st["epoch"] + 1, st["best"], st["history"], st["bad_epochs"]
-        best_head = st.get("best_head")
-        log(f"[{fdir.name}] resuming after epoch {st['epoch']} (best val BA {best['ba']:.4f} @ {best['epoch']})")
-    if r.ema_decay:
-        log(f"[{fdir.name}] note: ema_decay={r.ema_decay} is not applied to the linear probe")
+    def train(self, run, fd: FoldDir) -> dict:
+        t_start = time.time()
+        probe = self._embed(run, fd)
+        head, progress, best_head = self._fit_head(run, fd, probe)
+        train_seconds = time.time() - t_start
+        self._save(run, fd, probe, head, progress, best_head)
+        return self._evaluate(run, fd, probe, head, progress, train_seconds)
 
-    for epoch in range(start_epoch, r.epochs):
-        t0 = time.time()
-        if r.sampling == "balanced":
-            idx = D.balanced_indices(ytr, steps_per_epoch * r.batch_size, g)
+    def _embed(self, run, fd: FoldDir) -> _Probe:
+        spec, cfg, r = run.spec, run.cfg, run.recipe
+        random_init = spec.random_init or not cfg.pretrained
+        # the frozen backbone: one for all folds (a random one is seeded by the recipe, not the fold)
+        torch.manual_seed(r.seed)
+        model = create(cfg, "linear", weights=spec.weights, random_init=spec.random_init, tiny=spec.tiny)
+        model.to(run.device).eval()
+        identity = extractor_identity(cfg, model, tiny=spec.tiny, random_init=random_init, seed=r.seed, amp=spec.amp)
+        cache = EmbeddingCache(getattr(spec, "cache_dir", None), run.log)
+        tr, va = run.fold_split(fd.fold, self.seed(run, fd))
+        pool = cache.get(model, identity, "AMi-Br-train", tr + va, cfg.preprocess, run.device)
+        xtr, ytr, _ = pool.take(tr)
+        xva, yva, nva = pool.take(va) if va else (None, None, [])
+        run.log(f"[{fd.name}] {cfg.name}/linear: {len(tr)} train ({int(ytr.sum())} atypical), {len(va)} val "
+                f"embeddings of dim {xtr.shape[1]} ({'extracted' if pool.extracted else 'from cache'} {pool.entry})")
+        return _Probe(model, identity, cache, xtr, ytr, xva, yva, nva, {"AMi-Br-train": pool.entry.name},
+                      pool.seconds)
+
+    def _fit_head(self, run, fd: FoldDir, probe: _Probe) -> tuple[nn.Linear, Progress, dict | None]:
+        """The head's epochs on the CPU (resumed from state.pt); returns it, the progress and the best head."""
+        r = run.recipe
+        seed = self.seed(run, fd)
+        torch.manual_seed(seed)
+        head = nn.Linear(probe.xtr.shape[1], 1)
+        opt = make_optimizer(head.parameters(), r)
+        steps = steps_per_epoch(len(probe.ytr), r)
+        schedule = LRSchedule(opt, r, steps)
+        g = torch.Generator().manual_seed(seed)
+        progress, best_head = Progress(), None
+        if fd.state.exists():
+            st = torch.load(fd.state, map_location="cpu", weights_only=True)
+            head.load_state_dict(st["head"])
+            opt.load_state_dict(st["opt"])
+            schedule.load_state_dict(st["sched"])
+            g.set_state(st["rng"])
+            progress, best_head = Progress.from_state(st), st.get("best_head")
+            run.log(progress.resumed(fd))
+        if r.ema_decay:
+            run.log(f"[{fd.name}] note: ema_decay={r.ema_decay} is not applied to the linear probe")
+        for epoch in range(progress.start_epoch, r.epochs):
+            t0 = time.time()
+            loss_sum = 0.0
+            for b in epoch_batches(probe.ytr, r, steps, g):
+                loss = recipe_loss(head(probe.xtr[b]).squeeze(1), probe.ytr[b], r)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                schedule.after_step()
+                loss_sum += loss.item()
+            row = {"epoch": epoch, "train_loss": loss_sum / steps, "lr": opt.param_groups[0]["lr"],
+                   "seconds": round(time.time() - t0, 3)}
+            if probe.xva is not None:
+                m = metrics_or_reason(probe.yva.numpy(), _probs(head, probe.xva))
+                schedule.after_validation(m.get("balanced_accuracy", -1.0))
+                if progress.validated(epoch, row, m):
+                    best_head = _clone(head.state_dict())
+            progress.history.append(row)
+            run.log(progress.epoch_line(fd, r.epochs, row))
+            atomic_torch_save({"head": head.state_dict(), "opt": opt.state_dict(), "sched": schedule.state_dict(),
+                               **progress.state(epoch), "rng": g.get_state(), "best_head": best_head}, fd.state)
+            write_history(fd.history, progress.history)
+            if probe.xva is not None and progress.stop_early(r.early_stop_patience):
+                run.log(f"[{fd.name}] early stop: no val BA gain for {progress.bad_epochs} epochs")
+                break
+        return head, progress, best_head
+
+    @staticmethod
+    def _save(run, fd: FoldDir, probe: _Probe, head: nn.Linear, progress: Progress, best_head: dict | None) -> None:
+        """The final head (best validation epoch; the all-crops model: the last) into the model and
+        best.safetensors: the head only, or everything when the backbone was randomly initialised
+        (which no weight source can rebuild)."""
+        if fd.is_all or best_head is None:
+            if fd.is_all:
+                progress.select_last()
+            best_head = _clone(head.state_dict())
+        head.load_state_dict(best_head)
+        getattr(classifier_of(probe.model), HEAD).load_state_dict({k: v.to(run.device) for k, v in best_head.items()})
+        best = progress.best
+        meta = {"epoch": best["epoch"], "val_ba": best["ba"], "method": "linear", "model": run.cfg.name}
+        if run.spec.random_init or not run.cfg.pretrained:
+            save_weights(probe.model, fd.weights, meta)
         else:
-            idx = torch.randperm(len(tr), generator=g)[: steps_per_epoch * r.batch_size]
-        loss_sum = 0.0
-        for step in range(steps_per_epoch):
-            b = idx[step * r.batch_size:(step + 1) * r.batch_size]
-            loss = _loss(head(xtr[b]).squeeze(1), ytr[b], r)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if r.scheduler == "cosine":
-                sched.step()
-            loss_sum += loss.item()
-        row = {"epoch": epoch, "train_loss": loss_sum / steps_per_epoch, "lr": opt.param_groups[0]["lr"],
-               "seconds": round(time.time() - t0, 3)}
-        if xva is not None:
-            m = _metrics_or_reason(yva.numpy(), _probs(head, xva))
-            row.update({"val_ba": m.get("balanced_accuracy"), "val_auroc": m.get("auroc")})
-            ba = m.get("balanced_accuracy", -1.0)
-            if r.scheduler == "plateau":
-                sched.step(ba)
-            if ba > best["ba"]:
-                best = {"ba": ba, "epoch": epoch, "auroc": m.get("auroc")}
-                best_head = {k: v.detach().clone() for k, v in head.state_dict().items()}
-                bad_epochs = 0
-            else:
-                bad_epochs += 1
-        history.append(row)
-        log(f"[{fdir.name}] epoch {epoch + 1}/{r.epochs} loss {row['train_loss']:.4f}"
-            + (f" val BA {row['val_ba']:.4f} AUROC {row['val_auroc']:.4f} (best {best['ba']:.4f} @ {best['epoch'] + 1})"
-               if xva is not None and row.get("val_ba") is not None else ""))
-        atomic_torch_save({"head": head.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                           "epoch": epoch, "best": best, "history": history, "bad_epochs": bad_epochs,
-                           "rng": g.get_state(), "best_head": best_head}, state_path)
-        run._write_history(fdir, history)
-        if xva is not None and r.early_stop_patience and bad_epochs >= r.early_stop_patience:
-            log(f"[{fdir.name}] early stop: no val BA gain for {bad_epochs} epochs")
-            break
-    train_seconds = time.time() - t_start
+            save_weights(probe.model, fd.weights, {**meta, "base_weights": probe.identity["weights"].get("source")},
+                         keys={HEAD_PREFIX + k for k in best_head})
 
-    # -- final head: the best validation epoch (fold) or the last epoch (all training crops) --
-    if fold is None or best_head is None:
-        best = {"ba": None, "epoch": len(history) - 1, "auroc": None} if fold is None else best
-        best_head = {k: v.detach().clone() for k, v in head.state_dict().items()}
-    head.load_state_dict(best_head)
-    getattr(classifier_of(model), HEAD).load_state_dict({k: v.to(run.device) for k, v in best_head.items()})
-    meta = {"epoch": best["epoch"], "val_ba": best["ba"], "method": "linear", "model": cfg.name}
-    if random_init:  # nothing could rebuild this backbone: keep all of it
-        save_weights(model, fdir / "best.safetensors", meta)
-    else:
-        save_weights(model, fdir / "best.safetensors", {**meta, "base_weights": identity["weights"].get("source")},
-                     keys={HEAD_PREFIX + k for k in best_head})
+    def _evaluate(self, run, fd: FoldDir, probe: _Probe, head: nn.Linear, progress: Progress,
+                  train_seconds: float) -> dict:
+        """metrics.json from the cache: validation and every test set present."""
+        cfg = run.cfg
 
-    # -- evaluation, from the cache ----------------------------------------------------------
-    resolved = spec.resolved()
-    out = {"fold": fold if fold is not None else "all", "model": cfg.name, "method": spec.method,
-           "best_epoch": best["epoch"], "epochs_run": len(history), "train_seconds": round(train_seconds, 1),
-           "versions": versions(), "device": str(run.device),
-           "split": {k: run.split.get(k) for k in ("folds_sha256", "train_fingerprint")},
-           "selection": "epoch with the best validation balanced accuracy (threshold 0.5)"
-           if fold is not None else f"last epoch of a fixed {r.epochs}-epoch schedule",
-           "weights_source": resolved["weights_source"], "random_init": resolved["random_init"],
-           "tiny_stand_in": spec.tiny, "weights": weights_record(model),
-           "augmentation": "none: the head is trained on cached embeddings of the evaluation preprocessing",
-           "validation": None, "tests": {}, "predictions": {}}
-    t0 = time.time()
-    if xva is not None:
-        pv = _probs(head, xva)
-        m = _metrics_or_reason(yva.numpy(), pv)
-        try:
-            thr, thr_ba = best_threshold(yva.numpy(), pv)
-            m["best_threshold"], m["best_threshold_ba"] = thr, thr_ba
-        except MetricError:
-            pass
-        out["validation"] = m
-        out["predictions"]["validation"] = _rows(nva, yva, pv)
-    for name, samples in available_eval_sets(spec.data_root).items():
-        if name not in spec.eval_sets:
-            continue
-        if isinstance(samples, str):
-            out["tests"][name] = {"absent": samples}
-            log(f"[{fdir.name}] {name}: absent ({samples})")
-            continue
-        samples = _subset(samples, spec.max_eval)
-        emb = cache.get(model, identity, name, samples, cfg.preprocess, run.device)
-        caches[name] = emb.entry.name
-        extract_s += emb.seconds
-        x, y, names = emb.take(samples)
-        p = _probs(head, x)
-        out["tests"][name] = _metrics_or_reason(y.numpy(), p)
-        out["predictions"][name] = _rows(names, y, p)
-        t = out["tests"][name]
-        if "balanced_accuracy" in t:
-            log(f"[{fdir.name}] {name}: BA {t['balanced_accuracy']:.4f} AUROC {t['auroc']:.4f} (n={t['n']})")
-    out["eval_seconds"] = round(time.time() - t0, 1)
-    out["embedding_cache"] = {"root": str(cache.root), "entries": caches,
-                              "extract_seconds_this_fold": round(extract_s, 1)}
-    atomic_write_json(fdir / "metrics.json", out)
-    state_path.unlink(missing_ok=True)
-    return out
+        def validation():
+            return probe.nva, probe.yva.numpy(), _probs(head, probe.xva)
+
+        def score(name: str, samples: list[Sample]):
+            emb = probe.cache.get(probe.model, probe.identity, name, samples, cfg.preprocess, run.device)
+            probe.caches[name] = emb.entry.name
+            probe.extract_seconds += emb.seconds
+            x, y, names = emb.take(samples)
+            return names, y.numpy(), _probs(head, x)
+
+        out = self.record(run, fd, progress, train_seconds, weights=weights_record(probe.model),
+                          augmentation="none: the head is trained on cached embeddings of the evaluation preprocessing")
+        self.evaluate(run, fd, out, validation if probe.xva is not None else None, score)
+        out["embedding_cache"] = {"root": str(probe.cache.root), "entries": probe.caches,
+                                  "extract_seconds_this_fold": round(probe.extract_seconds, 1)}
+        return self.finish(fd, out)

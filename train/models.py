@@ -3,7 +3,7 @@
 ``create(cfg, method)`` is the single door: it builds the timm architecture with the entry's
 creation kwargs, loads weights from the entry's source (or refuses, see :mod:`ami.train.weights`),
 replaces the classifier by a one-logit head and applies the method (full fine-tuning, frozen
-backbone + linear head, or PEFT LoRA on the entry's exact targets).
+backbone + linear head, or PEFT LoRA on the entry's exact targets; :mod:`ami.train.adapt`).
 """
 
 from __future__ import annotations
@@ -11,18 +11,20 @@ from __future__ import annotations
 import importlib
 
 import timm
-import torch
 from torch import nn
 
+
+from .adapt import LogitModel as LogitModel  # re-exported: the one-logit wrapper every model is
+from .adapt import apply_method
 from .registry import ModelConfig
+from .weights import WeightsUnavailable as WeightsUnavailable  # re-exported: create() raises it
+from .weights import load_pretrained
 
 
 def resolve_kwargs(kwargs: dict) -> dict:
     """Registry kwargs may name classes as 'module.Name' strings (kept torch-free); import them."""
     out = {}
     for k, v in kwargs.items():
-        if k.startswith("_"):
-            continue
         if isinstance(v, str) and v.startswith(("timm.", "torch.")):
             mod, _, attr = v.rpartition(".")
             v = getattr(importlib.import_module(mod), attr)
@@ -35,7 +37,7 @@ def build_backbone(cfg: ModelConfig, tiny: bool = False, **overrides) -> nn.Modu
     kwargs = resolve_kwargs(cfg.create_kwargs)
     arch = cfg.arch
     if tiny:
-        arch = cfg.tiny_kwargs.get("_tiny_arch", arch)
+        arch = cfg.tiny_arch or arch
         kwargs.update(resolve_kwargs(cfg.tiny_kwargs))
     kwargs.update(overrides)
     kwargs.setdefault("num_classes", 1)
@@ -44,17 +46,6 @@ def build_backbone(cfg: ModelConfig, tiny: bool = False, **overrides) -> nn.Modu
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-class LogitModel(nn.Module):
-    """Wraps any classifier so that forward returns shape (N,) logits for the atypical class."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).reshape(x.shape[0], -1)[:, 0]
 
 
 def fresh_head(net: nn.Module, cfg: ModelConfig) -> None:
@@ -71,10 +62,6 @@ def fresh_head(net: nn.Module, cfg: ModelConfig) -> None:
         head.reset_parameters()
 
 
-class WeightsUnavailable(RuntimeError):
-    """No weight source for a pretrained entry could be reached."""
-
-
 def create(cfg: ModelConfig, method: str = "full", *, weights: str | None = None, random_init: bool = False,
            tiny: bool = False, drop_rate: float = 0.0, drop_path_rate: float = 0.0, **lora_kw) -> LogitModel:
     """Build the model for one (entry, method). Pretrained entries need weights or ``random_init``."""
@@ -86,17 +73,12 @@ def create(cfg: ModelConfig, method: str = "full", *, weights: str | None = None
     if drop_path_rate:
         over["drop_path_rate"] = drop_path_rate
     net = build_backbone(cfg, tiny=tiny, **over)
-    if cfg.pretrained and not random_init:
-        from .weights import load_pretrained  # noqa: PLC0415
-
+    pretrained = cfg.pretrained and not random_init
+    if pretrained or weights:  # --weights also fills an architecture trained from scratch / --random-init
         load_pretrained(net, cfg, weights)
+    if pretrained:
         fresh_head(net, cfg)
-    elif weights:
-        from .weights import load_pretrained  # noqa: PLC0415
-
-        load_pretrained(net, cfg, weights)
     if method == "full":
         return LogitModel(net)
-    from .adapt import apply_method  # noqa: PLC0415 - LoRA / linear probe
-
     return apply_method(LogitModel(net), cfg, method, **lora_kw)
+

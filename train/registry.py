@@ -62,6 +62,8 @@ class ModelConfig:
     recipe: Recipe = PAPER_RECIPE
     lora_recipe: Recipe = LORA_RECIPE
     tiny_kwargs: dict = field(default_factory=dict)  # shrink depth/width for the CPU test stand-in
+    tiny_arch: str | None = None  # timm architecture of the CPU test stand-in (None: ``arch`` itself)
+    table3: bool = False  # one of the paper's Table-3 models (every method its family has there)
     notes: str = ""
 
     def recipe_for(self, method: str) -> Recipe:
@@ -76,7 +78,7 @@ class ModelConfig:
     def from_dict(cls, d: dict) -> "ModelConfig":
         """Inverse of :meth:`to_dict` (a run's recorded ``registry_entry``); keys of other versions are ignored."""
         known = set(cls.__dataclass_fields__)
-        kw = {k: v for k, v in d.items() if k in known}
+        kw = {k: v for k, v in upgrade_entry(d).items() if k in known}
         recipe_keys = set(Recipe.__dataclass_fields__)
         kw["preprocess"] = Preprocess(**{k: (tuple(v) if isinstance(v, list) else v)
                                          for k, v in d["preprocess"].items()})
@@ -88,6 +90,17 @@ class ModelConfig:
         if "weights_rename" in kw:
             kw["weights_rename"] = tuple(tuple(r) for r in kw["weights_rename"])
         return cls(**kw)
+
+
+def upgrade_entry(entry: dict) -> dict:
+    """A recorded registry entry in today's field names (a copy; the recorded one is not changed).
+    Entries recorded before ``tiny_arch`` was a field carried it as ``tiny_kwargs["_tiny_arch"]``."""
+    tiny = entry.get("tiny_kwargs")
+    if not isinstance(tiny, dict) or "_tiny_arch" not in tiny:
+        return entry
+    out = {**entry, "tiny_kwargs": {k: v for k, v in tiny.items() if k != "_tiny_arch"}}
+    out.setdefault("tiny_arch", tiny["_tiny_arch"])
+    return out
 
 
 REGISTRY: dict[str, ModelConfig] = {}
@@ -165,7 +178,7 @@ def configured(name: str, method: str, recipe: Recipe | None = None) -> ModelCon
     return configure(cfg, recipe if recipe is not None else cfg.recipe_for(method))
 
 
-_DESCRIPTIVE = ("name", "display", "notes", "recipe", "lora_recipe")
+_DESCRIPTIVE = ("name", "display", "notes", "recipe", "lora_recipe", "table3")
 
 
 def current_name(conf: dict) -> str | None:
@@ -205,8 +218,8 @@ def current_name(conf: dict) -> str | None:
 
 def definition(entry: dict) -> str:
     """A registry entry's network definition (a to_dict() or a recorded copy) as a canonical string:
-    everything but its name, display text, notes and default recipes."""
-    d = json.loads(json.dumps(entry, default=list))
+    everything but its name, display text, notes, Table-3 membership and default recipes."""
+    d = upgrade_entry(json.loads(json.dumps(entry, default=list)))
     return json.dumps({k: v for k, v in d.items() if k not in _DESCRIPTIVE and not _at_default(k, v)},
                       sort_keys=True)
 
@@ -240,10 +253,104 @@ def label(name: str, method: str, entry: dict | None = None) -> str:
 
 def table3_configs() -> list[tuple[str, str]]:
     """The 17 (model, method) configurations of the paper's Table 3, in table order."""
-    out = [(n, "full") for n, c in REGISTRY.items() if c.family == "e2e"]
-    fms = [n for n, c in REGISTRY.items() if c.family == "foundation" and "table3" in c.notes]
+    out = [(n, "full") for n, c in REGISTRY.items() if c.table3 and c.family == "e2e"]
+    fms = [n for n, c in REGISTRY.items() if c.table3 and c.family == "foundation"]
     out += [(n, "linear") for n in fms] + [(n, "lora") for n in fms]
     return out
+
+
+# The paper's published Table 3 (PAPER_CITATION), for ``ami-bench table --paper``:
+# (model, method) -> test set -> metric -> (mean, std) over its 5 folds.
+PAPER_CITATION = ("Banerjee et al., 'Benchmarking Deep Learning and Vision Foundation Models for Atypical vs. "
+                  "Normal Mitosis Classification with Cross-Dataset Evaluation', arXiv 2506.21444 (MELBA), Table 3: "
+                  "mean ± std over 5 folds")
+PAPER_TABLE3: dict[tuple[str, str], dict[str, dict[str, tuple[float, float]]]] = {
+    ("efficientnetv2_m", "full"): {
+        "AMi-Br-test": {"balanced_accuracy": (0.6488, 0.1265), "auroc": (0.7124, 0.1608)},
+        "AtNorM-Br": {"balanced_accuracy": (0.6457, 0.1055), "auroc": (0.7055, 0.1250)},
+        "AtNorM-MD": {"balanced_accuracy": (0.6034, 0.1166), "auroc": (0.6721, 0.1279)},
+    },
+    ("vit_large_patch16_224", "full"): {
+        "AMi-Br-test": {"balanced_accuracy": (0.7552, 0.0191), "auroc": (0.8634, 0.0104)},
+        "AtNorM-Br": {"balanced_accuracy": (0.7570, 0.0171), "auroc": (0.8478, 0.0189)},
+        "AtNorM-MD": {"balanced_accuracy": (0.7439, 0.0149), "auroc": (0.8396, 0.0213)},
+    },
+    ("swin_base_patch4_window7_224", "full"): {
+        "AMi-Br-test": {"balanced_accuracy": (0.7491, 0.1061), "auroc": (0.8451, 0.0996)},
+        "AtNorM-Br": {"balanced_accuracy": (0.7213, 0.1116), "auroc": (0.8272, 0.0879)},
+        "AtNorM-MD": {"balanced_accuracy": (0.7226, 0.1048), "auroc": (0.8069, 0.1213)},
+    },
+    ("uni", "linear"): {
+        "AMi-Br-test": {"balanced_accuracy": (0.6477, 0.0108), "auroc": (0.7171, 0.0080)},
+        "AtNorM-Br": {"balanced_accuracy": (0.6217, 0.0015), "auroc": (0.6774, 0.0136)},
+        "AtNorM-MD": {"balanced_accuracy": (0.5715, 0.0153), "auroc": (0.6241, 0.0222)},
+    },
+    ("uni2_h", "linear"): {
+        "AMi-Br-test": {"balanced_accuracy": (0.6472, 0.0138), "auroc": (0.7087, 0.0107)},
+        "AtNorM-Br": {"balanced_accuracy": (0.6612, 0.0169), "auroc": (0.7296, 0.0115)},
+        "AtNorM-MD": {"balanced_accuracy": (0.5919, 0.0162), "auroc": (0.6297, 0.0173)},
+    },
+    ("virchow", "linear"): {
+        "AMi-Br-test": {"balanced_accuracy": (0.6452, 0.0139), "auroc": (0.7010, 0.0077)},
+        "AtNorM-Br": {"balanced_accuracy": (0.6441, 0.0212), "auroc": (0.7037, 0.0107)},
+        "AtNorM-MD": {"balanced_accuracy": (0.5758, 0.0172), "auroc": (0.6175, 0.0227)},
+    },
+    ("virchow2", "linear"): {
+        "AMi-Br-test": {"balanced_accuracy": (0.6403, 0.0079), "auroc": (0.7040, 0.0052)},
+        "AtNorM-Br": {"balanced_accuracy": (0.6667, 0.0133), "auroc": (0.7201, 0.0060)},
+        "AtNorM-MD": {"balanced_accuracy": (0.5652, 0.0064), "auroc": (0.5878, 0.0211)},
+    },
+    ("prov_gigapath", "linear"): {
+        "AMi-Br-test": {"balanced_accuracy": (0.6091, 0.0140), "auroc": (0.6569, 0.0132)},
+        "AtNorM-Br": {"balanced_accuracy": (0.6005, 0.0091), "auroc": (0.6323, 0.0125)},
+        "AtNorM-MD": {"balanced_accuracy": (0.5601, 0.0153), "auroc": (0.5818, 0.0129)},
+    },
+    ("h_optimus_0", "linear"): {
+        "AMi-Br-test": {"balanced_accuracy": (0.6372, 0.0164), "auroc": (0.6926, 0.0062)},
+        "AtNorM-Br": {"balanced_accuracy": (0.6122, 0.0185), "auroc": (0.6903, 0.0217)},
+        "AtNorM-MD": {"balanced_accuracy": (0.5603, 0.0400), "auroc": (0.5935, 0.0423)},
+    },
+    ("h_optimus_1", "linear"): {
+        "AMi-Br-test": {"balanced_accuracy": (0.5918, 0.0165), "auroc": (0.6494, 0.0108)},
+        "AtNorM-Br": {"balanced_accuracy": (0.6139, 0.0195), "auroc": (0.6696, 0.0193)},
+        "AtNorM-MD": {"balanced_accuracy": (0.5915, 0.0308), "auroc": (0.6436, 0.0499)},
+    },
+    ("uni", "lora"): {
+        "AMi-Br-test": {"balanced_accuracy": (0.7952, 0.0092), "auroc": (0.8839, 0.0059)},
+        "AtNorM-Br": {"balanced_accuracy": (0.7183, 0.0226), "auroc": (0.7979, 0.0142)},
+        "AtNorM-MD": {"balanced_accuracy": (0.7069, 0.0278), "auroc": (0.8222, 0.0224)},
+    },
+    ("uni2_h", "lora"): {
+        "AMi-Br-test": {"balanced_accuracy": (0.7138, 0.0121), "auroc": (0.8153, 0.0211)},
+        "AtNorM-Br": {"balanced_accuracy": (0.7301, 0.0152), "auroc": (0.8228, 0.0143)},
+        "AtNorM-MD": {"balanced_accuracy": (0.6914, 0.0321), "auroc": (0.7616, 0.0415)},
+    },
+    ("virchow", "lora"): {
+        "AMi-Br-test": {"balanced_accuracy": (0.7878, 0.0250), "auroc": (0.8891, 0.0150)},
+        "AtNorM-Br": {"balanced_accuracy": (0.7696, 0.0198), "auroc": (0.8540, 0.0200)},
+        "AtNorM-MD": {"balanced_accuracy": (0.7705, 0.0287), "auroc": (0.8641, 0.0247)},
+    },
+    ("virchow2", "lora"): {
+        "AMi-Br-test": {"balanced_accuracy": (0.8135, 0.0145), "auroc": (0.9026, 0.0051)},
+        "AtNorM-Br": {"balanced_accuracy": (0.7632, 0.0190), "auroc": (0.8579, 0.0117)},
+        "AtNorM-MD": {"balanced_accuracy": (0.7424, 0.0305), "auroc": (0.8503, 0.0171)},
+    },
+    ("prov_gigapath", "lora"): {
+        "AMi-Br-test": {"balanced_accuracy": (0.7602, 0.0113), "auroc": (0.8682, 0.0122)},
+        "AtNorM-Br": {"balanced_accuracy": (0.7263, 0.0296), "auroc": (0.8077, 0.0184)},
+        "AtNorM-MD": {"balanced_accuracy": (0.7007, 0.0228), "auroc": (0.8073, 0.0259)},
+    },
+    ("h_optimus_0", "lora"): {
+        "AMi-Br-test": {"balanced_accuracy": (0.5888, 0.0766), "auroc": (0.6159, 0.1276)},
+        "AtNorM-Br": {"balanced_accuracy": (0.5901, 0.0827), "auroc": (0.6224, 0.1220)},
+        "AtNorM-MD": {"balanced_accuracy": (0.5406, 0.0619), "auroc": (0.5826, 0.1263)},
+    },
+    ("h_optimus_1", "lora"): {
+        "AMi-Br-test": {"balanced_accuracy": (0.5908, 0.0909), "auroc": (0.6362, 0.1143)},
+        "AtNorM-Br": {"balanced_accuracy": (0.5699, 0.0752), "auroc": (0.6352, 0.1091)},
+        "AtNorM-MD": {"balanced_accuracy": (0.5617, 0.0874), "auroc": (0.6019, 0.1312)},
+    },
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,16 +390,17 @@ register(ModelConfig(
     name="efficientnetv2_m", arch="efficientnetv2_m", display="EfficientNetV2", family="e2e",
     methods=("full",), pretrained=False, preprocess=Preprocess(224, None, "bicubic"),
     head="classifier", embedding="pool", embed_dim=1280, params_m=54.1,
-    tiny_kwargs={"_tiny_arch": "efficientnetv2_rw_t"}, recipe=script_recipe("efficientnetv2_m", "full"),
-    notes="table3; the public script builds it with no pretrained weights",
+    tiny_arch="efficientnetv2_rw_t", table3=True, recipe=script_recipe("efficientnetv2_m", "full"),
+    notes="the public script builds it with no pretrained weights",
 ))
 register(ModelConfig(
     name="vit_large_patch16_224", arch="vit_large_patch16_224", display="ViT-L (e2e)", family="e2e",
     methods=("full",), hub_id="timm/vit_large_patch16_224.augreg_in21k_ft_in1k",
     preprocess=Preprocess(224, None, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     head="head", embedding="cls", embed_dim=1024, lora_targets=VIT_LORA_TARGETS, params_m=304.3,
-    tiny_kwargs={"embed_dim": 64, "depth": 2, "num_heads": 2}, recipe=script_recipe("vit_large_patch16_224", "full"),
-    notes="table3; ImageNet weights; the script normalises with ImageNet statistics (recipe), not the 0.5/0.5 "
+    tiny_kwargs={"embed_dim": 64, "depth": 2, "num_heads": 2}, table3=True,
+    recipe=script_recipe("vit_large_patch16_224", "full"),
+    notes="ImageNet weights; the script normalises with ImageNet statistics (recipe), not the 0.5/0.5 "
           "of this timm tag",
 ))
 register(ModelConfig(
@@ -301,7 +409,7 @@ register(ModelConfig(
     preprocess=Preprocess(224, None, "bicubic", IMAGENET_MEAN, IMAGENET_STD),
     head="head.fc", embedding="pool", embed_dim=1024, lora_targets=SWIN_LORA_TARGETS, params_m=87.8,
     tiny_kwargs={"embed_dim": 32, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 2, 4)},
-    recipe=script_recipe("swin_base_patch4_window7_224", "full"), notes="table3; ImageNet weights",
+    recipe=script_recipe("swin_base_patch4_window7_224", "full"), table3=True, notes="ImageNet weights",
 ))
 
 # ---------------------------------------------------------------------------------------------
@@ -323,8 +431,8 @@ register(ModelConfig(
     create_kwargs={"img_size": 224, "patch_size": 16, "init_values": 1e-5, "dynamic_img_size": True},
     head="head", embedding="cls", embed_dim=1024, num_prefix_tokens=1, lora_targets=VIT_LORA_TARGETS,
     recipe=script_recipe("uni", "linear"), lora_recipe=script_recipe("uni", "lora"),
-    params_m=303.4, tiny_kwargs=dict(_TINY_VIT),
-    notes="table3; ViT-L/16, LayerScale (init_values 1e-5); model card: Resize(224) + ImageNet mean/std",
+    params_m=303.4, tiny_kwargs=dict(_TINY_VIT), table3=True,
+    notes="ViT-L/16, LayerScale (init_values 1e-5); model card: Resize(224) + ImageNet mean/std",
 ))
 register(ModelConfig(
     name="uni2_h", arch="vit_giant_patch14_224", display="UNI2-h", family="foundation", methods=FM_METHODS,
@@ -335,8 +443,8 @@ register(ModelConfig(
                    "reg_tokens": 8, "dynamic_img_size": True},
     head="head", embedding="cls", embed_dim=1536, num_prefix_tokens=9, lora_targets=VIT_LORA_TARGETS,
     recipe=script_recipe("uni2_h", "linear"), lora_recipe=script_recipe("uni2_h", "lora"),
-    params_m=681.4, tiny_kwargs=dict(_TINY_VIT),
-    notes="table3; ViT-H/14-like (1536 wide, 24 deep), SwiGLUPacked + SiLU, 8 register tokens, no_embed_class",
+    params_m=681.4, tiny_kwargs=dict(_TINY_VIT), table3=True,
+    notes="ViT-H/14-like (1536 wide, 24 deep), SwiGLUPacked + SiLU, 8 register tokens, no_embed_class",
 ))
 register(ModelConfig(
     name="virchow", arch="vit_huge_patch14_224", display="Virchow", family="foundation", methods=FM_METHODS,
@@ -345,8 +453,8 @@ register(ModelConfig(
     create_kwargs={"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, **_SWIGLU},
     head="head", embedding="cls+mean", embed_dim=2560, num_prefix_tokens=1, lora_targets=VIT_LORA_TARGETS,
     recipe=script_recipe("virchow", "linear"), lora_recipe=script_recipe("virchow", "lora"),
-    params_m=631.2, tiny_kwargs=dict(_TINY_VIT),
-    notes="table3; ViT-H/14, SwiGLUPacked + SiLU; embedding = class token ++ mean of patch tokens; model card "
+    params_m=631.2, tiny_kwargs=dict(_TINY_VIT), table3=True,
+    notes="ViT-H/14, SwiGLUPacked + SiLU; embedding = class token ++ mean of patch tokens; model card "
           "preprocessing (ImageNet mean/std, bicubic) - the paper's Virchow LoRA scripts used mean = std = 0.5",
 ))
 register(ModelConfig(
@@ -357,8 +465,8 @@ register(ModelConfig(
                    "dynamic_img_size": True},
     head="head", embedding="cls+mean", embed_dim=2560, num_prefix_tokens=5, lora_targets=VIT_LORA_TARGETS,
     recipe=script_recipe("virchow2", "linear"), lora_recipe=script_recipe("virchow2", "lora"),
-    params_m=631.2, tiny_kwargs=dict(_TINY_VIT),
-    notes="table3; ViT-H/14, SwiGLUPacked + SiLU, 4 register tokens; embedding = class token ++ mean of patch "
+    params_m=631.2, tiny_kwargs=dict(_TINY_VIT), table3=True,
+    notes="ViT-H/14, SwiGLUPacked + SiLU, 4 register tokens; embedding = class token ++ mean of patch "
           "tokens (register tokens excluded); model card preprocessing (the paper's LoRA scripts used 0.5/0.5)",
 ))
 register(ModelConfig(
@@ -369,8 +477,8 @@ register(ModelConfig(
                    "num_heads": 24, "init_values": 1e-5, "mlp_ratio": 5.33334},
     head="head", embedding="cls", embed_dim=1536, num_prefix_tokens=1, lora_targets=VIT_LORA_TARGETS,
     recipe=script_recipe("prov_gigapath", "linear"), lora_recipe=script_recipe("prov_gigapath", "lora"),
-    params_m=1135.0, tiny_kwargs=dict(_TINY_VIT),
-    notes="table3; ViT-g/16 (timm's DINOv2 giant: SwiGLUPacked + SiLU); resize 256 bicubic, centre crop 224",
+    params_m=1135.0, tiny_kwargs=dict(_TINY_VIT), table3=True,
+    notes="ViT-g/16 (timm's DINOv2 giant: SwiGLUPacked + SiLU); resize 256 bicubic, centre crop 224",
 ))
 _H_OPTIMUS_0 = register(ModelConfig(
     name="h_optimus_0", arch="vit_giant_patch14_reg4_dinov2", display="H-optimus-0", family="foundation",
@@ -379,14 +487,14 @@ _H_OPTIMUS_0 = register(ModelConfig(
     create_kwargs={"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False},
     head="head", embedding="cls", embed_dim=1536, num_prefix_tokens=5, lora_targets=VIT_LORA_TARGETS,
     recipe=script_recipe("h_optimus_0", "linear"), lora_recipe=script_recipe("h_optimus_0", "lora"),
-    params_m=1134.8, tiny_kwargs=dict(_TINY_VIT),
-    notes="table3; ViT-g/14, SwiGLUPacked + SiLU, 4 register tokens; trained at 0.5 um/px (these crops are "
+    params_m=1134.8, tiny_kwargs=dict(_TINY_VIT), table3=True,
+    notes="ViT-g/14, SwiGLUPacked + SiLU, 4 register tokens; trained at 0.5 um/px (these crops are "
           "0.25 um/px)",
 ))
 register(replace(
     _H_OPTIMUS_0, name="h_optimus_1", display="H-optimus-1", hub_id="hf-hub:bioptimus/H-optimus-1",
     recipe=script_recipe("h_optimus_1", "linear"), lora_recipe=script_recipe("h_optimus_1", "lora"),
-    notes="table3; same architecture and loading as H-optimus-0 (model card: init_values 1e-5, "
+    notes="same architecture and loading as H-optimus-0 (model card: init_values 1e-5, "
           "dynamic_img_size False)",
 ))
 register(ModelConfig(

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Callable
 
 from ami.runtime import splits
+from ami.runtime.rundir import FoldDir, RunDir, fold_name
 
 from .registry import METHODS, REGISTRY, get, label, table3_configs
 
@@ -139,7 +140,7 @@ def default_folds(name: str) -> str:
 
 
 def job_id(model: str, method: str, fold: int | None) -> str:
-    return f"{model}-{method}-{'all' if fold is None else f'fold{fold}'}"  # 'all': fit's folder of the all-crops model
+    return f"{model}-{method}-{fold_name(fold)}"  # fold None: the all-crops model, named like its folder
 
 
 @dataclass
@@ -189,9 +190,9 @@ def fold_value(job: dict) -> int | None:
     return None if job["fold"] == "full" else int(job["fold"])
 
 
-def fold_dir(job: dict) -> Path:
-    k = fold_value(job)
-    return Path(job["run_dir"]) / ("all" if k is None else f"fold{k}")
+def fold_dir(job: dict) -> FoldDir:
+    """The fold folder the job trains, inside its run directory."""
+    return RunDir(job["run_dir"]).fold(fold_value(job))
 
 
 # -- the job ----------------------------------------------------------------------------------------
@@ -382,8 +383,8 @@ def _progress(job: dict) -> str:
     """'epoch 12/100' from the run directory (history.csv and config.json), else ''."""
     fd = fold_dir(job)
     try:
-        epochs = (_read_json(Path(job["run_dir"]) / "config.json") or {}).get("recipe", {}).get("epochs")
-        n = max(0, len((fd / "history.csv").read_text().splitlines()) - 1)
+        epochs = (_read_json(fd.run.config_path) or {}).get("recipe", {}).get("epochs")
+        n = max(0, len(fd.history.read_text().splitlines()) - 1)
     except OSError:
         return ""
     return f"epoch {n}/{epochs}" if epochs else f"{n} epochs"
@@ -415,8 +416,8 @@ def job_status(job: dict, ask_scheduler: bool = True) -> tuple[str, str]:
     launch = _read_json(record_path(job, "launch")) or {}
     lp = log_path(job)
     log_hint = f" (log {lp})" if lp.exists() else ""
-    if (fd / "metrics.json").is_file():
-        m = _read_json(fd / "metrics.json") or {}
+    if fd.is_finished():
+        m = _read_json(fd.metrics_path) or {}
         ba = (m.get("validation") or {}).get("balanced_accuracy")
         return "done", (f"val BA {ba:.4f}" if isinstance(ba, (int, float)) else "") + (
             f", {m['train_seconds']:.0f} s" if isinstance(m.get("train_seconds"), (int, float)) else "")
@@ -448,7 +449,7 @@ def job_status(job: dict, ask_scheduler: bool = True) -> tuple[str, str]:
         if st == "interrupted":
             return "interrupted", f"{rec.get('detail', '')}{'; ' + prog if prog else ''}{log_hint}"
         if st == "done":  # recorded done but the fold's metrics.json is gone
-            return "not started", f"recorded done at {rec.get('ended')} but {fd / 'metrics.json'} is missing"
+            return "not started", f"recorded done at {rec.get('ended')} but {fd.metrics_path} is missing"
     if launch:
         rc = launch.get("returncode")
         if rc not in (None, 0):

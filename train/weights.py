@@ -12,9 +12,13 @@
 
 Keys must match the architecture exactly, except the classifier head (the entry's ``head``),
 which is always the fresh one-logit head. When nothing can be loaded the function raises
-:class:`~ami.train.models.WeightsUnavailable` naming every source it tried and how to supply one;
-a checkpoint that does not fit raises :class:`WeightsMismatch` listing the offending keys.
-Nothing here ever falls back to random weights: that is ``--random-init``, and only that.
+:class:`WeightsUnavailable` naming every source it tried and how to supply one; a checkpoint that
+does not fit raises :class:`WeightsMismatch` listing the offending keys. Nothing here ever falls
+back to random weights: that is ``--random-init``, and only that.
+
+Trained weights (a fold's ``best.safetensors``) are written and read back by :func:`save_weights`
+and :func:`load_weights`: all tensors, or only the trained ones (``contents=trainable`` in the file's
+metadata; the frozen rest comes back from the weight source, :func:`load_partial_state`).
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ from torch import nn
 
 from ami.runtime import hashing
 
-from .models import WeightsUnavailable
 from .registry import ModelConfig
 
 HUB_PREFIXES = ("hf-hub:", "hf_hub:")
@@ -41,6 +44,12 @@ HUB_FILES = ("model.safetensors", "pytorch_model.bin")
 LOCAL_FILES = HUB_FILES + ("pytorch_model.safetensors",)
 PROBE_TIMEOUT_S = 3.0
 _SHA_MEMO: dict[tuple, str] = {}
+CONTENTS = "contents"  # safetensors metadata key of a checkpoint ...
+TRAINABLE = "trainable"  # ... whose value marks a file holding only the trained tensors
+
+
+class WeightsUnavailable(RuntimeError):
+    """No weight source for a pretrained entry could be reached."""
 
 
 class WeightsMismatch(WeightsUnavailable):
@@ -426,3 +435,45 @@ def weights_record(model: nn.Module) -> dict | None:
         if rec is not None:
             return rec
     return None
+
+
+# -- trained weights (a fold's best.safetensors) ----------------------------------------------------
+def save_weights(model: nn.Module, path: Path, metadata: dict | None = None, keys: set[str] | None = None) -> None:
+    """All tensors, or with ``keys`` only those (the trained part of a linear/LoRA model, marked
+    ``contents=trainable`` in the metadata; the frozen rest comes back from its weight source)."""
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if keys is None or k in keys}
+    metadata = {**(metadata or {}), **({CONTENTS: TRAINABLE} if keys is not None else {})}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(sd, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+    os.replace(tmp, path)
+
+
+def is_partial(path: Path) -> bool:
+    """True when the checkpoint holds only the trained tensors (linear/LoRA on pretrained weights)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return (f.metadata() or {}).get(CONTENTS) == TRAINABLE
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load a file written by :func:`save_weights`: a complete one strictly, a trainable-only one onto
+    the tensors the network was built with. Tensors that do not fit raise RuntimeError / KeyError."""
+    from safetensors.torch import load_file
+
+    partial = is_partial(path)
+    sd = load_file(str(path))
+    if partial:
+        load_partial_state(model, sd)
+    else:
+        model.load_state_dict(sd)
+
+
+def load_partial_state(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    """Load a trainable-only state dict: every key must exist in the model; the rest stays as built."""
+    unknown = sorted(set(sd) - set(model.state_dict()))
+    if unknown:
+        raise KeyError(f"partial state has keys the model lacks: {unknown[:8]}")
+    model.load_state_dict(sd, strict=False)
