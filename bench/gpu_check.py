@@ -75,7 +75,7 @@ def _first(e: BaseException) -> str:
 def _version(mod: str):
     try:
         m = __import__(mod)
-    except Exception as e:  # noqa: BLE001 - report, never crash
+    except Exception as e:  # report, never crash
         return f"not importable ({_first(e)})"
     return getattr(m, "__version__", "?")
 
@@ -96,7 +96,7 @@ def environment(work: Path, device: str) -> dict:
         t = {"version": torch.__version__, "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available()}
         try:
             t["cudnn"] = torch.backends.cudnn.version()
-        except Exception:  # noqa: BLE001
+        except Exception:
             t["cudnn"] = None
         if t["cuda_available"]:
             t["devices"] = []
@@ -121,7 +121,7 @@ def environment(work: Path, device: str) -> dict:
             from ami.runtime.engines.tensorrt import gpu_info
 
             cp["gpu_info"] = gpu_info(0)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             cp["error"] = _first(e)
             cp["hint"] = G.cuda_python_mismatch()
     env["cuda_python"] = cp
@@ -129,7 +129,7 @@ def environment(work: Path, device: str) -> dict:
         from ami.export.tensorrt import gpu_info as export_gpu_info
 
         env["gpu_facts_for_tensorrt"] = export_gpu_info()
-    except Exception as e:  # noqa: BLE001 - TensorRTUnavailable on a CPU box
+    except Exception as e:  # TensorRTUnavailable on a CPU box
         env["gpu_facts_for_tensorrt"] = {"unavailable": _first(e)}
     env["onnxruntime_providers"] = ort_providers(work)
     return env
@@ -156,7 +156,7 @@ def ort_providers(work: Path) -> dict:
             s = ort.InferenceSession(str(model), sess_options=so, providers=[(p, opts), "CPUExecutionProvider"])
             used = s.get_providers()
             out[p] = "loads" if used and used[0] == p else f"listed, but did not load (the session runs on {used[0]})"
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             out[p] = f"listed, but failed: {_first(e)}"
     return out
 
@@ -241,7 +241,7 @@ def tensorrt_round_trip(work: Path, device: str, log) -> dict:
             d = float(np.abs(eng.predict(x) - ref).max())
             rec["runtime_engine_max_abs_dp"] = d
             rec["runtime_engine_ok"] = d <= TOL[precision]
-        except Exception as e:  # noqa: BLE001 - ami-infer's runner needs cuda-python; report why not
+        except Exception as e:  # ami-infer's runner needs cuda-python; report why not
             rec["runtime_engine"] = f"not run: {_first(e)}"
         rec["tolerance"] = TOL[precision]
         if not all(b["ok"] for b in rec["batches"]) or rec.get("runtime_engine_ok") is False:
@@ -262,7 +262,7 @@ def tensorrt_round_trip(work: Path, device: str, log) -> dict:
         out["timing_cache"]["corrupt"] = {"state": bad["timing_cache_state"], "build_s": round(time.perf_counter() - t0, 2),
                                           "warnings": [m for m in logs if "timing cache" in m],
                                           "plan_bytes": (work / "bad.plan").stat().st_size}
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         out["timing_cache"]["corrupt"] = {"error": _first(e)}
         failed.append("corrupt timing cache")
     if out["timing_cache"]["reuse"]["state"] != "reused":
@@ -280,7 +280,7 @@ def _trt_reason() -> str:
         require_tensorrt()
     except TensorRTUnavailable as e:
         return str(e).split(". On a GPU machine")[0]
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return _first(e)
     return "TensorRT is installed"
 
@@ -447,7 +447,7 @@ def training_section(device: str, deadline: Deadline, *, models: list[tuple[str,
             rec = train_steps(name, method, dev, steps=steps, batch=TRAIN_BATCH, tiny=tiny,
                               amp=AMP if dev.type == "cuda" else "none")
             rec.update(projections(rec), status="pass")
-        except Exception as e:  # noqa: BLE001 - one architecture failing must not hide the others
+        except Exception as e:  # one architecture failing must not hide the others
             rec = {"model": name, "method": method, "status": "fail", "error": _first(e),
                    "trace": traceback.format_exc(limit=3)}
             failed.append(f"{name}/{method}")
@@ -608,7 +608,7 @@ def run_check(out: str | Path, *, device: str = "auto", budget_s: float = BUDGET
                 else:
                     sec = training_section(gpu_dev, deadline, models=models, steps=2 if rehearsal else steps,
                                            tiny=rehearsal, log=log)
-            except Exception as e:  # noqa: BLE001 - a part that crashes is a failed part, the rest still runs
+            except Exception as e:  # a part that crashes is a failed part, the rest still runs
                 sec = {"status": "fail", "error": _first(e), "trace": traceback.format_exc(limit=6)}
             sec["seconds"] = round(time.perf_counter() - t0, 2)
             rep["sections"][key] = sec

@@ -213,7 +213,7 @@ def onnx_flops_per_crop(path: str | Path) -> float | None:
         return None
     try:
         m = onnx.load(str(path), load_external_data=False)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None
     g = m.graph
     inits = {i.name for i in g.initializer}
@@ -232,7 +232,7 @@ def onnx_flops_per_crop(path: str | Path) -> float | None:
             d[0].dim_value = 1
     try:
         m = shape_inference.infer_shapes(m, data_prop=True)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None
     shapes: dict[str, list | None] = {}
 
@@ -519,7 +519,7 @@ def _trt_state() -> tuple[bool, str]:
         return True, ""
     except ImportError as e:
         return False, f"ami.export.tensorrt is not importable ({e})"
-    except Exception as e:  # noqa: BLE001 - TensorRTUnavailable and friends carry the reason
+    except Exception as e:  # TensorRTUnavailable and friends carry the reason
         return False, str(e).split("\n")[0]
 
 
@@ -715,7 +715,7 @@ def run_latency(models: Sequence[str | Path] | None = None, *, run: str | Path |
                                        log=lambda s: log(f"latency: {s}"))
                     pe = load_engine(plan)
                     runners.append(engine_runner(pe, *flops_for(fp32)))
-                except Exception as ex:  # noqa: BLE001 - a failed build is a reported skip, not a crash
+                except Exception as ex:  # a failed build is a reported skip, not a crash
                     skipped.append({"engine": f"TensorRT {precision}", "reason": f"plan build failed: {ex}"})
 
     # model-only timings

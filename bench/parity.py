@@ -365,7 +365,7 @@ def machine_info() -> dict:
         out["torch"] = torch.__version__
         try:
             out["torch_threads"] = torch.get_num_threads()
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
     try:
         from importlib.metadata import PackageNotFoundError, version
@@ -471,11 +471,11 @@ def build_single_model(weights: Path, model_name: str, method: str = "full"):
 
         with set_layer_config(exportable=True):
             model = create(cfg, method, random_init=True)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise ParityError(f"cannot build {model_name}/{method} in PyTorch: {type(e).__name__}: {e}") from None
     try:
         load_weights(model, Path(weights))
-    except Exception as e:  # noqa: BLE001 - shape mismatch, missing keys, corrupt file
+    except Exception as e:  # shape mismatch, missing keys, corrupt file
         first = "; ".join(str(e).splitlines()[:2])[:400]
         raise ParityError(f"{weights} does not fit {model_name}/{method}: {type(e).__name__}: {first}") from None
     return model.float().eval(), cfg

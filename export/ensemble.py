@@ -72,7 +72,7 @@ def _is_partial(path) -> bool:
     try:
         with safe_open(str(path), "pt") as f:
             return (f.metadata() or {}).get("contents") == "trainable"
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own errors for corrupt files
+    except Exception as e:  # safetensors raises its own errors for corrupt files
         raise ExportError(f"{path}: unreadable weights ({type(e).__name__}: {e})") from None
 
 
@@ -115,7 +115,7 @@ def build_fold_model(src: RunSource, fold, weights: str | None = None, log=print
         first = "; ".join(str(e).splitlines()[:3])
         raise ExportError(f"{path}: these weights do not fit {cfg.name}/{src.method}"
                           f"{' (tiny stand-in)' if src.tiny else ''} as config.json describes it: {first[:400]}") from None
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own errors for corrupt files
+    except Exception as e:  # safetensors raises its own errors for corrupt files
         raise ExportError(f"{path}: unreadable weights ({type(e).__name__}: {e})") from None
     return model.float().eval()
 

@@ -170,7 +170,7 @@ def quantize_int8(float_path: Path, out_path: Path, meta: ArtifactMeta, data_roo
     ext = dict(save_as_external_data=True, all_tensors_to_one_file=True, external_data_location="prep.onnx.data") if big else {}
     try:
         quant_pre_process(str(float_path), str(prep), **ext)
-    except Exception as e:  # noqa: BLE001 - pre-processing is an optimisation; quantise the model as it is
+    except Exception as e:  # pre-processing is an optimisation; quantise the model as it is
         log(f"int8: ONNX Runtime's quantisation pre-processing failed ({str(e).splitlines()[0][:200]}); "
             "quantising the exported graph directly")
         prep = Path(float_path)
@@ -189,7 +189,7 @@ def quantize_int8(float_path: Path, out_path: Path, meta: ArtifactMeta, data_roo
 
     fsess = session(float_path, threads)
     p_cal_f = ort_predict(fsess, cal_img, batch)
-    class Reader(CalibrationDataReader):  # noqa: E306 - the ORT base class, bound late
+    class Reader(CalibrationDataReader):  # the ORT base class, bound late
         def __init__(self):
             self.r = _Reader(cal_img, batch)
 
@@ -206,7 +206,7 @@ def quantize_int8(float_path: Path, out_path: Path, meta: ArtifactMeta, data_roo
                             activation_type=act_type, weight_type=QuantType.QInt8, nodes_to_exclude=excl,
                             calibrate_method=getattr(CalibrationMethod, _METHODS[method]),
                             use_external_data_format=big, calibration_cache_path=str(cache))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise ExportError(f"ONNX Runtime quantisation failed: {str(e).splitlines()[0][:300]}") from None
         q = session(qpath, threads)
         p_cal_q = ort_predict(q, cal_img, batch)

@@ -13,6 +13,7 @@ TensorRT version, GPU name and compute capability the plan is tied to.
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -40,10 +41,10 @@ def default_timing_cache(version: str = "", compute_capability: str = "") -> Pat
 
 def _have_cudart() -> bool:
     try:
-        from cuda.bindings import runtime  # noqa: F401 - cuda-python >= 12.6
+        importlib.import_module("cuda.bindings.runtime")  # cuda-python >= 12.6
     except ImportError:
         try:
-            from cuda import cudart  # noqa: F401 - older cuda-python
+            importlib.import_module("cuda.cudart")  # older cuda-python
         except ImportError:
             return False
     return True
@@ -59,7 +60,7 @@ def _torch_gpu() -> dict | None:
             return None
         major, minor = torch.cuda.get_device_capability(0)
         return {"name": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}", "source": "torch.cuda"}
-    except Exception:  # noqa: BLE001 - a broken CUDA install raises anything
+    except Exception:  # a broken CUDA install raises anything
         return None
 
 
@@ -187,7 +188,7 @@ def fp16_graph(model):
 def _small(model) -> bool:
     try:
         return model.ByteSize() < 2_000_000_000
-    except Exception:  # noqa: BLE001 - protobuf refuses to size > 2 GB messages on some builds
+    except Exception:  # protobuf refuses to size > 2 GB messages on some builds
         return False
 
 
@@ -278,7 +279,7 @@ def attach_timing_cache(config, cache_path: Path, log=print) -> tuple[bool, str]
     if blob:
         try:
             cache = config.create_timing_cache(blob)
-        except Exception as e:  # noqa: BLE001 - TensorRT raises its own types for bad blobs
+        except Exception as e:  # TensorRT raises its own types for bad blobs
             log(f"trt: warning: timing cache {cache_path} is not a TensorRT timing cache ({_first(e)}); treating it "
                 "as absent (a fresh one replaces it after the build)")
             cache, state = None, "corrupt"
@@ -290,7 +291,7 @@ def attach_timing_cache(config, cache_path: Path, log=print) -> tuple[bool, str]
     if cache is not None:
         try:
             fits = config.set_timing_cache(cache, ignore_mismatch=False)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             log(f"trt: warning: timing cache {cache_path} was refused by TensorRT ({_first(e)}); treating it as absent")
             fits, state = True, "corrupt"
             cache = None

@@ -207,7 +207,7 @@ def prepare_batch(paths: list[str], pre: Preprocess, max_pixels: int = MAX_PIXEL
             status.append((str(e) or "unreadable image", False, None))
         except MemoryError:
             status.append(("out of memory while decoding", False, None))
-        except Exception as e:  # noqa: BLE001 - one crop must never take a batch down
+        except Exception as e:  # one crop must never take a batch down
             status.append((f"unexpected {type(e).__name__}: {e}", False, None))
     return out[:n], status
 
@@ -565,7 +565,9 @@ def model_record(engine, threshold: float) -> dict:
 
 
 def _same_labels(a: dict, b: dict) -> bool:
-    key = lambda r: (r.get("sha256") or f"{r.get('model')}/{r.get('precision')}", float(r.get("threshold", -1)))  # noqa: E731
+    def key(r: dict) -> tuple[str, float]:
+        return r.get("sha256") or f"{r.get('model')}/{r.get('precision')}", float(r.get("threshold", -1))
+
     return key(a) == key(b)
 
 
@@ -1110,7 +1112,7 @@ def run_inference(inputs: Iterable[str | os.PathLike], engine, out_path: str | o
                 t_engine = time.perf_counter()
                 try:
                     probs = engine.predict(pixels) if len(pixels) else np.zeros((0,), np.float32)
-                except Exception as e:  # noqa: BLE001 - a failing engine fails every batch: stop, say why
+                except Exception as e:  # a failing engine fails every batch: stop, say why
                     raise EngineError(f"inference failed on the batch starting at {src.describe(chunk[0])}: "
                                       f"{type(e).__name__}: {e}") from e
                 summary.engine_s += time.perf_counter() - t_engine

@@ -18,6 +18,7 @@ source's ``prepare``, one thread, no model). Prints one JSON document.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -56,7 +57,7 @@ def build(out: Path) -> dict:
     made = {"pngs": files}
     comps = ["zlib"]
     try:
-        import imagecodecs  # noqa: F401
+        importlib.import_module("imagecodecs")
         comps.append("jpeg")
     except ImportError:
         pass

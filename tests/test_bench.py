@@ -16,14 +16,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-onnx = pytest.importorskip("onnx")
+pytest.importorskip("torch")
+pytest.importorskip("onnx")
 
-from ami.bench import latency as L  # noqa: E402
-from ami.runtime.artifact import INPUT_NAME, META_KEY, OUTPUT_NAME, ArtifactMeta  # noqa: E402
-from ami.runtime.engine import load_engine  # noqa: E402
-from ami.runtime.engines import backend  # noqa: E402
-from ami.train.registry import get  # noqa: E402
+import onnx
+import torch
+
+from ami.bench import latency as L
+from ami.runtime.artifact import INPUT_NAME, META_KEY, OUTPUT_NAME, ArtifactMeta
+from ami.runtime.engine import load_engine
+from ami.runtime.engines import backend
+from ami.train.registry import get
 
 BATCHES = (1, 8)
 OV_MISSING = backend("openvino").unavailable()

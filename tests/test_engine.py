@@ -255,7 +255,7 @@ def _gpu_reason() -> str | None:
         return "TensorRT is not installed (CPU machine): `pip install 'ami[trt]'` on a GPU box"
     try:
         T.gpu_info()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return f"no usable CUDA GPU: {e}"
     return None
 

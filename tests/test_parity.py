@@ -17,12 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-onnx = pytest.importorskip("onnx")
+pytest.importorskip("torch")
+pytest.importorskip("onnx")
 
-from ami.bench import parity as P  # noqa: E402
-from ami.runtime.datasets import TEST_SETS, load_eval_set  # noqa: E402
-from ami.runtime.artifact import stamp_weights_digest  # noqa: E402
+import onnx
+import torch
+
+from ami.bench import parity as P
+from ami.runtime.artifact import stamp_weights_digest
+from ami.runtime.datasets import TEST_SETS, load_eval_set
 
 SAMPLE = 64
 

@@ -22,14 +22,14 @@ from typer.testing import CliRunner
 pytest.importorskip("openslide", reason="ami[slides] is not installed (pip install -e '.[slides]')")
 pytest.importorskip("tifffile", reason="tifffile (the dev extra) writes the test slides")
 
-from slide_factory import paste, write_slide  # noqa: E402
+from slide_factory import paste, write_slide
 
-from ami.runtime import slides as S  # noqa: E402
-from ami.runtime.artifact import AMIBR_CROP, ArtifactError, ArtifactMeta  # noqa: E402
-from ami.runtime.cli.infer import app  # noqa: E402
-from ami.runtime.engine import ASSETS, load_engine  # noqa: E402
-from ami.runtime.infer import InputError, run_inference  # noqa: E402
-from ami.runtime.preprocess import Preprocess  # noqa: E402
+from ami.runtime import slides as S
+from ami.runtime.artifact import AMIBR_CROP, ArtifactError, ArtifactMeta
+from ami.runtime.cli.infer import app
+from ami.runtime.engine import ASSETS, load_engine
+from ami.runtime.infer import InputError, run_inference
+from ami.runtime.preprocess import Preprocess
 
 SAMPLES = sorted((ASSETS / "samples").glob("*.png"))
 RESAMPLED_MPP = 32 / 141  # ~0.227 um/px, a Hamamatsu-40x-like resolution: 128-px crops become 141 px

@@ -87,16 +87,16 @@ def create(cfg: ModelConfig, method: str = "full", *, weights: str | None = None
         over["drop_path_rate"] = drop_path_rate
     net = build_backbone(cfg, tiny=tiny, **over)
     if cfg.pretrained and not random_init:
-        from .weights import load_pretrained  # noqa: PLC0415
+        from .weights import load_pretrained
 
         load_pretrained(net, cfg, weights)
         fresh_head(net, cfg)
     elif weights:
-        from .weights import load_pretrained  # noqa: PLC0415
+        from .weights import load_pretrained
 
         load_pretrained(net, cfg, weights)
     if method == "full":
         return LogitModel(net)
-    from .adapt import apply_method  # noqa: PLC0415 - LoRA / linear probe
+    from .adapt import apply_method  # LoRA / linear probe
 
     return apply_method(LogitModel(net), cfg, method, **lora_kw)

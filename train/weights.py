@@ -20,6 +20,7 @@ Nothing here ever falls back to random weights: that is ``--random-init``, and o
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import pickle
 import re
@@ -122,7 +123,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
         try:
             sd = load_file(str(path))
-        except Exception as e:  # noqa: BLE001 - any reader failure is "unreadable", with its reason
+        except Exception as e:  # any reader failure is "unreadable", with its reason
             raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
         return _as_state_dict(sd, str(path))
     try:
@@ -133,7 +134,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} holds pickled objects other than tensors ({why}); it was NOT unpickled "
                          "(weights are read with torch.load(weights_only=True)). Save a plain state dict, "
                          "or convert it to .safetensors") from None
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise ValueError(f"{path} is not a readable state-dict file ({type(e).__name__}: {e})") from None
     return _as_state_dict(obj, str(path))
 
@@ -273,7 +274,7 @@ def _from_hub(hub_id: str, tried: list[str], label: str):
     repo = hub_repo(hub_id)
     cache = hub_cache_dir()
     try:
-        import huggingface_hub  # noqa: F401
+        importlib.import_module("huggingface_hub")
     except ImportError:
         tried.append(f"{label} {hub_id}: huggingface_hub is not installed (pip install 'ami[train]')")
         return None
@@ -313,7 +314,7 @@ def _from_hub(hub_id: str, tried: list[str], label: str):
         except RepositoryNotFoundError:
             tried.append(f"{label} {hub_id}: repository not found or not visible without a token")
             return None
-        except Exception as e:  # noqa: BLE001 - network/HTTP failures are reported, not raised
+        except Exception as e:  # network/HTTP failures are reported, not raised
             tried.append(f"{label} {hub_id}: download of {fname} failed ({type(e).__name__}: {e})")
             return None
         try:
@@ -357,7 +358,7 @@ def fit_state_dict(net: nn.Module, sd: dict[str, torch.Tensor], cfg: ModelConfig
         if filt is not None:
             try:
                 sd2 = filt(dict(sd), net)
-            except Exception:  # noqa: BLE001 - a converter that cannot handle it changes nothing
+            except Exception:  # a converter that cannot handle it changes nothing
                 sd2 = None
             if sd2 is not None:
                 m2, u2, s2 = _mismatches(net_sd, sd2, cfg.head)

@@ -9,6 +9,7 @@ says why); cpu / cuda / tensorrt force one and fail with the reason when it cann
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def _model_key(path: Path, meta_json: str, ort_version: str) -> str:
     try:  # the TensorRT version matters too; a missing package just gives another key
         from importlib.metadata import version
         h.update(version("tensorrt").encode())
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
     return h.hexdigest()[:16]
 
@@ -108,8 +109,10 @@ def _provider_list(ort, provider: str, path: Path, meta_json: str, input_size: i
         if name == PROVIDER_NAMES["tensorrt"]:
             cache = Path(cache_dir) if cache_dir else cache_root() / "trt-ep" / _model_key(path, meta_json, ort.__version__)
             cache.mkdir(parents=True, exist_ok=True)
-            s = input_size
-            shape = lambda n: f"{INPUT_NAME}:{n}x{s}x{s}x3"  # noqa: E731
+
+            def shape(n: int) -> str:
+                return f"{INPUT_NAME}:{n}x{input_size}x{input_size}x3"
+
             out.append((name, {
                 "device_id": device_id,
                 "trt_engine_cache_enable": True,
@@ -162,14 +165,14 @@ class OrtEngine(Engine):
         self.fallback = ""  # why a GPU provider was given up for the CPU (auto only)
         try:
             self.session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
-        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types for bad files
+        except Exception as e:  # ORT raises its own exception types for bad files
             if providers == ["CPUExecutionProvider"]:
                 raise ArtifactError(f"{path} is not a loadable ONNX model (corrupted or truncated?): {first_line(e)}") from None
             # A GPU provider may fail where the file is fine (libraries, driver, an op it cannot take).
             gpu_error = first_line(e)
             try:
                 self.session = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
-            except Exception as e2:  # noqa: BLE001
+            except Exception as e2:
                 raise ArtifactError(f"{path} is not a loadable ONNX model (corrupted or truncated?): {first_line(e2)}") from None
             names = [p if isinstance(p, str) else p[0] for p in providers[:-1]]
             if provider != "auto":
@@ -202,7 +205,7 @@ def _read_onnx_meta(ort, path: Path) -> tuple[ArtifactMeta, str]:
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         s = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise ArtifactError(f"{path} is not a loadable ONNX model (corrupted or truncated?): {first_line(e)}") from None
     meta = _meta_from_session(s, path)
     return meta, meta.to_json()
@@ -237,7 +240,7 @@ class OrtBackend(Backend):
 
     def unavailable(self) -> str | None:
         try:
-            import onnxruntime  # noqa: F401
+            importlib.import_module("onnxruntime")
         except ImportError as e:
             return f"onnxruntime is not installed ({e}); `{self.install}`"
         return None

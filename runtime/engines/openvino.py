@@ -19,6 +19,7 @@ one per physical core); the latency hint keeps one stream that uses them all.
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -59,14 +60,14 @@ def cpu_capabilities() -> set[str]:
     """OpenVINO's view of the CPU: a subset of FP32, BF16, FP16, INT8, ..."""
     try:
         return set(core().get_property(DEVICE, "OPTIMIZATION_CAPABILITIES"))
-    except Exception:  # noqa: BLE001
+    except Exception:
         return set()
 
 
 def cpu_name() -> str:
     try:
         return str(core().get_property(DEVICE, "FULL_DEVICE_NAME"))
-    except Exception:  # noqa: BLE001
+    except Exception:
         return "this CPU"
 
 
@@ -103,7 +104,7 @@ class OpenVinoEngine(Engine):
         c = core()
         try:
             model = c.read_model(str(self.path))
-        except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError for files it cannot parse
+        except Exception as e:  # OpenVINO raises RuntimeError for files it cannot parse
             why = first_line(e)
             try:  # a bad file for every engine, or only one OpenVINO cannot read (an op it lacks)?
                 from .onnxruntime import check_loadable
@@ -137,7 +138,7 @@ class OpenVinoEngine(Engine):
             self.cache_dir = None
         try:
             self.compiled = c.compile_model(model, DEVICE, config)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise EngineError(f"OpenVINO {ov.__version__} could not compile {self.path.name} for the CPU: "
                               f"{first_line(e)}") from None
         self._request = self.compiled.create_infer_request()
@@ -172,13 +173,13 @@ class OvBackend(Backend):
 
     def unavailable(self) -> str | None:
         try:
-            import openvino  # noqa: F401
+            importlib.import_module("openvino")
         except ImportError as e:
             return f"OpenVINO is not installed ({e}); `{self.install}`"
         try:
             if DEVICE not in core().available_devices:
                 return f"OpenVINO finds no CPU device here (devices: {', '.join(core().available_devices) or 'none'})"
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             return f"OpenVINO does not start here: {first_line(e)}"
         return None
 
