@@ -44,7 +44,7 @@ def reference_probs(batch_uint8_nhwc: np.ndarray, pre: Preprocess = TINY_PRE) ->
     return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
 
 
-def build_model(pre: Preprocess = TINY_PRE, *, meta: ArtifactMeta | None | str = "default",
+def build_model(pre: Preprocess = TINY_PRE, *, meta: ArtifactMeta | str | None = "default",
                 input_dtype: int = TensorProto.UINT8, graph_size: int | None = None,
                 input_name: str = INPUT_NAME, output_name: str = OUTPUT_NAME, output_rank: int = 1,
                 opset: int = 17) -> onnx.ModelProto:

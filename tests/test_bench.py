@@ -146,7 +146,7 @@ def test_stats_percentiles_and_throughput():
     assert st.p99_ms == pytest.approx(99.01)
     assert st.min_ms == pytest.approx(1.0) and st.max_ms == pytest.approx(100.0)
     assert st.crops_per_s == pytest.approx(8 * 100 / times.sum())
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="no timed rounds"):
         L.stats_from([], batch=1)
 
 

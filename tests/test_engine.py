@@ -14,15 +14,14 @@ import json
 import numpy as np
 import pytest
 from onnx import TensorProto
-from onnx_factory import TINY_PRE, build_model, reference_probs, tiny_meta, write_model
 
 from ami.runtime import engine as E
 from ami.runtime import engines as R
+from ami.runtime.artifact import ArtifactError, ArtifactMeta
 from ami.runtime.engines import onnxruntime as ORT
 from ami.runtime.engines import tensorrt as T
-from ami.runtime.artifact import ArtifactError, ArtifactMeta
 from ami.runtime.preprocess import Preprocess
-
+from onnx_factory import TINY_PRE, build_model, reference_probs, tiny_meta, write_model
 
 OV_MISSING = R.backend("openvino").unavailable()
 needs_openvino = pytest.mark.skipif(OV_MISSING is not None, reason=str(OV_MISSING))
@@ -111,7 +110,7 @@ def test_refuses_broken_files(tmp_path, tiny, engine):
 
 def test_default_model(monkeypatch, tmp_path, tiny):
     monkeypatch.setattr(R, "DEFAULT_MODEL", tmp_path / "assets" / "edge.onnx")
-    with pytest.raises(ArtifactError, match="no shipped model found at .*edge.onnx"):
+    with pytest.raises(ArtifactError, match=r"no shipped model found at .*edge\.onnx"):
         E.load_engine()
     monkeypatch.setattr(R, "DEFAULT_MODEL", tiny)
     assert E.load_engine().meta.model == "tiny-test"
@@ -152,7 +151,7 @@ def test_gpu_provider_failures_are_explained(monkeypatch, tiny):
         return real(path, sess_options=sess_options, providers=providers)
 
     monkeypatch.setattr(ort, "InferenceSession", flaky)
-    with pytest.raises(E.EngineError, match="CUDAExecutionProvider could not run tiny.onnx: CUDA failure 35"):
+    with pytest.raises(E.EngineError, match=r"CUDAExecutionProvider could not run tiny\.onnx: CUDA failure 35"):
         E.load_engine(tiny, provider="cuda")
     eng = E.load_engine(tiny)  # auto: falls back to the CPU and says why
     assert eng.provider == "CPUExecutionProvider" and "driver version is insufficient" in eng.fallback
@@ -199,7 +198,7 @@ def test_trt_ep_cache_key_follows_weights(tmp_path):
 def test_plan_sidecar_roundtrip_and_refusals(tmp_path):
     plan = tmp_path / "m.plan"
     plan.write_bytes(b"not really a plan")
-    with pytest.raises(ArtifactError, match="no side file m.plan.json"):
+    with pytest.raises(ArtifactError, match=r"no side file m\.plan\.json"):
         T.read_plan_sidecar(plan)
     meta = tiny_meta()
     side = T.write_plan_sidecar(plan, meta, tensorrt_version="10.9.0.34", gpu_name="NVIDIA H100",
@@ -223,9 +222,9 @@ def test_plan_sidecar_roundtrip_and_refusals(tmp_path):
 def test_plan_compatibility_check():
     build = {"tensorrt_version": "10.9.0.34", "gpu_name": "NVIDIA H100", "compute_capability": "9.0"}
     T.check_plan_compatible(build, "10.9.0.34", {"gpu_name": "NVIDIA H100 PCIe", "compute_capability": "9.0"})
-    with pytest.raises(E.EngineError, match="built with TensorRT 10.9.0.34 but TensorRT 10.13.0 is installed"):
+    with pytest.raises(E.EngineError, match=r"built with TensorRT 10\.9\.0\.34 but TensorRT 10\.13\.0 is installed"):
         T.check_plan_compatible(build, "10.13.0", {"gpu_name": "x", "compute_capability": "9.0"})
-    with pytest.raises(E.EngineError, match="compute capability 9.0 .*NVIDIA L4 \\(compute capability 8.9\\)"):
+    with pytest.raises(E.EngineError, match=r"compute capability 9\.0 .*NVIDIA L4 \(compute capability 8\.9\)"):
         T.check_plan_compatible(build, "10.9.0.34", {"gpu_name": "NVIDIA L4", "compute_capability": "8.9"})
 
 
@@ -237,7 +236,7 @@ def test_plan_needs_sidecar_before_anything(tmp_path):
     with pytest.raises(E.EngineError, match="runs on TensorRT only"):
         E.load_engine(plan, provider="cpu")
     for name in ("onnxruntime", "openvino"):
-        with pytest.raises(E.EngineError, match="is a TensorRT plan.*runs on TensorRT only"):
+        with pytest.raises(E.EngineError, match=r"is a TensorRT plan.*runs on TensorRT only"):
             E.load_engine(plan, engine=name)
 
 
@@ -284,7 +283,7 @@ def test_plan_runs_and_matches_reference(tmp_path, tiny):
     d = json.loads(T.sidecar_path(plan).read_text())
     d["tensorrt_version"] = "0.0.1"
     T.sidecar_path(plan).write_text(json.dumps(d))
-    with pytest.raises(E.EngineError, match="built with TensorRT 0.0.1"):
+    with pytest.raises(E.EngineError, match=r"built with TensorRT 0\.0\.1"):
         E.load_engine(plan)
 
 
@@ -459,7 +458,7 @@ def test_openvino_precision_is_explicit(tiny, tmp_path):
     for p in ("fp32", "bf16"):
         with pytest.raises(E.EngineError, match="int8 artefact: OpenVINO runs it as int8"):
             E.load_engine(int8, engine="openvino", precision=p)
-    with pytest.raises(E.EngineError, match="ONNX Runtime runs int8.onnx at its own precision \\(int8\\) only"):
+    with pytest.raises(E.EngineError, match=r"ONNX Runtime runs int8\.onnx at its own precision \(int8\) only"):
         E.load_engine(int8, engine="onnxruntime", precision="fp32")
 
 
@@ -488,7 +487,7 @@ def test_openvino_read_failure_on_a_good_file_falls_back(tiny, monkeypatch):
     from ami.runtime.engines import openvino as OV
 
     class NoRead:
-        available_devices = ["CPU"]
+        available_devices = ("CPU",)
 
         def read_model(self, path):
             raise RuntimeError("Check 'op' failed: unsupported operation (simulated)\nmore")
@@ -497,7 +496,7 @@ def test_openvino_read_failure_on_a_good_file_falls_back(tiny, monkeypatch):
             return ["FP32"]
 
     monkeypatch.setattr(OV, "core", lambda: NoRead())
-    with pytest.raises(E.EngineError, match="OpenVINO .* cannot read tiny.onnx \\(ONNX Runtime can\\): Check 'op' failed"):
+    with pytest.raises(E.EngineError, match=r"OpenVINO .* cannot read tiny\.onnx \(ONNX Runtime can\): Check 'op' failed"):
         E.load_engine(tiny, engine="openvino")
     eng = E.load_engine(tiny)
     assert eng.engine == "onnxruntime" and "cannot read" in eng.fallback

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from onnx_factory import TINY_PRE, reference_probs, write_model
 from PIL import Image
 from typer.testing import CliRunner
 
 from ami.runtime.cli.infer import app
 from ami.runtime.engine import load_engine
 from ami.runtime.infer import COLUMNS, InputError, iter_inputs, read_results, run_inference
+from onnx_factory import TINY_PRE, reference_probs, write_model
 
 ENC = dict(encoding="utf-8", errors="surrogateescape")
 REPO = Path(__file__).resolve().parents[1]
@@ -210,7 +210,7 @@ def test_unreadable_file_is_an_error_row(tmp_path, model):
 
 
 def test_all_good_exit_zero_and_threshold(seeded, model, tmp_path):
-    d, status, _, _ = seeded
+    _, status, _, _ = seeded
     goods = [p for p, s in status.items() if s == "ok"]
     lst = tmp_path / "good.txt"
     lst.write_text("\n".join(goods) + "\n", **ENC)
@@ -296,7 +296,7 @@ def test_iter_inputs(tmp_path, seeded):
 
 
 def test_list_file_with_missing_entries(tmp_path, model, seeded):
-    d, status, _, _ = seeded
+    d, _, _, _ = seeded
     lst = tmp_path / "list.csv"
     with open(lst, "w", newline="", **ENC) as f:
         w = csv.writer(f)

@@ -239,9 +239,8 @@ def test_shipped_edge_model_parity(data_root):
 
 def test_engines_are_enumerated_from_the_registry(tmp_path, monkeypatch):
     """Each file on every installed engine that takes it, at each precision; named engines must exist."""
-    from onnx_factory import write_model
-
     from ami.runtime.engines import backend
+    from onnx_factory import write_model
 
     m = write_model(tmp_path / "m.onnx")
     engines, notes = P.load_variants([m], threads=1, error=P.ParityError)
@@ -257,5 +256,5 @@ def test_engines_are_enumerated_from_the_registry(tmp_path, monkeypatch):
     engines, notes = P.load_variants([m], error=P.ParityError)
     assert [e.engine for e in engines] == ["onnxruntime"]
     assert any("OpenVINO is not installed here" in n and "not checked" in n for n in notes)
-    with pytest.raises(P.ParityError, match="OpenVINO cannot run m.onnx here: OpenVINO is not installed"):
+    with pytest.raises(P.ParityError, match=r"OpenVINO cannot run m\.onnx here: OpenVINO is not installed"):
         P.load_variants([m], runtimes=["openvino"], error=P.ParityError)

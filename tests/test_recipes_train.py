@@ -6,7 +6,6 @@ their exact random-number sequence (a resumed edge run continues the augmentatio
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch

@@ -9,13 +9,13 @@ import json
 import os
 import signal
 import stat
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from ami.runtime.datasets import DatasetMissing
 from ami.train import sweep as S
 from ami.train.registry import REGISTRY, table3_configs
 
@@ -125,7 +125,8 @@ def _max_overlap(recs: list[dict]) -> int:
 
 @pytest.mark.slow
 def test_local_launcher_runs_four_jobs_two_at_a_time_and_the_table_merges_them(data_root, tmp_path):
-    from ami.bench.cli import _register, app as bench_app
+    from ami.bench.cli import _register
+    from ami.bench.cli import app as bench_app
 
     root = tmp_path / "sweep"
     args = ["--sweep", "edge_200mf,uni", "--methods", "full,linear", "--folds", "0,1", *TINY, "--jobs", "2",
@@ -175,7 +176,7 @@ def test_status_reports_failed_and_not_started_jobs(tmp_path, data_root):
     assert lines[-1] == "3 jobs: 1 interrupted, 1 failed, 1 not started"
     # a real failure is recorded by the job itself, with the reason
     broken = dict(jobs[2], data_root=str(tmp_path / "no-data-here"))
-    with pytest.raises(BaseException):
+    with pytest.raises(DatasetMissing, match="no-data-here"):  # the job's own error, re-raised once recorded
         S.run_job(broken, log=lambda s: None)
     rec = json.loads(S.record_path(broken).read_text())
     assert rec["state"] == "failed" and "no-data-here" in rec["error"]

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from ami.train.adapt import HEAD, adapted_modules, classifier_of, embed, load_run_model, merge_lora
 from ami.train.models import WeightsUnavailable, build_backbone, create
-from ami.train.registry import REGISTRY, VIT_LORA_TARGETS, get
+from ami.train.registry import REGISTRY, get
 from ami.train.weights import WeightsMismatch, load_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,7 +98,7 @@ def test_tiny_stand_in_forward_embed_and_one_step(name):
 
 
 def test_lora_merge_matches_unmerged_output():
-    cfg, model = _tiny("uni", "lora", seed=3)
+    _, model = _tiny("uni", "lora", seed=3)
     clf = classifier_of(model)
     with torch.no_grad():  # LayerScale 1e-5 would hide LoRA's effect in a random model: open the branches
         for b in clf.backbone.blocks:
@@ -253,7 +253,7 @@ def test_embedding_cache_extracts_once_and_refuses_other_inputs(data_root, tmp_p
     m = json.loads(manifest.read_text())
     m["inputs"]["extractor"]["preprocess"]["interpolation"] = "nearest"
     manifest.write_text(json.dumps(m))
-    with pytest.raises(EmbeddingCacheError, match="built from different inputs.*extractor.preprocess"):
+    with pytest.raises(EmbeddingCacheError, match=r"built from different inputs.*extractor\.preprocess"):
         cache.get(model, ident, "AMi-Br-train", samples, cfg.preprocess, torch.device("cpu"))
     m["inputs"]["extractor"]["preprocess"]["interpolation"] = cfg.preprocess.interpolation
     manifest.write_text(json.dumps(m))
@@ -318,8 +318,9 @@ def test_end_to_end_runs_and_table(data_root, tmp_path):
                 torch.device("cpu"))
     assert abs(p - [r[2] for r in rows]).max() < 1e-5
     # the table
-    from ami.bench.table import register
     import typer
+
+    from ami.bench.table import register
 
     bench = typer.Typer()
     register(bench)
