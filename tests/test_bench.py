@@ -207,8 +207,8 @@ def test_peak_gflops_measures_a_matmul():
 # -- end to end: ami-infer vs the plain reference loop ---------------------------------------------
 
 @pytest.fixture(scope="module")
-def e2e_paths(data_root):
-    paths, source = L.e2e_crops(data_root, None, 24)
+def e2e_paths(synthetic_root):
+    paths, source = L.e2e_crops(synthetic_root, None, 24)
     assert len(paths) == 24 and "AtNorM-MD" in source
     return paths
 
@@ -239,8 +239,8 @@ def test_end_to_end_reference_loop_matches_ami_infer(benchmark, edge, e2e_paths)
 
 # -- the whole benchmark, small ------------------------------------------------------------------
 
-def test_run_latency_side_by_side(edge, data_root):
-    rep = L.run_latency([edge["fp32"], edge["int8"]], weights=edge["weights"], batches=[1, 4], data_root=data_root,
+def test_run_latency_side_by_side(edge, synthetic_root):
+    rep = L.run_latency([edge["fp32"], edge["int8"]], weights=edge["weights"], batches=[1, 4], data_root=synthetic_root,
                         crops=16, threads=1, rounds=2, warmup=1, peak_n=256, peak_reps=2, e2e_batch=8, e2e_rounds=2,
                         workers=1,
                         show_progress=False, log=lambda s: None)
