@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import re
 
 import numpy as np
 import pytest
@@ -65,32 +66,37 @@ def test_auto_provider_is_a_real_one(tiny):
 
 def test_predict_rejects_wrong_arrays(tiny):
     eng = E.load_engine(tiny, provider="cpu")
-    with pytest.raises(ValueError, match="uint8"):
+    with pytest.raises(ValueError, match="pixels must be a uint8 numpy array, got float32"):
         eng.predict(_pixels(2).astype(np.float32))
-    with pytest.raises(ValueError, match=r"\[N, 128, 128, 3\]"):
+    with pytest.raises(ValueError, match=r"must have shape \[N, 128, 128, 3\] \(NHWC RGB\), got \[2, 64, 64, 3\]"):
         eng.predict(_pixels(2, s=64))
-    with pytest.raises(ValueError, match="NHWC"):
+    with pytest.raises(ValueError, match=r"must have shape \[N, 128, 128, 3\] \(NHWC RGB\), got \[2, 3, 128, 128\]"):
         eng.predict(np.zeros((2, 3, 128, 128), np.uint8))
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(meta=None), "no 'ami' metadata"),
-    (dict(meta="{not json"), "not valid JSON"),
-    (dict(meta=json.dumps({"format": "ami-artifact/1"})), "lacks"),
-    (dict(meta=json.dumps({**json.loads(tiny_meta().to_json()), "format": "other/9"})), "format"),
-    (dict(meta=json.dumps({**json.loads(tiny_meta().to_json()), "preprocess": "224"})), "malformed"),
-    (dict(input_dtype=TensorProto.FLOAT), "expected tensor\\(uint8\\)"),
-    (dict(graph_size=64), "expected \\[N, 128, 128, 3\\]"),
-    (dict(input_name="images"), "expected exactly one named 'pixels'"),
-    (dict(output_name="logits"), "expected one named 'prob_atypical'"),
-    (dict(output_rank=2), "expected \\[N\\]"),
+    (dict(meta=None), r"has no 'ami' metadata: it is not an ami artefact \(export it with `ami-export`"),
+    (dict(meta="{not json"), r"artefact metadata is not valid JSON: Expecting property name"),
+    (dict(meta=json.dumps({"format": "ami-artifact/1"})),
+     r"artefact metadata is malformed: lacks model, method, preprocess, class_names, threshold, threshold_rule, "
+     r"precision$"),
+    (dict(meta=json.dumps({**json.loads(tiny_meta().to_json()), "format": "other/9"})),
+     r"artefact metadata is malformed: format 'other/9' is not 'ami-artifact/1'"),
+    (dict(meta=json.dumps({**json.loads(tiny_meta().to_json()), "preprocess": "224"})),
+     r"artefact metadata is malformed: preprocess must be an object, got str"),
+    (dict(input_dtype=TensorProto.FLOAT), r"input 'pixels' is tensor\(float\), expected tensor\(uint8\)"),
+    (dict(graph_size=64), r"input 'pixels' has shape \[\S+, 64, 64, 3\], expected \[N, 128, 128, 3\]"),
+    (dict(input_name="images"), r"inputs are \['images'\], expected exactly one named 'pixels'"),
+    (dict(output_name="logits"), r"outputs are \['logits'\], expected one named 'prob_atypical'"),
+    (dict(output_rank=2), r"output 'prob_atypical' has shape \[\S+, 1\], expected \[N\]"),
 ])
 @pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
 def test_refuses_contract_violations(tmp_path, kwargs, message, engine):
     _need(engine)
     path = write_model(tmp_path / "bad.onnx", **kwargs)
-    with pytest.raises(ArtifactError, match=message):
+    with pytest.raises(ArtifactError, match=message) as e:
         E.load_engine(path, engine=engine)
+    assert str(e.value).startswith(str(path))  # the message names the file first
 
 
 @pytest.mark.parametrize("engine", ["auto", "onnxruntime", "openvino"])
@@ -101,10 +107,11 @@ def test_refuses_broken_files(tmp_path, tiny, engine):
     (tmp_path / "junk.onnx").write_bytes(b"\x00garbage" * 100)
     (tmp_path / "empty.onnx").write_bytes(b"")
     (tmp_path / "dir.onnx").mkdir()
-    cases = {"trunc.onnx": "not a loadable ONNX model", "junk.onnx": "not a loadable ONNX model",
-             "empty.onnx": "empty", "dir.onnx": "directory", "missing.onnx": "not found"}
+    unloadable = r"{} is not a loadable ONNX model \(corrupted or truncated\?\): \S"
+    cases = {"trunc.onnx": unloadable, "junk.onnx": unloadable, "empty.onnx": "model file is empty: {}$",
+             "dir.onnx": "model path is a directory, not a file: {}$", "missing.onnx": "model file not found: {}$"}
     for name, message in cases.items():
-        with pytest.raises(ArtifactError, match=message):
+        with pytest.raises(ArtifactError, match=message.format(re.escape(str(tmp_path / name)))):
             E.load_engine(tmp_path / name, engine=engine)
 
 
@@ -121,7 +128,7 @@ def test_default_model_path_is_in_the_package():
 
 
 def test_provider_errors(tiny):
-    with pytest.raises(E.EngineError, match="unknown provider"):
+    with pytest.raises(E.EngineError, match=r"unknown provider 'npu'; choose one of auto, cpu, cuda, tensorrt$"):
         E.load_engine(tiny, provider="npu")
     import onnxruntime as ort
 
@@ -307,10 +314,38 @@ def test_gpu_providers_match_reference(tiny, tmp_path):
         pytest.skip(f"TensorRT execution provider not checked: {trt_note}")
 
 
+def _dims(value) -> list:
+    return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
 def test_build_model_helper_is_valid():
-    # the factory itself: a contract-abiding graph with metadata
+    """The factory the refusal tests rely on: its default graph keeps the whole contract and computes
+    reference_probs, and each defect knob breaks exactly the one thing it names."""
+    import onnx
+    import onnxruntime as ort
+
     m = build_model()
+    onnx.checker.check_model(m, full_check=True)
     assert [p.key for p in m.metadata_props] == ["ami"]
+    assert ArtifactMeta.from_json(m.metadata_props[0].value).to_json() == tiny_meta().to_json()
+    (inp,), (out,) = m.graph.input, m.graph.output
+    assert (inp.name, inp.type.tensor_type.elem_type, _dims(inp)) == ("pixels", TensorProto.UINT8, ["N", 128, 128, 3])
+    assert (out.name, out.type.tensor_type.elem_type, _dims(out)) == ("prob_atypical", TensorProto.FLOAT, ["N"])
+    assert m.opset_import[0].version == 17
+    s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = _pixels(5, seed=3)
+    got = s.run(None, {"pixels": x})[0]
+    assert got.shape == (5,) and len(set(got.tolist())) == 5  # five different crops, five probabilities
+    np.testing.assert_allclose(got, reference_probs(x), atol=1e-6)
+    # one knob, one defect; everything else stays as in the default graph
+    assert len(build_model(meta=None).metadata_props) == 0
+    assert build_model(meta="{not json").metadata_props[0].value == "{not json"
+    assert build_model(input_dtype=TensorProto.FLOAT).graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert _dims(build_model(graph_size=64).graph.input[0]) == ["N", 64, 64, 3]
+    assert [v.name for v in build_model(input_name="images").graph.input] == ["images"]
+    assert [v.name for v in build_model(output_name="logits").graph.output] == ["logits"]
+    assert _dims(build_model(output_rank=2).graph.output[0]) == ["N", 1]
+    assert _dims(build_model(output_rank=2).graph.input[0]) == ["N", 128, 128, 3]
 
 
 # -- the plug-in registry ------------------------------------------------------------------------

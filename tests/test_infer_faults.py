@@ -242,7 +242,7 @@ def test_fifo_output_is_not_synced(crops, engine, tmp_path, monkeypatch):
     reader.join(30)
     assert s.processed == 24 and s.exit_code == 0 and s.stream
     assert got and got[0].count(b"\n") == 25
-    with pytest.raises(InputError, match="stream"):
+    with pytest.raises(InputError, match=r"cannot --resume .*rows\.fifo: it is a stream \(stdout, a pipe or a device\)"):
         run_inference([], engine, fifo, resume=True, progress=False)
 
 

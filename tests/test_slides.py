@@ -324,7 +324,7 @@ def test_artefact_records_its_training_crop_and_older_ones_assume_amibr(engine):
                                               crop={"mpp": 0.5, "size_px": 224}).to_json())
     tc = new.training_crop()
     assert not tc["assumed"] and (tc["mpp"], tc["size_px"]) == (0.5, 224)
-    with pytest.raises(ArtifactError, match="crop"):
+    with pytest.raises(ArtifactError, match=r"metadata 'crop' is malformed \(\{'mpp': 'x'\}: .*expected mpp and size_px"):
         ArtifactMeta(model="m", method="full", preprocess=pre, crop={"mpp": "x"}).training_crop()
     # the shipped model predates the key: it is read as the AMi-Br crops, and says so
     assert engine.meta.training_crop()["assumed"] is True
