@@ -7,9 +7,9 @@ The layout is the public release's, as :mod:`ami.runtime.datasets` reads it::
     <root>/AtNorM-MD/{Atypical,Normal}/<n>.png
     <root>/AtNorM-Br/...                                 only when asked for: the CI copy holds it back
 
-Every crop is a 128 x 128 RGB PNG like the real ones: pink stroma with a dark figure in the centre,
-one compact plate for Normal, two to four scattered fragments for Atypical (so a model can learn
-something from them), with a per-crop stain. Nothing about them is real: accuracy on them means
+Every crop is a 128 x 128 RGB PNG like the real ones: uneven pink stroma, a few pale nuclei and a
+dark figure in the centre, one compact plate for Normal, two to four scattered fragments for
+Atypical (so a model can learn something from them), with a per-crop stain and grain. Nothing about them is real: accuracy on them means
 nothing, and the real counts, fingerprints and pinned folds are tested on the real data only.
 
 Two shapes (:data:`SMALL`, :data:`PINNED`): a few dozen crops with a training split of its own, and
@@ -74,27 +74,40 @@ _HALF = CROP_SIZE // 2  # drawn at half size, then upsampled (smooth, like a sca
 _GRID = np.mgrid[0:_HALF, 0:_HALF].astype(np.float32)  # (yy, xx), shared by every crop
 
 
-def crop_pixels(rng: np.random.Generator, atypical: bool) -> np.ndarray:
-    """One H&E-like uint8 crop [128, 128, 3] with a mitotic-figure-like blob in the centre."""
-    size = _HALF
+def _blob(cy: float, cx: float, a: float, b: float, t: float) -> np.ndarray:
+    """An elliptical blob (semi-axes a, b, angle t) at (cy, cx) on the half-size grid, values in (0, 1]."""
     yy, xx = _GRID
-    texture = np.asarray(Image.fromarray(rng.uniform(0.85, 1.05, (8, 8)).astype(np.float32))
-                         .resize((size, size), Image.BILINEAR))[..., None]  # smooth stroma texture
+    u = (xx - cx) * np.cos(t) + (yy - cy) * np.sin(t)
+    v = (yy - cy) * np.cos(t) - (xx - cx) * np.sin(t)
+    return np.exp(-((u / a) ** 2 + (v / b) ** 2))
+
+
+def crop_pixels(rng: np.random.Generator, atypical: bool) -> np.ndarray:
+    """One H&E-like uint8 crop [128, 128, 3]: stroma, a few pale nuclei, and a dark mitotic figure in
+    the centre (one plate for Normal, two to four fragments for Atypical)."""
+    size = _HALF
+    texture = np.asarray(Image.fromarray(rng.uniform(0.7, 1.1, (8, 8)).astype(np.float32))
+                         .resize((size, size), Image.BILINEAR))[..., None]  # stroma, uneven
+    nuclei = np.zeros((size, size), np.float32)
+    for cy, cx in rng.uniform(0, size, (int(rng.integers(3, 9)), 2)):  # the cells around the figure
+        r = rng.uniform(size / 20, size / 9)
+        np.maximum(nuclei, 0.6 * _blob(cy, cx, r, r * rng.uniform(0.6, 1.0), rng.uniform(0, np.pi)), out=nuclei)
     figure = np.zeros((size, size), np.float32)
     c = size / 2
     parts = [(c, c, 1.0)] if not atypical else [(c + dy, c + dx, 0.6) for dy, dx in
                                                 rng.uniform(-size / 5, size / 5, (int(rng.integers(2, 5)), 2))]
     for cy, cx, scale in parts:
-        a, b = rng.uniform(size / 14, size / 7) * scale, rng.uniform(size / 28, size / 14) * scale  # plate-like ellipse
-        t = rng.uniform(0, np.pi)
-        u = (xx - cx) * np.cos(t) + (yy - cy) * np.sin(t)
-        v = (yy - cy) * np.cos(t) - (xx - cx) * np.sin(t)
-        np.maximum(figure, np.exp(-((u / a) ** 2 + (v / b) ** 2)), out=figure)
-    pink = np.array([232, 172, 205], np.float32) * rng.uniform(0.85, 1.05, 3).astype(np.float32)
-    dark = np.array([70, 40, 120], np.float32) * rng.uniform(0.8, 1.2, 3).astype(np.float32)
+        a, b = rng.uniform(size / 14, size / 7) * scale, rng.uniform(size / 28, size / 14) * scale  # plate-like
+        np.maximum(figure, _blob(cy, cx, a, b, rng.uniform(0, np.pi)), out=figure)
+    stain = (rng.uniform(0.75, 1.05) * rng.uniform(0.92, 1.05, 3)).astype(np.float32)  # brightness, stain
+    pink = np.array([232, 172, 205], np.float32) * stain
+    pale = np.array([150, 100, 175], np.float32) * stain
+    dark = np.array([70, 40, 120], np.float32) * rng.uniform(0.7, 1.3, 3).astype(np.float32)
     img = pink * texture
+    img += (pale - img) * nuclei[..., None]
     img += (dark - img) * figure[..., None]
-    np.minimum(img, 255, out=img)
+    img += rng.normal(0, 6, img.shape).astype(np.float32)  # grain (halved by the upsampling below)
+    np.clip(img, 0, 255, out=img)
     half = Image.fromarray(img.astype(np.uint8))
     return np.asarray(half.resize((CROP_SIZE, CROP_SIZE), Image.BILINEAR))
 
