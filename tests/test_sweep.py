@@ -31,8 +31,8 @@ def _cli(args: list[str], code: int = 0):
     return res
 
 
-def _opts(synthetic_folds_root, tmp_path, **kw) -> S.JobOptions:
-    base = dict(data_root=str(synthetic_folds_root), tiny=True, random_init=True, max_train=16, max_eval=8, threads=1,
+def _opts(data, tmp_path, **kw) -> S.JobOptions:
+    base = dict(data_root=str(data), tiny=True, random_init=True, max_train=16, max_eval=8, threads=1,
                 recipe_overrides={"epochs": 1}, cache_dir=str(tmp_path / "cache"), device="cpu")
     base.update(kw)
     return S.JobOptions(**base)
