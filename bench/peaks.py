@@ -123,7 +123,7 @@ def cpu_peak(precision: str, n: int = 2048, reps: int = 5, threads: int | None =
     for make in IMPLEMENTATIONS[dtype]:
         try:
             fn, lib = make(n, dtype, threads)
-        except Exception as e:  # noqa: BLE001 - a library that is not installed or cannot build the graph
+        except Exception as e:  # a library that is not installed or cannot build the graph
             tried.append({"impl": make.__name__.strip("_"), "error": f"{type(e).__name__}: {e}"[:200]})
             continue
         best = _best(fn, reps)

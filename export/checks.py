@@ -78,7 +78,7 @@ def load_checked(path: Path, load_weights: bool = True):
         raise ExportError(f"{path} holds no graph (0 nodes): truncated, corrupt or not an ONNX model")
     try:
         onnx.checker.check_model(str(path), full_check=False)
-    except Exception as e:  # noqa: BLE001 - onnx raises several types
+    except Exception as e:  # onnx raises several types
         raise ExportError(f"{path} fails the ONNX checker: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     return model
 
@@ -156,7 +156,7 @@ def session(path: Path, threads: int = 0):
         so.inter_op_num_threads = 1
     try:
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+    except Exception as e:  # onnxruntime raises its own exception types
         raise ExportError(f"ONNX Runtime cannot load {Path(path).name}: {str(e).splitlines()[0]}") from None
 
 

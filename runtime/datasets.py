@@ -198,7 +198,7 @@ def _png_ok(path: Path) -> str | None:
     try:
         with Image.open(path) as im:
             im.load()
-    except Exception as e:  # noqa: BLE001 - any decoder failure is a finding, not a crash
+    except Exception as e:  # any decoder failure is a finding, not a crash
         return f"{path.name}: unreadable ({type(e).__name__}: {e})"
     return None
 

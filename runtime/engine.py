@@ -7,10 +7,52 @@
 
 from __future__ import annotations
 
-from pathlib import Path  # noqa: F401 - kept for callers that used engine.Path
+from pathlib import Path  # kept for callers that used engine.Path
 
-from .engines import (ASSETS, DEFAULT_MODEL, ENGINE_CHOICES, REGISTRY, TRT_EP_MAX_BATCH, Backend, Engine,  # noqa: F401
-                      EngineError, LoadOptions, backend, backends, candidates, choose, default_model_path,
-                      engine_table, load_engine, resolve_model_path)
-from .engines.onnxruntime import PROVIDER_CHOICES, PROVIDER_NAMES, OrtEngine  # noqa: F401
-from .engines.tensorrt import PLAN_SUFFIXES  # noqa: F401
+from .engines import (
+    ASSETS,
+    DEFAULT_MODEL,
+    ENGINE_CHOICES,
+    REGISTRY,
+    TRT_EP_MAX_BATCH,
+    Backend,
+    Engine,
+    EngineError,
+    LoadOptions,
+    backend,
+    backends,
+    candidates,
+    choose,
+    default_model_path,
+    engine_table,
+    load_engine,
+    resolve_model_path,
+)
+from .engines.onnxruntime import PROVIDER_CHOICES, PROVIDER_NAMES, OrtEngine
+from .engines.tensorrt import PLAN_SUFFIXES
+
+# Everything above is re-exported: this module only forwards names.
+__all__ = [
+    "ASSETS",
+    "DEFAULT_MODEL",
+    "ENGINE_CHOICES",
+    "PLAN_SUFFIXES",
+    "PROVIDER_CHOICES",
+    "PROVIDER_NAMES",
+    "REGISTRY",
+    "TRT_EP_MAX_BATCH",
+    "Backend",
+    "Engine",
+    "EngineError",
+    "LoadOptions",
+    "OrtEngine",
+    "Path",
+    "backend",
+    "backends",
+    "candidates",
+    "choose",
+    "default_model_path",
+    "engine_table",
+    "load_engine",
+    "resolve_model_path",
+]

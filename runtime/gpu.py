@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import importlib
 import re
 import shutil
 import subprocess
@@ -118,8 +119,8 @@ def tensorrt_libraries() -> tuple[bool, str]:
     if lib is not None:
         return True, getattr(lib, "_name", names[0])
     try:
-        import tensorrt  # noqa: F401 - loads libnvinfer from the wheel's folder
-    except Exception as e:  # noqa: BLE001 - a broken install raises anything
+        importlib.import_module("tensorrt")  # loads libnvinfer from the wheel's folder
+    except Exception as e:  # a broken install raises anything
         return False, f"libnvinfer cannot be loaded ({why.splitlines()[0] if why else 'not found'}) and the tensorrt " \
                       f"Python package is not importable ({type(e).__name__}: {e})"
     lib, why2 = _load(names)

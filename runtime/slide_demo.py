@@ -13,6 +13,7 @@ The tests build their slides with the same functions.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     if not crops:
         ap.error(f"no sample crops shipped at {ASSETS / 'samples'}")
     try:
-        import tifffile  # noqa: F401
+        importlib.import_module("tifffile")
     except ImportError:
         ap.error("writing the demo slide needs tifffile: pip install 'ami[slides]'")
     scale = CROP_MPP / a.mpp

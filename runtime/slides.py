@@ -152,13 +152,16 @@ def read_detections(path: str | os.PathLike) -> list[Detection]:
     out: list[Detection] = []
     seen: set = set()
     n = 0
+
+    def cell(r: list[str], c: str) -> str:
+        return r[col[c]].strip() if c in col and col[c] < len(r) else ""
+
     for r in rows[1:]:
         if r[0].lstrip().startswith("#"):
             continue
         n += 1
-        cell = lambda c: r[col[c]].strip() if c in col and col[c] < len(r) else ""  # noqa: E731
-        slide, xs, ys = cell("slide"), cell("x"), cell("y")
-        ident = cell("id") or str(n)
+        slide, xs, ys = cell(r, "slide"), cell(r, "x"), cell(r, "y")
+        ident = cell(r, "id") or str(n)
         problem = None
         if not slide:
             problem = "no slide given in the detections file"
@@ -378,7 +381,7 @@ class _SlideCache:
         if isinstance(old, Slide):
             try:
                 old.close()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
 
     def clear(self) -> None:
@@ -434,7 +437,7 @@ class SlideDetections(CropFiles):
                     crop, padded, _ = slide.read_crop(d.x, d.y, self.mpp, self.size, self.border)
                 except SlideError:
                     raise
-                except Exception as e:  # noqa: BLE001 - OpenSlide errors on truncated / corrupt tiles
+                except Exception as e:  # OpenSlide errors on truncated / corrupt tiles
                     _CACHE.drop(d.path, self.slide_mpp)
                     raise SlideError(f"unreadable slide region ({type(e).__name__}: {_first_line(e)})") from None
                 a = crop if crop.shape[:2] == (s, s) and pre.resize in (None, s) else pre.to_uint8(Image.fromarray(crop, "RGB"))
@@ -445,7 +448,7 @@ class SlideDetections(CropFiles):
                 status.append((str(e), False, ("",)))
             except MemoryError:
                 status.append(("out of memory while reading the slide", False, ("",)))
-            except Exception as e:  # noqa: BLE001 - one detection must never take a batch down
+            except Exception as e:  # one detection must never take a batch down
                 status.append((f"unexpected {type(e).__name__}: {e}", False, ("",)))
         return out[:n], status
 
@@ -619,9 +622,11 @@ def write_slide_outputs(out_path: str | os.PathLike, detections: list[Detection]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(SUMMARY_COLUMNS)
+    def f(v: float) -> str:
+        return "" if not math.isfinite(v) else f"{v:.4f}"
+
     for s in sums:
         lo, hi = s.ci95
-        f = lambda v: "" if not math.isfinite(v) else f"{v:.4f}"  # noqa: E731
         w.writerow([s.slide, s.detections, s.classified, s.atypical, s.classified - s.atypical, f(s.ratio), f(lo), f(hi),
                     s.failed, s.padded, s.info, s.geojson])
     _write_atomic(summary_csv, buf.getvalue())

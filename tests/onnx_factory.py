@@ -25,6 +25,12 @@ SCALE, BIAS = 3.0, 0.2
 TINY_PRE = Preprocess(input_size=128, resize=None, interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
 
+def float_tensor(name: str, arr) -> onnx.TensorProto:
+    """A float32 initializer holding ``arr`` (any array-like), shape kept."""
+    a = np.asarray(arr, dtype=np.float32)
+    return helper.make_tensor(name, TensorProto.FLOAT, a.shape, a.ravel().tolist())
+
+
 def tiny_meta(pre: Preprocess = TINY_PRE, threshold: float = 0.5, **kw) -> ArtifactMeta:
     return ArtifactMeta(model="tiny-test", method="full", preprocess=pre, threshold=threshold,
                         threshold_rule="default 0.5", precision="fp32", display="tiny test model",
@@ -38,12 +44,12 @@ def reference_probs(batch_uint8_nhwc: np.ndarray, pre: Preprocess = TINY_PRE) ->
     return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
 
 
-def build_model(pre: Preprocess = TINY_PRE, *, meta: ArtifactMeta | None | str = "default",
+def build_model(pre: Preprocess = TINY_PRE, *, meta: ArtifactMeta | str | None = "default",
                 input_dtype: int = TensorProto.UINT8, graph_size: int | None = None,
                 input_name: str = INPUT_NAME, output_name: str = OUTPUT_NAME, output_rank: int = 1,
                 opset: int = 17) -> onnx.ModelProto:
     s = graph_size or pre.input_size
-    c = lambda name, arr: helper.make_tensor(name, TensorProto.FLOAT, np.shape(arr), np.ravel(arr).tolist())  # noqa: E731
+    c = float_tensor
     inits = [
         c("inv255", [np.float32(1 / 255)]),
         c("mean", np.asarray(pre.mean, np.float32).reshape(1, 1, 1, 3)),
@@ -100,7 +106,7 @@ def build_conv_model(pre: Preprocess = TINY_PRE, widths=(32, 64, 128, 256), seed
     pipeline with an engine that does real work; its outputs mean nothing."""
     rng = np.random.default_rng(seed)
     s = pre.input_size
-    t = lambda name, arr: helper.make_tensor(name, TensorProto.FLOAT, arr.shape, arr.astype(np.float32).ravel().tolist())  # noqa: E731
+    t = float_tensor
     inits = [t("inv255", np.array([1 / 255])), t("mean", np.asarray(pre.mean).reshape(1, 1, 1, 3)),
              t("std", np.asarray(pre.std).reshape(1, 1, 1, 3))]
     nodes = [helper.make_node("Cast", [INPUT_NAME], ["xf"], to=TensorProto.FLOAT),

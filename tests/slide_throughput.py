@@ -18,6 +18,7 @@ source's ``prepare``, one thread, no model). Prints one JSON document.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -56,7 +57,7 @@ def build(out: Path) -> dict:
     made = {"pngs": files}
     comps = ["zlib"]
     try:
-        import imagecodecs  # noqa: F401
+        importlib.import_module("imagecodecs")
         comps.append("jpeg")
     except ImportError:
         pass
@@ -109,9 +110,13 @@ def main() -> int:
             res["reading_only_crops_per_s_1_thread"].setdefault(kind, []).append(round(len(items) / dt, 1))
     # the slide rows' probabilities against the PNG rows' (same crops)
     import csv
-    png = {Path(r["path"]).name.split("_", 1)[0]: float(r["prob_atypical"]) for r in csv.DictReader(open(a.out / "res-png-0.csv"))}
+    def read_rows(name: str) -> list[dict]:
+        with open(a.out / name, newline="") as f:
+            return list(csv.DictReader(f))
+
+    png = {Path(r["path"]).name.split("_", 1)[0]: float(r["prob_atypical"]) for r in read_rows("res-png-0.csv")}
     for kind in kinds[1:]:
-        sl = {f"{int(r['id'][1:]):04d}": float(r["prob_atypical"]) for r in csv.DictReader(open(a.out / f"res-{kind}-0.csv"))}
+        sl = {f"{int(r['id'][1:]):04d}": float(r["prob_atypical"]) for r in read_rows(f"res-{kind}-0.csv")}
         res[f"max_abs_dp_{kind}_vs_png"] = float(max(abs(sl[k] - png[k]) for k in png))
     res["python"] = sys.version.split()[0]
     print(json.dumps(res, indent=1))

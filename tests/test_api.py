@@ -57,7 +57,7 @@ def test_bad_arrays_are_error_rows_and_other_sizes_are_resized(clf):
     assert rows[1]["prob_atypical"] is None and rows[1]["label"] is None
     assert [r["id"] for r in rows] == ["0", "1", "2", "3", "4"]
     assert clf.classify_arrays([]) == []
-    with pytest.raises(InputError, match="ids"):
+    with pytest.raises(InputError, match=r"^2 ids for 1 crops$"):
         clf.classify_arrays([good], ids=["a", "b"])
 
 

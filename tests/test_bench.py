@@ -16,14 +16,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-onnx = pytest.importorskip("onnx")
+pytest.importorskip("torch")
+pytest.importorskip("onnx")
 
-from ami.bench import latency as L  # noqa: E402
-from ami.runtime.artifact import INPUT_NAME, META_KEY, OUTPUT_NAME, ArtifactMeta  # noqa: E402
-from ami.runtime.engine import load_engine  # noqa: E402
-from ami.runtime.engines import backend  # noqa: E402
-from ami.train.registry import get  # noqa: E402
+import onnx
+import torch
+
+from ami.bench import latency as L
+from ami.runtime.artifact import INPUT_NAME, META_KEY, OUTPUT_NAME, ArtifactMeta
+from ami.runtime.engine import load_engine
+from ami.runtime.engines import backend
+from ami.train.registry import get
 
 BATCHES = (1, 8)
 OV_MISSING = backend("openvino").unavailable()
@@ -143,7 +146,7 @@ def test_stats_percentiles_and_throughput():
     assert st.p99_ms == pytest.approx(99.01)
     assert st.min_ms == pytest.approx(1.0) and st.max_ms == pytest.approx(100.0)
     assert st.crops_per_s == pytest.approx(8 * 100 / times.sum())
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="no timed rounds"):
         L.stats_from([], batch=1)
 
 
@@ -204,8 +207,8 @@ def test_peak_gflops_measures_a_matmul():
 # -- end to end: ami-infer vs the plain reference loop ---------------------------------------------
 
 @pytest.fixture(scope="module")
-def e2e_paths(data_root):
-    paths, source = L.e2e_crops(data_root, None, 24)
+def e2e_paths(synthetic_root):
+    paths, source = L.e2e_crops(synthetic_root, None, 24)
     assert len(paths) == 24 and "AtNorM-MD" in source
     return paths
 
@@ -236,8 +239,8 @@ def test_end_to_end_reference_loop_matches_ami_infer(benchmark, edge, e2e_paths)
 
 # -- the whole benchmark, small ------------------------------------------------------------------
 
-def test_run_latency_side_by_side(edge, data_root):
-    rep = L.run_latency([edge["fp32"], edge["int8"]], weights=edge["weights"], batches=[1, 4], data_root=data_root,
+def test_run_latency_side_by_side(edge, synthetic_root):
+    rep = L.run_latency([edge["fp32"], edge["int8"]], weights=edge["weights"], batches=[1, 4], data_root=synthetic_root,
                         crops=16, threads=1, rounds=2, warmup=1, peak_n=256, peak_reps=2, e2e_batch=8, e2e_rounds=2,
                         workers=1,
                         show_progress=False, log=lambda s: None)

@@ -122,11 +122,10 @@ def test_card_text_never_carries_the_data_root(tmp_path):
 def test_reproduce_commands_name_todays_entry_of_an_old_run():
     """A run trained under an entry that was renamed since (v1 was 'edge', now 'edge_200mf') is
     reproduced with today's name for the same definition; an entry that matches nothing is flagged."""
+    from dataclasses import asdict
     from pathlib import Path
 
     from ami.bench.card import reproduce_commands
-    from dataclasses import asdict
-
     from ami.train.registry import current_name, get
 
     v1 = {**get("edge_200mf").to_dict(), "name": "edge", "display": "ami-edge (RegNetX-200MF, 128 px)"}

@@ -1,4 +1,6 @@
-"""Datasets, data-root resolution and ami-data on the real data (and on broken copies of it)."""
+"""Datasets, data-root resolution and ami-data: on generated crops in the real layout (conftest's
+synthetic_root) and broken copies of them, and on the real data for what only the real data can
+show (the release's counts, split and pinned content fingerprints)."""
 
 import os
 import shutil
@@ -9,6 +11,7 @@ from typer.testing import CliRunner
 
 from ami.runtime import datasets as ds
 from ami.runtime.cli.data import app
+from synthetic_data import SMALL
 
 runner = CliRunner()
 
@@ -30,16 +33,24 @@ def test_counts_and_split(data_root):
     assert all(s.slide for s in train)
     md = ds.scan(data_root, "AtNorM-MD")
     assert len(md) == 2107 and sum(s.label for s in md) == 219
-
-
-def test_missing_dataset_is_reported_not_faked(data_root):
-    if (data_root / "AtNorM-Br").exists():
-        pytest.skip("AtNorM-Br is present in this data root")
-    with pytest.raises(ds.DatasetMissing, match="AtNorM-Br is not present"):
-        ds.scan(data_root, "AtNorM-Br")
     sets = ds.available_eval_sets(data_root)
-    assert isinstance(sets["AtNorM-Br"], str) and "not present" in sets["AtNorM-Br"]
     assert len(sets["AMi-Br-test"]) == 826 and len(sets["AtNorM-MD"]) == 2107
+
+
+def test_missing_dataset_is_reported_not_faked(synthetic_root):
+    """The generated tree holds AtNorM-Br back, as the CI copy of the real data does."""
+    root = synthetic_root
+    assert not (root / "AtNorM-Br").exists()
+    with pytest.raises(ds.DatasetMissing, match=r"dataset AtNorM-Br is not present: expected .*AtNorM-Br"):
+        ds.scan(root, "AtNorM-Br")
+    sets = ds.available_eval_sets(root)
+    assert isinstance(sets["AtNorM-Br"], str) and "not present" in sets["AtNorM-Br"]
+    assert str(root / "AtNorM-Br") in sets["AtNorM-Br"] and "AMI_DATA_ROOT" in sets["AtNorM-Br"]
+    assert len(sets["AMi-Br-test"]) == SMALL.count("AMi-Br-test")
+    assert len(sets["AtNorM-MD"]) == SMALL.count("AtNorM-MD")
+    train, test = ds.amibr_split(root)
+    assert len(train) == SMALL.count("AMi-Br-train") and all(s.slide for s in train)
+    assert not {s.name for s in train} & {s.name for s in test}
 
 
 def test_verify_cli_on_real_data(data_root):
@@ -49,27 +60,30 @@ def test_verify_cli_on_real_data(data_root):
     assert "AtNorM-Br  MISSING" in res.output
 
 
-def _mini_copy(data_root: Path, dst: Path, n: int = 6) -> Path:
+def _mini_copy(src_root: Path, dst: Path, n: int = 6) -> Path:
     """A small copy of AtNorM-MD, the dataset verify checks class by class."""
     for cls in ("Atypical", "Normal"):
         (dst / "AtNorM-MD" / cls).mkdir(parents=True)
-        for p in sorted((data_root / "AtNorM-MD" / cls).iterdir())[:n]:
+        for p in sorted((src_root / "AtNorM-MD" / cls).iterdir())[:n]:
             shutil.copy(p, dst / "AtNorM-MD" / cls / p.name)
     return dst
 
 
-def test_verify_finds_every_kind_of_damage(data_root, tmp_path):
-    root = _mini_copy(data_root, tmp_path)
+def test_verify_finds_every_kind_of_damage(synthetic_root, tmp_path):
+    root = _mini_copy(synthetic_root, tmp_path)
     rep = ds.verify_dataset(root, "AtNorM-MD")
-    assert rep.present and any("found 6 crops, expected 219" in p for p in rep.problems)
+    assert rep.present
+    assert rep.problems == ["Atypical: found 6 crops, expected 219", "Normal: found 6 crops, expected 1888"]
     a = root / "AtNorM-MD" / "Atypical"
     n = root / "AtNorM-MD" / "Normal"
-    shutil.copy(next(iter(sorted(a.iterdir()))), n / sorted(a.iterdir())[0].name)  # in both folders
+    both = sorted(a.iterdir())[0].name
+    assert not (n / both).exists()
+    shutil.copy(a / both, n / both)  # in both folders
     (a / "notes.txt").write_text("x")  # extra file
     (a / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage")  # unreadable
     rep = ds.verify_dataset(root, "AtNorM-MD")
     text = "\n".join(rep.problems)
-    assert "1007.png is in both Normal/ and Atypical/" in text
+    assert f"{both} is in both Normal/ and Atypical/" in text
     assert "extra file Atypical/notes.txt" in text
     assert "broken.png: unreadable" in text
     res = runner.invoke(app, ["verify", "--data-root", str(root)])
@@ -77,8 +91,8 @@ def test_verify_finds_every_kind_of_damage(data_root, tmp_path):
     assert "AMi-Br     MISSING" in res.output and "AtNorM-MD  MISMATCH" in res.output
 
 
-def test_fingerprint_changes_with_content(data_root, tmp_path):
-    root = _mini_copy(data_root, tmp_path, n=2)
+def test_fingerprint_changes_with_content(synthetic_root, tmp_path):
+    root = _mini_copy(synthetic_root, tmp_path, n=2)
     s = ds.scan(root, "AtNorM-MD")
     f1 = ds.fingerprint(s)
     assert f1 == ds.fingerprint(list(reversed(s)))  # order-independent

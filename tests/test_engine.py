@@ -10,19 +10,19 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import re
 
 import numpy as np
 import pytest
 from onnx import TensorProto
-from onnx_factory import TINY_PRE, build_model, reference_probs, tiny_meta, write_model
 
 from ami.runtime import engine as E
 from ami.runtime import engines as R
+from ami.runtime.artifact import ArtifactError, ArtifactMeta
 from ami.runtime.engines import onnxruntime as ORT
 from ami.runtime.engines import tensorrt as T
-from ami.runtime.artifact import ArtifactError, ArtifactMeta
 from ami.runtime.preprocess import Preprocess
-
+from onnx_factory import TINY_PRE, build_model, reference_probs, tiny_meta, write_model
 
 OV_MISSING = R.backend("openvino").unavailable()
 needs_openvino = pytest.mark.skipif(OV_MISSING is not None, reason=str(OV_MISSING))
@@ -66,32 +66,37 @@ def test_auto_provider_is_a_real_one(tiny):
 
 def test_predict_rejects_wrong_arrays(tiny):
     eng = E.load_engine(tiny, provider="cpu")
-    with pytest.raises(ValueError, match="uint8"):
+    with pytest.raises(ValueError, match="pixels must be a uint8 numpy array, got float32"):
         eng.predict(_pixels(2).astype(np.float32))
-    with pytest.raises(ValueError, match=r"\[N, 128, 128, 3\]"):
+    with pytest.raises(ValueError, match=r"must have shape \[N, 128, 128, 3\] \(NHWC RGB\), got \[2, 64, 64, 3\]"):
         eng.predict(_pixels(2, s=64))
-    with pytest.raises(ValueError, match="NHWC"):
+    with pytest.raises(ValueError, match=r"must have shape \[N, 128, 128, 3\] \(NHWC RGB\), got \[2, 3, 128, 128\]"):
         eng.predict(np.zeros((2, 3, 128, 128), np.uint8))
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(meta=None), "no 'ami' metadata"),
-    (dict(meta="{not json"), "not valid JSON"),
-    (dict(meta=json.dumps({"format": "ami-artifact/1"})), "lacks"),
-    (dict(meta=json.dumps({**json.loads(tiny_meta().to_json()), "format": "other/9"})), "format"),
-    (dict(meta=json.dumps({**json.loads(tiny_meta().to_json()), "preprocess": "224"})), "malformed"),
-    (dict(input_dtype=TensorProto.FLOAT), "expected tensor\\(uint8\\)"),
-    (dict(graph_size=64), "expected \\[N, 128, 128, 3\\]"),
-    (dict(input_name="images"), "expected exactly one named 'pixels'"),
-    (dict(output_name="logits"), "expected one named 'prob_atypical'"),
-    (dict(output_rank=2), "expected \\[N\\]"),
+    (dict(meta=None), r"has no 'ami' metadata: it is not an ami artefact \(export it with `ami-export`"),
+    (dict(meta="{not json"), r"artefact metadata is not valid JSON: Expecting property name"),
+    (dict(meta=json.dumps({"format": "ami-artifact/1"})),
+     r"artefact metadata is malformed: lacks model, method, preprocess, class_names, threshold, threshold_rule, "
+     r"precision$"),
+    (dict(meta=json.dumps({**json.loads(tiny_meta().to_json()), "format": "other/9"})),
+     r"artefact metadata is malformed: format 'other/9' is not 'ami-artifact/1'"),
+    (dict(meta=json.dumps({**json.loads(tiny_meta().to_json()), "preprocess": "224"})),
+     r"artefact metadata is malformed: preprocess must be an object, got str"),
+    (dict(input_dtype=TensorProto.FLOAT), r"input 'pixels' is tensor\(float\), expected tensor\(uint8\)"),
+    (dict(graph_size=64), r"input 'pixels' has shape \[\S+, 64, 64, 3\], expected \[N, 128, 128, 3\]"),
+    (dict(input_name="images"), r"inputs are \['images'\], expected exactly one named 'pixels'"),
+    (dict(output_name="logits"), r"outputs are \['logits'\], expected one named 'prob_atypical'"),
+    (dict(output_rank=2), r"output 'prob_atypical' has shape \[\S+, 1\], expected \[N\]"),
 ])
 @pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
 def test_refuses_contract_violations(tmp_path, kwargs, message, engine):
     _need(engine)
     path = write_model(tmp_path / "bad.onnx", **kwargs)
-    with pytest.raises(ArtifactError, match=message):
+    with pytest.raises(ArtifactError, match=message) as e:
         E.load_engine(path, engine=engine)
+    assert str(e.value).startswith(str(path))  # the message names the file first
 
 
 @pytest.mark.parametrize("engine", ["auto", "onnxruntime", "openvino"])
@@ -102,16 +107,17 @@ def test_refuses_broken_files(tmp_path, tiny, engine):
     (tmp_path / "junk.onnx").write_bytes(b"\x00garbage" * 100)
     (tmp_path / "empty.onnx").write_bytes(b"")
     (tmp_path / "dir.onnx").mkdir()
-    cases = {"trunc.onnx": "not a loadable ONNX model", "junk.onnx": "not a loadable ONNX model",
-             "empty.onnx": "empty", "dir.onnx": "directory", "missing.onnx": "not found"}
+    unloadable = r"{} is not a loadable ONNX model \(corrupted or truncated\?\): \S"
+    cases = {"trunc.onnx": unloadable, "junk.onnx": unloadable, "empty.onnx": "model file is empty: {}$",
+             "dir.onnx": "model path is a directory, not a file: {}$", "missing.onnx": "model file not found: {}$"}
     for name, message in cases.items():
-        with pytest.raises(ArtifactError, match=message):
+        with pytest.raises(ArtifactError, match=message.format(re.escape(str(tmp_path / name)))):
             E.load_engine(tmp_path / name, engine=engine)
 
 
 def test_default_model(monkeypatch, tmp_path, tiny):
     monkeypatch.setattr(R, "DEFAULT_MODEL", tmp_path / "assets" / "edge.onnx")
-    with pytest.raises(ArtifactError, match="no shipped model found at .*edge.onnx"):
+    with pytest.raises(ArtifactError, match=r"no shipped model found at .*edge\.onnx"):
         E.load_engine()
     monkeypatch.setattr(R, "DEFAULT_MODEL", tiny)
     assert E.load_engine().meta.model == "tiny-test"
@@ -122,7 +128,7 @@ def test_default_model_path_is_in_the_package():
 
 
 def test_provider_errors(tiny):
-    with pytest.raises(E.EngineError, match="unknown provider"):
+    with pytest.raises(E.EngineError, match=r"unknown provider 'npu'; choose one of auto, cpu, cuda, tensorrt$"):
         E.load_engine(tiny, provider="npu")
     import onnxruntime as ort
 
@@ -152,7 +158,7 @@ def test_gpu_provider_failures_are_explained(monkeypatch, tiny):
         return real(path, sess_options=sess_options, providers=providers)
 
     monkeypatch.setattr(ort, "InferenceSession", flaky)
-    with pytest.raises(E.EngineError, match="CUDAExecutionProvider could not run tiny.onnx: CUDA failure 35"):
+    with pytest.raises(E.EngineError, match=r"CUDAExecutionProvider could not run tiny\.onnx: CUDA failure 35"):
         E.load_engine(tiny, provider="cuda")
     eng = E.load_engine(tiny)  # auto: falls back to the CPU and says why
     assert eng.provider == "CPUExecutionProvider" and "driver version is insufficient" in eng.fallback
@@ -199,7 +205,7 @@ def test_trt_ep_cache_key_follows_weights(tmp_path):
 def test_plan_sidecar_roundtrip_and_refusals(tmp_path):
     plan = tmp_path / "m.plan"
     plan.write_bytes(b"not really a plan")
-    with pytest.raises(ArtifactError, match="no side file m.plan.json"):
+    with pytest.raises(ArtifactError, match=r"no side file m\.plan\.json"):
         T.read_plan_sidecar(plan)
     meta = tiny_meta()
     side = T.write_plan_sidecar(plan, meta, tensorrt_version="10.9.0.34", gpu_name="NVIDIA H100",
@@ -223,9 +229,9 @@ def test_plan_sidecar_roundtrip_and_refusals(tmp_path):
 def test_plan_compatibility_check():
     build = {"tensorrt_version": "10.9.0.34", "gpu_name": "NVIDIA H100", "compute_capability": "9.0"}
     T.check_plan_compatible(build, "10.9.0.34", {"gpu_name": "NVIDIA H100 PCIe", "compute_capability": "9.0"})
-    with pytest.raises(E.EngineError, match="built with TensorRT 10.9.0.34 but TensorRT 10.13.0 is installed"):
+    with pytest.raises(E.EngineError, match=r"built with TensorRT 10\.9\.0\.34 but TensorRT 10\.13\.0 is installed"):
         T.check_plan_compatible(build, "10.13.0", {"gpu_name": "x", "compute_capability": "9.0"})
-    with pytest.raises(E.EngineError, match="compute capability 9.0 .*NVIDIA L4 \\(compute capability 8.9\\)"):
+    with pytest.raises(E.EngineError, match=r"compute capability 9\.0 .*NVIDIA L4 \(compute capability 8\.9\)"):
         T.check_plan_compatible(build, "10.9.0.34", {"gpu_name": "NVIDIA L4", "compute_capability": "8.9"})
 
 
@@ -237,7 +243,7 @@ def test_plan_needs_sidecar_before_anything(tmp_path):
     with pytest.raises(E.EngineError, match="runs on TensorRT only"):
         E.load_engine(plan, provider="cpu")
     for name in ("onnxruntime", "openvino"):
-        with pytest.raises(E.EngineError, match="is a TensorRT plan.*runs on TensorRT only"):
+        with pytest.raises(E.EngineError, match=r"is a TensorRT plan.*runs on TensorRT only"):
             E.load_engine(plan, engine=name)
 
 
@@ -255,7 +261,7 @@ def _gpu_reason() -> str | None:
         return "TensorRT is not installed (CPU machine): `pip install 'ami[trt]'` on a GPU box"
     try:
         T.gpu_info()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return f"no usable CUDA GPU: {e}"
     return None
 
@@ -284,7 +290,7 @@ def test_plan_runs_and_matches_reference(tmp_path, tiny):
     d = json.loads(T.sidecar_path(plan).read_text())
     d["tensorrt_version"] = "0.0.1"
     T.sidecar_path(plan).write_text(json.dumps(d))
-    with pytest.raises(E.EngineError, match="built with TensorRT 0.0.1"):
+    with pytest.raises(E.EngineError, match=r"built with TensorRT 0\.0\.1"):
         E.load_engine(plan)
 
 
@@ -308,10 +314,38 @@ def test_gpu_providers_match_reference(tiny, tmp_path):
         pytest.skip(f"TensorRT execution provider not checked: {trt_note}")
 
 
+def _dims(value) -> list:
+    return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
 def test_build_model_helper_is_valid():
-    # the factory itself: a contract-abiding graph with metadata
+    """The factory the refusal tests rely on: its default graph keeps the whole contract and computes
+    reference_probs, and each defect knob breaks exactly the one thing it names."""
+    import onnx
+    import onnxruntime as ort
+
     m = build_model()
+    onnx.checker.check_model(m, full_check=True)
     assert [p.key for p in m.metadata_props] == ["ami"]
+    assert ArtifactMeta.from_json(m.metadata_props[0].value).to_json() == tiny_meta().to_json()
+    (inp,), (out,) = m.graph.input, m.graph.output
+    assert (inp.name, inp.type.tensor_type.elem_type, _dims(inp)) == ("pixels", TensorProto.UINT8, ["N", 128, 128, 3])
+    assert (out.name, out.type.tensor_type.elem_type, _dims(out)) == ("prob_atypical", TensorProto.FLOAT, ["N"])
+    assert m.opset_import[0].version == 17
+    s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = _pixels(5, seed=3)
+    got = s.run(None, {"pixels": x})[0]
+    assert got.shape == (5,) and len(set(got.tolist())) == 5  # five different crops, five probabilities
+    np.testing.assert_allclose(got, reference_probs(x), atol=1e-6)
+    # one knob, one defect; everything else stays as in the default graph
+    assert len(build_model(meta=None).metadata_props) == 0
+    assert build_model(meta="{not json").metadata_props[0].value == "{not json"
+    assert build_model(input_dtype=TensorProto.FLOAT).graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert _dims(build_model(graph_size=64).graph.input[0]) == ["N", 64, 64, 3]
+    assert [v.name for v in build_model(input_name="images").graph.input] == ["images"]
+    assert [v.name for v in build_model(output_name="logits").graph.output] == ["logits"]
+    assert _dims(build_model(output_rank=2).graph.output[0]) == ["N", 1]
+    assert _dims(build_model(output_rank=2).graph.input[0]) == ["N", 128, 128, 3]
 
 
 # -- the plug-in registry ------------------------------------------------------------------------
@@ -459,7 +493,7 @@ def test_openvino_precision_is_explicit(tiny, tmp_path):
     for p in ("fp32", "bf16"):
         with pytest.raises(E.EngineError, match="int8 artefact: OpenVINO runs it as int8"):
             E.load_engine(int8, engine="openvino", precision=p)
-    with pytest.raises(E.EngineError, match="ONNX Runtime runs int8.onnx at its own precision \\(int8\\) only"):
+    with pytest.raises(E.EngineError, match=r"ONNX Runtime runs int8\.onnx at its own precision \(int8\) only"):
         E.load_engine(int8, engine="onnxruntime", precision="fp32")
 
 
@@ -488,7 +522,7 @@ def test_openvino_read_failure_on_a_good_file_falls_back(tiny, monkeypatch):
     from ami.runtime.engines import openvino as OV
 
     class NoRead:
-        available_devices = ["CPU"]
+        available_devices = ("CPU",)
 
         def read_model(self, path):
             raise RuntimeError("Check 'op' failed: unsupported operation (simulated)\nmore")
@@ -497,7 +531,7 @@ def test_openvino_read_failure_on_a_good_file_falls_back(tiny, monkeypatch):
             return ["FP32"]
 
     monkeypatch.setattr(OV, "core", lambda: NoRead())
-    with pytest.raises(E.EngineError, match="OpenVINO .* cannot read tiny.onnx \\(ONNX Runtime can\\): Check 'op' failed"):
+    with pytest.raises(E.EngineError, match=r"OpenVINO .* cannot read tiny\.onnx \(ONNX Runtime can\): Check 'op' failed"):
         E.load_engine(tiny, engine="openvino")
     eng = E.load_engine(tiny)
     assert eng.engine == "onnxruntime" and "cannot read" in eng.fallback

@@ -1,7 +1,8 @@
 """ami-export on CPU: ONNX export of a real (tiny) training run, its self-checks, int8, --best.
 
-The run is a real ``ami.train.fit`` run of the edge model on a few real AMi-Br crops (1 epoch,
-2 folds); every check runs on real AMi-Br training crops. A failing export must leave nothing
+The run is a real ``ami.train.fit`` run of the edge model (1 epoch, 2 folds) on generated crops in
+the real layout whose training part is the pinned folds' crops (conftest's synthetic_folds_root);
+every check runs on those training crops, so no real data is needed. A failing export must leave nothing
 behind and keep whatever the user had at the output path.
 """
 
@@ -41,7 +42,7 @@ def _leftovers(folder: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, data_root):
+def run_dir(tmp_path_factory, synthetic_folds_root):
     """A real 2-fold run of the edge model (32 training crops, 1 epoch, 32 validation crops)."""
     import torch
 
@@ -49,17 +50,17 @@ def run_dir(tmp_path_factory, data_root):
 
     torch.set_num_threads(1)
     d = tmp_path_factory.mktemp("runs") / "edge-tiny"
-    spec = RunSpec(model="edge", run_dir=d, data_root=data_root, max_train=32, max_eval=32,
+    spec = RunSpec(model="edge", run_dir=d, data_root=synthetic_folds_root, max_train=32, max_eval=32,
                    recipe_overrides={"epochs": 1, "batch_size": 32}, eval_sets=(), threads=1)
     run(spec, [0, 1], log=lambda *a: None)
     return d
 
 
 @pytest.fixture(scope="module")
-def images(data_root):
+def images(synthetic_folds_root):
     from ami.train.registry import get
 
-    return load_images(stratified(training_samples(data_root), 5, seed=7), get("edge").preprocess)
+    return load_images(stratified(training_samples(synthetic_folds_root), 5, seed=7), get("edge").preprocess)
 
 
 def _torch_probs(run_dir, folds, images):
@@ -74,9 +75,9 @@ def _torch_probs(run_dir, folds, images):
 # ONNX export
 
 
-def test_single_fold_export_metadata_and_batches(run_dir, data_root, images, tmp_path):
+def test_single_fold_export_metadata_and_batches(run_dir, synthetic_folds_root, images, tmp_path):
     out = tmp_path / "fold0.onnx"
-    got = OE.export_onnx(run_dir / "fold0", out, data_root=data_root, **FAST, log=lambda *a: None)
+    got = OE.export_onnx(run_dir / "fold0", out, data_root=synthetic_folds_root, **FAST, log=lambda *a: None)
     assert got == out and out.is_file() and not _leftovers(tmp_path)
     m = onnx.load(str(out))
     assert m.opset_import[0].version >= 17
@@ -106,9 +107,9 @@ def test_single_fold_export_metadata_and_batches(run_dir, data_root, images, tmp
     assert np.abs(p1 - ref).max() <= 1e-4 and np.abs(pn - ref).max() <= 1e-4
 
 
-def test_ensemble_is_mean_of_fold_probabilities(run_dir, data_root, images, tmp_path):
+def test_ensemble_is_mean_of_fold_probabilities(run_dir, synthetic_folds_root, images, tmp_path):
     out = tmp_path / "ens.onnx"
-    OE.export_onnx(run_dir, out, folds="all", data_root=data_root, **FAST, log=lambda *a: None)
+    OE.export_onnx(run_dir, out, folds="all", data_root=synthetic_folds_root, **FAST, log=lambda *a: None)
     meta = _meta_of(out)
     assert meta.folds == [0, 1] and "2-fold ensemble" in meta.display
     assert sorted(meta.validation["folds"]) == ["0", "1"]
@@ -165,7 +166,7 @@ def test_threshold_rule_cases(tmp_path):
     assert t == 0.5 and "no validation predictions" in rule
 
 
-def test_wrong_model_is_refused_and_nothing_is_lost(run_dir, data_root, tmp_path, monkeypatch):
+def test_wrong_model_is_refused_and_nothing_is_lost(run_dir, synthetic_folds_root, tmp_path, monkeypatch):
     import torch
 
     real = OE._torch_export
@@ -183,18 +184,18 @@ def test_wrong_model_is_refused_and_nothing_is_lost(run_dir, data_root, tmp_path
     out = tmp_path / "model.onnx"
     out.write_bytes(b"the user's precious file")
     with pytest.raises(CheckFailed, match=r"max \|delta probability\|"):
-        OE.export_onnx(run_dir / "fold0", out, data_root=data_root, force=True, **FAST, log=lambda *a: None)
+        OE.export_onnx(run_dir / "fold0", out, data_root=synthetic_folds_root, force=True, **FAST, log=lambda *a: None)
     assert out.read_bytes() == b"the user's precious file"
     assert not _leftovers(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
-def test_large_models_use_external_data(run_dir, data_root, tmp_path, monkeypatch):
+def test_large_models_use_external_data(run_dir, synthetic_folds_root, tmp_path, monkeypatch):
     """Above the size limit (2 GB; lowered here) the weights go to OUT.data beside OUT, and both
     are moved into place together."""
     monkeypatch.setattr(onnx_file, "EXTERNAL_DATA_BYTES", 1000)
     out = tmp_path / "big.onnx"
-    OE.export_onnx(run_dir / "fold0", out, data_root=data_root, **FAST, log=lambda *a: None)
+    OE.export_onnx(run_dir / "fold0", out, data_root=synthetic_folds_root, **FAST, log=lambda *a: None)
     data = tmp_path / "big.onnx.data"
     assert data.is_file() and data.stat().st_size > 5 * out.stat().st_size
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
@@ -203,15 +204,15 @@ def test_large_models_use_external_data(run_dir, data_root, tmp_path, monkeypatc
     assert session(out, 1).run(None, {"pixels": x})[0].shape == (2,)
 
 
-def test_existing_output_needs_force(run_dir, data_root, tmp_path):
+def test_existing_output_needs_force(run_dir, synthetic_folds_root, tmp_path):
     out = tmp_path / "x.onnx"
     out.write_text("keep")
     with pytest.raises(ExportError, match="already exists"):
-        OE.export_onnx(run_dir / "fold0", out, data_root=data_root, **FAST, log=lambda *a: None)
+        OE.export_onnx(run_dir / "fold0", out, data_root=synthetic_folds_root, **FAST, log=lambda *a: None)
     assert out.read_text() == "keep"
 
 
-def test_bad_weights_are_refused_clearly(run_dir, data_root, tmp_path):
+def test_bad_weights_are_refused_clearly(run_dir, synthetic_folds_root, tmp_path):
     from ami.train.registry import get
 
     bad = tmp_path / "bad-run"
@@ -222,12 +223,12 @@ def test_bad_weights_are_refused_clearly(run_dir, data_root, tmp_path):
     cfg["tiny_stand_in"] = True
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ExportError, match="do not fit"):
-        OE.export_onnx(bad / "fold0", tmp_path / "o.onnx", data_root=data_root, **FAST, log=lambda *a: None)
+        OE.export_onnx(bad / "fold0", tmp_path / "o.onnx", data_root=synthetic_folds_root, **FAST, log=lambda *a: None)
     (bad / "fold1" / "best.safetensors").write_bytes(b"\0" * 10)
     cfg["model"], cfg["tiny_stand_in"], cfg["registry_entry"] = "edge", False, get("edge").to_dict()
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ExportError, match="unreadable weights"):
-        OE.export_onnx(bad / "fold1", tmp_path / "o.onnx", data_root=data_root, **FAST, log=lambda *a: None)
+        OE.export_onnx(bad / "fold1", tmp_path / "o.onnx", data_root=synthetic_folds_root, **FAST, log=lambda *a: None)
     assert not (tmp_path / "o.onnx").exists() and not _leftovers(tmp_path)
 
 
@@ -249,13 +250,13 @@ def test_source_errors(run_dir, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def float_model(run_dir, data_root, tmp_path_factory):
+def float_model(run_dir, synthetic_folds_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("float") / "fold1.onnx"
-    OE.export_onnx(run_dir / "fold1", out, data_root=data_root, **FAST, log=lambda *a: None)
+    OE.export_onnx(run_dir / "fold1", out, data_root=synthetic_folds_root, **FAST, log=lambda *a: None)
     return out
 
 
-def test_corrupt_truncated_and_foreign_onnx_are_refused(float_model, data_root, tmp_path):
+def test_corrupt_truncated_and_foreign_onnx_are_refused(float_model, synthetic_folds_root, tmp_path):
     data = float_model.read_bytes()
     cases = {
         "truncated.onnx": (data[: len(data) // 3], "truncated or corrupt|no graph|checker"),
@@ -266,9 +267,10 @@ def test_corrupt_truncated_and_foreign_onnx_are_refused(float_model, data_root, 
         p = tmp_path / name
         p.write_bytes(blob)
         with pytest.raises(ExportError, match=msg):
-            OE.export_onnx(p, tmp_path / "q.onnx", engine="onnx-int8", data_root=data_root, log=lambda *a: None)
+            OE.export_onnx(p, tmp_path / "q.onnx", engine="onnx-int8", data_root=synthetic_folds_root,
+                           log=lambda *a: None)
         r = runner.invoke(app, [str(p), "--engine", "onnx-int8", "-o", str(tmp_path / "q.onnx"),
-                                "--data-root", str(data_root)])
+                                "--data-root", str(synthetic_folds_root)])
         assert r.exit_code != 0 and "error:" in r.output
     # a valid ONNX model without ami metadata
     m = onnx.load(str(float_model))
@@ -276,15 +278,16 @@ def test_corrupt_truncated_and_foreign_onnx_are_refused(float_model, data_root, 
     p = tmp_path / "foreign.onnx"
     onnx.save(m, str(p))
     with pytest.raises(ExportError, match="not an ami artefact"):
-        OE.export_onnx(p, tmp_path / "q.onnx", engine="onnx-int8", data_root=data_root, log=lambda *a: None)
+        OE.export_onnx(p, tmp_path / "q.onnx", engine="onnx-int8", data_root=synthetic_folds_root,
+                       log=lambda *a: None)
     assert not (tmp_path / "q.onnx").exists() and not _leftovers(tmp_path)
 
 
-def test_int8_option_errors(float_model, data_root, tmp_path):
+def test_int8_option_errors(float_model, synthetic_folds_root, tmp_path):
     for kw, msg in ((dict(activations="fp8"), "activations must be"), (dict(per_channel="maybe"), "per_channel"),
                     (dict(calibration="median"), "calibration method")):
         with pytest.raises(ExportError, match=msg):
-            OE.export_onnx(float_model, tmp_path / "q.onnx", engine="onnx-int8", data_root=data_root,
+            OE.export_onnx(float_model, tmp_path / "q.onnx", engine="onnx-int8", data_root=synthetic_folds_root,
                            log=lambda *a: None, **kw)
     assert not list(tmp_path.iterdir())
 
@@ -338,7 +341,7 @@ def test_int8_verdict():
 
 
 @pytest.fixture(scope="module")
-def probe_run(run_dir, data_root, tmp_path_factory):
+def probe_run(run_dir, synthetic_folds_root, tmp_path_factory):
     """The tiny run with fold 0 replaced by a RegNet whose head is fitted (logistic regression) on its
     random features of 256 training crops of fold 0: probabilities spread over (0, 1) like a trained
     model's, which the int8 acceptance test needs (the 1-epoch model outputs ~0.5 everywhere)."""
@@ -354,7 +357,7 @@ def probe_run(run_dir, data_root, tmp_path_factory):
     d = tmp_path_factory.mktemp("probe") / "edge-probe"
     shutil.copytree(run_dir, d)
     cfg = get("edge")
-    train, _ = fold_samples(data_root, 0)
+    train, _ = fold_samples(synthetic_folds_root, 0)
     fit = stratified(train, 256, seed=3)
     x = load_images(fit, cfg.preprocess)
     torch.manual_seed(0)
@@ -370,15 +373,15 @@ def probe_run(run_dir, data_root, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def int8_model(probe_run, data_root, tmp_path_factory):
+def int8_model(probe_run, synthetic_folds_root, tmp_path_factory):
     """float export of the probe fold, then int8 from that ONNX file (the shipped-model route)."""
     folder = tmp_path_factory.mktemp("int8")
     fl = folder / "probe.onnx"
-    OE.export_onnx(probe_run / "fold0", fl, data_root=data_root, threshold=0.5, **FAST, log=lambda *a: None)
+    OE.export_onnx(probe_run / "fold0", fl, data_root=synthetic_folds_root, threshold=0.5, **FAST, log=lambda *a: None)
     q = folder / "probe-int8.onnx"
     logs = []
-    OE.export_onnx(fl, q, engine="onnx-int8", data_root=data_root, calib_crops=48, per_channel="on", threads=1,
-                   check_batch=32, log=logs.append)
+    OE.export_onnx(fl, q, engine="onnx-int8", data_root=synthetic_folds_root, calib_crops=48, per_channel="on",
+                   threads=1, check_batch=32, log=logs.append)
     return fl, q, logs
 
 
@@ -417,7 +420,7 @@ def test_int8_accepted_keeps_contract_and_records_calibration(int8_model, images
     assert np.abs(pn - sf.run(None, {"pixels": images})[0]).max() < 0.05
 
 
-def test_int8_refused_when_outside_tolerance(int8_model, probe_run, data_root, tmp_path):
+def test_int8_refused_when_outside_tolerance(int8_model, probe_run, synthetic_folds_root, tmp_path):
     """Same model, crops and calibration as the accepted export, with a zero tolerance on a metric
     that differed there: refused, exit non-zero, nothing written."""
     _, q, _ = int8_model
@@ -429,7 +432,7 @@ def test_int8_refused_when_outside_tolerance(int8_model, probe_run, data_root, t
     tol = ["--ba-tol", "0"] if d_ba > 0 else ["--auroc-tol", "0"]
     out = tmp_path / "refused.onnx"
     r = runner.invoke(app, [str(probe_run / "fold0"), "--engine", "onnx-int8", "-o", str(out), "--threshold", "0.5",
-                            "--data-root", str(data_root), "--calib-crops", "48",
+                            "--data-root", str(synthetic_folds_root), "--calib-crops", "48",
                             "--per-channel", "on", "--check-crops", "16", "--threads", "1", *tol])
     assert r.exit_code == 1, r.output
     assert "int8 model REFUSED" in r.output and "limit 0" in r.output
@@ -512,12 +515,12 @@ def test_trt_without_tensorrt_or_gpu_is_a_clear_error(run_dir, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_cli_exports_and_python_api_is_importable(run_dir, data_root, tmp_path):
+def test_cli_exports_and_python_api_is_importable(run_dir, synthetic_folds_root, tmp_path):
     from ami.export import export_onnx
 
     assert export_onnx is OE.export_onnx
     out = tmp_path / "cli.onnx"
-    r = runner.invoke(app, [str(run_dir), "--folds", "1", "-o", str(out), "--data-root", str(data_root),
+    r = runner.invoke(app, [str(run_dir), "--folds", "1", "-o", str(out), "--data-root", str(synthetic_folds_root),
                             "--check-crops", "16", "--threads", "1", "--threshold", "0.5"])
     assert r.exit_code == 0, r.output
     assert "labels identical" in r.output and f"wrote {out}" in r.output

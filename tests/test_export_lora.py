@@ -1,6 +1,7 @@
-"""Exporting LoRA and linear-probe runs: merge in float32, check merged == unmerged on real crops,
-export the plain network. Uses tiny random stand-ins of a foundation-model ViT (the real weights
-are gated on the hub), trained for one epoch on a few real AMi-Br crops."""
+"""Exporting LoRA and linear-probe runs: merge in float32, check merged == unmerged on training
+crops, export the plain network. Uses tiny random stand-ins of a foundation-model ViT (the real
+weights are gated on the hub), trained for one epoch on a few generated crops in the real layout
+(conftest's synthetic_folds_root: its training part is the pinned folds' crops)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def _lora_entry() -> str:
     pytest.skip("no registry entry with LoRA and a tiny ViT stand-in")
 
 
-def _run(tmp_path_factory, data_root, method: str):
+def _run(tmp_path_factory, synthetic_folds_root, method: str):
     import torch
 
     from ami.train.fit import RunSpec, run
@@ -33,7 +34,7 @@ def _run(tmp_path_factory, data_root, method: str):
     torch.set_num_threads(1)
     name = _lora_entry()
     d = tmp_path_factory.mktemp(method) / f"{name}-{method}"
-    spec = RunSpec(model=name, method=method, run_dir=d, data_root=data_root, tiny=True, random_init=True,
+    spec = RunSpec(model=name, method=method, run_dir=d, data_root=synthetic_folds_root, tiny=True, random_init=True,
                    max_train=16, max_eval=16, recipe_overrides={"epochs": 1, "batch_size": 8}, eval_sets=(),
                    threads=1, cache_dir=d.parent / "cache")
     run(spec, [0], log=lambda *a: None)
@@ -41,13 +42,13 @@ def _run(tmp_path_factory, data_root, method: str):
 
 
 @pytest.fixture(scope="module")
-def lora_run(tmp_path_factory, data_root):
-    return _run(tmp_path_factory, data_root, "lora")
+def lora_run(tmp_path_factory, synthetic_folds_root):
+    return _run(tmp_path_factory, synthetic_folds_root, "lora")
 
 
-def test_lora_run_exports_merged_and_checked(lora_run, data_root, tmp_path):
+def test_lora_run_exports_merged_and_checked(lora_run, synthetic_folds_root, tmp_path):
     out = tmp_path / "lora.onnx"
-    OE.export_onnx(lora_run, out, data_root=data_root, **FAST, log=lambda *a: None)
+    OE.export_onnx(lora_run, out, data_root=synthetic_folds_root, **FAST, log=lambda *a: None)
     meta = validate_contract(out)
     assert meta.method == "lora" and meta.folds == [0] and "TINY" in meta.display
     merge = meta.extra["lora_merge"]["0"]
@@ -66,7 +67,7 @@ def test_lora_run_exports_merged_and_checked(lora_run, data_root, tmp_path):
     np.testing.assert_allclose(p1, p3, atol=1e-5)
 
 
-def test_bad_merge_is_refused_with_the_difference(lora_run, data_root, tmp_path, monkeypatch):
+def test_bad_merge_is_refused_with_the_difference(lora_run, synthetic_folds_root, tmp_path, monkeypatch):
     import torch
 
     real = adapt.merge_lora
@@ -81,14 +82,14 @@ def test_bad_merge_is_refused_with_the_difference(lora_run, data_root, tmp_path,
     monkeypatch.setattr(adapt, "merge_lora", sloppy)
     out = tmp_path / "lora.onnx"
     with pytest.raises(CheckFailed, match=r"merged and unmerged models differ by max \|delta probability\| \S+"):
-        OE.export_onnx(lora_run, out, data_root=data_root, **FAST, log=lambda *a: None)
+        OE.export_onnx(lora_run, out, data_root=synthetic_folds_root, **FAST, log=lambda *a: None)
     assert not out.exists() and not [p for p in tmp_path.iterdir()]
 
 
-def test_linear_probe_run_exports(tmp_path_factory, data_root, tmp_path):
-    d = _run(tmp_path_factory, data_root, "linear")
+def test_linear_probe_run_exports(tmp_path_factory, synthetic_folds_root, tmp_path):
+    d = _run(tmp_path_factory, synthetic_folds_root, "linear")
     out = tmp_path / "linear.onnx"
-    OE.export_onnx(d, out, data_root=data_root, **FAST, log=lambda *a: None)
+    OE.export_onnx(d, out, data_root=synthetic_folds_root, **FAST, log=lambda *a: None)
     meta = validate_contract(out)
     assert meta.method == "linear" and meta.extra["self_check"]["max_abs_diff"] <= 1e-4
     assert "lora_merge" not in meta.extra

@@ -3,8 +3,8 @@
 The first tests need no data: a tiny generated ami model (:mod:`ami.export.synthetic`, the same
 /pre, /folds.0, /post graph as a real export) and generated crops go through ``fp16_graph``,
 ``build_engine`` (with its timing cache), ``run_plan`` and ``load_engine`` at batches 1, 3, 16 and
-37 against ONNX Runtime on the CPU. The last two export a real (tiny) training run and need the
-benchmark data as well."""
+37 against ONNX Runtime on the CPU. The last two export a real (tiny) training run, trained on
+generated crops in the real layout (conftest's synthetic_folds_root)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import json
 import numpy as np
 import pytest
 
+from ami.export import ExportError
 from ami.export import onnx_export as OE
 from ami.export.checks import load_images, session, training_samples
 from ami.runtime.sampling import stratified_subset as stratified
@@ -90,20 +91,20 @@ def test_build_engine_round_trip_on_a_generated_model(generated, tmp_path, preci
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, data_root):
+def run_dir(tmp_path_factory, synthetic_folds_root):
     from ami.train.fit import RunSpec, run
 
     d = tmp_path_factory.mktemp("runs") / "edge-trt"
-    run(RunSpec(model="edge", run_dir=d, data_root=data_root, max_train=64, max_eval=32,
+    run(RunSpec(model="edge", run_dir=d, data_root=synthetic_folds_root, max_train=64, max_eval=32,
                 recipe_overrides={"epochs": 1}, eval_sets=()), [0, 1], log=lambda *a: None)
     return d
 
 
 @needs_trt
 @pytest.mark.parametrize("precision", ["fp16", "fp32"])
-def test_plan_from_run(run_dir, data_root, tmp_path, precision):
+def test_plan_from_run(run_dir, synthetic_folds_root, tmp_path, precision):
     plan = tmp_path / f"edge-{precision}.plan"
-    OE.export_onnx(run_dir, plan, engine="trt", precision=precision, batch=(1, 8, 32), data_root=data_root,
+    OE.export_onnx(run_dir, plan, engine="trt", precision=precision, batch=(1, 8, 32), data_root=synthetic_folds_root,
                    check_crops=40, timing_cache=tmp_path / "timing.cache", log=print)
     side = json.loads((tmp_path / f"{plan.name}.json").read_text())
     assert side["precision"] == precision and side["folds"] == [0, 1]
@@ -114,9 +115,9 @@ def test_plan_from_run(run_dir, data_root, tmp_path, precision):
     from ami.runtime.engine import load_engine
 
     eng = load_engine(plan)
-    x = load_images(stratified(training_samples(data_root), 40, seed=5), eng.meta.preprocess)
+    x = load_images(stratified(training_samples(synthetic_folds_root), 40, seed=5), eng.meta.preprocess)
     flt = tmp_path / "f.onnx"
-    OE.export_onnx(run_dir, flt, data_root=data_root, check_crops=16, log=print)
+    OE.export_onnx(run_dir, flt, data_root=synthetic_folds_root, check_crops=16, log=print)
     ref = session(flt).run(None, {"pixels": x})[0]
     got = eng.predict(x)
     one = np.concatenate([eng.predict(x[i:i + 1]) for i in range(4)])
@@ -125,13 +126,13 @@ def test_plan_from_run(run_dir, data_root, tmp_path, precision):
 
 
 @needs_trt
-def test_plan_from_onnx_file_and_existing_files_kept(run_dir, data_root, tmp_path):
+def test_plan_from_onnx_file_and_existing_files_kept(run_dir, synthetic_folds_root, tmp_path):
     flt = tmp_path / "f.onnx"
-    OE.export_onnx(run_dir / "fold0", flt, data_root=data_root, check_crops=16, log=print)
+    OE.export_onnx(run_dir / "fold0", flt, data_root=synthetic_folds_root, check_crops=16, log=print)
     plan = tmp_path / "f.plan"
-    OE.export_onnx(flt, plan, engine="trt", batch="1,4,16", data_root=data_root, check_crops=16, log=print)
+    OE.export_onnx(flt, plan, engine="trt", batch="1,4,16", data_root=synthetic_folds_root, check_crops=16, log=print)
     assert plan.is_file() and (tmp_path / "f.plan.json").is_file()
     before = plan.read_bytes()
-    with pytest.raises(Exception, match="already exists"):
-        OE.export_onnx(flt, plan, engine="trt", data_root=data_root, log=print)
+    with pytest.raises(ExportError, match="already exists"):
+        OE.export_onnx(flt, plan, engine="trt", data_root=synthetic_folds_root, log=print)
     assert plan.read_bytes() == before

@@ -1,10 +1,18 @@
-"""The pinned 5-fold split: grouped by slide, stratified, checksummed, reproducible."""
+"""The pinned 5-fold split: grouped by slide, stratified, checksummed, reproducible.
 
+The file itself is checked without data; re-deriving it and splitting crops by it runs on the
+generated tree that holds the pinned folds' crops (conftest's folds_root: always) and on the real
+data (skips without it); only the real data can show that the file matches the release's crops."""
+
+import os
+import re
+import shutil
 from collections import Counter, defaultdict
 
 import pytest
 
 from ami.runtime import splits
+from ami.runtime.datasets import amibr_split
 
 
 def test_pinned_checksum_matches_file():
@@ -21,7 +29,7 @@ def test_tampered_file_is_refused(tmp_path):
         splits.load_folds(p)
 
 
-def test_folds_are_grouped_and_stratified(data_root):
+def test_folds_are_grouped_and_stratified():
     rows = splits.load_folds()
     folds_of_slide = defaultdict(set)
     for r in rows:
@@ -33,18 +41,39 @@ def test_folds_are_grouped_and_stratified(data_root):
     rates = [c[(k, 1)] / (c[(k, 0)] + c[(k, 1)]) for k in range(5)]
     print("per-fold atypical rate:", [f"{x:.3f}" for x in rates])
     assert all(abs(x - 0.22) < 0.04 for x in rates), rates
-    train, _ = __import__("ami.runtime.datasets", fromlist=["amibr_split"]).amibr_split(data_root)
+
+
+def test_folds_match_the_real_training_crops(data_root):
+    """Names, labels and slides of the pinned file are the release's training crops."""
+    rows = splits.load_folds()
+    train, _ = amibr_split(data_root)
     splits.check_against_data(rows, train)
+    assert [s.name for s in train] == [r.image for r in rows]  # the file keeps amibr_train_split.csv's order
 
 
-def test_stored_file_equals_fresh_computation(data_root):
+def test_stored_file_equals_fresh_computation(folds_root):
     pytest.importorskip("sklearn")
-    assert splits.compute_folds(data_root) == splits.load_folds()
+    assert splits.compute_folds(folds_root) == splits.load_folds()
 
 
-def test_fold_samples_partition(data_root):
-    tr, va = splits.fold_samples(data_root, 2)
+def test_fold_samples_partition(folds_root):
+    tr, va = splits.fold_samples(folds_root, 2)
     assert len(tr) + len(va) == 2894 and not {s.name for s in tr} & {s.name for s in va}
     assert not {s.slide for s in tr} & {s.slide for s in va}
-    with pytest.raises(splits.SplitError):
-        splits.fold_samples(data_root, 5)
+    assert {s.name for s in va} == {r.image for r in splits.load_folds() if r.fold == 2}
+    with pytest.raises(splits.SplitError, match=r"fold must be in 0\.\.4, got 5"):
+        splits.fold_samples(folds_root, 5)
+
+
+def test_data_that_disagrees_with_the_folds_is_refused(synthetic_root, synthetic_folds_root, tmp_path):
+    """A tree whose training crops are not the pinned ones (another split, a crop relabelled) is refused."""
+    with pytest.raises(splits.SplitError,
+                       match=r"folds file and data disagree: \d+ training crops not in the folds, \d+ fold rows "):
+        splits.fold_samples(synthetic_root, 0)  # its own small split
+    root = tmp_path / "relabelled"
+    shutil.copytree(synthetic_folds_root, root, copy_function=os.link)  # links: fast, and renames stay in the copy
+    first = splits.load_folds()[0]
+    src = root / "AMi-Br" / ("Atypical" if first.label else "Normal") / first.image
+    src.rename(root / "AMi-Br" / ("Normal" if first.label else "Atypical") / first.image)
+    with pytest.raises(splits.SplitError, match=re.escape(f"{first.image}: amibr_train_split.csv says ")):
+        splits.fold_samples(root, 0)

@@ -6,19 +6,19 @@ fails on the code before its fix; the real-GPU versions are in test_export_trt.p
 from __future__ import annotations
 
 import sys
-import tomllib
 import types
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
-from onnx_factory import write_model
+import tomllib
 
 from ami.runtime import engine as E
 from ami.runtime import gpu as G
 from ami.runtime.engines import tensorrt as T
 from ami.runtime.preprocess import Preprocess
+from onnx_factory import write_model
 
 REPO = Path(__file__).resolve().parents[1]
 PRE = Preprocess(input_size=8, resize=None, interpolation="bicubic", mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
@@ -99,7 +99,7 @@ def test_tensorrt_provider_is_not_claimed_when_tensorrt_does_not_load(monkeypatc
     assert eng.provider == cuda
     assert "TensorRT does not load" in eng.fallback and "libnvinfer.so.10" in eng.fallback
     assert f"running on {cuda}" in eng.describe()
-    with pytest.raises(E.EngineError, match="TensorRT does not load.*libnvinfer"):
+    with pytest.raises(E.EngineError, match=r"TensorRT does not load.*libnvinfer"):
         E.load_engine(tiny, provider="tensorrt")
 
 
@@ -165,7 +165,7 @@ def test_export_gpu_facts_fall_back_to_torch_when_cuda_python_fails(monkeypatch)
     assert g["gpu_name"] == "NVIDIA H200" and g["compute_capability"] == "9.0" and g["source"] == "torch.cuda"
     assert "InsufficientDriver" in g["cuda_python_error"]
     monkeypatch.setattr(X, "_torch_gpu", lambda: None)
-    with pytest.raises(X.TensorRTUnavailable, match="cuda-python found none .*InsufficientDriver"):
+    with pytest.raises(X.TensorRTUnavailable, match=r"cuda-python found none .*InsufficientDriver"):
         X.gpu_info()
 
 
@@ -174,7 +174,7 @@ def test_export_gpu_facts_fall_back_to_torch_when_cuda_python_fails(monkeypatch)
 def test_plan_runner_passes_the_native_stream_handle(monkeypatch):
     class Stream:
         def __int__(self):
-            warnings.warn("int(cuda_obj) is deprecated; use get_cuda_native_handle", DeprecationWarning)
+            warnings.warn("int(cuda_obj) is deprecated; use get_cuda_native_handle", DeprecationWarning, stacklevel=2)
             return 1234
 
     utils = types.ModuleType("cuda.bindings.utils")

@@ -23,16 +23,16 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
-from onnx_factory import WEIGHTS, build_model, reference_probs, tiny_meta, write_model
 from PIL import Image
 from typer.testing import CliRunner
 
 from ami.runtime import artifact as A
 from ami.runtime import infer as I
-from ami.runtime.artifact import ArtifactError, META_KEY
+from ami.runtime.artifact import META_KEY, ArtifactError
 from ami.runtime.cli.infer import app
 from ami.runtime.engine import load_engine
 from ami.runtime.infer import COLUMNS, InputError, iter_inputs, run_inference
+from onnx_factory import WEIGHTS, build_model, reference_probs, tiny_meta, write_model
 
 ENC = dict(encoding="utf-8", errors="surrogateescape")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -129,7 +129,7 @@ def test_second_writer_is_refused_whatever_its_flags(crops, model, tmp_path):
                 assert "being written by another ami-infer run" in b.stderr and f"pid {a.pid}" in b.stderr, b.stderr
             assert a.poll() is None, "the second run finished after the first: the test proves nothing"
         gate.unlink()
-        stdout, stderr = a.communicate(timeout=120)
+        _, stderr = a.communicate(timeout=120)
     finally:
         if a.poll() is None:
             a.kill()
@@ -232,13 +232,17 @@ def test_fifo_output_is_not_synced(crops, engine, tmp_path, monkeypatch):
     got = []
     import threading
 
-    reader = threading.Thread(target=lambda: got.append(open(fifo, "rb").read()))
+    def read_all():
+        with open(fifo, "rb") as f:
+            got.append(f.read())
+
+    reader = threading.Thread(target=read_all)
     reader.start()
     s = run_inference(list(iter_inputs([crops])), engine, fifo, batch_size=2, workers=1, progress=False)
     reader.join(30)
     assert s.processed == 24 and s.exit_code == 0 and s.stream
     assert got and got[0].count(b"\n") == 25
-    with pytest.raises(InputError, match="stream"):
+    with pytest.raises(InputError, match=r"cannot --resume .*rows\.fifo: it is a stream \(stdout, a pipe or a device\)"):
         run_inference([], engine, fifo, resume=True, progress=False)
 
 
@@ -599,7 +603,7 @@ def test_export_lora_run_of_an_entry_without_lora_targets_is_clear(tmp_path):
     assert not get("edge").lora_targets
     src = RunSource(run_dir=tmp_path, config={"model": "edge", "method": "lora"}, split={}, folds=[0])
     with pytest.raises(ExportError, match="has no LoRA targets"):
-        src.cfg
+        _ = src.cfg  # the property refuses
 
 
 def test_plan_digest_is_checked(tmp_path):

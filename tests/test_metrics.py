@@ -2,7 +2,8 @@
 
 import numpy as np
 import pytest
-from sklearn.metrics import balanced_accuracy_score, confusion_matrix, roc_auc_score, roc_curve as sk_roc
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix, roc_auc_score
+from sklearn.metrics import roc_curve as sk_roc
 
 from ami.runtime import metrics as M
 

@@ -1,12 +1,13 @@
-"""ami-bench parity on real crops: a tiny real run exported with ami.export must pass; the same
-engine with perturbed weights must fail and say where; the shipped edge model must pass when it
-is in the package.
+"""ami-bench parity: a tiny real run exported with ami.export must pass; the same engine with
+perturbed weights must fail and say where; the shipped edge model must pass on the real crops
+when it is in the package.
 
-The tiny run is the edge architecture trained for one epoch on 64 AMi-Br training crops (fold 0),
-so the whole file runs in about a minute on a laptop CPU. Parity uses a class-stratified sample
-of 64 crops per test set; the shipped-model test uses the full sets (int8's balanced-accuracy
-tolerance of 0.01 is finer than one label flip on a small sample).
-"""
+The tiny run is the edge architecture trained for one epoch on 64 training crops (fold 0) of
+the generated data in the real layout (conftest's synthetic_folds_root, whose training part is
+the pinned folds' crops), so it runs without the real data, in about a minute on a laptop CPU.
+Parity uses a class-stratified sample of 64 crops per test set; the shipped-model test uses the
+full real sets (int8's balanced-accuracy tolerance of 0.01 is finer than one label flip on a
+small sample)."""
 
 from __future__ import annotations
 
@@ -17,12 +18,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-onnx = pytest.importorskip("onnx")
+pytest.importorskip("torch")
+pytest.importorskip("onnx")
 
-from ami.bench import parity as P  # noqa: E402
-from ami.runtime.datasets import TEST_SETS, load_eval_set  # noqa: E402
-from ami.runtime.artifact import stamp_weights_digest  # noqa: E402
+import onnx
+import torch
+
+from ami.bench import parity as P
+from ami.runtime.artifact import stamp_weights_digest
+from ami.runtime.datasets import TEST_SETS, load_eval_set
 
 SAMPLE = 64
 
@@ -45,7 +49,7 @@ def _quiet(*_a, **_k):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, data_root):
+def tiny(tmp_path_factory, synthetic_folds_root):
     """A real (1-epoch, 64-crop) edge run, fold 0, exported to fp32 ONNX by ami.export."""
     from ami.export import export_onnx
     from ami.train.fit import RunSpec, run
@@ -53,11 +57,11 @@ def tiny(tmp_path_factory, data_root):
     torch.set_num_threads(1)
     base = tmp_path_factory.mktemp("parity")
     # trained as the shipped model is (bf16 training step on CPU, float32 evaluation and export)
-    spec = RunSpec(model="edge", run_dir=base / "run", data_root=data_root, max_train=64, max_eval=32,
+    spec = RunSpec(model="edge", run_dir=base / "run", data_root=synthetic_folds_root, max_train=64, max_eval=32,
                    recipe_overrides={"epochs": 1}, threads=1, amp="bf16")
     run(spec, [0], log=_quiet)
-    engine = export_onnx(base / "run", base / "tiny.onnx", folds="0", data_root=data_root, check_crops=16, threads=1,
-                         log=_quiet)
+    engine = export_onnx(base / "run", base / "tiny.onnx", folds="0", data_root=synthetic_folds_root, check_crops=16,
+                         threads=1, log=_quiet)
     return {"run": base / "run", "engine": Path(engine), "base": base}
 
 
@@ -104,10 +108,10 @@ def test_tolerance_checks():
     assert [c.ok for c in undefined] == [True, None, True]  # AUROC undefined: reported, not a pass
 
 
-def test_sample_crops_is_stratified_and_deterministic(data_root):
+def test_sample_crops_is_stratified_and_deterministic(synthetic_root):
     from ami.runtime.sampling import stratified_subset
 
-    s = load_eval_set(data_root, "AtNorM-MD")
+    s = load_eval_set(synthetic_root, "AtNorM-MD")
     a, b = stratified_subset(s, SAMPLE), stratified_subset(s, SAMPLE)
     assert [x.name for x in a] == [x.name for x in b] and len(a) == SAMPLE
     frac = sum(x.label for x in s) / len(s)
@@ -124,10 +128,10 @@ def test_engine_without_pytorch_side_is_refused(tmp_path):
 
 # -- the tiny exported model ---------------------------------------------------------------------
 
-def test_pytorch_side_reproduces_the_runs_own_predictions(tiny, data_root):
+def test_pytorch_side_reproduces_the_runs_own_predictions(tiny, synthetic_folds_root):
     """The PyTorch model rebuilt from the run gives the probabilities training recorded."""
     rec = json.loads((tiny["run"] / "fold0" / "metrics.json").read_text())["predictions"]["AtNorM-MD"]
-    by_name = {s.name: s for s in load_eval_set(data_root, "AtNorM-MD")}
+    by_name = {s.name: s for s in load_eval_set(synthetic_folds_root, "AtNorM-MD")}
     samples = [by_name[r[0]] for r in rec]
     models, cfg, _ = P.build_run_models(tiny["run"], [0])
     ref = P.TorchReference(models, cfg.preprocess, "fold 0")
@@ -143,13 +147,13 @@ def _variants() -> list[tuple[str, str]]:
             for q in b.precisions("fp32")]
 
 
-def test_tiny_fp32_engine_passes(tiny, data_root):
+def test_tiny_fp32_engine_passes(tiny, synthetic_folds_root):
     # fp32 only: a 1-epoch model's probabilities crowd around 0.5, where bf16 rounding reorders them
     # (its AUROC moves ~0.01 on 64 crops); bf16 is checked on the shipped model, on the full sets.
-    rep = P.parity(data_root, run=tiny["run"], engines=[tiny["engine"]], max_crops=SAMPLE, threads=1,
+    rep = P.parity(synthetic_folds_root, run=tiny["run"], engines=[tiny["engine"]], max_crops=SAMPLE, threads=1,
                    show_progress=False, keep_predictions=True, precisions=["fp32"], log=_quiet)
     assert rep.ok, rep.failures()
-    present = [ds for ds in TEST_SETS if (data_root / ("AMi-Br" if ds == "AMi-Br-test" else ds)).is_dir()]
+    present = [ds for ds in TEST_SETS if (synthetic_folds_root / ("AMi-Br" if ds == "AMi-Br-test" else ds)).is_dir()]
     variants = [v for v in _variants() if v[1] == "fp32"]
     assert ("ONNX Runtime", "fp32") in variants
     assert [r.dataset for r in rep.results] == [ds for ds in present for _ in variants]
@@ -178,11 +182,11 @@ def test_tiny_fp32_engine_passes(tiny, data_root):
     assert len(rows) == 1 + len(present) * len(variants) + len(set(TEST_SETS) - set(present))
 
 
-def test_perturbed_engine_fails_and_names_dataset_and_metric(tiny, broken, data_root, tmp_path):
+def test_perturbed_engine_fails_and_names_dataset_and_metric(tiny, broken, synthetic_folds_root, tmp_path):
     from typer.testing import CliRunner
 
     out = tmp_path / "parity.json"
-    res = CliRunner().invoke(cli_app(P), ["parity", "--data-root", str(data_root), "--run", str(tiny["run"]),
+    res = CliRunner().invoke(cli_app(P), ["parity", "--data-root", str(synthetic_folds_root), "--run", str(tiny["run"]),
                                           "--engine", str(tiny["engine"]), "--engine", str(broken), "--max-crops",
                                           str(SAMPLE), "--threads", "1", "--format", "json", "-o", str(out),
                                           "--precision", "fp32"])
@@ -203,14 +207,14 @@ def test_perturbed_engine_fails_and_names_dataset_and_metric(tiny, broken, data_
     assert {r["precision"] for r in d["results"]} == {"fp32"}  # --precision fp32: no bf16 rows
 
 
-def test_missing_run_weights_is_a_setup_error(tiny, tmp_path, data_root):
+def test_missing_run_weights_is_a_setup_error(tiny, tmp_path, synthetic_folds_root):
     from typer.testing import CliRunner
 
     run = tmp_path / "run"
     shutil.copytree(tiny["run"], run)
     (run / "fold0" / "best.safetensors").unlink()
-    res = CliRunner().invoke(cli_app(P), ["parity", "--data-root", str(data_root), "--run", str(run), "--engine",
-                                          str(tiny["engine"]), "--max-crops", "8"])
+    res = CliRunner().invoke(cli_app(P), ["parity", "--data-root", str(synthetic_folds_root), "--run", str(run),
+                                          "--engine", str(tiny["engine"]), "--max-crops", "8"])
     assert res.exit_code == 2 and "best.safetensors" in res.output
 
 
@@ -238,9 +242,8 @@ def test_shipped_edge_model_parity(data_root):
 
 def test_engines_are_enumerated_from_the_registry(tmp_path, monkeypatch):
     """Each file on every installed engine that takes it, at each precision; named engines must exist."""
-    from onnx_factory import write_model
-
     from ami.runtime.engines import backend
+    from onnx_factory import write_model
 
     m = write_model(tmp_path / "m.onnx")
     engines, notes = P.load_variants([m], threads=1, error=P.ParityError)
@@ -256,5 +259,5 @@ def test_engines_are_enumerated_from_the_registry(tmp_path, monkeypatch):
     engines, notes = P.load_variants([m], error=P.ParityError)
     assert [e.engine for e in engines] == ["onnxruntime"]
     assert any("OpenVINO is not installed here" in n and "not checked" in n for n in notes)
-    with pytest.raises(P.ParityError, match="OpenVINO cannot run m.onnx here: OpenVINO is not installed"):
+    with pytest.raises(P.ParityError, match=r"OpenVINO cannot run m\.onnx here: OpenVINO is not installed"):
         P.load_variants([m], runtimes=["openvino"], error=P.ParityError)

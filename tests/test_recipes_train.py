@@ -6,7 +6,6 @@ their exact random-number sequence (a resumed edge run continues the augmentatio
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -19,14 +18,7 @@ from ami.train.models import create
 from ami.train.registry import table3_configs
 
 LORA = [c for c in table3_configs() if c[1] == "lora"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _crops(n=4, size=128, seed=0) -> np.ndarray:
@@ -147,13 +139,14 @@ def test_rrc_window_has_the_declared_area_and_ratio():
 
 # -- LoRA: ami-train's loop -> merge -> ONNX -> parity, per configuration ---------------------------
 @pytest.mark.parametrize("model,method", LORA)
-def test_lora_configuration_trains_merges_and_exports(model, method, data_root, tmp_path):
+def test_lora_configuration_trains_merges_and_exports(model, method, synthetic_folds_root, tmp_path):
     import json
 
     from ami.export import onnx_export as OE
     from ami.export.checks import validate_contract
     from ami.train.fit import run
 
+    data_root = synthetic_folds_root  # generated crops; their training part is the pinned folds'
     d = tmp_path / f"{model}-{method}"
     spec = RunSpec(model=model, method=method, run_dir=d, data_root=data_root, tiny=True, random_init=True,
                    max_train=8, max_eval=4, recipe_overrides={"epochs": 1}, eval_sets=(), threads=1)

@@ -22,14 +22,13 @@ from typer.testing import CliRunner
 pytest.importorskip("openslide", reason="ami[slides] is not installed (pip install -e '.[slides]')")
 pytest.importorskip("tifffile", reason="tifffile (the dev extra) writes the test slides")
 
-from slide_factory import paste, write_slide  # noqa: E402
-
-from ami.runtime import slides as S  # noqa: E402
-from ami.runtime.artifact import AMIBR_CROP, ArtifactError, ArtifactMeta  # noqa: E402
-from ami.runtime.cli.infer import app  # noqa: E402
-from ami.runtime.engine import ASSETS, load_engine  # noqa: E402
-from ami.runtime.infer import InputError, run_inference  # noqa: E402
-from ami.runtime.preprocess import Preprocess  # noqa: E402
+from ami.runtime import slides as S
+from ami.runtime.artifact import AMIBR_CROP, ArtifactError, ArtifactMeta
+from ami.runtime.cli.infer import app
+from ami.runtime.engine import ASSETS, load_engine
+from ami.runtime.infer import InputError, run_inference
+from ami.runtime.preprocess import Preprocess
+from slide_factory import paste, write_slide
 
 SAMPLES = sorted((ASSETS / "samples").glob("*.png"))
 RESAMPLED_MPP = 32 / 141  # ~0.227 um/px, a Hamamatsu-40x-like resolution: 128-px crops become 141 px
@@ -97,7 +96,7 @@ def _probs(rows: list[dict]) -> dict[str, float]:
 
 def test_slide_at_the_models_resolution_gives_the_crops_probabilities(engine, ref, lab, tmp_path):
     out = tmp_path / "native.csv"
-    summary, sums = S.run_slides(lab["native.tif"]["csv"], engine, out, progress=False, workers=2)
+    summary, _ = S.run_slides(lab["native.tif"]["csv"], engine, out, progress=False, workers=2)
     assert (summary.ok, summary.failed, summary.exit_code) == (len(SAMPLES), 0, 0)
     rows = _rows(out)
     got = _probs(rows)
@@ -211,6 +210,8 @@ def test_bad_slides_and_rows_give_one_error_row_each_and_the_good_ones_go_on(eng
     assert sums["native.tif"]["detections"] == "4" and sums["native.tif"]["classified"] == "2"  # good, edge
     assert sums["native.tif"]["failed"] == "2" and sums["native.tif"]["padded"] == "1"  # outside, badx
     assert sums["missing.svs"]["classified"] == "0" and sums["missing.svs"]["atypical_ratio"] == ""
+    native = out.parent / sums["native.tif"]["geojson"]  # the classified detections, in the GeoJSON folder
+    assert native.parent == gdir and len(json.loads(native.read_text())["features"]) == 2
     assert "FAILED: 8 inputs" in r.output and "95% CI" in r.output
 
     # the user states the resolution: the slide without one is read
@@ -285,6 +286,7 @@ def test_summary_and_geojson_for_qupath(engine, ref, lab, tmp_path):
     out = tmp_path / "res.csv"
     summary, sums = S.run_slides(lab["resampled.tif"]["csv"], engine, out, progress=False, workers=2)
     rows = _rows(out)
+    assert (summary.ok, summary.failed, summary.exit_code) == (len(rows), 0, 0)
     (s,) = sums
     n_at = sum(r["label"] == "Atypical" for r in rows)
     assert (s.classified, s.atypical, s.failed) == (len(rows), n_at, 0)
@@ -322,7 +324,7 @@ def test_artefact_records_its_training_crop_and_older_ones_assume_amibr(engine):
                                               crop={"mpp": 0.5, "size_px": 224}).to_json())
     tc = new.training_crop()
     assert not tc["assumed"] and (tc["mpp"], tc["size_px"]) == (0.5, 224)
-    with pytest.raises(ArtifactError, match="crop"):
+    with pytest.raises(ArtifactError, match=r"metadata 'crop' is malformed \(\{'mpp': 'x'\}: .*expected mpp and size_px"):
         ArtifactMeta(model="m", method="full", preprocess=pre, crop={"mpp": "x"}).training_crop()
     # the shipped model predates the key: it is read as the AMi-Br crops, and says so
     assert engine.meta.training_crop()["assumed"] is True

@@ -1,6 +1,7 @@
 """ami-train --sweep: expansion, dry run, the local launcher, status, and the SLURM path through
 submitit without a cluster (its local executor for running and requeueing jobs; fake sbatch/srun
-commands for the submission scripts). Jobs are tiny random-init stand-ins on a few real crops."""
+commands for the submission scripts). Jobs are tiny random-init stand-ins on a few generated crops
+(conftest's synthetic_folds_root)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ import json
 import os
 import signal
 import stat
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from ami.runtime.datasets import DatasetMissing
 from ami.train import sweep as S
 from ami.train.registry import REGISTRY, table3_configs
 
@@ -30,8 +31,8 @@ def _cli(args: list[str], code: int = 0):
     return res
 
 
-def _opts(data_root, tmp_path, **kw) -> S.JobOptions:
-    base = dict(data_root=str(data_root), tiny=True, random_init=True, max_train=16, max_eval=8, threads=1,
+def _opts(data, tmp_path, **kw) -> S.JobOptions:
+    base = dict(data_root=str(data), tiny=True, random_init=True, max_train=16, max_eval=8, threads=1,
                 recipe_overrides={"epochs": 1}, cache_dir=str(tmp_path / "cache"), device="cpu")
     base.update(kw)
     return S.JobOptions(**base)
@@ -124,12 +125,13 @@ def _max_overlap(recs: list[dict]) -> int:
 
 
 @pytest.mark.slow
-def test_local_launcher_runs_four_jobs_two_at_a_time_and_the_table_merges_them(data_root, tmp_path):
-    from ami.bench.cli import _register, app as bench_app
+def test_local_launcher_runs_four_jobs_two_at_a_time_and_the_table_merges_them(synthetic_folds_root, tmp_path):
+    from ami.bench.cli import _register
+    from ami.bench.cli import app as bench_app
 
     root = tmp_path / "sweep"
     args = ["--sweep", "edge_200mf,uni", "--methods", "full,linear", "--folds", "0,1", *TINY, "--jobs", "2",
-            "--out", str(root), "--data-root", str(data_root), "--cache-dir", str(tmp_path / "cache")]
+            "--out", str(root), "--data-root", str(synthetic_folds_root), "--cache-dir", str(tmp_path / "cache")]
     res = _cli(args)
     assert "4 job(s), 2 at a time on CPU" in res.stderr and "4 of 4 job(s) finished" in res.stdout
     ids = ["edge_200mf-full-fold0", "edge_200mf-full-fold1", "uni-linear-fold0", "uni-linear-fold1"]
@@ -158,9 +160,9 @@ def test_local_launcher_runs_four_jobs_two_at_a_time_and_the_table_merges_them(d
     assert any(r.startswith("| UNI (linear) [random init, tiny stand-in, subset 16/8]") for r in rows)
 
 
-def test_status_reports_failed_and_not_started_jobs(tmp_path, data_root):
+def test_status_reports_failed_and_not_started_jobs(tmp_path, synthetic_folds_root):
     root = tmp_path / "s"
-    jobs = S.expand("uni", root, methods="linear", folds="0,1,2", options=_opts(data_root, tmp_path))
+    jobs = S.expand("uni", root, methods="linear", folds="0,1,2", options=_opts(synthetic_folds_root, tmp_path))
     S.write_manifest(root, "uni", jobs)
     # fold 0: a job that failed (record written by the job), fold 1: a process that vanished
     S._atomic_json(S.record_path(jobs[0]), {"id": jobs[0]["id"], "state": "failed", "started": S._now(),
@@ -175,7 +177,7 @@ def test_status_reports_failed_and_not_started_jobs(tmp_path, data_root):
     assert lines[-1] == "3 jobs: 1 interrupted, 1 failed, 1 not started"
     # a real failure is recorded by the job itself, with the reason
     broken = dict(jobs[2], data_root=str(tmp_path / "no-data-here"))
-    with pytest.raises(BaseException):
+    with pytest.raises(DatasetMissing, match="no-data-here"):  # the job's own error, re-raised once recorded
         S.run_job(broken, log=lambda s: None)
     rec = json.loads(S.record_path(broken).read_text())
     assert rec["state"] == "failed" and "no-data-here" in rec["error"]
@@ -188,7 +190,8 @@ def test_status_reports_failed_and_not_started_jobs(tmp_path, data_root):
     # a relaunch picks up exactly the jobs that need it
     assert [j["id"] for j in S.pending(jobs, lambda s: None)] == [j["id"] for j in jobs]
     # other result-deciding options into the same root are refused
-    other = S.expand("uni", root, methods="linear", folds="0", options=_opts(data_root, tmp_path, max_train=32))
+    other = S.expand("uni", root, methods="linear", folds="0",
+                     options=_opts(synthetic_folds_root, tmp_path, max_train=32))
     with pytest.raises(S.SweepError, match=r"uni-linear-fold0 \(max_train\)"):
         S.write_manifest(root, "uni", other)
 
@@ -209,11 +212,11 @@ def _wait_for(cond, timeout: float = 120.0, what: str = ""):
 
 
 @pytest.mark.slow
-def test_submitit_job_is_requeued_on_its_signal_and_resumes_also_after_a_kill(data_root, tmp_path):
+def test_submitit_job_is_requeued_on_its_signal_and_resumes_also_after_a_kill(synthetic_folds_root, tmp_path):
     pytest.importorskip("submitit")
     root = tmp_path / "sw"
     epochs = 16
-    (job,) = S.expand("edge_200mf", root, folds="0", options=_opts(data_root, tmp_path, recipe_overrides={
+    (job,) = S.expand("edge_200mf", root, folds="0", options=_opts(synthetic_folds_root, tmp_path, recipe_overrides={
         "epochs": epochs, "batch_size": 8}))
     S.write_manifest(root, "edge_200mf", [job])
     # submitit's local executor runs the same SweepJob as on SLURM, with its signal handling and requeueing
@@ -295,10 +298,10 @@ def test_slurm_submission_scripts_ask_for_the_requested_resources(tmp_path, monk
 # -- Ray (optional extra: skipped where Ray is not installed) ------------------------------------------
 
 @pytest.mark.slow
-def test_ray_launcher_runs_a_job_per_task(data_root, tmp_path):
+def test_ray_launcher_runs_a_job_per_task(synthetic_folds_root, tmp_path):
     pytest.importorskip("ray", reason="Ray is not installed (pip install 'ami[ray]')")
     root = tmp_path / "ray"
-    (job,) = S.expand("uni", root, methods="linear", folds="0", options=_opts(data_root, tmp_path))
+    (job,) = S.expand("uni", root, methods="linear", folds="0", options=_opts(synthetic_folds_root, tmp_path))
     S.write_manifest(root, "uni", [job])
     failed = S.launch_ray([job], {}, {"gpus": 0, "cpus": 1}, log=lambda s: None,
                           init_kwargs={"num_cpus": 1, "include_dashboard": False, "log_to_driver": False})

@@ -15,13 +15,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tomllib
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 import pytest
-from onnx_factory import write_model
+import tomllib
 from PIL import Image
+
+from onnx_factory import write_model
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCKED = ("torch", "torchvision", "timm", "peft")
@@ -135,7 +136,7 @@ def test_base_environment_runs_ami_infer_without_torch(job, tmp_path):
     site.mkdir()
     dists = _farm(site)
     assert not any(n in dists for n in BLOCKED), f"a base dependency pulls in torch: {dists}"
-    code = ("import sys\nsys.path[:0] = [%r]\n" % str(site)
+    code = (f"import sys\nsys.path[:0] = [{str(site)!r}]\n"
             + "import importlib.util\n"
             + "assert importlib.util.find_spec('torch') is None, 'torch visible in the base environment'\n"
             + GUARD.format(blocked=BLOCKED) + RUN)

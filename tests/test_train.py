@@ -1,5 +1,7 @@
 """ami-train on this CPU: tiny stand-ins of every registry entry, weight loading, LoRA, the
-embedding cache, one end-to-end run on real crops, and kill-and-resume. No downloads."""
+embedding cache, one end-to-end run, and kill-and-resume. No downloads; the runs train on generated
+crops in the real layout whose training part is the pinned folds' crops (conftest's
+synthetic_folds_root), so they run without the real data."""
 
 from __future__ import annotations
 
@@ -20,19 +22,12 @@ from typer.testing import CliRunner
 from ami.train.adapt import HEAD, adapted_modules, classifier_of, embed, merge_lora
 from ami.train.foldmodel import load_fold_model
 from ami.train.models import WeightsUnavailable, build_backbone, create
-from ami.train.registry import REGISTRY, VIT_LORA_TARGETS, get
+from ami.train.registry import REGISTRY, get
 from ami.train.weights import WeightsMismatch, load_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCK_LINEARS = ("attn.proj", "attn.qkv", "mlp.fc1", "mlp.fc2")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
@@ -99,7 +94,7 @@ def test_tiny_stand_in_forward_embed_and_one_step(name):
 
 
 def test_lora_merge_matches_unmerged_output():
-    cfg, model = _tiny("uni", "lora", seed=3)
+    _, model = _tiny("uni", "lora", seed=3)
     clf = classifier_of(model)
     with torch.no_grad():  # LayerScale 1e-5 would hide LoRA's effect in a random model: open the branches
         for b in clf.backbone.blocks:
@@ -225,7 +220,7 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
 
 
 # -- the embedding cache -------------------------------------------------------------------------
-def test_embedding_cache_extracts_once_and_refuses_other_inputs(data_root, tmp_path):
+def test_embedding_cache_extracts_once_and_refuses_other_inputs(synthetic_root, tmp_path):
     from ami.runtime.datasets import amibr_split
     from ami.train import data as D
     from ami.train.fit import predict
@@ -233,7 +228,7 @@ def test_embedding_cache_extracts_once_and_refuses_other_inputs(data_root, tmp_p
 
     cfg, model = _tiny("virchow2", "linear")
     model.eval()
-    samples = amibr_split(data_root)[0][:10]
+    samples = amibr_split(synthetic_root)[0][:10]
     ident = extractor_identity(cfg, model, tiny=True, random_init=True, seed=0, amp="none")
     cache = EmbeddingCache(tmp_path / "cache", log=lambda s: None)
     first = cache.get(model, ident, "AMi-Br-train", samples, cfg.preprocess, torch.device("cpu"))
@@ -254,7 +249,7 @@ def test_embedding_cache_extracts_once_and_refuses_other_inputs(data_root, tmp_p
     m = json.loads(manifest.read_text())
     m["inputs"]["extractor"]["preprocess"]["interpolation"] = "nearest"
     manifest.write_text(json.dumps(m))
-    with pytest.raises(EmbeddingCacheError, match="built from different inputs.*extractor.preprocess"):
+    with pytest.raises(EmbeddingCacheError, match=r"built from different inputs.*extractor\.preprocess"):
         cache.get(model, ident, "AMi-Br-train", samples, cfg.preprocess, torch.device("cpu"))
     m["inputs"]["extractor"]["preprocess"]["interpolation"] = cfg.preprocess.interpolation
     manifest.write_text(json.dumps(m))
@@ -263,7 +258,7 @@ def test_embedding_cache_extracts_once_and_refuses_other_inputs(data_root, tmp_p
         cache.get(model, ident, "AMi-Br-train", samples, cfg.preprocess, torch.device("cpu"))
 
 
-# -- end to end on real crops ----------------------------------------------------------------------
+# -- end to end (generated crops, the pinned folds) ---------------------------------------------
 SMALL = ["--tiny", "--folds", "0,1", "--epochs", "1", "--max-train", "64", "--max-eval", "32", "--threads", "1"]
 
 
@@ -275,7 +270,8 @@ def _train(args: list[str]):
     return res.output
 
 
-def test_end_to_end_runs_and_table(data_root, tmp_path):
+def test_end_to_end_runs_and_table(synthetic_folds_root, tmp_path):
+    data_root = synthetic_folds_root
     from ami.runtime.datasets import TEST_SETS, available_eval_sets
 
     runs = {"lora": tmp_path / "uni-lora", "linear": tmp_path / "uni-linear"}
@@ -319,8 +315,9 @@ def test_end_to_end_runs_and_table(data_root, tmp_path):
                 torch.device("cpu"))
     assert abs(p - [r[2] for r in rows]).max() < 1e-5
     # the table
-    from ami.bench.table import register
     import typer
+
+    from ami.bench.table import register
 
     bench = typer.Typer()
     register(bench)
@@ -338,7 +335,7 @@ def test_end_to_end_runs_and_table(data_root, tmp_path):
     assert len((tmp_path / "long.csv").read_text().splitlines()) > 2 * 2 * 4 * 2
 
 
-def test_kill_and_resume(data_root, tmp_path):
+def test_kill_and_resume(synthetic_folds_root, tmp_path):
     """SIGKILL after the first epoch's checkpoint; the same command continues from the next epoch."""
     torch.manual_seed(7)
     weights = tmp_path / "uni_tiny.safetensors"  # pretrained-style source: checkpoints hold the LoRA part only
@@ -347,7 +344,7 @@ def test_kill_and_resume(data_root, tmp_path):
     out = tmp_path / "run"
     args = ["-m", "uni", "--method", "lora", "--tiny", "--weights", str(weights), "--folds", "0", "--epochs", "4",
             "--max-train", "32", "--max-eval", "16", "--threads", "1", "--out", str(out),
-            "--data-root", str(data_root)]
+            "--data-root", str(synthetic_folds_root)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", "from ami.train.cli import main; main()", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
@@ -428,9 +425,10 @@ def test_mixup_blends_inputs_and_targets_reproducibly():
     assert not torch.equal(xa, x)  # something was mixed
 
 
-def test_an_older_config_without_a_new_recipe_key_still_resumes(tmp_path, data_root):
+def test_an_older_config_without_a_new_recipe_key_still_resumes(tmp_path, synthetic_folds_root):
     """Adding a recipe option, or changing an entry's default recipe, must not lock runs made before
     it out of `ami-train` resume; changing the network must."""
+    data_root = synthetic_folds_root
     from ami.train.fit import Run as Trainer
     from ami.train.fit import RunSpec
 

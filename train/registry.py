@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from ami.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
-from .recipes import BLOCKS_LORA_TARGETS, Recipe, lora_regex, normalization, script_recipe  # noqa: F401 (re-exported)
+from .recipes import BLOCKS_LORA_TARGETS, Recipe, lora_regex, normalization, script_recipe  # also re-exported
 
 METHODS = ("full", "linear", "lora")
 

@@ -483,7 +483,10 @@ def format_dry_run(jobs: list[dict]) -> str:
     rows = [(label(j["model"], j["method"]), j["model"], j["method"], str(j["fold"]), shown(j["run_dir"])) for j in jobs]
     heads = ("configuration", "model", "method", "fold", "run directory")
     w = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(heads)]
-    fmt = lambda r: "  ".join(f"{c:<{w[i]}}" for i, c in enumerate(r)).rstrip()  # noqa: E731
+
+    def fmt(r: tuple[str, ...]) -> str:
+        return "  ".join(f"{c:<{w[i]}}" for i, c in enumerate(r)).rstrip()
+
     return "\n".join([fmt(heads)] + [fmt(r) for r in rows] + [f"{len(jobs)} jobs"])
 
 

@@ -264,7 +264,7 @@ class TrtPlanEngine(Engine):
     def __del__(self):  # pragma: no cover - GPU only
         try:
             self.close()
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
 
 
