@@ -15,7 +15,6 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import List, Optional
 
 import numpy as np
 import typer
@@ -23,6 +22,9 @@ import typer
 from ami.runtime.datasets import available_eval_sets, resolve_data_root
 from ami.runtime.metrics import balanced_accuracy, cross_validated_threshold, evaluate, mean_std
 from ami.runtime.rundir import ALL, WEIGHTS, RunDir, read_json
+
+SHIPPED_ONNX = Path(__file__).resolve().parents[1] / "runtime" / "assets" / "edge.onnx"  # ami-bench card --onnx default
+
 
 def scrub(text: str, data_root: Path) -> str:
     """Replace this machine's data root (e.g. inside "dataset absent" messages) by <data-root>."""
@@ -418,13 +420,13 @@ def register(app: typer.Typer) -> None:
     @app.command("card")
     def card_cmd(
         run: Path = typer.Argument(..., help="Run directory of the edge model (folds + all/)."),
-        onnx: Path = typer.Option(Path(__file__).resolve().parents[1] / "runtime" / "assets" / "edge.onnx",
+        onnx: Path = typer.Option(SHIPPED_ONNX,
                                   help="The shipped fp32 ONNX."),
-        int8: Optional[Path] = typer.Option(None, help="The shipped int8 ONNX (default: edge-int8.onnx beside --onnx)."),
+        int8: Path | None = typer.Option(None, help="The shipped int8 ONNX (default: edge-int8.onnx beside --onnx)."),
         out: Path = typer.Option(Path("."), help="Folder for <model>-card.md and <model>-card.json."),
-        data_root: Optional[Path] = typer.Option(None, "--data-root"),
+        data_root: Path | None = typer.Option(None, "--data-root"),
         threads: int = typer.Option(2, help="ONNX Runtime threads for the speed rows."),
-        compare: List[Path] = typer.Option([], "--compare", help="Another run of a candidate recipe (repeatable): "
+        compare: list[Path] = typer.Option([], "--compare", help="Another run of a candidate recipe (repeatable): "
                                            "adds a validation-only recipe comparison table."),
     ):
         """Write the model card (Markdown + JSON) of a shipped model from its run and artefacts."""

@@ -39,7 +39,6 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Optional
 
 SCHEMA = "ami-bench-gpu-check/1"
 BUDGET_S = 400.0  # the whole check; each part gets what is left
@@ -75,7 +74,7 @@ def _first(e: BaseException) -> str:
 def _version(mod: str):
     try:
         m = __import__(mod)
-    except Exception as e:  # noqa: BLE001 - report, never crash
+    except Exception as e:  # report, never crash
         return f"not importable ({_first(e)})"
     return getattr(m, "__version__", "?")
 
@@ -96,7 +95,7 @@ def environment(work: Path, device: str) -> dict:
         t = {"version": torch.__version__, "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available()}
         try:
             t["cudnn"] = torch.backends.cudnn.version()
-        except Exception:  # noqa: BLE001
+        except Exception:  # BLE001
             t["cudnn"] = None
         if t["cuda_available"]:
             t["devices"] = []
@@ -121,7 +120,7 @@ def environment(work: Path, device: str) -> dict:
             from ami.runtime.engines.tensorrt import gpu_info
 
             cp["gpu_info"] = gpu_info(0)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # BLE001
             cp["error"] = _first(e)
             cp["hint"] = G.cuda_python_mismatch()
     env["cuda_python"] = cp
@@ -129,7 +128,7 @@ def environment(work: Path, device: str) -> dict:
         from ami.export.tensorrt import gpu_info as export_gpu_info
 
         env["gpu_facts_for_tensorrt"] = export_gpu_info()
-    except Exception as e:  # noqa: BLE001 - TensorRTUnavailable on a CPU box
+    except Exception as e:  # TensorRTUnavailable on a CPU box
         env["gpu_facts_for_tensorrt"] = {"unavailable": _first(e)}
     env["onnxruntime_providers"] = ort_providers(work)
     return env
@@ -156,7 +155,7 @@ def ort_providers(work: Path) -> dict:
             s = ort.InferenceSession(str(model), sess_options=so, providers=[(p, opts), "CPUExecutionProvider"])
             used = s.get_providers()
             out[p] = "loads" if used and used[0] == p else f"listed, but did not load (the session runs on {used[0]})"
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # BLE001
             out[p] = f"listed, but failed: {_first(e)}"
     return out
 
@@ -264,7 +263,7 @@ def _plan_round_trip(model: Path, meta, precision: str, x, ref, *, work: Path, c
         d = float(np.abs(eng.predict(x) - ref).max())
         rec["runtime_engine_max_abs_dp"] = d
         rec["runtime_engine_ok"] = d <= TOL[precision]
-    except Exception as e:  # noqa: BLE001 - ami-infer's runner needs cuda-python; report why not
+    except Exception as e:  # ami-infer's runner needs cuda-python; report why not
         rec["runtime_engine"] = f"not run: {_first(e)}"
     rec["tolerance"] = TOL[precision]
     return rec
@@ -291,7 +290,7 @@ def _timing_cache_round_trip(model: Path, meta, out: dict, *, work: Path, cache:
         out["timing_cache"]["corrupt"] = {"state": bad["timing_cache_state"], "build_s": round(time.perf_counter() - t0, 2),
                                           "warnings": [m for m in logs if "timing cache" in m],
                                           "plan_bytes": (work / "bad.plan").stat().st_size}
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # BLE001
         out["timing_cache"]["corrupt"] = {"error": _first(e)}
         failed.append("corrupt timing cache")
     if out["timing_cache"]["reuse"]["state"] != "reused":
@@ -306,7 +305,7 @@ def _trt_reason() -> str:
         require_tensorrt()
     except TensorRTUnavailable as e:
         return str(e).split(". On a GPU machine")[0]
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # BLE001
         return _first(e)
     return "TensorRT is installed"
 
@@ -464,7 +463,7 @@ def training_section(device: str, deadline: Deadline, *, models: list[tuple[str,
             rec = train_steps(name, method, dev, steps=steps, batch=TRAIN_BATCH, tiny=tiny,
                               amp=AMP if dev.type == "cuda" else "none")
             rec.update(projections(rec), status="pass")
-        except Exception as e:  # noqa: BLE001 - one architecture failing must not hide the others
+        except Exception as e:  # one architecture failing must not hide the others
             rec = {"model": name, "method": method, "status": "fail", "error": _first(e),
                    "trace": traceback.format_exc(limit=3)}
             failed.append(f"{name}/{method}")
@@ -625,7 +624,7 @@ def run_check(out: str | Path, *, device: str = "auto", budget_s: float = BUDGET
                 else:
                     sec = training_section(gpu_dev, deadline, models=models, steps=2 if rehearsal else steps,
                                            tiny=rehearsal, log=log)
-            except Exception as e:  # noqa: BLE001 - a part that crashes is a failed part, the rest still runs
+            except Exception as e:  # a part that crashes is a failed part, the rest still runs
                 sec = {"status": "fail", "error": _first(e), "trace": traceback.format_exc(limit=6)}
             sec["seconds"] = round(time.perf_counter() - t0, 2)
             rep["sections"][key] = sec
@@ -697,7 +696,7 @@ def register(app) -> None:
         only: str = typer.Option("", "--only", help=f"Comma-separated parts: {', '.join(SECTIONS)}."),
         models: str = typer.Option("", "--models", help="MODEL:METHOD,... instead of the 17 Table-3 configurations."),
         steps: int = typer.Option(TRAIN_STEPS, "--steps", help="Timed training steps per configuration."),
-        data_root: Optional[Path] = typer.Option(None, "--data-root", help="Used by the latency part only (real crops)."),
+        data_root: Path | None = typer.Option(None, "--data-root", help="Used by the latency part only (real crops)."),
     ):
         """One prepared device check: environment, PyTorch on CUDA, TensorRT round trip, latency, training steps."""
         if device not in ("auto", "cuda", "cpu"):

@@ -27,14 +27,15 @@ on a shared machine where absolute times drift:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import typer
@@ -215,7 +216,7 @@ def onnx_flops_per_crop(path: str | Path) -> float | None:
         return None
     try:
         m = onnx.load(str(path), load_external_data=False)
-    except Exception:  # noqa: BLE001
+    except Exception:  # BLE001
         return None
     g = m.graph
     inits = {i.name for i in g.initializer}
@@ -234,7 +235,7 @@ def onnx_flops_per_crop(path: str | Path) -> float | None:
             d[0].dim_value = 1
     try:
         m = shape_inference.infer_shapes(m, data_prop=True)
-    except Exception:  # noqa: BLE001
+    except Exception:  # BLE001
         return None
     shapes: dict[str, list | None] = {}
 
@@ -535,7 +536,7 @@ def _trt_state() -> tuple[bool, str]:
         return True, ""
     except ImportError as e:
         return False, f"ami.export.tensorrt is not importable ({e})"
-    except Exception as e:  # noqa: BLE001 - TensorRTUnavailable and friends carry the reason
+    except Exception as e:  # TensorRTUnavailable and friends carry the reason
         return False, str(e).split("\n")[0]
 
 
@@ -823,7 +824,7 @@ def _tensorrt_runners(engines: list, opts: LatencyOptions, gpu: tuple[bool, str]
                                log=lambda s: opts.log(f"latency: {s}"))
             pe = load_engine(plan)
             runners.append(engine_runner(pe, *flops_for(fp32)))
-        except Exception as ex:  # noqa: BLE001 - a failed build is a reported skip, not a crash
+        except Exception as ex:  # a failed build is a reported skip, not a crash
             skipped.append({"engine": f"TensorRT {precision}", "reason": f"plan build failed: {ex}"})
     return runners
 
@@ -840,7 +841,7 @@ def _time_runners(report: LatencyReport, runners: list[Runner], pix: np.ndarray,
             if np.asarray(out).shape != (b,):
                 raise LatencyError(f"{r.label} returned shape {np.asarray(out).shape} for a batch of {b}")
             opts.log(f"latency: {r.label} {r.model} batch {b}")
-            times, w = time_fn(lambda: r.predict(x), rounds=opts.rounds, warmup=opts.warmup, seconds=opts.seconds,
+            times, w = time_fn(functools.partial(r.predict, x), rounds=opts.rounds, warmup=opts.warmup, seconds=opts.seconds,
                                min_rounds=opts.min_rounds)
             st = stats_from(times, b, w)
             ach = r.flops_per_crop * st.crops_per_s / 1e9 if r.flops_per_crop else None
@@ -1067,17 +1068,17 @@ measured in one run are the figures to compare."""
 def register(app: typer.Typer) -> None:
     @app.command("latency", epilog=EPILOG)
     def latency_cmd(
-        model: Optional[List[Path]] = typer.Option(None, "--model", "-m", help="Engine file (ONNX or TensorRT plan); "
+        model: list[Path] | None = typer.Option(None, "--model", "-m", help="Engine file (ONNX or TensorRT plan); "
                                                    "repeat for several. Default: the shipped edge.onnx and edge-int8.onnx."),
-        run: Optional[Path] = typer.Option(None, "--run", help="Run the first model was exported from (PyTorch rows and "
+        run: Path | None = typer.Option(None, "--run", help="Run the first model was exported from (PyTorch rows and "
                                            "the reference loop use its folds)."),
-        weights: Optional[Path] = typer.Option(None, "--weights", help="Instead of --run: a full PyTorch state dict of "
+        weights: Path | None = typer.Option(None, "--weights", help="Instead of --run: a full PyTorch state dict of "
                                                "the network (default with the shipped models: edge.safetensors)."),
         batch: str = typer.Option(",".join(map(str, DEFAULT_BATCHES)), "--batch", "-b", help="Batch sizes, comma-separated."),
-        data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder holding the datasets (default: "
+        data_root: Path | None = typer.Option(None, "--data-root", help="Folder holding the datasets (default: "
                                                  "$AMI_DATA_ROOT, else ~/.local/share/ami/ami-br-benchmark); the "
                                                  "end-to-end crops come from AtNorM-MD (else the AMi-Br test split)."),
-        folder: Optional[Path] = typer.Option(None, "--folder", help="Use the crops of this folder for the end-to-end run."),
+        folder: Path | None = typer.Option(None, "--folder", help="Use the crops of this folder for the end-to-end run."),
         crops: int = typer.Option(512, "--crops", "-n", help="Crops in the end-to-end run (class-stratified sample)."),
         threads: int = typer.Option(0, "--threads", help="CPU threads of every engine (0 = all cores)."),
         seconds: float = typer.Option(1.5, "--seconds", help="Timed seconds per (engine, batch) cell."),
@@ -1092,12 +1093,12 @@ def register(app: typer.Typer) -> None:
         peak_n: int = typer.Option(2048, "--peak-n", help="Matrix size of the peak-FLOP/s measurement."),
         trt: str = typer.Option("auto", "--trt", help="auto (build fp16/fp32 plans when a GPU and TensorRT are present) "
                                 "| off."),
-        runtime: Optional[List[str]] = typer.Option(None, "--runtime", help="Only these engines of the registry (onnxruntime "
+        runtime: list[str] | None = typer.Option(None, "--runtime", help="Only these engines of the registry (onnxruntime "
                                                     "| openvino | tensorrt); repeat. Default: every installed one."),
-        precision: Optional[List[str]] = typer.Option(None, "--precision", help="Only these precisions (fp32 | bf16 | "
+        precision: list[str] | None = typer.Option(None, "--precision", help="Only these precisions (fp32 | bf16 | "
                                                       "int8); repeat. Default: every precision each engine offers here."),
-        json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full results as JSON here."),
-        md_out: Optional[Path] = typer.Option(None, "--md", help="Write the Markdown tables here (also printed)."),
+        json_out: Path | None = typer.Option(None, "--json", help="Write the full results as JSON here."),
+        md_out: Path | None = typer.Option(None, "--md", help="Write the Markdown tables here (also printed)."),
     ):
         """Model-only latency/throughput per engine and batch size, and end-to-end ami-infer vs a plain loop."""
         if trt not in ("auto", "off"):

@@ -42,9 +42,9 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import typer
@@ -66,6 +66,9 @@ SHIPPED_WEIGHTS = ASSETS / "edge.safetensors"
 SHIPPED_ENGINES = (ASSETS / "edge.onnx", ASSETS / "edge-int8.onnx")
 FORMATS = ("md", "csv", "json")
 SCHEMA = "ami-bench-parity/1"
+
+RUNTIME_HELP = ("Inference engine(s) from the registry (" + " | ".join(REGISTRY)
+                + "); repeat for several. Default: every installed engine that loads the file.")
 
 
 class ParityError(RuntimeError):
@@ -374,7 +377,7 @@ def machine_info() -> dict:
         out["torch"] = torch.__version__
         try:
             out["torch_threads"] = torch.get_num_threads()
-        except Exception:  # noqa: BLE001
+        except Exception:  # BLE001
             pass
     try:
         from importlib.metadata import PackageNotFoundError, version
@@ -810,27 +813,25 @@ Exit status: 0 all pass; 1 a check failed (the verdict names engine, dataset and
 def register(app: typer.Typer) -> None:
     @app.command("parity", epilog=EPILOG)
     def parity_cmd(
-        data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder holding AMi-Br/, AtNorM-Br/, AtNorM-MD/ "
+        data_root: Path | None = typer.Option(None, "--data-root", help="Folder holding AMi-Br/, AtNorM-Br/, AtNorM-MD/ "
                                                  "(default: $AMI_DATA_ROOT, else ~/.local/share/ami/ami-br-benchmark)."),
-        run: Optional[Path] = typer.Option(None, "--run", help="Training run the engines were exported from (its "
+        run: Path | None = typer.Option(None, "--run", help="Training run the engines were exported from (its "
                                            "config.json + fold*/best.safetensors; folds from each engine's metadata)."),
-        engine: Optional[List[Path]] = typer.Option(None, "--engine", help="Engine file (ONNX or TensorRT plan); repeat "
+        engine: list[Path] | None = typer.Option(None, "--engine", help="Engine file (ONNX or TensorRT plan); repeat "
                                                     "for several. Default: the shipped edge.onnx and edge-int8.onnx."),
-        weights: Optional[Path] = typer.Option(None, "--weights", help="Instead of --run: a full PyTorch state dict "
+        weights: Path | None = typer.Option(None, "--weights", help="Instead of --run: a full PyTorch state dict "
                                                "(.safetensors) of the engines' network."),
         max_crops: int = typer.Option(0, "--max-crops", help="At most N crops per set (class-stratified, seed 0); 0 = all."),
         fmt: str = typer.Option("md", "--format", "-f", help="md | csv | json."),
-        output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the report here (the verdict still "
+        output: Path | None = typer.Option(None, "--output", "-o", help="Write the report here (the verdict still "
                                               "goes to stdout)."),
         batch: int = typer.Option(64, "--batch", help="Batch size for both sides."),
         threads: int = typer.Option(0, "--threads", help="CPU threads for PyTorch and ONNX Runtime (0 = their default)."),
         provider: str = typer.Option("cpu", "--provider", help="ONNX Runtime provider for ONNX engines: cpu | cuda | "
                                      "tensorrt | auto (plans always run on TensorRT)."),
         device: str = typer.Option("cpu", "--device", help="PyTorch device: cpu | cuda (float32, TF32 off)."),
-        runtime: Optional[List[str]] = typer.Option(None, "--runtime", help="Inference engine(s) from the registry ("
-                                                    + " | ".join(REGISTRY) + "); repeat for several. Default: every "
-                                                    "installed engine that loads the file."),
-        precision: Optional[List[str]] = typer.Option(None, "--precision", help="Only these precisions (fp32 | bf16 | "
+        runtime: list[str] | None = typer.Option(None, "--runtime", help=RUNTIME_HELP),
+        precision: list[str] | None = typer.Option(None, "--precision", help="Only these precisions (fp32 | bf16 | "
                                                       "int8); repeat. Default: every precision each engine runs the "
                                                       "file at here (OpenVINO: fp32 and bf16 where the CPU has it)."),
     ):

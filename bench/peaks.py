@@ -13,7 +13,7 @@ was seen to run. FLOPs (or integer ops) of an n x n x n product: 2 n^3.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -19,7 +19,6 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
 
 import numpy as np
 import typer
@@ -181,7 +180,7 @@ def _name(c: Config) -> str:
 def render_markdown(configs: list[Config], paper: bool = False, ddof: int = DDOF) -> str:
     head = ["model", "folds"]
     for ds in TEST_SETS:
-        for metric, short in METRICS:
+        for _metric, short in METRICS:
             head.append(f"{SHORT.get(ds, ds)} {short}")
             if paper:
                 head.append("paper")
@@ -329,12 +328,12 @@ Folds of one configuration trained in separate directories (one per GPU or machi
 def register(app: typer.Typer) -> None:
     @app.command("table", epilog=EPILOG)
     def table_cmd(
-        runs: List[Path] = typer.Argument(..., help="Run directories (or folders holding run directories)."),
+        runs: list[Path] = typer.Argument(..., help="Run directories (or folders holding run directories)."),
         fmt: str = typer.Option("md", "--format", "-f", help="md (Markdown) or csv (one row per configuration)."),
         paper: bool = typer.Option(False, "--paper", help="Add the paper's published figure beside each of ours."),
-        roc: Optional[Path] = typer.Option(None, "--roc", help="Write ROC curves per test set (PNG) into this folder."),
-        output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the table here instead of stdout."),
-        long: Optional[Path] = typer.Option(None, "--long", help="Also write every per-fold value as long-format CSV."),
+        roc: Path | None = typer.Option(None, "--roc", help="Write ROC curves per test set (PNG) into this folder."),
+        output: Path | None = typer.Option(None, "--output", "-o", help="Write the table here instead of stdout."),
+        long: Path | None = typer.Option(None, "--long", help="Also write every per-fold value as long-format CSV."),
         ddof: int = typer.Option(DDOF, "--ddof", min=0, help="Delta degrees of freedom of the ± over folds: 0 = numpy's "
                                  "default np.std, as the paper's notebooks computed Table 3 (default); 1 = the sample "
                                  "standard deviation."),

@@ -26,7 +26,6 @@ from ami.runtime.preprocess import Preprocess
 
 from .errors import CheckFailed, ExportError
 
-
 # ---------------------------------------------------------------------------------------------
 # real crops
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -47,19 +46,19 @@ def _threshold(text: str) -> float | None:
 
 @app.command(epilog=EPILOG)
 def export(
-    source: Optional[str] = typer.Argument(None, help="Run directory, one fold directory of it (RUN/fold2, RUN/all), "
+    source: str | None = typer.Argument(None, help="Run directory, one fold directory of it (RUN/fold2, RUN/all), "
                                            "or an ami ONNX file (for --engine onnx-int8 / trt)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output file (.onnx, or .plan for --engine trt; the plan's "
                              "metadata goes to OUT.json)."),
     engine: str = typer.Option("onnx", help="onnx (float32), onnx-int8 (static QDQ for CPUs) or trt (TensorRT plan)."),
     folds: str = typer.Option("all", help="'all' = every finished fold as one ensemble graph, '0,2' = those folds, "
                               "'full' = RUN/all (trained on all training crops)."),
-    best: Optional[Path] = typer.Option(None, "--best", help="Instead of SOURCE: the run under this folder with the "
+    best: Path | None = typer.Option(None, "--best", help="Instead of SOURCE: the run under this folder with the "
                                         "highest mean validation balanced accuracy over its folds."),
-    method: Optional[str] = typer.Option(None, help="With --best: only runs of this method (full, linear, lora)."),
-    model: Optional[str] = typer.Option(None, help="With --best: only runs of this registry model."),
+    method: str | None = typer.Option(None, help="With --best: only runs of this method (full, linear, lora)."),
+    model: str | None = typer.Option(None, help="With --best: only runs of this registry model."),
     min_folds: int = typer.Option(5, help="With --best: runs with fewer finished folds are not eligible."),
-    data_root: Optional[Path] = typer.Option(None, "--data-root", help=DATA_ROOT_HELP),
+    data_root: Path | None = typer.Option(None, "--data-root", help=DATA_ROOT_HELP),
     threshold: str = typer.Option("auto", help="Decision threshold to ship: 'auto' = 0.5 unless the run's validation "
                                   "predictions show a better one; or a number (recorded as user-specified)."),
     opset: int = typer.Option(MIN_OPSET, help=f"ONNX opset (>= {MIN_OPSET})."),
@@ -77,9 +76,9 @@ def export(
                                       "batch size (e.g. 64)."),
     batch: str = typer.Option("1,32,128", help="trt: batch sizes of the optimisation profile (min,opt,max)."),
     precision: str = typer.Option("fp16", help="trt: fp16 (a float16 network graph) or fp32."),
-    timing_cache: Optional[Path] = typer.Option(None, help="trt: timing cache file (default ~/.cache/ami/tensorrt-timing-VERSION-smXY.cache)."),
+    timing_cache: Path | None = typer.Option(None, help="trt: timing cache file (default ~/.cache/ami/tensorrt-timing-VERSION-smXY.cache)."),
     workspace_gb: float = typer.Option(0.0, help="trt: builder workspace limit in GiB (0 = TensorRT's default)."),
-    weights: Optional[str] = typer.Option(None, help="Backbone weights (local file or hf-hub:ID) for linear/LoRA runs "
+    weights: str | None = typer.Option(None, help="Backbone weights (local file or hf-hub:ID) for linear/LoRA runs "
                                           "whose checkpoints hold only the trained tensors. Default: the run's source."),
     threads: int = typer.Option(0, help="CPU threads for ONNX Runtime (0 = its default)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (only after every check passed)."),

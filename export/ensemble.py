@@ -11,7 +11,7 @@ int8 and fp16 steps rely on:
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch

@@ -40,8 +40,16 @@ from ami.runtime.artifact import AMIBR_CROP, INPUT_NAME, OUTPUT_NAME, PLAN_SUFFI
 from ami.runtime.datasets import resolve_data_root
 from ami.runtime.sampling import stratified_subset
 
-from .checks import (compare, load_checked, load_images, ort_predict, parity, session, training_samples,
-                     validate_contract)
+from .checks import (
+    compare,
+    load_checked,
+    load_images,
+    ort_predict,
+    parity,
+    session,
+    training_samples,
+    validate_contract,
+)
 from .errors import ExportError
 from .onnx_file import write_model
 from .options import ENGINES, MIN_OPSET, ExportOptions
@@ -96,7 +104,7 @@ class Staging:
             done.append(dst)
         return done
 
-    def __enter__(self) -> "Staging":
+    def __enter__(self) -> Staging:
         return self
 
     def __exit__(self, *exc) -> bool:

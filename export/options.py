@@ -10,9 +10,9 @@ every group by name, which is how ``export_onnx(src, out, engine="trt", batch="1
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable
 
 from ami.runtime.tolerances import FP32_PROB_TOL, REDUCED_AUROC_TOL, REDUCED_BA_TOL
 
@@ -73,7 +73,7 @@ class ExportOptions:
     trt: TrtOptions = field(default_factory=TrtOptions)
     log: Callable = print
 
-    def with_overrides(self, **kwargs) -> "ExportOptions":
+    def with_overrides(self, **kwargs) -> ExportOptions:
         """A copy with fields replaced by name; the fields of the groups (``opset``, ``calib_crops``,
         ``batch`` ...) are named directly, as the keyword arguments of ``export_onnx``."""
         groups = {"check": self.check, "int8": self.int8, "trt": self.trt}

@@ -222,7 +222,7 @@ def _pre_process(float_path: Path, work: Path, big: bool, log) -> Path:
     ext = dict(save_as_external_data=True, all_tensors_to_one_file=True, external_data_location="prep.onnx.data") if big else {}
     try:
         quant_pre_process(str(float_path), str(prep), **ext)
-    except Exception as e:  # noqa: BLE001 - pre-processing is an optimisation; quantise the model as it is
+    except Exception as e:  # pre-processing is an optimisation; quantise the model as it is
         log(f"int8: ONNX Runtime's quantisation pre-processing failed ({str(e).splitlines()[0][:200]}); "
             "quantising the exported graph directly")
         return Path(float_path)
@@ -257,7 +257,7 @@ def _quantize_variants(prep: Path, work: Path, cal_img: np.ndarray, p_cal_f: np.
                             per_channel=pc, activation_type=act_type, weight_type=QuantType.QInt8,
                             nodes_to_exclude=excl, calibrate_method=getattr(CalibrationMethod, _METHODS[method]),
                             use_external_data_format=big, calibration_cache_path=str(cache))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # BLE001
             raise ExportError(f"ONNX Runtime quantisation failed: {str(e).splitlines()[0][:300]}") from None
         p_cal_q = ort_predict(session(qpath, threads), cal_img, batch)
         variants[pc] = {"path": qpath, "calib_mean_abs_diff": float(np.mean(np.abs(p_cal_q - p_cal_f))),
@@ -330,11 +330,13 @@ def _log_speed(float_path: Path, out_path: Path, batch: int, threads: int, log) 
 
 
 def quantize_int8(float_path: Path, out_path: Path, meta: ArtifactMeta, data_root: Path, work: Path,
-                  opts: Int8Options = Int8Options(), *, threads: int = 0, batch: int = 16, log=print) -> ArtifactMeta:
+                  opts: Int8Options | None = None, *, threads: int = 0, batch: int = 16, log=print) -> ArtifactMeta:
     """Quantise ``float_path`` (a checked ami float model) into ``out_path``; returns its metadata.
 
-    ``work`` is a scratch folder. Raises Int8Rejected when the acceptance test fails.
+    ``work`` is a scratch folder; ``opts`` defaults to ``Int8Options()``. Raises Int8Rejected when
+    the acceptance test fails.
     """
+    opts = opts or Int8Options()
     import onnx
 
     act_type, pcs = _check_options(meta, opts)

@@ -16,8 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from ami.runtime.datasets import file_sha256
-from ami.runtime.metrics import (MetricError, auroc, balanced_accuracy, best_threshold, cross_validated_threshold,
-                                 mean_std)
+from ami.runtime.metrics import (
+    MetricError,
+    auroc,
+    balanced_accuracy,
+    best_threshold,
+    cross_validated_threshold,
+    mean_std,
+)
 from ami.runtime.rundir import ALL, CONFIG, METRICS, WEIGHTS, FoldId, RunDir, RunDirError
 from ami.runtime.splits import FOLDS_FILE, N_FOLDS, folds_sha256
 from ami.runtime.splits import parse_folds as parse_fold_list

@@ -79,13 +79,12 @@ def tiny_meta(pre: Preprocess, **kw) -> ArtifactMeta:
 
 def tiny_onnx(path: str | Path, *, input_size: int = TINY_SIZE, seed: int = 0, opset: int = 17) -> tuple[Path, object]:
     """Export the tiny network as a checked ami ONNX model at ``path``; returns (path, torch DeployGraph)."""
+    import onnx
     import torch
 
     from .checks import validate_contract
     from .ensemble import DeployGraph
     from .onnx_file import write_model
-
-    import onnx
 
     pre = tiny_preprocess(input_size)
     graph = DeployGraph(pre, [tiny_network(seed, input_size)]).eval()

@@ -13,6 +13,7 @@ TensorRT version, GPU name and compute capability the plan is tied to.
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -37,14 +38,13 @@ def default_timing_cache(version: str = "", compute_capability: str = "") -> Pat
 
 
 def _have_cudart() -> bool:
-    try:
-        from cuda.bindings import runtime  # noqa: F401 - cuda-python >= 12.6
-    except ImportError:
+    for module in ("cuda.bindings.runtime", "cuda.cudart"):  # cuda-python >= 12.6, older cuda-python
         try:
-            from cuda import cudart  # noqa: F401 - older cuda-python
+            importlib.import_module(module)
+            return True
         except ImportError:
-            return False
-    return True
+            continue
+    return False
 
 
 def _torch_gpu() -> dict | None:
@@ -57,7 +57,7 @@ def _torch_gpu() -> dict | None:
             return None
         major, minor = torch.cuda.get_device_capability(0)
         return {"gpu_name": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}", "source": "torch.cuda"}
-    except Exception:  # noqa: BLE001 - a broken CUDA install raises anything
+    except Exception:  # a broken CUDA install raises anything
         return None
 
 
@@ -166,7 +166,6 @@ def fp16_graph(model):
     Uses onnxruntime.transformers.float16 (keep_io_types, the pre/post nodes blocked), then
     removes the converter's fp32->fp16->fp32 round trips and re-sorts the graph.
     """
-    import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     fp32_nodes = {n.name for n in model.graph.node if is_io_node(n.name)}
@@ -182,7 +181,7 @@ def fp16_graph(model):
 def _small(model) -> bool:
     try:
         return model.ByteSize() < 2_000_000_000
-    except Exception:  # noqa: BLE001 - protobuf refuses to size > 2 GB messages on some builds
+    except Exception:  # protobuf refuses to size > 2 GB messages on some builds
         return False
 
 
@@ -267,7 +266,7 @@ def attach_timing_cache(config, cache_path: Path, log=print) -> tuple[bool, str]
     if blob:
         try:
             cache = config.create_timing_cache(blob)
-        except Exception as e:  # noqa: BLE001 - TensorRT raises its own types for bad blobs
+        except Exception as e:  # TensorRT raises its own types for bad blobs
             log(f"trt: warning: timing cache {cache_path} is not a TensorRT timing cache ({_first(e)}); treating it "
                 "as absent (a fresh one replaces it after the build)")
             cache, state = None, "corrupt"
@@ -279,7 +278,7 @@ def attach_timing_cache(config, cache_path: Path, log=print) -> tuple[bool, str]
     if cache is not None:
         try:
             fits = config.set_timing_cache(cache, ignore_mismatch=False)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # BLE001
             log(f"trt: warning: timing cache {cache_path} was refused by TensorRT ({_first(e)}); treating it as absent")
             fits, state = True, "corrupt"
             cache = None

@@ -40,7 +40,7 @@ from .preprocess import Preprocess
 
 ARRAY_COLUMNS = ("id", "prob_atypical", "label", "status", "error")
 
-__all__ = ["Classifier", "ARRAY_COLUMNS"]
+__all__ = ["ARRAY_COLUMNS", "Classifier"]
 
 
 @dataclass(frozen=True)

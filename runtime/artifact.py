@@ -112,7 +112,7 @@ class ArtifactMeta:
         return json.dumps(d, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ArtifactMeta":
+    def from_json(cls, text: str) -> ArtifactMeta:
         """Parse and validate (completely: see :func:`validate_meta_dict`). Raises ArtifactError."""
         try:
             d = json.loads(text)

@@ -33,10 +33,10 @@ import threading
 import time
 import warnings
 from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -207,7 +207,7 @@ def prepare_batch(paths: list[str], pre: Preprocess, max_pixels: int = MAX_PIXEL
             status.append((str(e) or "unreadable image", False, None))
         except MemoryError:
             status.append(("out of memory while decoding", False, None))
-        except Exception as e:  # noqa: BLE001 - one crop must never take a batch down
+        except Exception as e:  # one crop must never take a batch down
             status.append((f"unexpected {type(e).__name__}: {e}", False, None))
     return out[:n], status
 
@@ -592,7 +592,9 @@ def model_record(engine, threshold: float) -> dict:
 
 
 def _same_labels(a: dict, b: dict) -> bool:
-    key = lambda r: (r.get("sha256") or f"{r.get('model')}/{r.get('precision')}", float(r.get("threshold", -1)))  # noqa: E731
+    def key(r: dict) -> tuple:
+        return r.get("sha256") or f"{r.get('model')}/{r.get('precision')}", float(r.get("threshold", -1))
+
     return key(a) == key(b)
 
 
@@ -1239,7 +1241,7 @@ class _InferenceRun:
         t_engine = time.perf_counter()
         try:
             probs = self.engine.predict(pixels) if len(pixels) else np.zeros((0,), np.float32)
-        except Exception as e:  # noqa: BLE001 - a failing engine fails every batch: stop, say why
+        except Exception as e:  # a failing engine fails every batch: stop, say why
             raise EngineError(f"inference failed on the batch starting at {self.src.describe(chunk[0])}: "
                               f"{type(e).__name__}: {e}") from e
         self.summary.engine_s += time.perf_counter() - t_engine

@@ -8,7 +8,7 @@ the model's geometry (:meth:`~ami.runtime.preprocess.Preprocess.to_uint8`), exac
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 

@@ -43,7 +43,7 @@ class Preprocess:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "Preprocess":
+    def from_json(cls, text: str) -> Preprocess:
         d = json.loads(text)
         d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
         return cls(**d)

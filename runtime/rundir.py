@@ -27,7 +27,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal
 
 from .splits import N_FOLDS
 
@@ -39,7 +39,7 @@ HISTORY = "history.csv"
 STATE = "state.pt"
 ALL = "all"  # fold id and folder name of the all-crops model
 
-FoldId = Union[int, Literal["all"]]
+FoldId = int | Literal["all"]
 
 _FOLD_DIR = re.compile(r"^fold(\d+)$")
 

@@ -6,7 +6,8 @@ samples and ``ami-train --max-train / --max-eval`` smoke runs. Torch-free.
 
 from __future__ import annotations
 
-from typing import Sequence, TypeVar
+from collections.abc import Sequence
+from typing import TypeVar
 
 import numpy as np
 

@@ -55,7 +55,7 @@ def paste(crops: list[Path], mpp: float, *, cols: int = 6, gap: int = 96, seed: 
     scaled by 0.25 / mpp (Lanczos; ``nearest`` for an exact 2x) to an integer size. Returns the image
     and where each crop's centre is."""
     scale = CROP_MPP / mpp
-    side = int(round(CROP * scale))
+    side = round(CROP * scale)
     if abs(side - CROP * scale) > 1e-6:
         raise ValueError(f"choose mpp so that 128 * 0.25 / mpp is a whole number of pixels (got {CROP * scale:g})")
     step = side + int(gap * scale)

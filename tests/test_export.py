@@ -17,9 +17,8 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
-from ami.export import ExportError
+from ami.export import ExportError, onnx_file
 from ami.export import onnx_export as OE
-from ami.export import onnx_file
 from ami.export.checks import CheckFailed, load_images, session, training_samples, validate_contract
 from ami.export.cli import app
 from ami.export.quantize import int8_verdict

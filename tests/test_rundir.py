@@ -4,8 +4,17 @@ import json
 
 import pytest
 
-from ami.runtime.rundir import (ALL, RANDOM_FROM_SCRATCH, RunDir, RunDirError, WeightsSource, fold_id, fold_key,
-                                fold_name, parse_fold_name)
+from ami.runtime.rundir import (
+    ALL,
+    RANDOM_FROM_SCRATCH,
+    RunDir,
+    RunDirError,
+    WeightsSource,
+    fold_id,
+    fold_key,
+    fold_name,
+    parse_fold_name,
+)
 
 
 def test_fold_ids_and_names():

@@ -169,6 +169,7 @@ def test_int8_head_from_metadata_else_the_registry():
 
     names = ["/pre/Cast", "/folds.0/net/stem/conv/Conv", "/folds.0/net/head/fc/Gemm",
              "/folds.0/net/head/flatten/Flatten", "/post/Sigmoid"]
-    graph = types.SimpleNamespace(graph=types.SimpleNamespace(node=[types.SimpleNamespace(name=n) for n in names]))
+    nodes = [types.SimpleNamespace(name=n, op_type=n.rsplit("/", 1)[1], input=["pixels"], output=[n + ":0"]) for n in names]
+    graph = types.SimpleNamespace(graph=types.SimpleNamespace(node=nodes, input=[types.SimpleNamespace(name="pixels")]))
     excl, n_net = excluded_nodes(graph, ["head.fc"])
     assert n_net == 3 and excl == ["/pre/Cast", "/folds.0/net/head/fc/Gemm", "/post/Sigmoid"]

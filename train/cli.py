@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -62,7 +61,7 @@ def _parse_set(items: list[str]) -> dict:
     return out
 
 
-def _overrides(config: Optional[Path], set_: list[str], epochs: Optional[int]) -> dict:
+def _overrides(config: Path | None, set_: list[str], epochs: int | None) -> dict:
     """Recipe overrides from --config, then --set (augment_params merge key by key), then --epochs."""
     overrides = json.loads(config.read_text()) if config else {}
     for k, v in _parse_set(set_).items():
@@ -102,14 +101,14 @@ def train(
                                "linear head on cached embeddings, or PEFT LoRA."),
     folds: str = typer.Option("all", help="'all' (0-4), a list like '0,2', or 'full' (all training crops, "
                               "fixed schedule, no validation)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory. Default: runs/<model>-<method>."),
-    data_root: Optional[Path] = typer.Option(None, "--data-root", help=DATA_ROOT_HELP),
-    config: Optional[Path] = typer.Option(None, "--config", help="JSON file of recipe overrides (same keys as --set)."),
-    set_: List[str] = typer.Option([], "--set", help="Override one recipe key (repeatable), e.g. --set epochs=20, "
+    out: Path | None = typer.Option(None, "--out", "-o", help="Run directory. Default: runs/<model>-<method>."),
+    data_root: Path | None = typer.Option(None, "--data-root", help=DATA_ROOT_HELP),
+    config: Path | None = typer.Option(None, "--config", help="JSON file of recipe overrides (same keys as --set)."),
+    set_: list[str] = typer.Option([], "--set", help="Override one recipe key (repeatable), e.g. --set epochs=20, "
                                    "--set lora_targets=blocks, --set normalize=imagenet, --set aug.rotate_deg=0 (one "
                                    "field of the training transform). --print-config lists every key."),
-    epochs: Optional[int] = typer.Option(None, help="Shortcut for --set epochs=N."),
-    weights: Optional[str] = typer.Option(None, help="Local weights (safetensors or state dict), or hf-hub:ID."),
+    epochs: int | None = typer.Option(None, help="Shortcut for --set epochs=N."),
+    weights: str | None = typer.Option(None, help="Local weights (safetensors or state dict), or hf-hub:ID."),
     random_init: bool = typer.Option(False, "--random-init", help="Train a pretrained architecture from random "
                                      "weights (recorded in every file of the run)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
@@ -120,17 +119,17 @@ def train(
     max_eval: int = typer.Option(0, help="Evaluate on at most N crops per set (smoke tests)."),
     tiny: bool = typer.Option(False, "--tiny", help="Tiny random stand-in of the architecture (tests)."),
     list_: bool = typer.Option(False, "--list", help="Print every registered configuration and exit."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Embedding cache of --method linear "
+    cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Embedding cache of --method linear "
                                              "(default: $AMI_CACHE_DIR/embeddings, else ~/.cache/ami/embeddings)."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the fully resolved configuration as JSON - "
                                       "exactly what the run's config.json would hold (but its creation time), with "
                                       "'recipe_origin': the script statement behind each value, or 'ami default' - "
                                       "and exit without reading any data or weights."),
-    sweep: Optional[str] = typer.Option(None, "--sweep", help="[sweep] Run many jobs, one per (configuration, fold): "
+    sweep: str | None = typer.Option(None, "--sweep", help="[sweep] Run many jobs, one per (configuration, fold): "
                                         "'table3' (85 jobs), 'edge', or registry names like 'uni,virchow2:lora'. "
                                         "--out is the sweep's root (default runs/NAME); the training flags apply "
                                         "to every job."),
-    methods: Optional[str] = typer.Option(None, "--methods", help="[sweep] Only these methods, e.g. 'linear,lora' "
+    methods: str | None = typer.Option(None, "--methods", help="[sweep] Only these methods, e.g. 'linear,lora' "
                                           "(default: every method each named model supports)."),
     launcher: str = typer.Option("local", "--launcher", help="[sweep] local (child processes, one per GPU or CPU "
                                  "slot), slurm (submitit job arrays; pip install 'ami[slurm]') or ray "
@@ -140,13 +139,13 @@ def train(
                                 "queued, interrupted, failed or not started. Exit 1 if any failed."),
     jobs: int = typer.Option(0, "--jobs", "-j", help="[sweep] At most N jobs at once (local: default one per "
                              "visible GPU, else 1; slurm: array parallelism, default all)."),
-    gpus_per_job: Optional[int] = typer.Option(None, "--gpus-per-job", help="[sweep] GPUs per job (slurm/ray; default 1)."),
-    cpus_per_job: Optional[int] = typer.Option(None, "--cpus-per-job", help="[sweep] CPUs per job (slurm/ray; default 8)."),
-    mem_gb: Optional[int] = typer.Option(None, "--mem-gb", help="[sweep] Memory per job in GB (slurm; default 64)."),
-    time_limit: Optional[str] = typer.Option(None, "--time", help="[sweep] Time limit per job, e.g. 240 or 8:00:00 "
+    gpus_per_job: int | None = typer.Option(None, "--gpus-per-job", help="[sweep] GPUs per job (slurm/ray; default 1)."),
+    cpus_per_job: int | None = typer.Option(None, "--cpus-per-job", help="[sweep] CPUs per job (slurm/ray; default 8)."),
+    mem_gb: int | None = typer.Option(None, "--mem-gb", help="[sweep] Memory per job in GB (slurm; default 64)."),
+    time_limit: str | None = typer.Option(None, "--time", help="[sweep] Time limit per job, e.g. 240 or 8:00:00 "
                                              "(slurm; default 4:00:00). A job that reaches it is requeued and resumes."),
-    partition: Optional[str] = typer.Option(None, "--partition", help="[sweep] SLURM partition (default: the cluster's)."),
-    resources: Optional[Path] = typer.Option(None, "--resources", help="[sweep] JSON file of per-job resources "
+    partition: str | None = typer.Option(None, "--partition", help="[sweep] SLURM partition (default: the cluster's)."),
+    resources: Path | None = typer.Option(None, "--resources", help="[sweep] JSON file of per-job resources "
                                              "(defaults, per-job patterns, extra sbatch options, setup lines; "
                                              "docs/reproduce.md). The flags above win over it."),
 ):
@@ -176,7 +175,7 @@ def train(
     _train_one(spec, folds, print_config)
 
 
-def _sweep(name: str, out: Optional[Path], methods: Optional[str], folds: str, options: dict, print_config: bool,
+def _sweep(name: str, out: Path | None, methods: str | None, folds: str, options: dict, print_config: bool,
            **how) -> int:
     """``--sweep`` / ``--status``: many jobs through a launcher (:mod:`ami.train.sweep`); the exit code."""
     from .sweep import JobOptions, SweepError, sweep_command  # import-light: no torch for --dry-run/--status
@@ -215,7 +214,7 @@ def _train_one(spec, folds: str, print_config: bool) -> None:
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     try:
-        spec.recipe  # reject unknown keys / values now, with the allowed ones
+        _ = spec.recipe  # reject unknown keys / values now, with the allowed ones
     except (KeyError, ValueError) as e:
         typer.echo(f"bad recipe: {e.args[0] if isinstance(e, KeyError) else e}", err=True)
         raise typer.Exit(2) from None

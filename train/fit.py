@@ -51,6 +51,7 @@ from .recipes import origins
 from .registry import ModelConfig, Recipe, configure, definition, get, with_recipe_defaults
 from .weights import TRAINABLE, load_partial_state, load_weights, save_weights
 
+
 @dataclass
 class RunSpec:
     model: str = "edge"

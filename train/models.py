@@ -13,7 +13,6 @@ import importlib
 import timm
 from torch import nn
 
-
 from .adapt import LogitModel as LogitModel  # re-exported: the one-logit wrapper every model is
 from .adapt import apply_method
 from .registry import ModelConfig

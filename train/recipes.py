@@ -81,7 +81,7 @@ class AugPolicy:
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
 
-    def override(self, params: dict) -> "AugPolicy":
+    def override(self, params: dict) -> AugPolicy:
         known = {f.name: f for f in fields(self)}
         unknown = sorted(set(params) - set(known) - {"source"})
         if unknown:
@@ -170,7 +170,7 @@ class Recipe:
     embedding: str = "entry"  # tokens the head reads: entry | cls | cls+mean | mean | pool
     lora_targets: str = "entry"  # entry | script | blocks | suffix:a,b,... | re:REGEX
 
-    def override(self, **kw) -> "Recipe":
+    def override(self, **kw) -> Recipe:
         unknown = set(kw) - set(asdict(self))
         if unknown:
             raise KeyError(f"unknown recipe keys: {sorted(unknown)}; known: {sorted(asdict(self))}")
@@ -565,7 +565,7 @@ def describe(p: AugPolicy) -> str:
 
 
 def departures(model: str, method: str, recipe: Recipe, mean_std: tuple | None = None,
-               resize: int | None | str = "?") -> list[str]:
+               resize: int | str | None = "?") -> list[str]:
     """Where ``recipe`` (of configuration model/method) departs from the paper's text, one short
     item each. ``mean_std``/``resize``: the configuration's effective normalisation and eval resize
     (entry values resolved), when known."""

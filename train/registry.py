@@ -12,7 +12,6 @@ metadata can use it anywhere; :mod:`ami.train.models` turns an entry into a netw
 from __future__ import annotations
 
 import json
-
 from dataclasses import asdict, dataclass, field, replace
 
 from ami.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
@@ -75,7 +74,7 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         """Inverse of :meth:`to_dict` (a run's recorded ``registry_entry``); keys of other versions are ignored."""
         known = set(cls.__dataclass_fields__)
         kw = {k: v for k, v in upgrade_entry(d).items() if k in known}

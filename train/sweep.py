@@ -39,9 +39,9 @@ import re
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from ami.runtime import splits
 from ami.runtime.rundir import FoldDir, RunDir, fold_name
@@ -614,7 +614,7 @@ def launch_local(jobs: list[dict], max_parallel: int = 0, device: str = "auto", 
     gpus = visible_gpus() if device in ("auto", "cuda") else []
     n = max_parallel or max(1, len(gpus))
     n = min(n, len(jobs))
-    slots: "queue.Queue[str | None]" = queue.Queue()
+    slots: queue.Queue[str | None] = queue.Queue()
     for i in range(n):
         slots.put(gpus[i % len(gpus)] if gpus else None)
     where = f"GPU{'s' if len(gpus) > 1 else ''} {','.join(gpus)}" if gpus else "CPU"

@@ -23,6 +23,7 @@ metadata; the frozen rest comes back from the weight source, :func:`load_partial
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 import re
@@ -129,7 +130,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
         try:
             sd = load_file(str(path))
-        except Exception as e:  # noqa: BLE001 - any reader failure is "unreadable", with its reason
+        except Exception as e:  # any reader failure is "unreadable", with its reason
             raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
         return _as_state_dict(sd, str(path))
     try:
@@ -140,7 +141,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} holds pickled objects other than tensors ({why}); it was NOT unpickled "
                          "(weights are read with torch.load(weights_only=True)). Save a plain state dict, "
                          "or convert it to .safetensors") from None
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # BLE001
         raise ValueError(f"{path} is not a readable state-dict file ({type(e).__name__}: {e})") from None
     return _as_state_dict(obj, str(path))
 
@@ -280,7 +281,7 @@ def _from_hub(hub_id: str, tried: list[str], label: str):
     repo = hub_repo(hub_id)
     cache = hub_cache_dir()
     try:
-        import huggingface_hub  # noqa: F401
+        importlib.import_module("huggingface_hub")
     except ImportError:
         tried.append(f"{label} {hub_id}: huggingface_hub is not installed (pip install 'ami[train]')")
         return None
@@ -320,7 +321,7 @@ def _from_hub(hub_id: str, tried: list[str], label: str):
         except RepositoryNotFoundError:
             tried.append(f"{label} {hub_id}: repository not found or not visible without a token")
             return None
-        except Exception as e:  # noqa: BLE001 - network/HTTP failures are reported, not raised
+        except Exception as e:  # network/HTTP failures are reported, not raised
             tried.append(f"{label} {hub_id}: download of {fname} failed ({type(e).__name__}: {e})")
             return None
         try:
@@ -364,7 +365,7 @@ def fit_state_dict(net: nn.Module, sd: dict[str, torch.Tensor], cfg: ModelConfig
         if filt is not None:
             try:
                 sd2 = filt(dict(sd), net)
-            except Exception:  # noqa: BLE001 - a converter that cannot handle it changes nothing
+            except Exception:  # a converter that cannot handle it changes nothing
                 sd2 = None
             if sd2 is not None:
                 m2, u2, s2 = _mismatches(net_sd, sd2, cfg.head)

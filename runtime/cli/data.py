@@ -8,7 +8,6 @@ import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -28,7 +27,7 @@ UPSTREAM_COMMIT = "3acf4da"  # the commit shared/data was copied from
 
 
 @app.command()
-def verify(data_root: Optional[Path] = typer.Option(None, "--data-root", help=DATA_ROOT_HELP),
+def verify(data_root: Path | None = typer.Option(None, "--data-root", help=DATA_ROOT_HELP),
            quick: bool = typer.Option(False, "--quick", help="Skip decoding every PNG (counts and fingerprints only).")):
     """Count every dataset's crops per class against the expected numbers and fingerprint them.
 
@@ -73,7 +72,7 @@ def verify(data_root: Optional[Path] = typer.Option(None, "--data-root", help=DA
 
 
 @app.command()
-def folds(data_root: Optional[Path] = typer.Option(None, "--data-root", help=DATA_ROOT_HELP),
+def folds(data_root: Path | None = typer.Option(None, "--data-root", help=DATA_ROOT_HELP),
           write: bool = typer.Option(False, "--write", help="Rewrite the pinned folds file (maintainers only).")):
     """Show the pinned 5-fold split (slide-grouped, stratified) and check it equals a fresh computation."""
     from ..splits import compute_folds, write_folds
@@ -98,7 +97,7 @@ def folds(data_root: Optional[Path] = typer.Option(None, "--data-root", help=DAT
 
 
 @app.command()
-def download(data_root: Optional[Path] = typer.Option(None, "--data-root", help=DATA_ROOT_HELP),
+def download(data_root: Path | None = typer.Option(None, "--data-root", help=DATA_ROOT_HELP),
              commit: str = typer.Option(UPSTREAM_COMMIT, help="Upstream commit to fetch."),
              timeout: float = typer.Option(20.0, help="Network timeout, seconds.")):
     """Fetch the public release (GitHub DeepMicroscopy/AMi-Br_Benchmark at a pinned commit).

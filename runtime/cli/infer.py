@@ -6,7 +6,6 @@ import os
 from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -109,16 +108,16 @@ def sample_inputs() -> list[str]:
 
 @app.command(help=HELP, no_args_is_help=False)
 def infer(
-    paths: Optional[list[str]] = typer.Argument(None, metavar="PATH...", show_default=False,
+    paths: list[str] | None = typer.Argument(None, metavar="PATH...", show_default=False,
                                                 help="Folders, images or .txt/.csv lists of image paths."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", metavar="FILE",
+    output: Path | None = typer.Option(None, "-o", "--output", metavar="FILE",
                                           help="Result file, or - for standard output. Default: ./ami-infer.csv "
                                                "(./ami-infer.jsonl with --format jsonl)."),
-    fmt: Optional[Fmt] = typer.Option(None, "--format", case_sensitive=False,
+    fmt: Fmt | None = typer.Option(None, "--format", case_sensitive=False,
                                       help="csv or jsonl. Default: from the output's extension, else csv."),
-    model: Optional[Path] = typer.Option(None, "--model", metavar="FILE",
+    model: Path | None = typer.Option(None, "--model", metavar="FILE",
                                          help="An exported ami ONNX model or TensorRT plan. Default: the edge model shipped in the package."),
-    threshold: Optional[float] = typer.Option(None, "--threshold", min=0.0, max=1.0,
+    threshold: float | None = typer.Option(None, "--threshold", min=0.0, max=1.0,
                                               help="Decision threshold on prob_atypical. Default: the model's (from its metadata)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Crops per engine call."),
     workers: int = typer.Option(0, "--workers", min=0, help="Decoding workers (0 = one per CPU core, at most 8)."),
@@ -147,11 +146,11 @@ def infer(
     pool: Pool = typer.Option(Pool.thread, "--pool", case_sensitive=False,
                               help="Decoding pool: threads (default, fastest here) or processes."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress line with crops/s on stderr."),
-    slides: Optional[Path] = typer.Option(None, "--slides", metavar="CSV",
+    slides: Path | None = typer.Option(None, "--slides", metavar="CSV",
                                           help="Detections on whole-slide images: a CSV with slide, x, y (level-0 px of the "
                                                "figure's centre) and optional id. Crops are cut at the model's training "
                                                "resolution (needs ami[slides]). Instead of PATH."),
-    mpp: Optional[float] = typer.Option(None, "--mpp", metavar="UM_PER_PX",
+    mpp: float | None = typer.Option(None, "--mpp", metavar="UM_PER_PX",
                                         help="With --slides: the um/px of slides whose metadata has none (refused otherwise)."),
     border: str = typer.Option("pad", "--border", metavar="pad|refuse",
                                help="With --slides: crops reaching past the slide's edge are padded black as in training "
@@ -181,10 +180,10 @@ class InferArgs:
     ``output`` set (the default file, or the sample's own), ``out_fmt`` and ``stream`` filled in."""
 
     paths: tuple[str, ...]
-    output: Optional[Path]
-    fmt: Optional[str]
-    model: Optional[Path]
-    threshold: Optional[float]
+    output: Path | None
+    fmt: str | None
+    model: Path | None
+    threshold: float | None
     batch_size: int
     workers: int
     threads: int
@@ -198,8 +197,8 @@ class InferArgs:
     sample: bool
     pool: str
     progress: bool
-    slides: Optional[Path]
-    mpp: Optional[float]
+    slides: Path | None
+    mpp: float | None
     border: str
     out_fmt: str = ""  # csv | jsonl, after checked_args
     stream: bool = False  # the output is standard output, a pipe or a device

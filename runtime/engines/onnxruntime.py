@@ -15,8 +15,20 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact import INPUT_NAME, OUTPUT_NAME, ArtifactMeta, check_weights_digest
-from .base import (Backend, Engine, EngineError, LoadOptions, TensorInfo, cache_root, check_io, first_line, meta_from_props,
-                   missing_library, not_loadable, require_library)
+from .base import (
+    Backend,
+    Engine,
+    EngineError,
+    LoadOptions,
+    TensorInfo,
+    cache_root,
+    check_io,
+    first_line,
+    meta_from_props,
+    missing_library,
+    not_loadable,
+    require_library,
+)
 
 PROVIDER_NAMES = {
     "cpu": "CPUExecutionProvider",
@@ -49,7 +61,7 @@ def _model_key(path: Path, meta_json: str, ort_version: str) -> str:
     try:  # the TensorRT version matters too; a missing package just gives another key
         from importlib.metadata import version
         h.update(version("tensorrt").encode())
-    except Exception:  # noqa: BLE001
+    except Exception:  # BLE001
         pass
     return h.hexdigest()[:16]
 
@@ -105,8 +117,10 @@ def _provider_list(ort, provider: str, path: Path, meta_json: str, input_size: i
         if name == PROVIDER_NAMES["tensorrt"]:
             cache = Path(cache_dir) if cache_dir else cache_root() / "trt-ep" / _model_key(path, meta_json, ort.__version__)
             cache.mkdir(parents=True, exist_ok=True)
-            s = input_size
-            shape = lambda n: f"{INPUT_NAME}:{n}x{s}x{s}x3"  # noqa: E731
+
+            def shape(n: int, s: int = input_size) -> str:
+                return f"{INPUT_NAME}:{n}x{s}x{s}x3"
+
             out.append((name, {
                 "device_id": device_id,
                 "trt_engine_cache_enable": True,
@@ -154,14 +168,14 @@ class OrtEngine(Engine):
         self.fallback = ""  # why a GPU provider was given up for the CPU (auto only)
         try:
             self.session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
-        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types for bad files
+        except Exception as e:  # ORT raises its own exception types for bad files
             if providers == ["CPUExecutionProvider"]:
                 raise not_loadable(path, first_line(e)) from None
             # A GPU provider may fail where the file is fine (libraries, driver, an op it cannot take).
             gpu_error = first_line(e)
             try:
                 self.session = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
-            except Exception as e2:  # noqa: BLE001
+            except Exception as e2:  # BLE001
                 raise not_loadable(path, first_line(e2)) from None
             names = [p if isinstance(p, str) else p[0] for p in providers[:-1]]
             if provider != "auto":
@@ -194,7 +208,7 @@ def _read_onnx_meta(ort, path: Path) -> tuple[ArtifactMeta, str]:
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         s = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # BLE001
         raise not_loadable(path, first_line(e)) from None
     meta = _meta_from_session(s, path)
     return meta, meta.to_json()

@@ -25,8 +25,21 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact import ArtifactError, ArtifactMeta, check_weights_digest
-from .base import (Backend, Engine, EngineError, LoadOptions, TensorInfo, cache_root, check_io, cpu_int8_features,
-                   first_line, meta_from_props, missing_library, not_loadable, require_library)
+from .base import (
+    Backend,
+    Engine,
+    EngineError,
+    LoadOptions,
+    TensorInfo,
+    cache_root,
+    check_io,
+    cpu_int8_features,
+    first_line,
+    meta_from_props,
+    missing_library,
+    not_loadable,
+    require_library,
+)
 
 DEVICE = "CPU"
 # OpenVINO element types in ONNX's spelling (the contract's error messages use it, whatever the engine).
@@ -55,14 +68,14 @@ def cpu_capabilities() -> set[str]:
     """OpenVINO's view of the CPU: a subset of FP32, BF16, FP16, INT8, ..."""
     try:
         return set(core().get_property(DEVICE, "OPTIMIZATION_CAPABILITIES"))
-    except Exception:  # noqa: BLE001
+    except Exception:  # BLE001
         return set()
 
 
 def cpu_name() -> str:
     try:
         return str(core().get_property(DEVICE, "FULL_DEVICE_NAME"))
-    except Exception:  # noqa: BLE001
+    except Exception:  # BLE001
         return "this CPU"
 
 
@@ -99,7 +112,7 @@ class OpenVinoEngine(Engine):
         c = core()
         try:
             model = c.read_model(str(self.path))
-        except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError for files it cannot parse
+        except Exception as e:  # OpenVINO raises RuntimeError for files it cannot parse
             why = first_line(e)
             try:  # a bad file for every engine, or only one OpenVINO cannot read (an op it lacks)?
                 from .onnxruntime import check_loadable
@@ -131,7 +144,7 @@ class OpenVinoEngine(Engine):
             self.cache_dir = None
         try:
             self.compiled = c.compile_model(model, DEVICE, config)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # BLE001
             raise EngineError(f"OpenVINO {ov.__version__} could not compile {self.path.name} for the CPU: "
                               f"{first_line(e)}") from None
         self._request = self.compiled.create_infer_request()
@@ -170,7 +183,7 @@ class OvBackend(Backend):
         try:
             if DEVICE not in core().available_devices:
                 return f"OpenVINO finds no CPU device here (devices: {', '.join(core().available_devices) or 'none'})"
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # BLE001
             return f"OpenVINO does not start here: {first_line(e)}"
         return None
 
