@@ -22,17 +22,6 @@ from ami.runtime.preprocess import Preprocess
 from .errors import ExportError
 from .source import RunSource
 
-NETWORK_PREFIX = "/folds."
-
-
-def is_network_node(name: str) -> bool:
-    return name.startswith(NETWORK_PREFIX)
-
-
-def is_io_node(name: str) -> bool:
-    """Pre-/post-processing nodes (top-level scope), which stay float32 in int8 and fp16 graphs."""
-    return name.startswith("/") and not name.startswith(NETWORK_PREFIX)
-
 
 class Preprocessing(nn.Module):
     """Exactly :meth:`Preprocess.normalize`: cast, x * (1/255), (x - mean) / std, NHWC -> NCHW."""

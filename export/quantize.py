@@ -31,8 +31,8 @@ from ami.runtime.splits import FOLDS_FILE, folds_sha256, load_folds
 from ami.runtime.tolerances import REDUCED_AUROC_TOL, REDUCED_BA_TOL
 
 from .checks import compare, load_images, ort_predict, session, training_samples, validate_contract
-from .ensemble import is_io_node, is_network_node
 from .errors import ExportError, Int8Rejected
+from .node_scopes import is_io_node, is_network_node
 from .onnx_file import write_model
 from .options import CALIB_CROPS, Int8Options
 

@@ -24,8 +24,8 @@ from ami.runtime.engines.base import parse_batch_sizes
 from ami.runtime.gpu import TRT_MAJORS, tensorrt_major
 from ami.runtime.tolerances import FP32_PROB_TOL
 
-from .ensemble import is_io_node
 from .errors import ExportError, TensorRTUnavailable
+from .node_scopes import is_io_node
 
 TOLERANCE = {"fp16": 1e-2, "fp32": FP32_PROB_TOL}  # max |delta p| of the plan vs the float32 ONNX model
 

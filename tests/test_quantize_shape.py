@@ -58,3 +58,14 @@ def test_a_static_graph_has_no_shape_arithmetic():
     assert count_float_shape_math(m) == 0
     assert all(n.op_type in ("Shape", "Gather", "Unsqueeze", "Concat", "Constant", "Cast")
                for n in m.graph.node if n.name in set(shape_arithmetic_nodes(m)))
+
+
+def test_quantising_an_onnx_file_needs_no_torch():
+    """int8 and TensorRT steps start from an ONNX file: an export box without torch can run them."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import ami.export.quantize, ami.export.tensorrt; "
+            "sys.exit(3 if 'torch' in sys.modules else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr or "importing ami.export.quantize / tensorrt imported torch"
