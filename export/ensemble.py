@@ -56,7 +56,7 @@ class DeployGraph(nn.Module):
         return self.post(torch.stack([m(x) for m in self.folds]))
 
 
-def build_fold_model(src: RunSource, fold, weights: str | None = None, log=print) -> nn.Module:
+def build_fold_model(src: RunSource, fold, weights: str | None = None) -> nn.Module:
     """The fold's network as trained (for LoRA: still unmerged), weights loaded, eval mode, float32:
     :func:`ami.train.foldmodel.load_fold_model` in timm's exportable mode (no fused attention), its
     errors as :class:`ExportError`. ``weights``: the frozen backbone of a trainable-only checkpoint

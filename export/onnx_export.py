@@ -157,7 +157,7 @@ def _fold_models(src: RunSource, pre, images: np.ndarray, weights: str | None, l
     models, merges = [], {}
     with torch.no_grad():
         for f in src.folds:
-            m = build_fold_model(src, f, weights, log)
+            m = build_fold_model(src, f, weights)
             if src.method == "lora":
                 m, merges[str(f)] = merge_lora_checked(m, pre, images, what=f"LoRA merge of fold {f}")
                 log(f"export: fold {f}: LoRA merged, max |delta p| {merges[str(f)]['max_abs_diff']:.2g} on {len(images)} crops")

@@ -97,9 +97,10 @@ def read_json(path: Path) -> dict:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never a part."""
+    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never a part
+    (the temporary file is per process, so two processes replacing the same record never mix)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -264,9 +265,6 @@ class RunDir:
     def write_split(self, record: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.split_path, record)
-
-    def weights_source(self) -> WeightsSource:
-        return WeightsSource.from_config(self.config())
 
     @classmethod
     def locate(cls, path) -> tuple[RunDir, FoldId | None]:

@@ -54,7 +54,7 @@ def test_layout_finished_and_complete_folds(tmp_path):
     assert f.require_weights() == f.weights
     with pytest.raises(RunDirError, match=r"fold1.best\.safetensors is missing: fold 1 of r is not trained"):
         run.fold(1).require_weights()
-    assert not list(tmp_path.rglob("*.tmp"))  # atomic writes leave no temporary files
+    assert not list(tmp_path.rglob("*.tmp*"))  # atomic writes leave no temporary files
 
 
 def test_locate_run_and_fold_dirs(tmp_path):

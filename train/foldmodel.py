@@ -60,7 +60,6 @@ def load_state_file(model: nn.Module, path: Path) -> None:
 
     from .weights import load_weights
 
-    is_partial(path)  # unreadable metadata -> FoldModelError
     try:
         load_weights(model, path)
     except (SafetensorError, OSError) as e:

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ami.runtime import splits
-from ami.runtime.rundir import FoldDir, RunDir, fold_name
+from ami.runtime.rundir import FoldDir, RunDir, atomic_write_json, fold_name
 
 from .registry import METHODS, REGISTRY, get, label, table3_configs
 
@@ -198,10 +198,9 @@ def fold_dir(job: dict) -> FoldDir:
 # -- the job ----------------------------------------------------------------------------------------
 
 def _atomic_json(path: Path, obj: dict) -> None:
+    """A sweep record (job state, launch, manifest), replaced atomically; its folder made first."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, obj)
 
 
 def _read_json(path: Path) -> dict | None:
