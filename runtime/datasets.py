@@ -51,12 +51,18 @@ DATASETS: dict[str, DatasetSpec] = {
 # Content fingerprints (:func:`fingerprint`) of the public release, DeepMicroscopy/AMi-Br_Benchmark at
 # commit 3acf4da (the commit `ami-data download` fetches). A copy whose counts are right but whose
 # bytes, names or class folders differ (a crop replaced by another's bytes, two crops swapped) no
-# longer matches. AtNorM-Br is not pinned: the copy this project was built on holds it back, so its
-# fingerprint has never been computed here (verify says so instead of pretending).
+# longer matches.
 PINNED_FINGERPRINTS: dict[str, str | None] = {
     "AMi-Br": "423c0704f8e17d8adadc689e21b7b0a7a195e1395f1c8dd30de3ae380037835c",
-    "AtNorM-Br": None,
+    "AtNorM-Br": "36588e886d9e22286481fa08b783da9eda1c8944e7a63a7fce2de4e6725ae818",
     "AtNorM-MD": "e9a62678eede5ee925aaa5dfec98f444cca1c67dffa90a10810cbe29b752acbc",
+}
+# The release's own byte-identical crops, listed once from the release (``sha256,crop`` per file, one
+# group per digest): the public AtNorM-Br holds 27 such groups (35 extra copies, 2 groups whose copies
+# carry conflicting labels). AMi-Br and AtNorM-MD have none. ``verify`` reports these as the release's
+# and calls any other duplicate tampering.
+KNOWN_DUPLICATES_FILES: dict[str, Path] = {
+    "AtNorM-Br": Path(__file__).parent / "splits" / "atnorm-br_known_duplicates.csv",
 }
 AMIBR_TRAIN_SIZE = 2894
 AMIBR_TEST_SIZE = 826
@@ -175,6 +181,82 @@ def fingerprint(samples: list[Sample], digests: dict[Path, str] | None = None) -
     return h.hexdigest()
 
 
+def known_duplicates(name: str) -> dict[str, frozenset[str]]:
+    """The release's own duplicate groups of one dataset: sha256 -> {"Class/name.png", ...} (empty
+    when the release has none)."""
+    path = KNOWN_DUPLICATES_FILES.get(name)
+    if path is None:
+        return {}
+    groups: dict[str, set[str]] = {}
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            groups.setdefault(row["sha256"], set()).add(row["crop"])
+    return {d: frozenset(v) for d, v in groups.items()}
+
+
+def crop_key(s: Sample) -> str:
+    """``Class/name``: how a crop is named across datasets, reports and the known-duplicates lists."""
+    return f"{'Atypical' if s.label else 'Normal'}/{s.name}"
+
+
+@dataclass(frozen=True)
+class DuplicateGroup:
+    """Crops with byte-identical content."""
+
+    sha256: str
+    samples: tuple[Sample, ...]
+
+    @property
+    def conflicting(self) -> bool:
+        """The copies carry different labels."""
+        return len({s.label for s in self.samples}) > 1
+
+    def describe(self) -> str:
+        return ", ".join(crop_key(s) for s in self.samples)
+
+
+def duplicate_groups(samples: list[Sample], digests: dict[Path, str] | None = None) -> list[DuplicateGroup]:
+    """Groups of two or more samples whose files have identical bytes, each sorted by (label, name),
+    in the order of their first member."""
+    by_content: dict[str, list[Sample]] = {}
+    for s in samples:
+        d = digests[s.path] if digests and s.path in digests else file_sha256(s.path)
+        by_content.setdefault(d, []).append(s)
+    groups = [DuplicateGroup(d, tuple(sorted(v, key=lambda s: (s.label, s.name))))
+              for d, v in by_content.items() if len(v) > 1]
+    return sorted(groups, key=lambda g: (g.samples[0].label, g.samples[0].name))
+
+
+@dataclass(frozen=True)
+class Deduplicated:
+    """A crop set without its duplicates: ``kept`` (one copy of each agreeing group, first by (label,
+    name)), ``dropped_copies`` (the other copies) and ``dropped_conflicts`` (every copy of a group
+    whose labels disagree: no label can be trusted)."""
+
+    kept: list[Sample]
+    dropped_copies: list[Sample]
+    dropped_conflicts: list[Sample]
+    groups: list[DuplicateGroup]
+
+
+def deduplicate(samples: list[Sample], digests: dict[Path, str] | None = None,
+                groups: list[DuplicateGroup] | None = None) -> Deduplicated:
+    """The de-duplicated set (order of ``samples`` kept): conflicting groups dropped, one copy of
+    the others."""
+    groups = duplicate_groups(samples, digests) if groups is None else groups
+    copies: set[Path] = set()
+    conflicts: set[Path] = set()
+    for g in groups:
+        if g.conflicting:
+            conflicts.update(s.path for s in g.samples)
+        else:
+            copies.update(s.path for s in g.samples[1:])
+    return Deduplicated(kept=[s for s in samples if s.path not in copies and s.path not in conflicts],
+                        dropped_copies=[s for s in samples if s.path in copies],
+                        dropped_conflicts=[s for s in samples if s.path in conflicts],
+                        groups=groups)
+
+
 @dataclass
 class VerifyReport:
     name: str
@@ -184,6 +266,7 @@ class VerifyReport:
     fingerprint: str | None = None
     pinned: str | None = None  # the public release's fingerprint, when known
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # findings that are the release's own (known duplicates)
     message: str = ""
 
     @property
@@ -201,6 +284,26 @@ def _png_ok(path: Path) -> str | None:
     except Exception as e:  # any decoder failure is a finding, not a crash
         return f"{path.name}: unreadable ({type(e).__name__}: {e})"
     return None
+
+
+def check_duplicates(rep: VerifyReport, name: str, groups: list[DuplicateGroup]) -> None:
+    """Duplicates the release itself ships (same digest, same crops) become one note; any other
+    duplicate is a problem: a crop replaced by another's bytes."""
+    known = known_duplicates(name)
+    matched = [g for g in groups if known.get(g.sha256) == frozenset(crop_key(s) for s in g.samples)]
+    for g in groups:
+        if g not in matched:
+            rep.problems.append(f"identical content under {len(g.samples)} names: {g.describe()} "
+                                "(a crop replaced by another's bytes?)")
+    missing = set(known) - {g.sha256 for g in matched}
+    if missing:  # a listed group no longer there: its crops changed, which the fingerprint also says
+        rep.problems.append(f"{len(missing)} of the release's {len(known)} known duplicate groups are not as listed")
+    if matched:
+        extra = sum(len(g.samples) - 1 for g in matched)
+        conflicting = sum(g.conflicting for g in matched)
+        rep.notes.append(f"{len(matched)} groups of byte-identical crops ({extra} extra copies, {conflicting} "
+                         "groups with conflicting labels) are the public release's own, as listed: reported, "
+                         "not a problem; tables also give the de-duplicated set")
 
 
 def verify_dataset(root: Path, name: str, check_images: bool = True) -> VerifyReport:
@@ -241,13 +344,7 @@ def verify_dataset(root: Path, name: str, check_images: bool = True) -> VerifyRe
             counts_ok = False
             rep.problems.append(f"{cls}: found {got} crops, expected {want}")
     digests = {x.path: file_sha256(x.path) for x in samples}
-    by_content: dict[str, list[Sample]] = {}
-    for x in samples:
-        by_content.setdefault(digests[x.path], []).append(x)
-    for same in by_content.values():
-        if len(same) > 1:
-            names = ", ".join(f"{'Atypical' if x.label else 'Normal'}/{x.name}" for x in same)
-            rep.problems.append(f"identical content under {len(same)} names: {names} (a crop replaced by another's bytes?)")
+    check_duplicates(rep, name, duplicate_groups(samples, digests))
     rep.fingerprint = fingerprint(samples, digests)
     rep.pinned = PINNED_FINGERPRINTS.get(name)
     if rep.pinned and rep.fingerprint != rep.pinned and counts_ok:  # wrong counts already say why

@@ -57,7 +57,58 @@ def test_verify_cli_on_real_data(data_root):
     res = runner.invoke(app, ["verify", "--data-root", str(data_root), "--quick"])
     assert res.exit_code == 0, res.output
     assert "832/832" in res.output and "2888/2888" in res.output and "219/219" in res.output
-    assert "AtNorM-Br  MISSING" in res.output
+    assert "128/128" in res.output and "618/618" in res.output
+    assert res.output.count("= public release") == 3 and "!= public release" not in res.output
+    assert ("AtNorM-Br: 27 groups of byte-identical crops (35 extra copies, 2 groups with conflicting labels) "
+            "are the public release's own, as listed") in res.output
+    assert "a crop replaced by another's bytes" not in res.output
+
+
+def test_verify_fails_on_a_missing_dataset_unless_it_is_left_out(synthetic_root):
+    """The benchmark needs all three sets: a missing one fails verify (exit 1); --dataset checks a
+    partial data root on purpose."""
+    res = runner.invoke(app, ["verify", "--data-root", str(synthetic_root), "--quick"])
+    assert res.exit_code == 1, res.output
+    assert "AtNorM-Br  MISSING" in res.output and "dataset AtNorM-Br is not present" in res.output
+    res = runner.invoke(app, ["verify", "--data-root", str(synthetic_root), "--quick", "--dataset", "AtNorM-Br"])
+    assert res.exit_code == 1 and "AtNorM-Br  MISSING" in res.output
+    res = runner.invoke(app, ["verify", "--data-root", str(synthetic_root), "--quick", "--dataset", "Nope"])
+    assert res.exit_code == 2 and "unknown dataset 'Nope'; known: AMi-Br, AtNorM-Br, AtNorM-MD" in res.output
+
+
+def test_known_duplicates_of_the_release_and_the_deduplicated_set(data_root):
+    known = ds.known_duplicates("AtNorM-Br")
+    assert len(known) == 27 and sum(len(v) - 1 for v in known.values()) == 35
+    assert ds.known_duplicates("AMi-Br") == {} and ds.known_duplicates("AtNorM-MD") == {}
+    samples = ds.scan(data_root, "AtNorM-Br")
+    dd = ds.deduplicate(samples)
+    assert [g.describe() for g in dd.groups if g.conflicting] == [
+        "Normal/391.png, Normal/398.png, Normal/404.png, Normal/410.png, Atypical/390.png",
+        "Normal/425.png, Atypical/428.png"]
+    assert len(dd.dropped_conflicts) == 7 and len(dd.dropped_copies) == 30
+    assert (len(dd.kept), sum(s.label for s in dd.kept)) == (709, 122)
+    assert len({ds.file_sha256(s.path) for s in dd.kept}) == 709  # every kept crop is distinct
+
+
+def test_verify_tells_the_releases_duplicates_from_tampering(data_root, tmp_path):
+    """A duplicate the release does not list is tampering; one listed group broken up is too."""
+    root = _linked_copy(data_root, tmp_path, "AtNorM-Br")
+    rep = ds.verify_dataset(root, "AtNorM-Br", check_images=False)
+    assert rep.ok and rep.fingerprint == rep.pinned, rep.problems
+    assert len(rep.notes) == 1 and rep.notes[0].startswith("27 groups of byte-identical crops")
+    a = root / "AtNorM-Br" / "Atypical"
+    (a / "101.png").unlink()
+    shutil.copy(a / "103.png", a / "101.png")  # a new duplicate, not the release's
+    (a / "165.png").unlink()
+    shutil.copy(a / "106.png", a / "165.png")  # breaks the listed group 160 = 165
+    rep = ds.verify_dataset(root, "AtNorM-Br", check_images=False)
+    assert not rep.ok
+    assert "identical content under 2 names: Atypical/101.png, Atypical/103.png (a crop replaced by another's bytes?)" \
+        in rep.problems
+    assert "identical content under 2 names: Atypical/106.png, Atypical/165.png (a crop replaced by another's bytes?)" \
+        in rep.problems
+    assert "1 of the release's 27 known duplicate groups are not as listed" in rep.problems
+    assert rep.notes[0].startswith("26 groups of byte-identical crops")
 
 
 def _mini_copy(src_root: Path, dst: Path, n: int = 6) -> Path:
@@ -137,6 +188,6 @@ def test_verify_pins_the_release_and_finds_swapped_content(data_root, tmp_path):
 
 
 def test_verify_real_data_matches_the_pins(data_root):
-    for name in ("AMi-Br", "AtNorM-MD"):
+    for name in ("AMi-Br", "AtNorM-Br", "AtNorM-MD"):
         rep = ds.verify_dataset(data_root, name, check_images=False)
         assert rep.ok and rep.fingerprint == ds.PINNED_FINGERPRINTS[name], (name, rep.problems)
