@@ -70,6 +70,8 @@ def export(
     calibration: str = typer.Option("minmax", help="int8: calibration method: minmax, entropy, percentile."),
     activations: str = typer.Option("s8", help="int8: activation type: s8 (int8, portable default) or u8 (uint8: "
                                     "faster on x86-64 CPUs with VNNI; may saturate on AVX2-only CPUs)."),
+    reduce_range: bool = typer.Option(False, "--reduce-range/--full-range", help="int8: quantise weights to 7 bits, "
+                                      "so that x86 CPUs without VNNI (AVX2 only) do not saturate."),
     ba_tol: float = typer.Option(_INT8.ba_tol, help="int8: largest accepted |delta balanced accuracy| vs float."),
     auroc_tol: float = typer.Option(_INT8.auroc_tol, help="int8: largest accepted |delta AUROC| vs float."),
     measure_speed: int = typer.Option(0, "--measure-speed", help="int8: also time fp32 vs int8 on this CPU at this "
@@ -108,7 +110,7 @@ def export(
         folds=folds, data_root=data_root, engine=engine, threshold=thr, force=force, threads=threads, weights=weights,
         check=CheckOptions(opset=opset, check_crops=check_crops),
         int8=Int8Options(calib_crops=calib_crops, eval_crops=eval_crops, per_channel=per_channel,
-                         calibration=calibration, activations=activations, ba_tol=ba_tol, auroc_tol=auroc_tol,
+                         calibration=calibration, activations=activations, reduce_range=reduce_range, ba_tol=ba_tol, auroc_tol=auroc_tol,
                          speed_batch=measure_speed),
         trt=TrtOptions(batch=batch, precision=precision, timing_cache=timing_cache, workspace_gb=workspace_gb),
         log=typer.echo)
