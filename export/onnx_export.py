@@ -232,7 +232,7 @@ def _check_request(opts: ExportOptions, out: Path) -> None:
         require_tensorrt()  # fail before any work when there is no GPU / TensorRT
     existing = [p for p in final_paths(out, opts.engine) if p.exists()]
     if existing and not opts.force:
-        raise ExportError(f"{existing[0]} already exists; pass --force to replace it (it is replaced only after "
+        raise ExportError(f"{existing[0]} already exists; pass --overwrite to replace it (it is replaced only after "
                           "every check has passed)")
     if out.exists() and out.is_dir():
         raise ExportError(f"{out} is a directory; -o takes a file name")
