@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import typer
 
+from ami.runtime.cli.contract import guard
 from ami.runtime.datasets import available_eval_sets, require_data_root
 from ami.runtime.metrics import balanced_accuracy, cross_validated_threshold, evaluate, mean_std
 from ami.runtime.models import resolve_model
@@ -417,6 +418,7 @@ def _md_choices(c: dict) -> list[str]:
 
 def register(app: typer.Typer) -> None:
     @app.command("card")
+    @guard("ami-bench")
     def card_cmd(
         run: Path = typer.Argument(..., help="Run directory of the edge model (folds + all/)."),
         model: str = typer.Option("edge", "--model", metavar="FILE|NAME",

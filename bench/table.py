@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import typer
 
+from ami.runtime.cli.contract import guard
 from ami.runtime.datasets import TEST_SETS
 from ami.runtime.errors import BadInput
 from ami.runtime.metrics import MetricError, mean_std, roc_curve
@@ -330,6 +331,7 @@ Folds of one configuration trained in separate directories (one per GPU or machi
 
 def register(app: typer.Typer) -> None:
     @app.command("table", epilog=EPILOG)
+    @guard("ami-bench")
     def table_cmd(
         runs: list[Path] = typer.Argument(..., help="Run directories (or folders holding run directories)."),
         fmt: str = typer.Option("md", "--format", "-f", help="md (Markdown) or csv (one row per configuration)."),

@@ -92,6 +92,12 @@ def guarded(prog: str, func: Callable) -> Callable:
     return command
 
 
+def guard(prog: str) -> Callable[[Callable], Callable]:
+    """Decorator form of :func:`guarded`, for a command module that may be registered on a plain
+    ``typer.Typer`` as well (put it under ``@app.command(...)``)."""
+    return functools.partial(guarded, prog)
+
+
 class AmiTyper(typer.Typer):
     """``typer.Typer`` bound to the contract: every command is :func:`guarded`, every help ends with
     :data:`CONTRACT_EPILOG`, and calling the app runs it through :func:`run`."""
