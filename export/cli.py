@@ -8,7 +8,6 @@ import typer
 
 from ami.runtime.cli import DATA_ROOT_HELP
 from ami.runtime.cli.contract import AmiTyper, run
-from ami.runtime.datasets import require_data_root
 from ami.runtime.models import SHIPPED, resolve_model, shipped_model
 
 from .errors import ExportError
@@ -35,9 +34,8 @@ training crops (max |delta p| <= 1e-4, same labels) at batch 1 and N. int8 is ac
 balanced accuracy and AUROC stay within 0.01 / 0.005 of the float model on training crops held
 apart from calibration. Files appear only when every check passed.
 
-Exit status (the same in every ami tool): 0 written; 1 a check failed or int8 was refused (nothing
-written); 2 bad usage, source, run directory or data root; 3 TensorRT or a CUDA GPU is missing;
-4 an internal error (--debug prints its traceback)."""
+For ami-export, exit 1 means a check failed or int8 was refused (nothing written), 2 a bad source,
+run directory or data root, 3 that TensorRT or a CUDA GPU is missing."""
 
 
 def _threshold(text: str) -> float | None:
@@ -106,7 +104,6 @@ def export(
                        f"{len(s.folds)} folds){'  - ' + s.reason if s.reason else ''}")
         source = str(chosen)
     source = _source_path(source)
-    require_data_root(data_root, ("AMi-Br",), train_split=True)  # the self-checks run on real training crops
     from .onnx_export import export_onnx
 
     options = ExportOptions(

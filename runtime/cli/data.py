@@ -40,7 +40,9 @@ def verify(data_root: Path | None = typer.Option(None, "--data-root", help=DATA_
     class folders, an unreadable PNG, a wrong train/test split, a content fingerprint that differs
     from the release's, or two crops with identical bytes that the release itself does not ship.
     A missing dataset fails the check because the benchmark needs all three; to check a partial
-    data root on purpose, name the datasets you have with --dataset.
+    data root on purpose, name the datasets you have with --dataset. Exit code 2 when the data root
+    itself is not there (the message says where ami looked: --data-root, else $AMI_DATA_ROOT, else
+    the default).
 
     AtNorM-Br's release holds 27 groups of byte-identical crops (2 with conflicting labels); they
     are listed with the package and reported as the release's own, not as tampering.
