@@ -76,6 +76,10 @@ def test_a_missing_data_root_is_one_line_saying_where_ami_looked(prog, tmp_path)
     assert _lines(r) == [f"{prog}: error: no data root at {nowhere} (from $AMI_DATA_ROOT); set --data-root or "
                          "$AMI_DATA_ROOT to the folder holding AMi-Br/, or fetch it with `ami-data download`"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "nothing is made before the inputs are checked"
+    if prog == "ami-data":  # an expected error with --debug: its traceback, then the same line and code
+        debug = _tool(prog, "--debug", *MISSING_ROOT_CASES[prog], cwd=tmp_path, env={"AMI_DATA_ROOT": str(nowhere)})
+        assert debug.returncode == errors.EXIT_BAD_INPUT and "Traceback (most recent call last)" in debug.stderr
+        assert debug.stderr.strip().splitlines()[-1] == _lines(r)[0]
 
 
 def test_ami_infer_takes_no_data_root_and_its_bad_input_is_one_line(tmp_path):
