@@ -172,7 +172,7 @@ def pytorch_cuda(work: Path, device: str) -> dict:
     pre = tiny_preprocess()
     x = synthetic_crops(37, pre.input_size, seed=11)
     ref = session(model).run(None, {"pixels": x})[0]
-    from ami.bench.latency import torch_runner
+    from ami.bench.timing import torch_runner
 
     r = torch_runner([tiny_network(0)], pre, device, "tiny generated network")
     rows = []
@@ -183,7 +183,7 @@ def pytorch_cuda(work: Path, device: str) -> dict:
     ok = worst <= TOL["fp32"]
     return {"status": "pass" if ok else "fail", "device": device, "runner": r.label, "provider": r.provider,
             "batches": rows, "max_abs_dp": worst, "tolerance": TOL["fp32"],
-            "what": "torch_runner (ami.bench.latency): uint8 batch -> device -> eval_batch -> network -> sigmoid, "
+            "what": "torch_runner (ami.bench.timing): uint8 batch -> device -> eval_batch -> network -> sigmoid, "
                     "vs the exported ONNX model on ONNX Runtime CPU"}
 
 
