@@ -144,3 +144,38 @@ def test_projection_arithmetic():
     lin = GT.projections({"method": "linear", "step_s_median": 0.02, "eval_batch_s": 0.1, "eval_batch": 128, "batch": 8})
     assert lin["embeddings_once_s"] == pytest.approx(822 * 0.02)  # 6573 crops = 822 batches of 8
     assert GC.parse_models("uni:lora,edge") == [("uni", "lora"), ("edge", "full")] and GC.parse_models("") is None
+
+
+H200 = Path(__file__).resolve().parents[1] / "results" / "gpu" / "h200-2026-12-04"
+
+
+def test_gpu_hours_table_is_the_measured_step_times_times_the_work():
+    """The committed GPU-hour table: each row = measured step x 289 steps x 100 epochs x 5 folds,
+    recomputed by hand from the committed H200 report for one row, and the file is what the
+    generator writes from that JSON today."""
+    from ami.bench import gpu_hours as GH
+
+    rep = json.loads((H200 / "gpu-check.json").read_text())
+    uni = next(r for r in rep["sections"]["training_steps"]["rows"] if (r["model"], r["method"]) == ("uni", "lora"))
+    by_hand = uni["step_s_median"] * 289 * 100 * 5 / 3600
+    row = next(r for r in GH.gpu_hours(rep) if (r["model"], r["method"]) == ("uni", "lora"))
+    assert row["training_h"] == pytest.approx(by_hand) and row["with_evaluation_h"] == pytest.approx(
+        uni["five_folds_s"] / 3600)
+    md = GH.to_markdown(rep, "h200-2026-12-04/gpu-check.json")
+    assert f"| UNI (lora) | {uni['step_s_median']:.3f} | - | 289 x 100 x 5 | {by_hand:.2f} |" in md
+    assert (H200.parent / "gpu-hours.md").read_text() == md  # regenerate with ami-bench gpu-hours
+    lin = next(r for r in GH.gpu_hours(rep) if (r["model"], r["method"]) == ("uni", "linear"))
+    assert lin["embedding_batches"] == 822 and lin["training_h"] == pytest.approx(822 * lin["step_s"] / 3600)
+
+
+def test_gpu_hours_refuses_a_report_without_training_rows(tmp_path):
+    from typer.testing import CliRunner
+
+    from ami.bench.cli import _register, app
+
+    _register()
+    bad = tmp_path / "gc.json"
+    bad.write_text(json.dumps({"sections": {"training_steps": {"status": "skipped", "reason": "no CUDA GPU"}}}))
+    res = CliRunner().invoke(app, ["gpu-hours", str(bad)])
+    assert res.exit_code == 2
+    assert "ami-bench gpu-hours: the report holds no measured training step" in res.output
