@@ -50,6 +50,11 @@ def quiet_when_missing(engine_name: str) -> bool:
     return engine_name in _QUIET_WHEN_MISSING
 
 
+def engine_choices() -> str:
+    """The registry's engine names as a command's help lists them: ``onnxruntime | openvino | tensorrt``."""
+    return " | ".join(REGISTRY)
+
+
 def is_base_engine(eng) -> bool:
     """Whether a loaded engine runs on the base install's engine (ONNX Runtime)."""
     return eng.engine == BASE_ENGINE

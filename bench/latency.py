@@ -56,6 +56,7 @@ from .common import (
     build_run_models,
     build_single_model,
     decode_crops,
+    engine_choices,
     is_base_engine,
     load_variants,
     log_to_stderr,
@@ -68,6 +69,7 @@ from .peaks import measure_again, measure_cpu_peaks, measure_gpu_peaks, peak_key
 from .timing import LatencyError, Runner, engine_runner, stats_from, time_fn, torch_runner
 
 DEFAULT_BATCHES = (1, 8, 32, 64, 128)
+RUNTIME_HELP = f"Only these engines of the registry ({engine_choices()}); repeat. Default: every installed one."
 
 
 # -- the benchmark -------------------------------------------------------------------------------
@@ -464,8 +466,7 @@ def register(app: typer.Typer) -> None:
         peak_n: int = typer.Option(2048, "--peak-n", help="Matrix size of the peak-FLOP/s measurement."),
         trt: str = typer.Option("auto", "--trt", help="auto (build fp16/fp32 plans when a GPU and TensorRT are present) "
                                 "| off."),
-        runtime: list[str] | None = typer.Option(None, "--runtime", help="Only these engines of the registry (onnxruntime "
-                                                    "| openvino | tensorrt); repeat. Default: every installed one."),
+        runtime: list[str] | None = typer.Option(None, "--runtime", help=RUNTIME_HELP),
         precision: list[str] | None = typer.Option(None, "--precision", help="Only these precisions (fp32 | bf16 | "
                                                       "int8); repeat. Default: every precision each engine offers here."),
         json_out: Path | None = typer.Option(None, "--json", help="Write the full results as JSON here."),

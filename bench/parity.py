@@ -46,7 +46,6 @@ import typer
 from ami.runtime.artifact import ArtifactMeta
 from ami.runtime.datasets import TEST_SETS, available_eval_sets, resolve_data_root
 from ami.runtime.engine import ASSETS
-from ami.runtime.engines import REGISTRY
 from ami.runtime.hashing import file_sha256
 from ami.runtime.metrics import MetricError, auroc, balanced_accuracy
 from ami.runtime.preprocess import Preprocess
@@ -58,6 +57,7 @@ from .common import (
     build_run_models,
     build_single_model,
     decode_crops,
+    engine_choices,
     engine_label,
     load_variants,
     log_to_stderr,
@@ -76,7 +76,7 @@ from .parity_report import (
     tolerance_for,
 )
 
-RUNTIME_HELP = ("Inference engine(s) from the registry (" + " | ".join(REGISTRY)
+RUNTIME_HELP = ("Inference engine(s) from the registry (" + engine_choices()
                 + "); repeat for several. Default: every installed engine that loads the file.")
 
 
