@@ -116,7 +116,7 @@ def _end_to_end(sec: dict) -> list[str]:
 
 
 def _training_intro(sec: dict) -> str:
-    return (f"{sec['steps']} timed steps at batch {sec['batch']} after {WARMUP_STEPS} warm-up steps, "
+    return (f"{sec['steps']} timed steps at batch {sec['batch']} after {sec.get('warmup', WARMUP_STEPS)} warm-up steps, "
             f"--amp {sec['amp']}, random initialisation"
             + (" - TINY STAND-INS on the CPU: these numbers say nothing about a GPU" if sec.get("tiny_stand_ins") else "")
             + ". Loop: ami-train's step (full/LoRA: gather from crops in memory + augmentation (CPU) + copy + "

@@ -42,9 +42,14 @@ def _sync(dev):
         torch.cuda.synchronize(dev)
 
 
-def _timed(fn, steps: int, dev) -> list[float]:
-    """``WARMUP_STEPS`` untimed calls, then the seconds of each of ``steps`` calls (device-synchronised)."""
-    for _ in range(WARMUP_STEPS):
+def warmup_steps(tiny: bool) -> int:
+    """Untimed calls before each timing: one in the CPU rehearsal (it proves the code, it measures nothing)."""
+    return 1 if tiny else WARMUP_STEPS
+
+
+def _timed(fn, steps: int, dev, warmup: int) -> list[float]:
+    """``warmup`` untimed calls, then the seconds of each of ``steps`` calls (device-synchronised)."""
+    for _ in range(warmup):
         fn()
         _sync(dev)
     times = []
@@ -152,8 +157,8 @@ def _loop_step(cfg, method: str, dev, *, steps: int, batch: int, tiny: bool, amp
         x.to(dev, non_blocking=True)
         labels[idx].to(dev)
 
-    times = _timed(step, steps, dev)
-    host_times = _timed(host, steps, dev)
+    times = _timed(step, steps, dev, warmup_steps(tiny))
+    host_times = _timed(host, steps, dev, warmup_steps(tiny))
     eb = min(EVAL_BATCH, 16) if tiny else EVAL_BATCH
     xe = torch.from_numpy(synthetic_crops(eb, pre.input_size, seed=4))
     model.eval()
@@ -162,7 +167,7 @@ def _loop_step(cfg, method: str, dev, *, steps: int, batch: int, tiny: bool, amp
         with torch.no_grad(), autocast(dev, amp):
             model(D.eval_batch(xe, pre).to(dev))
 
-    etimes = _timed(evaluate, 2, dev)
+    etimes = _timed(evaluate, 2, dev, warmup_steps(tiny))
     return {"model": cfg.name, "method": method, "arch": cfg.arch, "display": cfg.display,
             "params_trainable": count_params(model, True), "params": count_params(model),
             "build_s": round(build_s, 2), "steps": steps, "batch": batch, "amp": amp if use_amp else "none",
@@ -218,7 +223,7 @@ def bare_step(cfg, method: str, dev, *, steps: int, batch: int, tiny: bool, amp:
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-    times = _timed(step, steps, dev)
+    times = _timed(step, steps, dev, warmup_steps(tiny))
     return {"bare_step_s_median": _median(times), "bare_what": (
         "no_grad forward" if method == "linear" else
         f"forward/backward + AdamW, inputs on the device{', PEFT LoRA on ' + '/'.join(BARE_LORA_TARGETS) if method == 'lora' else ''}")
@@ -277,7 +282,7 @@ def training_section(device: str, deadline, *, models: list[tuple[str, str]] | N
             _free(dev)
         rows.append(rec)
     out = {"status": "fail" if failed else "pass", "rows": rows, "tiny_stand_ins": tiny, "device": device,
-           "amp": AMP if dev.type == "cuda" else "none", "steps": steps, "batch": TRAIN_BATCH}
+           "amp": AMP if dev.type == "cuda" else "none", "steps": steps, "warmup": warmup_steps(tiny), "batch": TRAIN_BATCH}
     if failed:
         out["failed"] = failed
     return out
