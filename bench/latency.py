@@ -78,7 +78,7 @@ def parse_batches(text: str | Sequence[int]) -> list[int]:
     try:
         return parse_batch_sizes(text)
     except ValueError as e:
-        raise LatencyError(f"--batch {e}") from None
+        raise LatencyError(f"--batch-size {e}") from None
 
 
 def _gpu_state() -> tuple[bool, str]:
@@ -427,10 +427,10 @@ EPILOG = """Examples:
 \b
   ami-bench latency --data-root D                 # shipped edge model, every engine, batch 1..128
   ami-bench latency --data-root D --json latency.json --md latency.md
-  ami-bench latency -m edge.onnx -m edge-int8.onnx --weights edge.safetensors --batch 1,32
+  ami-bench latency -m edge.onnx -m edge-int8.onnx --weights edge.safetensors --batch-size 1,32
   ami-bench latency -m uni.onnx --run runs/uni-lora --folder my-crops/ --crops 256
-  ami-bench latency --batch 1,8 --crops 64 --seconds 0.5    # a quick smoke run
-  ami-bench latency --runtime openvino --batch 64 --no-e2e   # one engine, every precision it offers
+  ami-bench latency --batch-size 1,8 --crops 64 --seconds 0.5    # a quick smoke run
+  ami-bench latency --engine openvino --batch-size 64 --no-e2e   # one engine, every precision it offers
 
 Model-only rows time uint8 batches already in memory (warm-up excluded); the end-to-end table
 times the ami-infer pipeline and the plain PIL + torchvision + DataLoader loop on the same crops
@@ -447,7 +447,7 @@ def register(app: typer.Typer) -> None:
                                            "the reference loop use its folds)."),
         weights: Path | None = typer.Option(None, "--weights", help="Instead of --run: a full PyTorch state dict of "
                                                "the network (default with the shipped models: edge.safetensors)."),
-        batch: str = typer.Option(",".join(map(str, DEFAULT_BATCHES)), "--batch", "-b", help="Batch sizes, comma-separated."),
+        batch: str = typer.Option(",".join(map(str, DEFAULT_BATCHES)), "--batch-size", "-b", help="Batch sizes, comma-separated."),
         data_root: Path | None = typer.Option(None, "--data-root", help="Folder holding the datasets (default: "
                                                  "$AMI_DATA_ROOT, else ~/.local/share/ami/ami-br-benchmark); the "
                                                  "end-to-end crops come from AtNorM-MD (else the AMi-Br test split)."),
@@ -466,7 +466,7 @@ def register(app: typer.Typer) -> None:
         peak_n: int = typer.Option(2048, "--peak-n", help="Matrix size of the peak-FLOP/s measurement."),
         trt: str = typer.Option("auto", "--trt", help="auto (build fp16/fp32 plans when a GPU and TensorRT are present) "
                                 "| off."),
-        runtime: list[str] | None = typer.Option(None, "--runtime", help=RUNTIME_HELP),
+        runtime: list[str] | None = typer.Option(None, "--engine", help=RUNTIME_HELP),
         precision: list[str] | None = typer.Option(None, "--precision", help="Only these precisions (fp32 | bf16 | "
                                                       "int8); repeat. Default: every precision each engine offers here."),
         json_out: Path | None = typer.Option(None, "--json", help="Write the full results as JSON here."),

@@ -148,7 +148,7 @@ def resolve_engines(engines: Sequence[str | Path] | None) -> tuple[list[Path], l
     if not present:
         raise ParityError(f"no shipped engine found: {', '.join(p.name for p in SHIPPED_ENGINES)} are missing from "
                           f"{ASSETS} (the shipped edge model is not built yet?); check any artefact with "
-                          "--run DIR --engine FILE")
+                          "--run DIR --model FILE")
     return present, notes
 
 
@@ -365,10 +365,10 @@ EPILOG = """Examples:
 \b
   ami-bench parity --data-root D       # shipped edge model: edge.safetensors vs edge.onnx + edge-int8.onnx
   ami-bench parity --max-crops 200     # quick: a class-stratified sample of 200 crops per set
-  ami-bench parity --run runs/edge --engine edge.onnx --engine edge-int8.onnx
-  ami-bench parity --run runs/uni-lora --engine uni.onnx --format json -o parity.json
-  ami-bench parity --weights edge.safetensors --engine my-edge.onnx
-  ami-bench parity --runtime openvino --precision bf16    # one engine, one precision
+  ami-bench parity --run runs/edge --model edge.onnx --model edge-int8.onnx
+  ami-bench parity --run runs/uni-lora --model uni.onnx --format json -o parity.json
+  ami-bench parity --weights edge.safetensors --model my-edge.onnx
+  ami-bench parity --engine openvino --precision bf16    # one engine, one precision
 
 \b
 Every file runs on every installed engine that loads it (ONNX Runtime, OpenVINO, TensorRT), at
@@ -386,20 +386,21 @@ def register(app: typer.Typer) -> None:
                                                  "(default: $AMI_DATA_ROOT, else ~/.local/share/ami/ami-br-benchmark)."),
         run: Path | None = typer.Option(None, "--run", help="Training run the engines were exported from (its "
                                            "config.json + fold*/best.safetensors; folds from each engine's metadata)."),
-        engine: list[Path] | None = typer.Option(None, "--engine", help="Engine file (ONNX or TensorRT plan); repeat "
-                                                    "for several. Default: the shipped edge.onnx and edge-int8.onnx."),
+        model: list[Path] | None = typer.Option(None, "--model", "-m", help="Model file (ONNX or TensorRT plan) or a "
+                                                   "shipped model's name (edge, edge-int8); repeat for several. "
+                                                   "Default: the shipped edge and edge-int8."),
         weights: Path | None = typer.Option(None, "--weights", help="Instead of --run: a full PyTorch state dict "
                                                "(.safetensors) of the engines' network."),
         max_crops: int = typer.Option(0, "--max-crops", help="At most N crops per set (class-stratified, seed 0); 0 = all."),
         fmt: str = typer.Option("md", "--format", "-f", help="md | csv | json."),
-        output: Path | None = typer.Option(None, "--output", "-o", help="Write the report here (the verdict still "
-                                              "goes to stdout)."),
-        batch: int = typer.Option(64, "--batch", help="Batch size for both sides."),
+        out: Path | None = typer.Option(None, "--out", "-o", help="Write the report here (the verdict still "
+                                           "goes to stdout)."),
+        batch_size: int = typer.Option(64, "--batch-size", help="Batch size for both sides."),
         threads: int = typer.Option(0, "--threads", help="CPU threads for PyTorch and ONNX Runtime (0 = their default)."),
         provider: str = typer.Option("cpu", "--provider", help="ONNX Runtime provider for ONNX engines: cpu | cuda | "
                                      "tensorrt | auto (plans always run on TensorRT)."),
         device: str = typer.Option("cpu", "--device", help="PyTorch device: cpu | cuda (float32, TF32 off)."),
-        runtime: list[str] | None = typer.Option(None, "--runtime", help=RUNTIME_HELP),
+        engine: list[str] | None = typer.Option(None, "--engine", help=RUNTIME_HELP),
         precision: list[str] | None = typer.Option(None, "--precision", help="Only these precisions (fp32 | bf16 | "
                                                       "int8); repeat. Default: every precision each engine runs the "
                                                       "file at here (OpenVINO: fp32 and bf16 where the CPU has it)."),
@@ -408,18 +409,18 @@ def register(app: typer.Typer) -> None:
         if fmt not in FORMATS:
             raise typer.BadParameter(f"--format must be one of {', '.join(FORMATS)}")
         try:
-            opts = ParityOptions(run=run, engines=engine, weights=weights, max_crops=max_crops, batch=batch,
-                                 threads=threads, provider=provider, device=device, runtimes=runtime,
+            opts = ParityOptions(run=run, engines=model, weights=weights, max_crops=max_crops, batch=batch_size,
+                                 threads=threads, provider=provider, device=device, runtimes=engine,
                                  precisions=precision, log=lambda s: typer.echo(s, err=True))
             rep = parity(data_root, opts)
         except ParityError as e:
             typer.echo(f"ami-bench parity: {e}", err=True)
             raise typer.Exit(2) from None
         text = rep.render(fmt)
-        if output:
-            output.parent.mkdir(parents=True, exist_ok=True)
-            output.write_text(text)
-            typer.echo(f"wrote {output}", err=True)
+        if out:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text)
+            typer.echo(f"wrote {out}", err=True)
             typer.echo("\n".join(rep.verdict_lines() + rep.notes))
         else:
             typer.echo(text, nl=False)

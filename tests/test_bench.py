@@ -307,7 +307,7 @@ def test_latency_cli_writes_json_and_markdown(edge, tmp_path, monkeypatch):
     app = cli_app(L)
     monkeypatch.setenv("AMI_DATA_ROOT", str(tmp_path / "no-data"))  # no crops: random pixels, no end-to-end
     j, md = tmp_path / "lat.json", tmp_path / "lat.md"
-    res = CliRunner().invoke(app, ["latency", "-m", str(edge["fp32"]), "--weights", str(edge["weights"]), "--batch", "2",
+    res = CliRunner().invoke(app, ["latency", "-m", str(edge["fp32"]), "--weights", str(edge["weights"]), "--batch-size", "2",
                                    "--rounds", "2", "--warmup", "0", "--no-e2e", "--peak-n", "128", "--threads", "1",
                                    "--json", str(j), "--md", str(md)])
     assert res.exit_code == 0, res.output

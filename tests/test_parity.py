@@ -189,7 +189,7 @@ def test_perturbed_engine_fails_and_names_dataset_and_metric(tiny, broken, synth
 
     out = tmp_path / "parity.json"
     res = CliRunner().invoke(cli_app(P), ["parity", "--data-root", str(synthetic_folds_root), "--run", str(tiny["run"]),
-                                          "--engine", str(tiny["engine"]), "--engine", str(broken), "--max-crops",
+                                          "--model", str(tiny["engine"]), "--model", str(broken), "--max-crops",
                                           str(SAMPLE), "--threads", "1", "--format", "json", "-o", str(out),
                                           "--precision", "fp32"])
     assert res.exit_code == 1, res.output
@@ -216,7 +216,7 @@ def test_missing_run_weights_is_a_setup_error(tiny, tmp_path, synthetic_folds_ro
     shutil.copytree(tiny["run"], run)
     (run / "fold0" / "best.safetensors").unlink()
     res = CliRunner().invoke(cli_app(P), ["parity", "--data-root", str(synthetic_folds_root), "--run", str(run),
-                                          "--engine", str(tiny["engine"]), "--max-crops", "8"])
+                                          "--model", str(tiny["engine"]), "--max-crops", "8"])
     assert res.exit_code == 2 and "best.safetensors" in res.output
 
 
