@@ -133,7 +133,10 @@ def test_local_launcher_runs_four_jobs_two_at_a_time_and_the_table_merges_them(s
     args = ["--sweep", "edge_200mf,uni", "--methods", "full,linear", "--folds", "0,1", *TINY, "--jobs", "2",
             "--out", str(root), "--data-root", str(synthetic_folds_root), "--cache-dir", str(tmp_path / "cache")]
     res = _cli(args)
-    assert "4 job(s), 2 at a time on CPU" in res.stderr and "4 of 4 job(s) finished" in res.stdout
+    # where the pool runs depends on the box: CPU slots without a GPU, else the visible GPUs' ids
+    gpus = S.visible_gpus()
+    where = f"GPU{'s' if len(gpus) > 1 else ''} {','.join(gpus)}" if gpus else "CPU"
+    assert f"4 job(s), 2 at a time on {where}" in res.stderr and "4 of 4 job(s) finished" in res.stdout
     ids = ["edge_200mf-full-fold0", "edge_200mf-full-fold1", "uni-linear-fold0", "uni-linear-fold1"]
     recs = [json.loads((root / "logs" / f"{i}.json").read_text()) for i in ids]
     assert [r["state"] for r in recs] == ["done"] * 4 and {r["attempt"] for r in recs} == {1}

@@ -49,7 +49,7 @@ from .loop import (
 from .models import count_params, create
 from .recipes import origins
 from .registry import ModelConfig, Recipe, configure, definition, get, with_recipe_defaults
-from .weights import TRAINABLE, load_partial_state, load_weights, save_weights
+from .weights import TRAINABLE, load_partial_state, load_weights, save_weights, weights_record
 
 
 @dataclass
@@ -306,7 +306,7 @@ class EndToEndTrainer(FoldTrainer):
         def scored(cs: D.CropSet):
             return cs.names, cs.labels.numpy(), predict(model, cs, cfg, run.device, amp=amp)
 
-        out = self.record(run, fd, f.progress, train_seconds)
+        out = self.record(run, fd, f.progress, train_seconds, weights=weights_record(model))
         validation = (lambda: scored(f.val_set)) if f.val_set is not None else None
         self.evaluate(run, fd, out, validation, lambda name, samples: scored(D.load_crops(samples, cfg.preprocess)))
         return self.finish(fd, out)
