@@ -95,6 +95,45 @@ def test_tiny_stand_in_forward_embed_and_one_step(name):
         assert torch.isfinite(loss)
 
 
+@pytest.mark.parametrize("method", ["lora", "linear"])
+def test_the_new_head_starts_as_the_recipe_says(method):
+    """head_init=timm: the head timm's ViT constructor builds for num_classes=1 (trunc normal, std 0.02, zero
+    bias), as the UNI / UNI2-h / Prov-GigaPath LoRA scripts; head_init=linear: nn.Linear's default."""
+    from ami.train.adapt import init_head
+
+    cfg = get("uni")
+    heads = {}
+    for how in ("timm", "linear"):
+        torch.manual_seed(0)
+        model = create(cfg, method, tiny=True, random_init=True, head_init=how)
+        heads[how] = getattr(classifier_of(model), HEAD)
+    w, b = heads["timm"].weight.detach(), heads["timm"].bias.detach()
+    assert torch.count_nonzero(b) == 0 and 0.01 < float(w.std()) < 0.03
+    fan_in = heads["linear"].in_features
+    assert torch.count_nonzero(heads["linear"].bias) == 1 and float(heads["linear"].weight.abs().max()) <= fan_in ** -0.5
+    assert float(heads["linear"].weight.std()) > 0.1  # U(-1/8, 1/8) for the 64-wide stand-in: std 0.072
+    with pytest.raises(ValueError, match="unknown head_init 'zeros': linear or timm"):
+        init_head(torch.nn.Linear(4, 1), "zeros")
+
+
+def test_fit_builds_the_model_with_the_recipes_head_init(monkeypatch, synthetic_folds_root, tmp_path):
+    """ami-train hands the recipe's head_init (timm for the UNI LoRA script) to create()."""
+    from ami.train import fit
+
+    seen = {}
+
+    def fake_create(cfg, method, **kw):
+        seen.update(kw)
+        raise KeyboardInterrupt  # stop before any training
+
+    monkeypatch.setattr(fit, "create", fake_create)
+    spec = fit.RunSpec(model="uni", method="lora", run_dir=tmp_path / "run", data_root=synthetic_folds_root, tiny=True,
+                       random_init=True, max_train=16, max_eval=8, recipe_overrides={"epochs": 1}, device="cpu")
+    with pytest.raises(KeyboardInterrupt):
+        fit.run(spec, [0], log=lambda *_a, **_k: None)
+    assert seen["head_init"] == "timm" == get("uni").recipe_for("lora").head_init
+
+
 def test_lora_merge_matches_unmerged_output():
     _, model = _tiny("uni", "lora", seed=3)
     clf = classifier_of(model)

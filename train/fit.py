@@ -47,7 +47,7 @@ from .loop import (
     write_history,
 )
 from .models import count_params, create
-from .recipes import origins
+from .provenance import origins
 from .registry import ModelConfig, Recipe, configure, definition, get, with_recipe_defaults
 from .weights import TRAINABLE, load_partial_state, load_weights, save_weights, weights_record
 
@@ -229,7 +229,8 @@ class EndToEndTrainer(FoldTrainer):
         val_set = D.load_crops(va, cfg.preprocess) if va else None
         model = create(cfg, spec.method, weights=spec.weights, random_init=spec.random_init, tiny=spec.tiny,
                        drop_rate=r.drop_rate, drop_path_rate=r.drop_path_rate,
-                       lora_rank=r.lora_rank, lora_alpha=r.lora_alpha, lora_dropout=r.lora_dropout)
+                       lora_rank=r.lora_rank, lora_alpha=r.lora_alpha, lora_dropout=r.lora_dropout,
+                       head_init=r.head_init)
         model = to_device(model, run.device)
         params = [p for p in model.parameters() if p.requires_grad]
         keep = trainable_names(model) if spec.method != "full" and cfg.pretrained and not spec.random_init else None

@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field, replace
 
 from ami.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
-from .recipes import BLOCKS_LORA_TARGETS, Recipe, lora_regex, normalization, script_recipe  # also re-exported
+from .provenance import script_recipe
+from .recipes import BLOCKS_LORA_TARGETS, Recipe, lora_regex, normalization  # also re-exported
 
 METHODS = ("full", "linear", "lora")
 
