@@ -25,7 +25,9 @@ import ast
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
 
-IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+from ami.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+IMAGENET = (IMAGENET_MEAN, IMAGENET_STD)  # the runtime's constants: one definition
 HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 HOPTIMUS = ((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517))
 NORMALIZATIONS = {"imagenet": IMAGENET, "half": HALF, "hoptimus": HOPTIMUS}
@@ -107,7 +109,6 @@ class AugPolicy:
             raise ValueError(f"aug.crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
 
 
-_TV = "torchvision"
 POLICIES: dict[str, AugPolicy] = {
     # ami's own edge recipe: mitoses have no orientation (any rotation + flips), stain jitter
     "edge": AugPolicy(hflip=0.5, any_rotation=True, crop_scale=(0.8, 1.0), translate=0.06, padding="reflection",
