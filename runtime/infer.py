@@ -47,6 +47,7 @@ except ImportError:  # pragma: no cover - Windows: no lock (documented)
     fcntl = None  # type: ignore[assignment]
 
 from .engine import EngineError
+from .errors import BadInput
 from .hashing import file_sha256
 from .imageio import MAX_PIXELS, ImageError, decode_rgb, decode_rgb_fast
 from .preprocess import Preprocess
@@ -61,7 +62,7 @@ POOLS = ("thread", "process")
 ENCODING = dict(encoding="utf-8", errors="surrogateescape")  # file names need not be valid UTF-8
 
 
-class InputError(ValueError):
+class InputError(BadInput, ValueError):
     """A command-line input or the output file cannot be used as given (not a per-crop problem)."""
 
 

@@ -55,6 +55,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .errors import BadInput
 from .infer import ENCODING, MAX_PIXELS, CropFiles, InputError, format_for, read_results, run_inference
 from .preprocess import Preprocess
 
@@ -70,7 +71,7 @@ INSTALL_HINT = "reading whole-slide images needs OpenSlide: pip install 'ami[sli
 Z95 = 1.959963984540054  # two-sided 95 % normal quantile
 
 
-class SlideError(Exception):
+class SlideError(BadInput):
     """A slide cannot be used (missing, not a slide, unreadable, no resolution); str(e) says why."""
 
 

@@ -9,8 +9,21 @@ import socket
 import time
 from pathlib import Path
 
+from ami.runtime.errors import BadInput
+
 from .registry import label
-from .sweep_plan import SLURM_DIR, fold_dir, fold_value, log_path, read_record, record_path, timestamp, write_record
+from .sweep_plan import (
+    RECORD_FIELDS,
+    SLURM_DIR,
+    fold_dir,
+    fold_value,
+    load_json,
+    log_path,
+    read_record,
+    record_path,
+    timestamp,
+    write_record,
+)
 
 # -- the job ----------------------------------------------------------------------------------------
 
@@ -36,7 +49,7 @@ def _scheduler_ids() -> dict:
     return out
 
 
-class JobBusy(RuntimeError):
+class JobBusy(BadInput, RuntimeError):
     """The job holds its lock in another process (it is running elsewhere)."""
 
 
@@ -74,7 +87,7 @@ def run_job(job: dict, launcher: str = "direct", log=None) -> dict:
     log = log or (lambda s: print(s, flush=True))
     rec_path = record_path(job)
     with JobLock(rec_path.with_suffix(".lock")):
-        attempt = (read_record(rec_path) or {}).get("attempt", 0) + 1
+        attempt = (load_json(rec_path) or {}).get("attempt", 0) + 1
         rec = {"id": job["id"], "state": "running", "launcher": launcher, "host": socket.gethostname(),
                "pid": os.getpid(), "attempt": attempt, "started": timestamp(), "started_ts": time.time(),
                **_scheduler_ids()}
@@ -154,7 +167,7 @@ def _progress(job: dict) -> str:
     """'epoch 12/100' from the run directory (history.csv and config.json), else ''."""
     fd = fold_dir(job)
     try:
-        epochs = (read_record(fd.run.config_path) or {}).get("recipe", {}).get("epochs")
+        epochs = (fd.run.config() if fd.run.is_run() else {}).get("recipe", {}).get("epochs")
         n = max(0, len(fd.history.read_text().splitlines()) - 1)
     except OSError:
         return ""
@@ -183,12 +196,12 @@ _SLURM_MAP = {"PENDING": "queued", "REQUEUED": "queued", "REQUEUE_HOLD": "queued
 def job_status(job: dict, ask_scheduler: bool = True) -> tuple[str, str]:
     """(state, detail) of one job, from its run directory first, then its records and the launcher."""
     fd = fold_dir(job)
-    rec = read_record(record_path(job)) or {}
-    launch = read_record(record_path(job, "launch")) or {}
+    rec = read_record(record_path(job), RECORD_FIELDS) or {}
+    launch = read_record(record_path(job, "launch"), RECORD_FIELDS) or {}
     lp = log_path(job)
     log_hint = f" (log {lp})" if lp.exists() else ""
     if fd.is_finished():
-        m = read_record(fd.metrics_path) or {}
+        m = fd.metrics()
         ba = (m.get("validation") or {}).get("balanced_accuracy")
         return "done", (f"val BA {ba:.4f}" if isinstance(ba, (int, float)) else "") + (
             f", {m['train_seconds']:.0f} s" if isinstance(m.get("train_seconds"), (int, float)) else "")

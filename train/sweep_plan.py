@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ami.runtime import splits
-from ami.runtime.rundir import FoldDir, RunDir, atomic_write_json, fold_name
+from ami.runtime.errors import BadInput
+from ami.runtime.rundir import FoldDir, RunDir, RunDirError, atomic_write_json, check_fields, fold_name
 
 from .registry import METHODS, REGISTRY, get, table3_configs
 
@@ -27,7 +28,7 @@ RESULT_KEYS = ("model", "method", "fold", "recipe_overrides", "amp", "weights", 
                "max_train", "max_eval")
 
 
-class SweepError(ValueError):
+class SweepError(BadInput, ValueError):
     """A sweep cannot be expanded, launched or read (message for people)."""
 
 
@@ -166,7 +167,16 @@ def fold_dir(job: dict) -> FoldDir:
 # -- the manifest -------------------------------------------------------------------------------
 
 def load_manifest(root: Path) -> dict | None:
-    return read_record(Path(root) / MANIFEST)
+    path = Path(root) / MANIFEST
+    manifest = read_record(path, {"jobs": (list,), "sweeps": (list,)})
+    for i, job in enumerate((manifest or {}).get("jobs", [])):
+        check_fields(path, job, JOB_FIELDS, required=("id", "root", "run_dir", "fold"), where=f"jobs[{i}]")
+        if job["fold"] != "full" and not (isinstance(job["fold"], int) and 0 <= job["fold"] < splits.N_FOLDS):
+            raise RunDirError(f"{path}: field 'jobs[{i}].fold' should be 'full' or 0-{splits.N_FOLDS - 1}, "
+                              f"not {job['fold']!r}")
+    if manifest is not None and "jobs" not in manifest:
+        raise RunDirError(f"{path}: field 'jobs' is missing")
+    return manifest
 
 
 def write_manifest(root: Path, name: str, jobs: list[dict]) -> None:
@@ -201,11 +211,25 @@ def write_record(path: Path, obj: dict) -> None:
     atomic_write_json(path, obj)
 
 
-def read_record(path: Path) -> dict | None:
+def load_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+# What --status reads from the records: a record of another shape is one line naming the file and the
+# field (rundir.check_fields; RunDirError, exit 2), never a traceback.
+JOB_FIELDS = {"id": (str,), "root": (str,), "run_dir": (str,), "fold": (int, str), "model": (str,), "method": (str,)}
+RECORD_FIELDS = {k: (str,) for k in ("id", "state", "launcher", "host", "started", "ended", "error", "detail",
+                                     "slurm_job_id", "submitted", "ray_task")} | {
+    "pid": (int,), "attempt": (int,), "returncode": (int, type(None))}
+
+
+def read_record(path: Path, fields: dict) -> dict | None:
+    """A sweep record checked against ``fields``; None when it is missing or not JSON."""
+    rec = load_json(path)
+    return None if rec is None else check_fields(path, rec, fields)
 
 
 def timestamp() -> str:

@@ -14,6 +14,7 @@ from ..engine import ASSETS, EngineError, load_engine
 from ..engines import ENGINE_CHOICES
 from ..imageio import fast_decoder
 from ..infer import IMAGE_SUFFIXES, InputError, format_for, is_stream, iter_inputs, run_inference
+from .contract import fail, run
 
 SAMPLES = ASSETS / "samples"
 HELP = """Classify mitotic-figure crops as Atypical or Normal, fast, on CPU or GPU, with no PyTorch.
@@ -92,8 +93,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False, ric
 
 
 def _err(msg: str, code: int = 2) -> typer.Exit:
-    typer.echo(f"ami-infer: error: {msg}", err=True)
-    return typer.Exit(code)
+    return fail("ami-infer", msg, code)  # the CLI contract's one line (ami.runtime.cli.contract)
 
 
 def sample_inputs() -> list[str]:
@@ -330,8 +330,6 @@ def _sample_agreement(out: Path) -> None:
 
 
 def main() -> None:
-    # Never leave half a line on the terminal after a broken pipe (e.g. `ami-infer ... | head`).
-    try:
-        app()
-    except BrokenPipeError:  # pragma: no cover
-        os._exit(1)
+    # The contract: AmiErrors one line with their exit code, anything else one line and exit 4,
+    # --debug / AMI_DEBUG=1 for tracebacks; a broken pipe (`ami-infer ... | head`) ends quietly.
+    run(app, "ami-infer")

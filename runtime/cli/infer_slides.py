@@ -7,12 +7,10 @@ from pathlib import Path
 import typer
 
 from ..engine import EngineError
-from ..infer import InputError
+from ..errors import EXIT_BAD_INPUT, AmiError
+from .contract import fail
 
-
-def _fail(msg: str, code: int = 2) -> typer.Exit:
-    typer.echo(f"ami-infer: error: {msg}", err=True)
-    return typer.Exit(code)
+PROG = "ami-infer"
 
 
 def run_slides_cli(detections: Path, engine, out: Path, fmt: str, *, mpp: float | None, border: str, **kw) -> None:
@@ -24,14 +22,14 @@ def run_slides_cli(detections: Path, engine, out: Path, fmt: str, *, mpp: float 
         note = " (assumed: the artefact does not record it)" if crop["assumed"] else ""
         typer.echo(f"crops: {crop['size_px']} px at {crop['mpp']:g} um/px, centred{note}; border: {border}", err=True)
         summary, sums = S.run_slides(detections, engine, out, fmt, slide_mpp=mpp, border=border, **kw)
-    except InputError as e:
-        raise _fail(str(e)) from None
     except EngineError as e:
-        raise _fail(f"{e}\nrows written so far are kept in {out}; rerun with --resume", 3) from None
+        raise fail(PROG, f"{e}\nrows written so far are kept in {out}; rerun with --resume", e.exit_code) from None
+    except AmiError as e:  # a bad input, or a malformed 'crop' in the artefact's metadata (ArtifactError)
+        raise fail(PROG, str(e), e.exit_code) from None
     except OSError as e:
-        raise _fail(f"cannot write {out}: {e.strerror or e}") from None
-    except ValueError as e:  # e.g. a malformed 'crop' in the artefact's metadata (ArtifactError)
-        raise _fail(str(e)) from None
+        raise fail(PROG, f"cannot write {out}: {e.strerror or e}", EXIT_BAD_INPUT) from None
+    except ValueError as e:
+        raise fail(PROG, str(e), EXIT_BAD_INPUT) from None
     for line in summary.lines():
         typer.echo(line)
     for line in S.summary_lines(sums, out):
