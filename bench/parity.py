@@ -35,388 +35,54 @@ check fails and names the engine, dataset and metric.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import math
-import platform
-import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import typer
 
-from ami.runtime import __version__
-from ami.runtime.artifact import ArtifactError, ArtifactMeta
+from ami.runtime.artifact import ArtifactMeta
 from ami.runtime.datasets import TEST_SETS, available_eval_sets, resolve_data_root
-from ami.runtime.engine import ASSETS, EngineError, load_engine
-from ami.runtime.engines import REGISTRY, backend
-from ami.runtime.errors import BadInput
+from ami.runtime.engine import ASSETS
 from ami.runtime.hashing import file_sha256
-from ami.runtime.imageio import ImageError
 from ami.runtime.metrics import MetricError, auroc, balanced_accuracy
-from ami.runtime.pixels import decode_pixels
 from ami.runtime.preprocess import Preprocess
 from ami.runtime.sampling import stratified_subset
-from ami.runtime.tolerances import FP32_PROB_TOL, REDUCED_AUROC_TOL, REDUCED_BA_TOL
 
-SHIPPED_WEIGHTS = ASSETS / "edge.safetensors"
-SHIPPED_ENGINES = (ASSETS / "edge.onnx", ASSETS / "edge-int8.onnx")
-FORMATS = ("md", "csv", "json")
-SCHEMA = "ami-bench-parity/1"
+from .common import (
+    SHIPPED_ENGINES,
+    SHIPPED_WEIGHTS,
+    BenchError,
+    build_run_models,
+    build_single_model,
+    decode_crops,
+    engine_choices,
+    engine_label,
+    load_variants,
+    log_to_stderr,
+    machine_info,
+    progress,
+)
+from .parity_report import (
+    FORMATS,
+    Check,
+    EngineInfo,
+    Report,
+    SetResult,
+    evaluate_checks,
+    fmt_or_na,
+    folds_text,
+    tolerance_for,
+)
 
-RUNTIME_HELP = ("Inference engine(s) from the registry (" + " | ".join(REGISTRY)
+RUNTIME_HELP = ("Inference engine(s) from the registry (" + engine_choices()
                 + "); repeat for several. Default: every installed engine that loads the file.")
 
 
-class ParityError(BadInput, RuntimeError):
+class ParityError(BenchError):
     """The comparison cannot be set up (no model, weights that do not fit, no data); not a failed check."""
-
-
-# -- tolerances ----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Tolerance:
-    """Limits one engine must meet on every dataset. ``None`` = not checked."""
-
-    labels_identical: bool = False
-    max_abs_dp: float | None = None
-    d_auroc: float | None = None
-    d_ba: float | None = None
-
-    def describe(self) -> str:
-        parts = []
-        if self.labels_identical:
-            parts.append("labels identical")
-        if self.d_ba is not None:
-            parts.append(f"|ΔBA| <= {self.d_ba:g}")
-        if self.d_auroc is not None:
-            parts.append(f"|ΔAUROC| <= {self.d_auroc:g}")
-        if self.max_abs_dp is not None:
-            parts.append(f"max |Δp| <= {self.max_abs_dp:g}")
-        return ", ".join(parts)
-
-
-FP32_TOLERANCE = Tolerance(labels_identical=True, max_abs_dp=FP32_PROB_TOL, d_auroc=1e-4)
-REDUCED_TOLERANCE = Tolerance(d_ba=REDUCED_BA_TOL, d_auroc=REDUCED_AUROC_TOL)
-TOLERANCES = {"fp32": FP32_TOLERANCE, "int8": REDUCED_TOLERANCE, "fp16": REDUCED_TOLERANCE, "bf16": REDUCED_TOLERANCE}
-
-
-def tolerance_for(precision: str) -> Tolerance:
-    """fp32 -> the strict limits; int8 / fp16 / bf16 (and any other reduced precision) -> the task-metric limits."""
-    return TOLERANCES.get(precision, REDUCED_TOLERANCE)
-
-
-@dataclass
-class Check:
-    metric: str  # "labels" | "BA" | "AUROC" | "max |Δp|" | "preprocess"
-    value: float | None
-    limit: float | None
-    ok: bool | None  # None: could not be evaluated (e.g. AUROC with one class in the sample)
-    text: str
-
-
-def evaluate_checks(tol: Tolerance, *, d_ba: float | None, d_auroc: float | None, max_dp: float,
-                    flips: int, n: int) -> list[Check]:
-    """The checks of ``tol`` on one (dataset, engine) comparison."""
-    out: list[Check] = []
-    if tol.labels_identical:
-        ok = flips == 0
-        out.append(Check("labels", float(flips), 0.0, ok,
-                         f"labels: {flips} of {n} differ" + ("" if ok else " (must be identical)")))
-
-    def bound(metric: str, value: float | None, limit: float | None, fmt: str):
-        if limit is None:
-            return
-        if value is None or not math.isfinite(value):
-            out.append(Check(metric, None, limit, None, f"{metric}: n/a (undefined on this sample), limit {limit:g}"))
-            return
-        ok = abs(value) <= limit
-        shown = f"|Δ{metric}| = {abs(value):{fmt}}" if metric in ("BA", "AUROC") else f"{metric} = {abs(value):{fmt}}"
-        out.append(Check(metric, float(value), float(limit), ok, f"{shown} {'<=' if ok else '>'} {limit:g}"))
-
-    bound("BA", d_ba, tol.d_ba, ".4f")
-    bound("AUROC", d_auroc, tol.d_auroc, ".2e")
-    bound("max |Δp|", max_dp, tol.max_abs_dp, ".2e")
-    return out
-
-
-# -- report --------------------------------------------------------------------------------------
-
-@dataclass
-class SetResult:
-    dataset: str
-    engine: str  # file name of the engine
-    precision: str
-    n: int
-    n_atypical: int
-    threshold: float
-    torch_ba: float | None
-    engine_ba: float | None
-    torch_auroc: float | None
-    engine_auroc: float | None
-    max_abs_dp: float
-    mean_abs_dp: float
-    agreement: float  # fraction of crops with the same label at the threshold
-    n_flips: int
-    checks: list[Check] = field(default_factory=list)
-    note: str = ""
-    predictions: dict | None = None  # with keep_predictions: names, labels, torch, engine (per crop)
-
-    @property
-    def d_ba(self) -> float | None:
-        return None if self.torch_ba is None or self.engine_ba is None else self.engine_ba - self.torch_ba
-
-    @property
-    def d_auroc(self) -> float | None:
-        return None if self.torch_auroc is None or self.engine_auroc is None else self.engine_auroc - self.torch_auroc
-
-    @property
-    def ok(self) -> bool:
-        return all(c.ok is not False for c in self.checks)
-
-    @property
-    def failed(self) -> list[Check]:
-        return [c for c in self.checks if c.ok is False]
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        if d["predictions"] is None:
-            del d["predictions"]
-        d.update(d_ba=self.d_ba, d_auroc=self.d_auroc, status="pass" if self.ok else "fail")
-        return d
-
-
-@dataclass
-class EngineInfo:
-    name: str  # "<file> / <engine title>", e.g. "edge.onnx / OpenVINO"
-    path: str
-    precision: str  # the precision the engine computes in
-    provider: str
-    model: str
-    method: str
-    folds: list
-    threshold: float
-    tolerance: str
-    reference: str  # what the PyTorch side is for this engine
-    provenance: str  # do the PyTorch weights match the ones the engine records?
-    runtime: str = ""  # registry name of the engine: onnxruntime | openvino | tensorrt
-    artefact_precision: str = ""  # the file's own precision (metadata)
-
-
-@dataclass
-class Report:
-    data_root: str
-    engines: list[EngineInfo] = field(default_factory=list)
-    results: list[SetResult] = field(default_factory=list)
-    absent: dict = field(default_factory=dict)  # dataset -> why
-    max_crops: int = 0
-    notes: list[str] = field(default_factory=list)
-    machine: dict = field(default_factory=dict)
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        """Every check of every present dataset passed, and at least one dataset was checked."""
-        return bool(self.results) and all(r.ok for r in self.results)
-
-    def failures(self) -> list[str]:
-        """One line per failed check: '<engine> on <dataset>: <metric> ...'."""
-        out = []
-        for r in self.results:
-            for c in r.failed:
-                out.append(f"{r.engine} ({r.precision}) on {r.dataset}: {c.text}")
-        return out
-
-    def verdict_lines(self) -> list[str]:
-        lines = []
-        for e in self.engines:
-            rs = [r for r in self.results if r.engine == e.name and r.precision == e.precision]
-            if not rs:
-                lines.append(f"{e.name} ({e.precision}): NOT CHECKED (no evaluation set present)")
-                continue
-            bad = [r for r in rs if not r.ok]
-            sets = ", ".join(r.dataset for r in rs)
-            if bad:
-                lines.append(f"{e.name} ({e.precision}): FAIL on {', '.join(r.dataset for r in bad)} "
-                             f"[tolerance: {e.tolerance}]")
-                for r in bad:
-                    for c in r.failed:
-                        lines.append(f"  - {r.dataset}: {c.text}")
-            else:
-                undefined = [f"{r.dataset} {c.metric}" for r in rs for c in r.checks if c.ok is None]
-                lines.append(f"{e.name} ({e.precision}): PASS on {sets} [tolerance: {e.tolerance}]"
-                             + (f" (not evaluable: {', '.join(undefined)})" if undefined else ""))
-        for ds, why in self.absent.items():
-            lines.append(f"{ds}: absent - {why}")
-        if not self.results:
-            lines.append(f"NOTHING CHECKED: no evaluation set is present under {self.data_root}")
-        return lines
-
-    # -- renderings --------------------------------------------------------------------------
-    def to_dict(self) -> dict:
-        return {
-            "schema": SCHEMA, "verdict": "pass" if self.ok else "fail", "data_root": self.data_root,
-            "max_crops_per_set": self.max_crops or None,
-            "tolerances": {k: asdict(v) for k, v in TOLERANCES.items()},
-            "engines": [asdict(e) for e in self.engines],
-            "results": [r.to_dict() for r in self.results],
-            "absent": self.absent, "failures": self.failures(), "notes": self.notes,
-            "machine": self.machine, "seconds": round(self.seconds, 1),
-        }
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n"
-
-    def to_markdown(self) -> str:
-        lines = ["# Engine parity: PyTorch vs exported engines", ""]
-        sample = (f"a class-stratified sample of at most {self.max_crops} crops per set (seed 0)"
-                  if self.max_crops else "every crop of each set")
-        lines.append(f"Data: {sample}; each crop decoded once, the same uint8 pixels fed to both sides. "
-                     "Δ = engine - PyTorch; BA at the engine's threshold.")
-        lines.append("")
-        for e in self.engines:
-            lines.append(f"- **{e.name}**: {e.model}/{e.method}, {e.precision}, folds {_folds(e.folds)}, threshold "
-                         f"{e.threshold:g}, provider {e.provider}; PyTorch side: {e.reference}; {e.provenance}")
-        lines.append("")
-        head = ["dataset", "engine", "prec.", "n (atyp.)", "BA torch", "BA engine", "ΔBA", "AUROC torch",
-                "AUROC engine", "ΔAUROC", "max \\|Δp\\|", "mean \\|Δp\\|", "label agreement", "verdict"]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for ds in TEST_SETS:
-            rs = [r for r in self.results if r.dataset == ds]
-            if ds in self.absent:
-                lines.append("| " + " | ".join([ds, "-", "-", "absent"] + ["-"] * (len(head) - 4)) + " |")
-            for r in rs:
-                verdict = "pass" if r.ok else "**FAIL** (" + ", ".join(c.metric for c in r.failed) + ")"
-                lines.append("| " + " | ".join([
-                    r.dataset, r.engine, r.precision, f"{r.n} ({r.n_atypical})", _f(r.torch_ba, ".4f"),
-                    _f(r.engine_ba, ".4f"), _f(r.d_ba, "+.4f"), _f(r.torch_auroc, ".4f"), _f(r.engine_auroc, ".4f"),
-                    _f(r.d_auroc, "+.2e"), f"{r.max_abs_dp:.2e}", f"{r.mean_abs_dp:.2e}",
-                    f"{100 * r.agreement:.2f}% ({r.n_flips} differ)", verdict]) + " |")
-        lines += ["", "Tolerances: " + "; ".join(f"{k}: {v.describe()}" for k, v in TOLERANCES.items()) + ".", ""]
-        lines += ["Verdict:", ""] + [f"    {v}" for v in self.verdict_lines()]
-        if self.notes:
-            lines += ["", "Notes:", ""] + [f"- {n}" for n in self.notes]
-        m = self.machine
-        if m:
-            lines += ["", f"Run on {m.get('cpu', '?')} ({m.get('cores', '?')} cores), onnxruntime "
-                          f"{m.get('onnxruntime', '?')}" + (f", openvino {m['openvino']}" if m.get("openvino") else "")
-                          + f", torch {m.get('torch', '?')}, in {self.seconds:.0f} s."]
-        return "\n".join(lines) + "\n"
-
-    def to_csv(self) -> str:
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        cols = ["dataset", "engine", "precision", "status", "n", "n_atypical", "threshold", "torch_ba", "engine_ba",
-                "d_ba", "torch_auroc", "engine_auroc", "d_auroc", "max_abs_dp", "mean_abs_dp", "agreement", "n_flips",
-                "failed_metrics", "tolerance"]
-        w.writerow(cols)
-        tol = {(e.name, e.precision): e.tolerance for e in self.engines}
-        for ds in TEST_SETS:
-            if ds in self.absent:
-                w.writerow([ds, "", "", "absent"] + [""] * (len(cols) - 4))
-            for r in (r for r in self.results if r.dataset == ds):
-                d = r.to_dict()
-                w.writerow([r.dataset, r.engine, r.precision, d["status"], r.n, r.n_atypical, r.threshold]
-                           + [_raw(d[k]) for k in ("torch_ba", "engine_ba", "d_ba", "torch_auroc", "engine_auroc",
-                                                   "d_auroc", "max_abs_dp", "mean_abs_dp", "agreement")]
-                           + [r.n_flips, ";".join(c.metric for c in r.failed), tol.get((r.engine, r.precision), "")])
-        return buf.getvalue()
-
-    def render(self, fmt: str) -> str:
-        if fmt not in FORMATS:
-            raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-        return {"md": self.to_markdown, "csv": self.to_csv, "json": self.to_json}[fmt]()
-
-
-def _f(v, fmt: str) -> str:
-    return "n/a" if v is None else format(v, fmt)
-
-
-def _raw(v) -> str:
-    return "" if v is None else repr(float(v))
-
-
-def _folds(folds) -> str:
-    return ",".join(str(f) for f in folds) if folds else "?"
-
-
-# -- helpers shared with the latency benchmark -----------------------------------------------------
-
-def log_to_stderr(text: str) -> None:
-    """The default progress log of the benchmarks: one line on standard error."""
-    print(text, file=sys.stderr)
-
-
-def machine_info() -> dict:
-    """CPU model, core count and library versions (no torch import here)."""
-    import os
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    out = {"cpu": cpu, "cores": os.cpu_count(), "os": platform.platform(), "python": platform.python_version(),
-           "ami": __version__, "numpy": np.__version__}
-    try:
-        import onnxruntime as ort
-
-        out["onnxruntime"] = ort.__version__
-        out["onnxruntime_providers"] = ort.get_available_providers()
-    except ImportError:  # pragma: no cover - a base dependency
-        pass
-    if "torch" in sys.modules:
-        import torch
-
-        out["torch"] = torch.__version__
-        try:
-            out["torch_threads"] = torch.get_num_threads()
-        except Exception:  # BLE001
-            pass
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-
-        out["tensorrt"] = version("tensorrt")
-    except (ImportError, PackageNotFoundError):
-        pass
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-
-        out["openvino"] = version("openvino")
-    except (ImportError, PackageNotFoundError):
-        pass
-    try:
-        out["load_average"] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:  # pragma: no cover
-        pass
-    return out
-
-
-def progress(iterable, total: int | None = None, desc: str = "", enabled: bool = True):
-    """tqdm on stderr when it is installed and enabled (it hides itself when stderr is not a terminal)."""
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm comes with the training extras
-        return iterable
-    return tqdm(iterable, total=total, desc=desc, leave=False, disable=None, mininterval=0.5)
-
-
-def decode_crops(paths: Sequence[str | Path], pre: Preprocess, desc: str = "decoding", show: bool = True) -> np.ndarray:
-    """uint8 NHWC at the model's input size, decoded exactly as ``ami-infer`` does it
-    (:func:`ami.runtime.pixels.decode_pixels`), with a progress bar; ParityError for a bad crop."""
-    try:
-        return decode_pixels(paths, pre, progress=lambda it: progress(it, len(it), desc, show))
-    except ImageError as e:
-        raise ParityError(str(e)) from None
 
 
 # -- the PyTorch side ----------------------------------------------------------------------------
@@ -443,38 +109,6 @@ class TorchReference:
                                progress=lambda steps: progress(steps, len(steps), desc, show))
 
 
-def build_single_model(weights: Path, model_name: str, method: str = "full"):
-    """(network, registry entry) of a bare checkpoint of registry entry ``model_name`` (e.g. the shipped
-    edge.safetensors, every tensor), rebuilt by :func:`ami.train.foldmodel.load_model` as the exporter does."""
-    from ami.train.foldmodel import FoldModelError, load_model
-    from ami.train.registry import get
-
-    try:
-        cfg = get(model_name)
-    except KeyError as e:
-        raise ParityError(f"{weights}: {e.args[0]}") from None
-    try:
-        return load_model(cfg, method, Path(weights)), cfg
-    except FoldModelError as e:
-        raise ParityError(str(e)) from None
-
-
-def build_run_models(run: Path, folds: list) -> tuple[list, object, object]:
-    """(fold networks, registry entry, RunSource) of ``folds`` of a run, built as the exporter builds them
-    (:func:`ami.train.foldmodel.load_fold_model`)."""
-    from ami.train.foldmodel import FoldModelError, load_fold_model
-
-    try:
-        from ami.export import ExportError
-        from ami.export.source import resolve_source
-    except ImportError as e:  # pragma: no cover - the export layer ships with this package
-        raise ParityError(f"--run needs ami.export ({e})") from None
-    try:
-        src = resolve_source(Path(run), list(folds))
-        return [load_fold_model(src.run, f) for f in src.folds], src.cfg, src
-    except (ExportError, FoldModelError) as e:
-        raise ParityError(str(e)) from None
-
 
 def _provenance_run(src, meta: ArtifactMeta) -> str:
     recorded = (meta.source or {}).get("weights_sha256") or {}
@@ -498,72 +132,6 @@ def _provenance_file(weights: Path, meta: ArtifactMeta) -> str:
     if file_sha256(Path(weights)) in set(recorded.values()):
         return "weights sha256 match the engine's metadata"
     return "note: these weights' sha256 is not among those the engine records (re-saved or different weights)"
-
-
-# -- engines: every file on every installed engine, at every precision -----------------------------
-
-def engine_label(eng) -> str:
-    """How reports name one (artefact, engine) pair: ``edge.onnx / OpenVINO``."""
-    return f"{eng.path.name} / {eng.title or eng.engine}"
-
-
-def load_variants(paths: Sequence[Path], *, runtimes: Sequence[str] | None = None,
-                  precisions: Sequence[str] | None = None, provider: str = "cpu", threads: int = 0,
-                  error: type[Exception] = RuntimeError) -> tuple[list, list[str]]:
-    """Load each artefact with every engine of the registry that takes it and is installed here (or
-    the named ``runtimes``), at every precision that engine runs it at on this machine (or those
-    of ``precisions`` it can). ``provider``: ONNX Runtime's execution provider. Returns (engines,
-    notes on engines not installed / precisions not available). A bad file or a named engine that
-    cannot run raises ``error`` with the reason."""
-    names = list(runtimes) if runtimes else list(REGISTRY)
-    for n in names:
-        if n not in REGISTRY:
-            raise error(f"unknown engine {n!r}; registered engines: {', '.join(REGISTRY)}")
-    wanted = [str(p).lower() for p in precisions] if precisions else None
-    engines, notes = [], []
-    for path in paths:
-        took = False
-        for n in names:
-            b = backend(n)
-            if not b.accepts(path):
-                continue
-            why = b.unavailable()
-            if why is not None:
-                if runtimes:
-                    raise error(f"{b.title} cannot run {Path(path).name} here: {why}")
-                if n != "tensorrt":
-                    notes.append(f"{b.title} is not installed here ({why}): {Path(path).name} not checked on it")
-                continue
-            prov = provider if n == "onnxruntime" else "auto"
-            try:
-                first = load_engine(path, engine=n, provider=prov, threads=threads)
-            except (ArtifactError, EngineError) as e:
-                if isinstance(e, ArtifactError) or runtimes:
-                    raise error(str(e)) from None
-                notes.append(f"{b.title} could not load {Path(path).name}: {e}")
-                continue
-            took = True
-            offered = b.precisions(first.meta.precision)
-            chosen = [q for q in offered if wanted is None or q in wanted]
-            for q in (wanted or []):
-                if q not in offered:
-                    notes.append(f"{Path(path).name} / {b.title}: {q} not available here "
-                                 f"(it runs this {first.meta.precision} file at {', '.join(offered) or 'no precision'})")
-            for q in chosen:
-                engines.append(first if q == first.precision else
-                               load_engine(path, engine=n, provider=prov, threads=threads, precision=q))
-        if not took and not any(backend(n).accepts(path) for n in names):
-            raise error(f"none of the engines {', '.join(names)} loads {Path(path).name}")
-        if not took:
-            # nothing installed takes it: let the default door say why (e.g. TensorRT missing, no side file)
-            try:
-                engines.append(load_engine(path, provider=provider if Path(path).suffix.lower() == ".onnx" else "auto",
-                                           threads=threads))
-            except (ArtifactError, EngineError) as e:
-                raise error(str(e)) from None
-    if not engines:
-        raise error("no engine could be loaded: " + "; ".join(notes))
-    return engines, notes
 
 
 # -- the suite -----------------------------------------------------------------------------------
@@ -734,9 +302,9 @@ def _reference_for(eng, opts: ParityOptions, refs: dict) -> tuple[tuple, str]:
         if not meta.folds:
             raise ParityError(f"{eng.path.name}: its metadata names no folds; cannot rebuild its PyTorch model")
         if key not in refs:
-            log(f"parity: building PyTorch fold model(s) {_folds(meta.folds)} of {Path(run).name}")
-            models, cfg, src = build_run_models(Path(run), list(meta.folds))
-            desc = (f"{cfg.name}/{src.method} from {Path(run).name}, folds {_folds(src.folds)}"
+            log(f"parity: building PyTorch fold model(s) {folds_text(meta.folds)} of {Path(run).name}")
+            models, cfg, src = build_run_models(Path(run), list(meta.folds), error=ParityError)
+            desc = (f"{cfg.name}/{src.method} from {Path(run).name}, folds {folds_text(src.folds)}"
                     + (" (mean of fold probabilities)" if len(models) > 1 else ""))
             refs[key] = TorchReference(models, cfg.preprocess, desc, opts.device)
             refs[key].src = src
@@ -744,7 +312,7 @@ def _reference_for(eng, opts: ParityOptions, refs: dict) -> tuple[tuple, str]:
     key = ("weights", str(weights), meta.model, meta.method)
     if key not in refs:
         log(f"parity: building PyTorch {meta.model}/{meta.method} from {Path(weights).name}")
-        model, cfg = build_single_model(Path(weights), meta.model, meta.method)
+        model, cfg = build_single_model(Path(weights), meta.model, meta.method, error=ParityError)
         refs[key] = TorchReference([model], cfg.preprocess, f"{meta.model}/{meta.method} from {Path(weights).name}",
                                    opts.device)
     return key, _provenance_file(Path(weights), meta)
@@ -761,7 +329,7 @@ def _compare_set(ds: str, samples: list, loaded: list, infos: list[EngineInfo], 
     for eng, info, key in zip(loaded, infos, ref_of):
         pre, ref = eng.meta.preprocess, refs[key]
         if pre not in pixels_by_pre:
-            pixels_by_pre[pre] = decode_crops([s.path for s in samples], pre, f"{ds}: decoding", show)
+            pixels_by_pre[pre] = decode_crops([s.path for s in samples], pre, f"{ds}: decoding", show, error=ParityError)
         pixels = pixels_by_pre[pre]
         extra: list[Check] = []
         if ref.pre != pre:
@@ -778,7 +346,7 @@ def _compare_set(ds: str, samples: list, loaded: list, infos: list[EngineInfo], 
                              "torch": torch_cache[tkey].tolist(), "engine": p_engine.tolist()}
         out.append(r)
         opts.log(f"parity: {ds} / {info.name}: {'pass' if r.ok else 'FAIL'} (max |Δp| {r.max_abs_dp:.2e}, "
-                 f"ΔBA {_f(r.d_ba, '+.4f')}, ΔAUROC {_f(r.d_auroc, '+.2e')}, {r.n_flips} label(s) differ, n={r.n})")
+                 f"ΔBA {fmt_or_na(r.d_ba, '+.4f')}, ΔAUROC {fmt_or_na(r.d_auroc, '+.2e')}, {r.n_flips} label(s) differ, n={r.n})")
     return out
 
 

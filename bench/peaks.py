@@ -8,6 +8,10 @@ implementation installed - PyTorch ``mm`` (fp32, bf16), OpenVINO ``MatMul`` (fp3
 u8*s8 through a FakeQuantize, OpenVINO's int8 idiom), ONNX Runtime ``MatMulInteger`` (u8*s8) -
 so an engine that beats one library's GEMM is still measured against the best GEMM this machine
 was seen to run. FLOPs (or integer ops) of an n x n x n product: 2 n^3.
+
+On a CUDA GPU: float32 (TF32 off) and float16 ``torch.mm`` (:func:`peak_gflops`). Each peak is
+measured before and after the engine timings and the best of both kept
+(:func:`measure_cpu_peaks`, :func:`measure_gpu_peaks`, :func:`measure_again`): a shared machine drifts.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from collections.abc import Callable
 import numpy as np
 
 from ami.runtime.engines.base import cpu_flags
+
+from .timing import LatencyError, time_fn
 
 PEAK_PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}
 
@@ -141,3 +147,85 @@ def peak_key(device: str, precision: str) -> str:
     """The peaks-dict key a row of ``device`` and ``precision`` is compared with."""
     dtype = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8", "fp16": "float16"}.get(precision, "float32")
     return f"{device}_{dtype}"
+
+
+def peak_gflops(n: int = 2048, reps: int = 5, device: str = "cpu", dtype: str = "float32") -> dict:
+    """Best-of-``reps`` GFLOP/s of an n x n x n matrix product (2 n^3 FLOPs), torch when present, else numpy."""
+    flops = 2.0 * n ** 3
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None:
+        dev = torch.device(device)
+        dt = getattr(torch, dtype)
+        if dev.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = False
+        g = torch.Generator(device=dev).manual_seed(0)
+        a = torch.randn(n, n, generator=g, device=dev, dtype=dt)
+        b = torch.randn(n, n, generator=g, device=dev, dtype=dt)
+        sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+
+        def fn():
+            torch.mm(a, b)
+            sync()
+        lib = f"torch {torch.__version__} mm"
+        threads = torch.get_num_threads() if dev.type == "cpu" else None
+    else:
+        if device != "cpu":
+            raise LatencyError("a GPU peak needs torch")
+        rng = np.random.default_rng(0)
+        a = rng.standard_normal((n, n)).astype(dtype)
+        b = rng.standard_normal((n, n)).astype(dtype)
+
+        def fn():
+            a @ b
+        lib, threads = f"numpy {np.__version__} matmul", None
+    times, _ = time_fn(fn, rounds=reps, warmup=1)
+    best = min(times)
+    return {"what": f"{n}x{n} {dtype} matrix product ({lib}), best of {reps}", "device": device, "dtype": dtype,
+            "n": n, "gflops": flops / best / 1e9, "best_s": best, "threads": threads}
+
+
+GPU_PEAK_DTYPES = ("float32", "float16")  # the CUDA peaks: rows of fp32 and fp16 engines
+GPU_PEAK_MIN_N = 4096  # a GPU needs a larger product than a CPU to reach its peak
+
+
+def measure_cpu_peaks(peaks: dict, precisions: list[str], *, n: int, reps: int, threads: int | None,
+                      log) -> list[str]:
+    """The CPU peak of each precision into ``peaks``; returns notes for precisions without one."""
+    notes = []
+    for prec in precisions:
+        log(f"latency: timing the {prec} matrix-product peak")
+        pk = cpu_peak(prec, n, reps, threads)
+        if pk is not None:
+            peaks[peak_key("cpu", prec)] = pk
+        else:
+            notes.append(f"no {prec} matrix-product peak on this CPU (no hardware support or no library for it): "
+                         f"{prec} rows show no % of peak")
+    return notes
+
+
+def measure_gpu_peaks(peaks: dict, *, n: int, reps: int) -> None:
+    """The CUDA float32 and float16 peaks into ``peaks``."""
+    for dtype in GPU_PEAK_DTYPES:
+        peaks[f"cuda_{dtype}"] = peak_gflops(max(n, GPU_PEAK_MIN_N), reps, "cuda", dtype)
+
+
+def _best_of(first: dict, again: dict | None) -> dict:
+    best = again if again is not None and again["gflops"] > first["gflops"] else first
+    return {**best, "what": best["what"] + "; best of a measurement before and one after the engine timings",
+            "gflops_before_after": [first["gflops"], again["gflops"] if again else None]}
+
+
+def measure_again(peaks: dict, cpu_precisions: list[str], *, n: int, reps: int, threads: int | None,
+                  gpu: bool) -> None:
+    """Each peak in ``peaks`` measured once more: the best of both is the machine's peak."""
+    for prec in cpu_precisions:
+        key = peak_key("cpu", prec)
+        if key in peaks:
+            peaks[key] = _best_of(peaks[key], cpu_peak(prec, n, reps, threads))
+    if gpu:
+        for dtype in GPU_PEAK_DTYPES:
+            key = f"cuda_{dtype}"
+            peaks[key] = _best_of(peaks[key], peak_gflops(max(n, GPU_PEAK_MIN_N), reps, "cuda", dtype))

@@ -22,7 +22,12 @@ pytest.importorskip("onnx")
 import onnx
 import torch
 
+from ami.bench import e2e as E
+from ami.bench import flops as F
 from ami.bench import latency as L
+from ami.bench import latency_report as R
+from ami.bench import peaks as K
+from ami.bench import timing as T
 from ami.runtime.artifact import INPUT_NAME, META_KEY, OUTPUT_NAME, ArtifactMeta
 from ami.runtime.engine import load_engine
 from ami.runtime.engines import backend
@@ -121,11 +126,11 @@ def edge(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runners(edge):
-    out = {"pytorch": L.torch_runner([edge["model"]], edge["pre"], "cpu", "edge.safetensors")}
+    out = {"pytorch": T.torch_runner([edge["model"]], edge["pre"], "cpu", "edge.safetensors")}
     for key in ("fp32", "int8"):
-        out[f"onnx-{key}"] = L.engine_runner(load_engine(edge[key], provider="cpu", threads=1))
+        out[f"onnx-{key}"] = T.engine_runner(load_engine(edge[key], provider="cpu", threads=1))
         if OV_MISSING is None:
-            out[f"openvino-{key}"] = L.engine_runner(load_engine(edge[key], engine="openvino", threads=1))
+            out[f"openvino-{key}"] = T.engine_runner(load_engine(edge[key], engine="openvino", threads=1))
     return out
 
 
@@ -139,7 +144,7 @@ def pixels(edge):
 
 def test_stats_percentiles_and_throughput():
     times = np.arange(1, 101) / 1000.0  # 1..100 ms
-    st = L.stats_from(times, batch=8, warmup=3)
+    st = T.stats_from(times, batch=8, warmup=3)
     assert st.rounds == 100 and st.warmup == 3
     assert st.p50_ms == pytest.approx(50.5)
     assert st.p95_ms == pytest.approx(95.05)
@@ -147,22 +152,22 @@ def test_stats_percentiles_and_throughput():
     assert st.min_ms == pytest.approx(1.0) and st.max_ms == pytest.approx(100.0)
     assert st.crops_per_s == pytest.approx(8 * 100 / times.sum())
     with pytest.raises(ValueError, match="no timed rounds"):
-        L.stats_from([], batch=1)
+        T.stats_from([], batch=1)
 
 
 def test_time_fn_excludes_warmup_and_bounds_rounds():
     calls = []
-    times, w = L.time_fn(lambda: calls.append(1), rounds=4, warmup=3)
+    times, w = T.time_fn(lambda: calls.append(1), rounds=4, warmup=3)
     assert (len(times), w, len(calls)) == (4, 3, 7)
     calls.clear()
-    times, _ = L.time_fn(lambda: calls.append(1), rounds=0, warmup=1, seconds=10.0, min_rounds=2, max_rounds=6)
+    times, _ = T.time_fn(lambda: calls.append(1), rounds=0, warmup=1, seconds=10.0, min_rounds=2, max_rounds=6)
     assert len(times) == 6 and len(calls) == 7  # a near-free call: capped at max_rounds
 
 
 def test_parse_batches():
     assert L.parse_batches("128, 1,8,8") == [1, 8, 128]
     for bad in ("", "0,4", "a"):
-        with pytest.raises(L.LatencyError):
+        with pytest.raises(T.LatencyError):
             L.parse_batches(bad)
 
 
@@ -188,8 +193,8 @@ def test_model_latency(benchmark, runners, pixels, engine, batch):
 
 def test_flops_from_onnx_graph_match_flopcounter(edge, runners):
     f_torch = runners["pytorch"].flops_per_crop
-    f_onnx = L.onnx_flops_per_crop(edge["fp32"])
-    f_int8 = L.onnx_flops_per_crop(edge["int8"])
+    f_onnx = F.onnx_flops_per_crop(edge["fp32"])
+    f_int8 = F.onnx_flops_per_crop(edge["int8"])
     assert f_torch and f_onnx and f_int8
     # per 128 px crop (FLOPs = 2 x multiply-adds): RegNetX-200MF ~65 M MACs, RegNetX-400MF ~130 M
     lo, hi = {"regnetx_002": (1e8, 2e8), "regnetx_004": (2e8, 3.5e8)}[get("edge").arch]
@@ -199,7 +204,7 @@ def test_flops_from_onnx_graph_match_flopcounter(edge, runners):
 
 
 def test_peak_gflops_measures_a_matmul():
-    p = L.peak_gflops(n=256, reps=2)
+    p = K.peak_gflops(n=256, reps=2)
     assert p["gflops"] > 0.05 and p["n"] == 256 and p["device"] == "cpu"
     assert p["gflops"] == pytest.approx(2 * 256 ** 3 / p["best_s"] / 1e9)
 
@@ -208,7 +213,7 @@ def test_peak_gflops_measures_a_matmul():
 
 @pytest.fixture(scope="module")
 def e2e_paths(synthetic_root):
-    paths, source = L.e2e_crops(synthetic_root, None, 24)
+    paths, source = E.e2e_crops(synthetic_root, None, 24)
     assert len(paths) == 24 and "AtNorM-MD" in source
     return paths
 
@@ -216,7 +221,7 @@ def e2e_paths(synthetic_root):
 def test_end_to_end_ami_infer(benchmark, edge, e2e_paths):
     eng = load_engine(edge["fp32"], provider="cpu", threads=1)
     benchmark.extra_info.update(engine="ami-infer (ONNX Runtime fp32)", batch=8, crops=len(e2e_paths))
-    probs, secs, summ = benchmark.pedantic(L.run_ami_infer, args=(e2e_paths, eng), kwargs=dict(batch=8, workers=1),
+    probs, secs, summ = benchmark.pedantic(E.run_ami_infer, args=(e2e_paths, eng), kwargs=dict(batch=8, workers=1),
                                            rounds=2, warmup_rounds=0, iterations=1)
     assert probs.shape == (len(e2e_paths),) and np.isfinite(probs).all()
     assert secs > 0 and summ["ok"] == len(e2e_paths)
@@ -231,7 +236,7 @@ def test_end_to_end_reference_loop_matches_ami_infer(benchmark, edge, e2e_paths)
                              kwargs=dict(batch_size=8, workers=1), rounds=2, warmup_rounds=0, iterations=1)
     assert res.probs.shape == (len(e2e_paths),) and res.elapsed_s > 0
     eng = load_engine(edge["fp32"], provider="cpu", threads=1)
-    probs, _, _ = L.run_ami_infer(e2e_paths, eng, batch=8, workers=1)
+    probs, _, _ = E.run_ami_infer(e2e_paths, eng, batch=8, workers=1)
     # same model, same crops, two independent pipelines (PIL+torchvision vs decode_rgb+graph)
     assert np.abs(probs - res.probs).max() <= 1e-4
     assert np.array_equal(probs >= 0.5, res.probs >= 0.5)
@@ -286,7 +291,7 @@ def test_run_latency_side_by_side(edge, synthetic_root):
             1 / (1 / run["model_only_crops_per_s"] + 1 / e["decode_only"]["crops_per_s"]))
     assert e["decode_only"]["crops_per_s"] > 0 and len(e["decode_only"]["seconds_per_round"]) == 2
     d = json.loads(rep.to_json())
-    assert d["schema"] == L.SCHEMA and d["machine"]["cpu"] and d["machine"]["onnxruntime"]
+    assert d["schema"] == R.SCHEMA and d["machine"]["cpu"] and d["machine"]["onnxruntime"]
     assert {"engine", "batch", "stats", "flops_per_crop", "peak_fraction"} <= set(d["rows"][0])
     md = rep.to_markdown()
     for text in ("PyTorch eager", "ONNX Runtime", "int8", "skipped", "GFLOP/s", "reference loop", "ami-infer",
@@ -331,7 +336,6 @@ def test_peak_keys_follow_precision():
 
 
 def test_cpu_peaks_per_precision(monkeypatch):
-    from ami.bench import peaks as K
 
     f32 = K.cpu_peak("fp32", n=256, reps=2, threads=1)
     i8 = K.cpu_peak("int8", n=256, reps=2, threads=1)

@@ -24,7 +24,9 @@ pytest.importorskip("onnx")
 import onnx
 import torch
 
+from ami.bench import common as C
 from ami.bench import parity as P
+from ami.bench import parity_report as PR
 from ami.runtime.artifact import stamp_weights_digest
 from ami.runtime.datasets import TEST_SETS, load_eval_set
 
@@ -89,22 +91,22 @@ def broken(tiny):
 # -- tolerances (pure) ---------------------------------------------------------------------------
 
 def test_tolerance_checks():
-    fp32 = P.tolerance_for("fp32")
-    ok = P.evaluate_checks(fp32, d_ba=0.0, d_auroc=5e-5, max_dp=5e-5, flips=0, n=100)
+    fp32 = PR.tolerance_for("fp32")
+    ok = PR.evaluate_checks(fp32, d_ba=0.0, d_auroc=5e-5, max_dp=5e-5, flips=0, n=100)
     assert [c.metric for c in ok] == ["labels", "AUROC", "max |Δp|"] and all(c.ok for c in ok)
-    bad = P.evaluate_checks(fp32, d_ba=0.0, d_auroc=-2e-4, max_dp=2e-4, flips=1, n=100)
+    bad = PR.evaluate_checks(fp32, d_ba=0.0, d_auroc=-2e-4, max_dp=2e-4, flips=1, n=100)
     assert [c.metric for c in bad if not c.ok] == ["labels", "AUROC", "max |Δp|"]
     assert "1 of 100 differ" in bad[0].text and "> 0.0001" in bad[2].text
 
     for prec in ("int8", "fp16", "bf16"):
-        tol = P.tolerance_for(prec)
+        tol = PR.tolerance_for(prec)
         # reduced precision: label flips and |Δp| are allowed, the task metrics are not
-        loose = P.evaluate_checks(tol, d_ba=0.0099, d_auroc=-0.0049, max_dp=0.3, flips=7, n=100)
+        loose = PR.evaluate_checks(tol, d_ba=0.0099, d_auroc=-0.0049, max_dp=0.3, flips=7, n=100)
         assert [c.metric for c in loose] == ["BA", "AUROC"] and all(c.ok for c in loose)
-        tight = P.evaluate_checks(tol, d_ba=-0.011, d_auroc=0.006, max_dp=0.0, flips=0, n=100)
+        tight = PR.evaluate_checks(tol, d_ba=-0.011, d_auroc=0.006, max_dp=0.0, flips=0, n=100)
         assert [c.ok for c in tight] == [False, False]
         assert "|ΔBA| = 0.0110 > 0.01" in tight[0].text
-    undefined = P.evaluate_checks(fp32, d_ba=None, d_auroc=None, max_dp=0.0, flips=0, n=5)
+    undefined = PR.evaluate_checks(fp32, d_ba=None, d_auroc=None, max_dp=0.0, flips=0, n=5)
     assert [c.ok for c in undefined] == [True, None, True]  # AUROC undefined: reported, not a pass
 
 
@@ -133,9 +135,9 @@ def test_pytorch_side_reproduces_the_runs_own_predictions(tiny, synthetic_folds_
     rec = json.loads((tiny["run"] / "fold0" / "metrics.json").read_text())["predictions"]["AtNorM-MD"]
     by_name = {s.name: s for s in load_eval_set(synthetic_folds_root, "AtNorM-MD")}
     samples = [by_name[r[0]] for r in rec]
-    models, cfg, _ = P.build_run_models(tiny["run"], [0])
+    models, cfg, _ = C.build_run_models(tiny["run"], [0])
     ref = P.TorchReference(models, cfg.preprocess, "fold 0")
-    p = ref.predict(P.decode_crops([s.path for s in samples], cfg.preprocess, show=False), show=False)
+    p = ref.predict(C.decode_crops([s.path for s in samples], cfg.preprocess, show=False), show=False)
     # the run scored its predictions on the device it trained on: float32 on a CPU (2e-6: the recorded six
     # decimals and summation order); on CUDA under the run's bf16 autocast (4.2e-5 measured on an H200)
     trained_on = json.loads((tiny["run"] / "config.json").read_text())["device"]
@@ -177,7 +179,7 @@ def test_tiny_fp32_engine_passes(tiny, synthetic_folds_root):
         assert r.max_abs_dp == pytest.approx(np.abs(np.array(pr["torch"]) - np.array(pr["engine"])).max())
     # the three renderings
     d = json.loads(rep.to_json())
-    assert d["verdict"] == "pass" and d["failures"] == [] and d["schema"] == P.SCHEMA
+    assert d["verdict"] == "pass" and d["failures"] == [] and d["schema"] == PR.SCHEMA
     md = rep.to_markdown()
     assert "| AMi-Br-test | tiny.onnx / ONNX Runtime | fp32 |" in md and "PASS on AMi-Br-test" in md
     rows = rep.to_csv().splitlines()
@@ -224,10 +226,10 @@ def test_missing_run_weights_is_a_setup_error(tiny, tmp_path, synthetic_folds_ro
 # -- the shipped edge model ----------------------------------------------------------------------
 
 def test_shipped_edge_model_parity(data_root):
-    fp32 = P.SHIPPED_ENGINES[0]
+    fp32 = C.SHIPPED_ENGINES[0]
     if not fp32.is_file():
         pytest.skip(f"the shipped edge model is not in the package yet ({fp32.name} missing from {fp32.parent})")
-    assert P.SHIPPED_WEIGHTS.is_file(), (f"{fp32.name} ships without its PyTorch weights {P.SHIPPED_WEIGHTS.name}: "
+    assert C.SHIPPED_WEIGHTS.is_file(), (f"{fp32.name} ships without its PyTorch weights {C.SHIPPED_WEIGHTS.name}: "
                                          "its parity cannot be checked")
     rep = P.parity(data_root, max_crops=0, show_progress=False, log=_quiet)
     assert rep.ok, "\n".join(rep.verdict_lines())
@@ -235,7 +237,7 @@ def test_shipped_edge_model_parity(data_root):
     assert ("edge.onnx / ONNX Runtime", "fp32") in got
     for title, q in _variants():  # every installed engine, every precision it offers here
         assert (f"edge.onnx / {title}", q) in got
-    if P.SHIPPED_ENGINES[1].is_file():
+    if C.SHIPPED_ENGINES[1].is_file():
         assert ("edge-int8.onnx / ONNX Runtime", "int8") in got
         if ("OpenVINO", "fp32") in _variants():
             assert ("edge-int8.onnx / OpenVINO", "int8") in got
@@ -249,18 +251,18 @@ def test_engines_are_enumerated_from_the_registry(tmp_path, monkeypatch):
     from onnx_factory import write_model
 
     m = write_model(tmp_path / "m.onnx")
-    engines, notes = P.load_variants([m], threads=1, error=P.ParityError)
+    engines, notes = C.load_variants([m], threads=1, error=P.ParityError)
     assert [(e.engine, e.precision) for e in engines] == [
         (n, q) for n in ("onnxruntime", "openvino") if backend(n).unavailable() is None
         for q in backend(n).precisions("fp32")]
     with pytest.raises(P.ParityError, match="unknown engine 'npu'"):
-        P.load_variants([m], runtimes=["npu"], error=P.ParityError)
-    engines, notes = P.load_variants([m], runtimes=["onnxruntime"], precisions=["fp32", "bf16"], error=P.ParityError)
+        C.load_variants([m], runtimes=["npu"], error=P.ParityError)
+    engines, notes = C.load_variants([m], runtimes=["onnxruntime"], precisions=["fp32", "bf16"], error=P.ParityError)
     assert [e.precision for e in engines] == ["fp32"]
     assert any("bf16 not available" in n for n in notes)
     monkeypatch.setattr(type(backend("openvino")), "unavailable", lambda self: "OpenVINO is not installed (test)")
-    engines, notes = P.load_variants([m], error=P.ParityError)
+    engines, notes = C.load_variants([m], error=P.ParityError)
     assert [e.engine for e in engines] == ["onnxruntime"]
     assert any("OpenVINO is not installed here" in n and "not checked" in n for n in notes)
     with pytest.raises(P.ParityError, match=r"OpenVINO cannot run m\.onnx here: OpenVINO is not installed"):
-        P.load_variants([m], runtimes=["openvino"], error=P.ParityError)
+        C.load_variants([m], runtimes=["openvino"], error=P.ParityError)

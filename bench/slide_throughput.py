@@ -1,6 +1,6 @@
 """Throughput of ami-infer reading crops from a whole-slide image vs from PNG files, in one run.
 
-Not a test (pytest does not collect it): a measurement to rerun. It writes, under OUT:
+A measurement to rerun (not part of any command or test). It writes, under OUT:
 
 * a 6144 x 6144 px pyramidal tiled TIFF at 0.25 um/px (256-px tiles; zlib, and JPEG q90 when
   imagecodecs is installed, the compression scanners use) holding 1024 crops: the 32 real crops
@@ -12,7 +12,7 @@ then times, alternating, twice each: the full pipeline (run_inference / run_slid
 model, ONNX Runtime CPU, batch 64, ``--workers`` thread workers) and the reading alone (the
 source's ``prepare``, one thread, no model). Prints one JSON document.
 
-    python tests/slide_throughput.py OUT [--workers 2]
+    python -m ami.bench.slide_throughput OUT [--workers 2]
 """
 
 from __future__ import annotations
