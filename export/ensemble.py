@@ -82,14 +82,17 @@ def reference_probs(models: list[nn.Module], pre: Preprocess, images: np.ndarray
     (ami.train.data.eval_batch), mean over folds: the reference an exported engine must reproduce.
 
     ``images``: uint8 NHWC. ``device``: where the models are (None: the CPU); ``progress`` wraps
-    the iteration over the batches (e.g. a progress bar)."""
+    the iteration over the batches (e.g. a progress bar). Float32 on every device: on CUDA with TF32
+    off (:func:`ami.train.loop.float32`)."""
     from ami.train import data as D
+    from ami.train.loop import float32
 
     out = []
     steps = range(0, len(images), batch)
-    for i in (progress(steps) if progress is not None else steps):
-        x = D.eval_batch(torch.from_numpy(np.ascontiguousarray(images[i:i + batch])), pre)
-        if device is not None:
-            x = x.to(device)
-        out.append(fold_mean_probs(models, x).cpu().double().numpy())
+    with float32(torch.device(device) if device is not None else torch.device("cpu")):
+        for i in (progress(steps) if progress is not None else steps):
+            x = D.eval_batch(torch.from_numpy(np.ascontiguousarray(images[i:i + batch])), pre)
+            if device is not None:
+                x = x.to(device)
+            out.append(fold_mean_probs(models, x).cpu().double().numpy())
     return np.concatenate(out) if out else np.zeros(0)

@@ -138,7 +138,10 @@ def test_pytorch_side_reproduces_the_runs_own_predictions(tiny, synthetic_folds_
     models, cfg, _ = C.build_run_models(tiny["run"], [0])
     ref = P.TorchReference(models, cfg.preprocess, "fold 0")
     p = ref.predict(C.decode_crops([s.path for s in samples], cfg.preprocess, show=False), show=False)
-    assert np.abs(p - np.array([r[2] for r in rec])).max() <= 2e-6
+    # the run scored its predictions on the device it trained on: float32 on a CPU (2e-6: the recorded six
+    # decimals and summation order); on CUDA under the run's bf16 autocast (4.2e-5 measured on an H200)
+    trained_on = json.loads((tiny["run"] / "config.json").read_text())["device"]
+    assert np.abs(p - np.array([r[2] for r in rec])).max() <= (2e-6 if trained_on == "cpu" else 5e-4)
 
 
 def _variants() -> list[tuple[str, str]]:

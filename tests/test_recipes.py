@@ -1,13 +1,11 @@
 """Each of the 17 Table-3 configurations resolves to what its published script did.
 
-SCRIPTS below is transcribed by hand from the scripts of DeepMicroscopy/AMi-Br_Benchmark, in the
-state ../shared/docs/paper-scripts.md describes (upstream commit 3acf4da). Each value names the
-script and the statement it was read from; the statement is the citation (line numbers differ
-between the copies that could be read, the code does not). Copies read: the fork
-Git-Vaaaaaaal/optima_lora@93d42e7 (same state as 3acf4da: ViT-L lr=5e-5 and a summary recording
-learning_rate 1e-4, as paper-scripts.md says) and, where it holds no copy, the upstream files the
-search index holds (an older state; where it differs, docs/reproduce.md says so). This table is
-deliberately independent of ami.train.recipes.SCRIPTS: a change to either fails here.
+SCRIPTS below is transcribed by hand from the scripts of DeepMicroscopy/AMi-Br_Benchmark at commit
+3acf4da (the commit the data and Table 3 come from). Each value names the script (its path at that
+commit) and the statement it was read from; the statement is the citation. This table is
+deliberately independent of ami.train.provenance.SCRIPTS: a change to either fails here. With a
+copy of the scripts at that commit in $AMI_PAPER_SCRIPTS, every statement ami.train.provenance cites
+is also looked up in its script (test_every_citation_is_in_its_script).
 """
 
 from __future__ import annotations
@@ -87,11 +85,12 @@ SCRIPTS = {
         "weight_decay": (1e-5, "optim.Adam(model.parameters(), lr=5e-5, weight_decay=1e-5)"),
         "embedding": ("cls", "output = uni_model(image_tensor); nn.Linear(1024, 1)")}),
     ("uni2_h", "linear"): ("Foundation_Models/Linear_Probing/uni2-h/uni2-h.py", {
-        **LIN, "lr": (5e-5, "paper-scripts.md: linear probes uni2-h: Adam lr 5e-5, wd 1e-5"),
-        "weight_decay": (1e-5, "paper-scripts.md"), "embedding": ("cls", "nn.Linear(1536, 1)")}),
+        **LIN, "lr": (5e-5, "optim.Adam(model.parameters(), lr=5e-5, weight_decay=1e-5)"),
+        "weight_decay": (1e-5, "optim.Adam(model.parameters(), lr=5e-5, weight_decay=1e-5)"),
+        "embedding": ("cls", "nn.Linear(1536, 1)")}),
     ("virchow", "linear"): ("Foundation_Models/Linear_Probing/Virchow/virchow.py", {
-        **LIN, "lr": (5e-5, "paper-scripts.md: linear probes virchow: Adam lr 5e-5, wd 1e-5"),
-        "weight_decay": (1e-5, "paper-scripts.md"),
+        **LIN, "lr": (5e-5, "optimizer = optim.Adam(model.parameters(), lr=5e-5, weight_decay=1e-5)"),
+        "weight_decay": (1e-5, "optimizer = optim.Adam(model.parameters(), lr=5e-5, weight_decay=1e-5)"),
         "embedding": ("cls+mean", "torch.cat([class_token, patch_tokens.mean(1)], dim=-1); nn.Linear(2560, 1)")}),
     ("virchow2", "linear"): ("Foundation_Models/Linear_Probing/Virchow2/virchow2.py", {
         **LIN, "lr": (5e-5, "optim.Adam(model.parameters(), lr=5e-5, weight_decay=1e-5)"),
@@ -103,13 +102,13 @@ SCRIPTS = {
         "mean_std": (IMAGENET, "transforms.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))"),
         "eval": ((256, "bicubic"), "transforms.Resize(256, interpolation=BICUBIC), transforms.CenterCrop(224)"),
         "embedding": ("cls", "nn.Linear(1536, 1)")}),
-    ("h_optimus_0", "linear"): ("Foundation_Models/Linear_Probing/h-optimus-0/hoptimus0.py (fork name)", {
+    ("h_optimus_0", "linear"): ("Foundation_Models/Linear_Probing/h-optimus-0/hoptimus0.py", {
         **LIN, "lr": (5e-5, "optim.Adam(model.parameters(), lr=5e-5, weight_decay=1e-5)"),
         "weight_decay": (1e-5, "optim.Adam(model.parameters(), lr=5e-5, weight_decay=1e-5)"),
         "mean_std": (HOPT, "transforms.Normalize(mean=(0.707223, 0.578729, 0.703617), std=(0.211883, ...))"),
         "eval": ((None, "bicubic"), 'Image.open(img_path).convert("RGB").resize((224, 224))  (Pillow default bicubic)'),
         "embedding": ("cls", "self.classifier = nn.Linear(1536, 1)")}),
-    ("h_optimus_1", "linear"): ("Foundation_Models/Linear_Probing/h-optimus-1/h-optimus-1.py", {
+    ("h_optimus_1", "linear"): ("Foundation_Models/Linear_Probing/h-optimus-1/hoptimus1.py", {
         **LIN, "lr": (5e-5, "optim.Adam(model.parameters(), lr=5e-5, weight_decay=1e-5)"),
         "weight_decay": (1e-5, "optim.Adam(model.parameters(), lr=5e-5, weight_decay=1e-5)"),
         "mean_std": (HOPT, "transforms.Normalize(mean=(0.707223, 0.578729, 0.703617), std=(0.211883, ...))"),
@@ -131,17 +130,26 @@ SCRIPTS = {
     ("prov_gigapath", "lora"): ("Foundation_Models/LoRA/prov-gigapath/prov-gigapath_lora.py", {
         **LORA, "train": (LORA_RRC_TRAIN, "train_transform"), "mean_std": (IMAGENET, "transforms.Normalize(ImageNet)"),
         "eval": RESIZE_CROP_224, "embedding": ("cls", "num_classes=1: timm head on the class token")}),
-    ("h_optimus_0", "lora"): ("Foundation_Models/LoRA/h-optimus-0/h-optimus-0_lora.py", {
-        **LORA, "train": (LORA_RRC_TRAIN, "paper-scripts.md: RandomResizedCrop(224) (default scale 0.08-1), ..."),
+    ("h_optimus_0", "lora"): ("Foundation_Models/LoRA/h-optimus-0/hoptimus0.py", {
+        **LORA, "train": (LORA_RRC_TRAIN, "train_transform"),
         "mean_std": (HOPT, "its own"), "eval": RESIZE_224,
         "embedding": ("cls", "base_model.head = nn.Linear(base_model.num_features, 1)")}),
-    ("h_optimus_1", "lora"): ("Foundation_Models/LoRA/h-optimus-1/hoptimus1.py (fork name)", {
+    ("h_optimus_1", "lora"): ("Foundation_Models/LoRA/h-optimus-1/hoptimus1.py", {
         **LORA, "train": (HOPT1_LORA_TRAIN, "train_transform"), "mean_std": (HOPT, "transforms.Normalize(...)"),
         "eval": RESIZE_224, "embedding": ("cls", "base_model.head = nn.Linear(base_model.num_features, 1)")}),
 }
 COMMON = {"epochs": 100, "batch_size": 8, "optimizer": "adam", "scheduler": "plateau", "sampling": "balanced",
           "loss": "bce"}  # every script: num_epochs = 100, batch_size = 8, optim.Adam, ReduceLROnPlateau,
 # WeightedRandomSampler(sample_weights, len(sample_weights), replacement=True), nn.BCEWithLogitsLoss()
+
+
+# how the new one-logit head starts (recipe head_init): the three LoRA scripts that build the model with
+# num_classes=1 keep timm's constructor head (trunc_normal_(std=.02), zero bias); every other script makes a
+# new nn.Linear (or calls reset_classifier, which does)
+HEAD_INIT = {("uni", "lora"): ("timm", "create_model('hf-hub:MahmoodLab/uni', pretrained=True, num_classes=1, ...)"),
+             ("uni2_h", "lora"): ("timm", "timm_kwargs = {..., 'num_classes': 1, ...}"),
+             ("prov_gigapath", "lora"): ("timm", "create_model('hf-hub:prov-gigapath/prov-gigapath', ..., "
+                                                 "num_classes=1, ...)")}
 
 
 def test_the_table_covers_exactly_table_3():
@@ -178,6 +186,7 @@ def test_recipe_is_the_scripts(model, method):
         assert cfg.embedding == want["embedding"][0], (script, want["embedding"][1])
     if "pretrained" in want:
         assert cfg.pretrained == want["pretrained"][0]
+    assert r.head_init == HEAD_INIT.get((model, method), ("linear", "nn.Linear(in, 1) / reset_classifier"))[0], script
     if method == "lora":
         assert (r.lora_rank, r.lora_alpha, r.lora_dropout) == want["lora"][0], want["lora"][1]
         rx = re.compile(cfg.lora_targets)
@@ -259,7 +268,7 @@ def test_entries_outside_table_3_keep_ami_defaults():
                 assert c.recipe_for(m).augment == "edge"
     h0 = get("h0_mini")
     assert h0.recipe_for("lora").lora_targets == "entry" and h0.recipe_for("linear") == Recipe()
-    from ami.train.recipes import origins
+    from ami.train.provenance import origins
 
     t3 = set(table3_configs())
     for name, c in REGISTRY.items():  # edge, lite0, h0_mini ...: no script behind them, nothing claims one
@@ -274,3 +283,26 @@ def test_parse_value_types():
     assert parse_value("augment_params", '{"hue": 0.05}') == {"hue": 0.05}
     assert set(POLICIES) >= {"edge", "paper", "none", "eval", "script_e2e", "script_lora_rrc", "script_lora_resize",
                              "script_virchow_lora"}
+
+
+def test_every_citation_is_in_its_script():
+    """Each statement ami.train.provenance cites is in the script it names, at commit 3acf4da (set
+    $AMI_PAPER_SCRIPTS to a copy of the scripts at that commit; ``...`` in a citation elides, two spaces and
+    a parenthesis start a note)."""
+    import os
+    from pathlib import Path
+
+    from ami.train.provenance import COMMIT, SCRIPTS
+
+    root = os.environ.get("AMI_PAPER_SCRIPTS")
+    if not root:
+        pytest.skip(f"set AMI_PAPER_SCRIPTS to a copy of the paper's scripts at {COMMIT}")
+    missing = []
+    for (model, method), (path, values) in SCRIPTS.items():
+        text = " ".join((Path(root) / path).read_text().split())
+        for key, (_, code) in values.items():
+            for part in code.split("  (")[0].split("..."):
+                part = " ".join(part.split()).strip(" ,")
+                if part and part not in text:
+                    missing.append(f"{model}/{method} {key}: {part!r} not in {path}")
+    assert not missing, "\n".join(missing)

@@ -133,7 +133,10 @@ def test_local_launcher_runs_four_jobs_two_at_a_time_and_the_table_merges_them(s
     args = ["--sweep", "edge_200mf,uni", "--methods", "full,linear", "--folds", "0,1", *TINY, "--jobs", "2",
             "--out", str(root), "--data-root", str(synthetic_folds_root), "--cache-dir", str(tmp_path / "cache")]
     res = _cli(args)
-    assert "4 job(s), 2 at a time on CPU" in res.stderr and "4 of 4 job(s) finished" in res.stdout
+    # where the pool runs depends on the box: CPU slots without a GPU, else the visible GPUs' ids
+    gpus = S.visible_gpus()
+    where = f"GPU{'s' if len(gpus) > 1 else ''} {','.join(gpus)}" if gpus else "CPU"
+    assert f"4 job(s), 2 at a time on {where}" in res.stderr and "4 of 4 job(s) finished" in res.stdout
     ids = ["edge_200mf-full-fold0", "edge_200mf-full-fold1", "uni-linear-fold0", "uni-linear-fold1"]
     recs = [json.loads((root / "logs" / f"{i}.json").read_text()) for i in ids]
     assert [r["state"] for r in recs] == ["done"] * 4 and {r["attempt"] for r in recs} == {1}
@@ -165,9 +168,9 @@ def test_status_reports_failed_and_not_started_jobs(tmp_path, synthetic_folds_ro
     jobs = S.expand("uni", root, methods="linear", folds="0,1,2", options=_opts(synthetic_folds_root, tmp_path))
     S.write_manifest(root, "uni", jobs)
     # fold 0: a job that failed (record written by the job), fold 1: a process that vanished
-    S._atomic_json(S.record_path(jobs[0]), {"id": jobs[0]["id"], "state": "failed", "started": S._now(),
+    S.write_record(S.record_path(jobs[0]), {"id": jobs[0]["id"], "state": "failed", "started": S.timestamp(),
                                             "error": "RuntimeError: out of memory", "host": "x", "pid": 1})
-    S._atomic_json(S.record_path(jobs[1]), {"id": jobs[1]["id"], "state": "running", "started": S._now(),
+    S.write_record(S.record_path(jobs[1]), {"id": jobs[1]["id"], "state": "running", "started": S.timestamp(),
                                             "launcher": "local", "host": os.uname().nodename, "pid": 2 ** 22 + 7})
     res = _cli(["--sweep", "uni", "--status", "--out", str(root)], code=1)  # exit 1: a job failed
     lines = res.stdout.splitlines()
@@ -183,7 +186,7 @@ def test_status_reports_failed_and_not_started_jobs(tmp_path, synthetic_folds_ro
     assert rec["state"] == "failed" and "no-data-here" in rec["error"]
     assert S.job_status(broken)[0] == "failed"
     # a job runs once at a time: a second process for the same job refuses (exit 75) and changes nothing
-    with S._Lock(S.record_path(jobs[0]).with_suffix(".lock")):
+    with S.JobLock(S.record_path(jobs[0]).with_suffix(".lock")):
         assert S._main([str(root), jobs[0]["id"]]) == S.BUSY_EXIT
     assert json.loads(S.record_path(jobs[0]).read_text())["state"] == "failed"
     S.record_path(broken).unlink()

@@ -8,11 +8,13 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import torch
@@ -91,6 +93,45 @@ def test_tiny_stand_in_forward_embed_and_one_step(name):
         changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
         assert changed and changed <= trainable, (name, method, sorted(changed - trainable)[:3])
         assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("method", ["lora", "linear"])
+def test_the_new_head_starts_as_the_recipe_says(method):
+    """head_init=timm: the head timm's ViT constructor builds for num_classes=1 (trunc normal, std 0.02, zero
+    bias), as the UNI / UNI2-h / Prov-GigaPath LoRA scripts; head_init=linear: nn.Linear's default."""
+    from ami.train.adapt import init_head
+
+    cfg = get("uni")
+    heads = {}
+    for how in ("timm", "linear"):
+        torch.manual_seed(0)
+        model = create(cfg, method, tiny=True, random_init=True, head_init=how)
+        heads[how] = getattr(classifier_of(model), HEAD)
+    w, b = heads["timm"].weight.detach(), heads["timm"].bias.detach()
+    assert torch.count_nonzero(b) == 0 and 0.01 < float(w.std()) < 0.03
+    lw, lb, fan_in = heads["linear"].weight.detach(), heads["linear"].bias.detach(), heads["linear"].in_features
+    assert torch.count_nonzero(lb) == 1 and float(lw.abs().max()) <= fan_in ** -0.5
+    assert float(lw.std()) > 0.05  # nn.Linear's U(-1/sqrt(fan_in), +): std 1/sqrt(3 fan_in), 0.10 at width 32
+    with pytest.raises(ValueError, match="unknown head_init 'zeros': linear or timm"):
+        init_head(torch.nn.Linear(4, 1), "zeros")
+
+
+def test_fit_builds_the_model_with_the_recipes_head_init(monkeypatch, synthetic_folds_root, tmp_path):
+    """ami-train hands the recipe's head_init (timm for the UNI LoRA script) to create()."""
+    from ami.train import fit
+
+    seen = {}
+
+    def fake_create(cfg, method, **kw):
+        seen.update(kw)
+        raise KeyboardInterrupt  # stop before any training
+
+    monkeypatch.setattr(fit, "create", fake_create)
+    spec = fit.RunSpec(model="uni", method="lora", run_dir=tmp_path / "run", data_root=synthetic_folds_root, tiny=True,
+                       random_init=True, max_train=16, max_eval=8, recipe_overrides={"epochs": 1}, device="cpu")
+    with pytest.raises(KeyboardInterrupt):
+        fit.run(spec, [0], log=lambda *_a, **_k: None)
+    assert seen["head_init"] == "timm" == get("uni").recipe_for("lora").head_init
 
 
 def test_lora_merge_matches_unmerged_output():
@@ -192,6 +233,54 @@ def test_unreachable_hub_is_probed_not_retried(monkeypatch, tmp_path):
     _assert_promised_message(str(e.value), "not in the local Hugging Face cache", "unreachable (test)")
 
 
+PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY",
+              "no_proxy", "HF_ENDPOINT", "REQUEST_METHOD")
+
+
+@pytest.mark.parametrize("env,endpoint,want", [
+    ({}, None, ("huggingface.co", 443)),
+    ({"HTTPS_PROXY": "http://proxy.example:3128"}, None, ("proxy.example", 3128)),
+    ({"https_proxy": "proxy.example:8080"}, None, ("proxy.example", 8080)),
+    ({"ALL_PROXY": "socks5://socks.example"}, None, ("socks.example", 1080)),
+    ({"HTTPS_PROXY": "http://proxy.example:3128", "NO_PROXY": "localhost,huggingface.co"}, None, ("huggingface.co", 443)),
+    ({"HTTPS_PROXY": "http://proxy.example:3128", "no_proxy": "*"}, None, ("huggingface.co", 443)),
+    ({"HTTPS_PROXY": "http://proxy.example:3128", "HTTP_PROXY": "http://plain.example:80"}, "http://mirror.example:8000",
+     ("plain.example", 80)),
+    ({"HTTPS_PROXY": "http://proxy.example:3128"}, "https://mirror.example", ("proxy.example", 3128)),
+])
+def test_the_hub_probe_goes_through_the_proxy_the_environment_names(monkeypatch, env, endpoint, want):
+    """On a cluster node behind an HTTPS proxy the probe asks the proxy, as huggingface_hub's client does
+    (no raw connection to a host the node cannot reach directly); NO_PROXY sends it straight to the hub."""
+    import ami.train.weights as W
+
+    for k in PROXY_VARS:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in {**env, **({"HF_ENDPOINT": endpoint} if endpoint else {})}.items():
+        monkeypatch.setenv(k, v)
+    seen = []
+
+    class Fake:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    def connect(address, timeout):
+        seen.append(address)
+        if address != want:
+            raise ConnectionRefusedError("refused (test)")
+        return Fake()
+
+    monkeypatch.setattr(W.socket, "create_connection", connect)
+    assert W._probe_hub() is None and seen == [want]
+    monkeypatch.setattr(W.socket, "create_connection", lambda address, timeout: (_ for _ in ()).throw(OSError("down")))
+    reason = W._probe_hub()
+    host = urlparse(endpoint or "https://huggingface.co").hostname
+    via = f"{want[0]}:{want[1]} unreachable" if want[0] == host else f"proxy {want[0]}:{want[1]} (from "
+    assert reason.startswith(via) and reason.endswith("(OSError: down)"), reason
+
+
 def test_offline_hub_cache_is_used(no_hub, tmp_path):
     cfg = get("h0_mini")
     torch.manual_seed(4)
@@ -217,6 +306,58 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     with pytest.raises(WeightsMismatch) as e:
         create(get("uni"), "linear", tiny=True, weights=str(path))
     assert "does not fit uni" in str(e.value) and "reg_token" in str(e.value) and "shape mismatches" in str(e.value)
+
+
+@pytest.mark.parametrize("change", [{"img_size": 112}, {"patch_size": 8}])
+def test_a_checkpoint_that_fits_only_by_resampling_is_refused(tmp_path, change):
+    """timm's checkpoint filter would resample a position or patch embedding of another image or patch
+    size to fit; ami refuses and names the tensor and both shapes (the load is strict)."""
+    from ami.train.weights import ShapeConverted
+
+    cfg = get("uni")
+    torch.manual_seed(0)
+    other = build_backbone(cfg, tiny=True, **change)
+    sd = {k: v.contiguous() for k, v in other.state_dict().items()}
+    path = tmp_path / "other.safetensors"
+    save_file(sd, str(path))
+    dst = build_backbone(cfg, tiny=True)
+    key = "pos_embed" if "img_size" in change else "patch_embed.proj.weight"
+    want = f"{key}: {tuple(sd[key].shape)} -> {tuple(dst.state_dict()[key].shape)}"
+    with pytest.raises(ShapeConverted, match=re.escape(want)) as e:
+        load_pretrained(dst, cfg, str(path))
+    assert f"{path} fits uni (vit_large_patch16_224) only if timm's checkpoint filter changes the shape" in str(e.value)
+    assert isinstance(e.value, WeightsMismatch)  # a checkpoint that does not fit: the same family of refusal
+
+
+def test_a_foreign_key_layout_is_renamed_by_timms_converter_and_loads_exactly(tmp_path):
+    """A conversion that only renames keys (here OpenCLIP's ``visual.trunk.`` prefix) is accepted, recorded
+    as converted, and loads every tensor bit for bit."""
+    cfg = get("uni")
+    torch.manual_seed(0)
+    src = build_backbone(cfg, tiny=True)
+    sd = {k: v.contiguous() for k, v in src.state_dict().items() if not k.startswith("head.")}
+    path = tmp_path / "open_clip.safetensors"
+    save_file({f"visual.trunk.{k}": v for k, v in sd.items()}, str(path))
+    torch.manual_seed(1)
+    dst = build_backbone(cfg, tiny=True)
+    info = load_pretrained(dst, cfg, str(path))
+    assert info["converted_by_timm_filter"] and info["tensors_loaded"] == len(sd)
+    assert all(torch.equal(dst.state_dict()[k], v) for k, v in sd.items())
+
+
+def test_even_a_lossless_reshape_by_the_converter_is_refused(tmp_path):
+    """Strict means strict: a flattened (linear) patch embedding that timm would reshape into the convolution
+    is refused as well, naming the tensor and both shapes."""
+    cfg = get("uni")
+    torch.manual_seed(0)
+    sd = {k: v.contiguous() for k, v in build_backbone(cfg, tiny=True).state_dict().items()}
+    w = sd["patch_embed.proj.weight"]
+    sd["patch_embed.proj.weight"] = w.flatten(1).contiguous()
+    path = tmp_path / "linear-patch.safetensors"
+    save_file(sd, str(path))
+    want = f"patch_embed.proj.weight: {tuple(w.flatten(1).shape)} -> {tuple(w.shape)}"
+    with pytest.raises(WeightsMismatch, match=re.escape(want)):
+        load_pretrained(build_backbone(cfg, tiny=True), cfg, str(path))
 
 
 # -- the embedding cache -------------------------------------------------------------------------
@@ -335,6 +476,27 @@ def test_end_to_end_runs_and_table(synthetic_folds_root, tmp_path):
     assert len((tmp_path / "long.csv").read_text().splitlines()) > 2 * 2 * 4 * 2
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name,method", [("uni", "lora"), ("vit_large_patch16_224", "full")])
+def test_lora_and_full_runs_record_the_weights_they_started_from(synthetic_folds_root, tmp_path, name, method):
+    """metrics.json of a LoRA or full run names its starting weights (source, SHA-256), as a linear run's does."""
+    from ami.runtime import hashing
+    from ami.train.fit import RunSpec, run
+
+    cfg = get(name)
+    torch.manual_seed(0)
+    path = tmp_path / "start.safetensors"
+    save_file({k: v.contiguous() for k, v in build_backbone(cfg, tiny=True).state_dict().items()}, str(path))
+    spec = RunSpec(model=name, method=method, run_dir=tmp_path / "run", data_root=synthetic_folds_root, tiny=True,
+                   weights=str(path), max_train=16, max_eval=8, recipe_overrides={"epochs": 1}, threads=1,
+                   device="cpu", eval_sets=())
+    run(spec, [0], log=lambda *_a, **_k: None)
+    m = json.loads((tmp_path / "run" / "fold0" / "metrics.json").read_text())
+    w = m["weights"]
+    assert (w["kind"], w["source"], w["sha256"]) == ("file", str(path), hashing.file_sha256(path))
+    assert w["tensors_loaded"] > 0 and m["random_init"] is False
+
+
 def test_kill_and_resume(synthetic_folds_root, tmp_path):
     """SIGKILL after the first epoch's checkpoint; the same command continues from the next epoch."""
     torch.manual_seed(7)
@@ -389,6 +551,59 @@ def test_autocast_modes():
         autocast(cpu, "fp16", training=True)
     with pytest.raises(ValueError, match="unknown amp"):
         autocast(cpu, "int4")
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available:UserWarning")  # a CUDA device object, no GPU
+def test_float32_on_cuda_turns_tf32_off_and_restores_it(monkeypatch):
+    """Whatever calls itself float32 on a GPU (--amp none, the training evaluation, the export's reference)
+    runs with TF32 off for matmuls and cuDNN convolutions; the settings come back afterwards, also after an
+    error. The CUDA flags are fakes here, so the test needs no GPU."""
+    import types
+
+    from ami.train.loop import autocast
+
+    matmul, cudnn = types.SimpleNamespace(allow_tf32=True), types.SimpleNamespace(allow_tf32=True)
+    monkeypatch.setattr(torch.backends.cuda, "matmul", matmul)
+    monkeypatch.setattr(torch.backends, "cudnn", cudnn)
+    cuda = torch.device("cuda")
+    for training in (True, False):
+        with autocast(cuda, "none", training=training):
+            assert (matmul.allow_tf32, cudnn.allow_tf32) == (False, False)
+        assert (matmul.allow_tf32, cudnn.allow_tf32) == (True, True)
+    with pytest.raises(RuntimeError, match="boom"), autocast(cuda, "none"):
+        raise RuntimeError("boom")
+    assert (matmul.allow_tf32, cudnn.allow_tf32) == (True, True)
+    cudnn.allow_tf32 = False  # a user's own setting is kept, not forced back on
+    with autocast(cuda, "none"):
+        assert not cudnn.allow_tf32
+    assert (matmul.allow_tf32, cudnn.allow_tf32) == (True, False)
+    with autocast(cuda, "bf16"):  # mixed precision is not float32: the flags are left alone
+        assert matmul.allow_tf32
+    with autocast(torch.device("cpu"), "none"):  # no TF32 on a CPU: nothing to change
+        assert matmul.allow_tf32
+
+
+def test_the_exports_reference_runs_in_float32(monkeypatch):
+    """ami.export's reference probabilities go through the same float32 context (TF32 off on CUDA)."""
+    import numpy as np
+
+    from ami.export.ensemble import reference_probs
+    from ami.train import loop
+
+    seen = []
+    real = loop.float32
+
+    def spy(device):
+        seen.append(device)
+        return real(device)
+
+    monkeypatch.setattr(loop, "float32", spy)
+    cfg = get("edge")
+    size = cfg.preprocess.input_size
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * size * size, 1), torch.nn.Flatten(0))
+    images = np.zeros((2, size, size, 3), np.uint8)
+    assert reference_probs([net], cfg.preprocess, images).shape == (2,)
+    assert seen == [torch.device("cpu")]
 
 
 def test_each_method_has_one_fold_trainer():

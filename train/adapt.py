@@ -134,9 +134,24 @@ def adapted_modules(model: nn.Module) -> list[str]:
     return sorted(n for n, m in root.named_modules() if isinstance(m, LoraLayer))
 
 
+def init_head(head: nn.Linear, how: str = "linear") -> None:
+    """Initialise a new one-logit head (recipe key ``head_init``): ``linear`` = PyTorch's ``nn.Linear``
+    default (the scripts that build ``nn.Linear(in, 1)`` or call ``reset_classifier``); ``timm`` = the
+    head timm's ViT constructor builds for ``num_classes=1`` (``trunc_normal_(std=0.02)``, zero bias),
+    as the UNI, UNI2-h and Prov-GigaPath LoRA scripts take it."""
+    if how == "linear":
+        head.reset_parameters()
+    elif how == "timm":
+        nn.init.trunc_normal_(head.weight, std=0.02)
+        nn.init.zeros_(head.bias)
+    else:
+        raise ValueError(f"unknown head_init {how!r}: linear or timm")
+
+
 def apply_method(model: LogitModel, cfg: ModelConfig, method: str, lora_rank: int = 8, lora_alpha: int = 16,
-                 lora_dropout: float = 0.3) -> LogitModel:
-    """``full``: unchanged; ``linear``: frozen backbone + new linear head; ``lora``: PEFT LoRA + new head."""
+                 lora_dropout: float = 0.3, head_init: str = "linear") -> LogitModel:
+    """``full``: unchanged; ``linear``: frozen backbone + new linear head; ``lora``: PEFT LoRA + new head
+    (the new head initialised by :func:`init_head` ``head_init``)."""
     if method == "full":
         return model
     if method not in ("linear", "lora"):
@@ -146,6 +161,8 @@ def apply_method(model: LogitModel, cfg: ModelConfig, method: str, lora_rank: in
         raise ValueError("model is already adapted")
     net.reset_classifier(0)  # the timm head becomes Identity; the logit comes from logit_head
     clf = EmbeddingClassifier(net, cfg.embedding, cfg.num_prefix_tokens, freeze_backbone=True)
+    if head_init != "linear":  # nn.Linear's own init already ran; the other one draws again
+        init_head(getattr(clf, HEAD), head_init)
     if method == "linear":
         return LogitModel(clf)
     if not cfg.lora_targets:

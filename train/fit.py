@@ -47,9 +47,9 @@ from .loop import (
     write_history,
 )
 from .models import count_params, create
-from .recipes import origins
+from .provenance import origins
 from .registry import ModelConfig, Recipe, configure, definition, get, with_recipe_defaults
-from .weights import TRAINABLE, load_partial_state, load_weights, save_weights
+from .weights import TRAINABLE, load_partial_state, load_weights, save_weights, weights_record
 
 
 @dataclass
@@ -229,7 +229,8 @@ class EndToEndTrainer(FoldTrainer):
         val_set = D.load_crops(va, cfg.preprocess) if va else None
         model = create(cfg, spec.method, weights=spec.weights, random_init=spec.random_init, tiny=spec.tiny,
                        drop_rate=r.drop_rate, drop_path_rate=r.drop_path_rate,
-                       lora_rank=r.lora_rank, lora_alpha=r.lora_alpha, lora_dropout=r.lora_dropout)
+                       lora_rank=r.lora_rank, lora_alpha=r.lora_alpha, lora_dropout=r.lora_dropout,
+                       head_init=r.head_init)
         model = to_device(model, run.device)
         params = [p for p in model.parameters() if p.requires_grad]
         keep = trainable_names(model) if spec.method != "full" and cfg.pretrained and not spec.random_init else None
@@ -306,7 +307,7 @@ class EndToEndTrainer(FoldTrainer):
         def scored(cs: D.CropSet):
             return cs.names, cs.labels.numpy(), predict(model, cs, cfg, run.device, amp=amp)
 
-        out = self.record(run, fd, f.progress, train_seconds)
+        out = self.record(run, fd, f.progress, train_seconds, weights=weights_record(model))
         validation = (lambda: scored(f.val_set)) if f.val_set is not None else None
         self.evaluate(run, fd, out, validation, lambda name, samples: scored(D.load_crops(samples, cfg.preprocess)))
         return self.finish(fd, out)

@@ -45,7 +45,7 @@ from ami.runtime.preprocess import Preprocess
 from ami.runtime.rundir import FoldDir
 
 from . import data as D
-from .adapt import HEAD, classifier_of
+from .adapt import HEAD, classifier_of, init_head
 from .loop import (
     FoldTrainer,
     LRSchedule,
@@ -267,6 +267,8 @@ class LinearProbeTrainer(FoldTrainer):
         seed = self.seed(run, fd)
         torch.manual_seed(seed)
         head = nn.Linear(probe.xtr.shape[1], 1)
+        if r.head_init != "linear":  # nn.Linear's own init already ran; the other one draws again
+            init_head(head, r.head_init)
         opt = make_optimizer(head.parameters(), r)
         steps = steps_per_epoch(len(probe.ytr), r)
         schedule = LRSchedule(opt, r, steps)

@@ -26,6 +26,7 @@ import platform
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,21 +73,40 @@ def stratified_subset(samples: list[Sample], n: int, seed: int = 0) -> list[Samp
 
 
 # -- precision --------------------------------------------------------------------------------------
+@contextmanager
+def float32(device: torch.device):
+    """Autocast off, and on CUDA float32 that is float32: TF32 off for matmuls and cuDNN convolutions
+    (PyTorch's default lets cuDNN use TF32, which moves an "fp32" probability by up to ~5e-4) while
+    inside; the previous settings come back on exit."""
+    with torch.autocast(device.type, enabled=False):
+        if device.type != "cuda":
+            yield
+            return
+        matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+        saved = matmul.allow_tf32, cudnn.allow_tf32
+        matmul.allow_tf32 = cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            matmul.allow_tf32, cudnn.allow_tf32 = saved
+
+
 def autocast(device: torch.device, amp: str, training: bool = False):
     """Autocast context. On CUDA: bf16 or fp16. On CPU: bf16 for the training step only (oneDNN
     bf16 kernels on AVX512-BF16/AMX CPUs); CPU evaluation always runs in float32, the precision of
-    the exported engine, so validation-based selection sees the numbers that will ship."""
+    the exported engine, so validation-based selection sees the numbers that will ship. Whatever
+    runs in float32 (``amp`` none, CPU evaluation) runs in :func:`float32` (on CUDA: TF32 off)."""
     if amp not in ("none", "bf16", "fp16"):
         raise ValueError(f"unknown amp mode {amp!r}: none, bf16 or fp16")
     if amp == "none":
-        return torch.autocast(device.type, enabled=False)
+        return float32(device)
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
     if device.type == "cpu" and amp == "bf16" and training:
         return torch.autocast("cpu", dtype=torch.bfloat16)
     if device.type == "cpu" and amp == "fp16":
         raise ValueError("--amp fp16 is CUDA only; on CPU use --amp bf16")
-    return torch.autocast(device.type, enabled=False)
+    return float32(device)
 
 
 def cpu_bf16_native() -> bool:

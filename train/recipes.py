@@ -11,14 +11,10 @@ Defaults of :class:`Recipe` are the paper's *text* and the behaviour ``ami`` had
 existed ("entry" = whatever the registry entry says), so a ``config.json`` written before a key
 was added still means what it meant (:func:`ami.train.registry.with_recipe_defaults`).
 
-The paper's numbers came from its published scripts (repository DeepMicroscopy/AMi-Br_Benchmark),
-not from its text. :data:`SCRIPTS` transcribes, for each of the 17 Table-3 configurations, the
-value every recipe key had in that configuration's script, each with the statement it comes from
-(:class:`Cite`): path, the code as written, and which copy of the script it was read in. The
-registry builds each configuration's default recipe from this table (:func:`script_recipe`), and
-``ami-train --print-config`` reports the citation beside each value ("ami default" where the
-script does not decide it). :data:`PAPER_TEXT` is the protocol as the text states it;
-:func:`departures` lists where a configuration's recipe departs from it.
+The paper's numbers came from its published scripts, not from its text: what each script did, with
+the statement behind every value, is :mod:`ami.train.provenance`. :data:`PAPER_TEXT` here is the
+protocol as the text states it; :func:`departures` lists where a configuration's recipe departs
+from it.
 
 Import-light (no torch): ``ami-train --list`` and the registry use it anywhere.
 """
@@ -29,12 +25,18 @@ import ast
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
 
-IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+from ami.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+IMAGENET = (IMAGENET_MEAN, IMAGENET_STD)  # the runtime's constants: one definition
 HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 HOPTIMUS = ((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517))
 NORMALIZATIONS = {"imagenet": IMAGENET, "half": HALF, "hoptimus": HOPTIMUS}
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 EMBEDDINGS = ("cls", "cls+mean", "mean", "pool")
+# How the new one-logit head starts: "linear" = PyTorch's nn.Linear default (a script that builds
+# nn.Linear(in, 1) or calls reset_classifier); "timm" = what timm's ViT constructor gives a head built
+# with num_classes=1 (weight trunc_normal_(std=0.02), bias 0), as the scripts that pass num_classes=1
+HEAD_INITS = ("linear", "timm")
 
 # LoRA target sets. PEFT matches a *list* of names by suffix (a module is adapted when its name
 # equals an entry or ends with "." + entry) and a *string* as a regex over the whole name; ami
@@ -107,7 +109,6 @@ class AugPolicy:
             raise ValueError(f"aug.crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
 
 
-_TV = "torchvision"
 POLICIES: dict[str, AugPolicy] = {
     # ami's own edge recipe: mitoses have no orientation (any rotation + flips), stain jitter
     "edge": AugPolicy(hflip=0.5, any_rotation=True, crop_scale=(0.8, 1.0), translate=0.06, padding="reflection",
@@ -169,6 +170,7 @@ class Recipe:
     eval_interpolation: str = "entry"  # entry | nearest | bilinear | bicubic | lanczos
     embedding: str = "entry"  # tokens the head reads: entry | cls | cls+mean | mean | pool
     lora_targets: str = "entry"  # entry | script | blocks | suffix:a,b,... | re:REGEX
+    head_init: str = "linear"  # the new one-logit head: linear (nn.Linear's default) | timm (trunc normal 0.02, bias 0)
 
     def override(self, **kw) -> Recipe:
         unknown = set(kw) - set(asdict(self))
@@ -191,6 +193,8 @@ class Recipe:
         if self.eval_resize < -1:
             raise ValueError("eval_resize must be -1 (entry), 0 (straight resize) or a size in pixels")
         lora_regex(self.lora_targets, None)
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"head_init must be one of {', '.join(HEAD_INITS)}, got {self.head_init!r}")
 
     def policy(self) -> AugPolicy:
         """The training transform: the named policy with this recipe's field overrides."""
@@ -283,243 +287,6 @@ def _typed(typ, text: str, key: str):
         return typ(text)
     except ValueError:
         raise ValueError(f"{key} takes a {typ.__name__}, got {text!r}") from None
-
-
-# --- what the scripts did --------------------------------------------------------------------------
-REPO = "DeepMicroscopy/AMi-Br_Benchmark"
-# Where a statement was read. The upstream repository's own files in the search index are an OLDER
-# state than the one docs/reproduce.md follows (e.g. ViT-L lr=1e-4 there); the fork below holds the
-# scripts in the state that ../shared/docs/paper-scripts.md describes (commit 3acf4da upstream).
-FORK = "Git-Vaaaaaaal/optima_lora@93d42e7"
-NOTES = "paper-scripts.md"  # stated in the project's reading of commit 3acf4da, no readable copy here
-
-
-@dataclass(frozen=True)
-class Cite:
-    """The statement of a script that sets a value: path in the scripts repository, the code as
-    written, and the copy it was read in (FORK, an upstream commit, or NOTES when only the
-    project's notes state it). Line numbers are not recorded: the copies differ in layout; the
-    code is the anchor (``grep -n`` finds it in any version)."""
-
-    script: str
-    code: str
-    seen: str = FORK
-
-    def __str__(self) -> str:
-        return f"{self.script}: `{self.code}` [read in {self.seen}]"
-
-
-E2E = "End-to-End_DL_Baselines/{m}/{m}.py"
-LIN = "Foundation_Models/Linear_Probing/{m}/{f}.py"
-LORA = "Foundation_Models/LoRA/{m}/{f}_lora.py"
-
-_COMMON = {"epochs": (100, "num_epochs = 100"), "batch_size": (8, "batch_size = 8"),
-           "optimizer": ("adam", "optimizer = optim.Adam(model.parameters(), lr=..., weight_decay=...)"),
-           "scheduler": ("plateau", "optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode='max', factor=0.5, "
-                                    "patience=3, min_lr=1e-7)"),
-           "sampling": ("balanced", "sampler = WeightedRandomSampler(sample_weights, len(sample_weights), "
-                                    "replacement=True)"),
-           "loss": ("bce", "criterion = nn.BCEWithLogitsLoss()")}
-
-
-def _adam(lr: str, wd: str) -> str:
-    return f"optimizer = optim.Adam(model.parameters(), lr={lr}, weight_decay={wd})"
-
-
-def _e2e(m: str, seen: str, lr_seen: str | None = None) -> dict:
-    lr_seen = lr_seen or seen
-    return {
-        "lr": (5e-5, _adam("5e-5", "1e-5"), lr_seen), "weight_decay": (1e-5, _adam("5e-5", "1e-5"), lr_seen),
-        "early_stop_patience": (15, "early_stop_patience = 15", seen),
-        "augment": ("script_e2e", "train_transform = transforms.Compose([transforms.Resize((224, 224)), "
-                                  "transforms.RandomHorizontalFlip(), transforms.RandomRotation(10), "
-                                  "transforms.ColorJitter(...0.2, 0.2, 0.2, 0.1), "
-                                  "transforms.RandomResizedCrop(224, scale=(0.8, 1.0)), ...])", seen),
-        "normalize": ("imagenet", "transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])", seen),
-        "eval_resize": (0, "val_transform = transforms.Compose([transforms.Resize((224, 224)), ...])", seen),
-        "eval_interpolation": ("bilinear", "transforms.Resize((224, 224))  (torchvision's default: bilinear)", seen),
-    }
-
-
-def _linear(lr: str, wd: str, seen: str, *, geometry: str, normalize: str, embedding: str,
-            patience_code: str = "early_stop_patience = 15") -> dict:
-    code = _adam(lr, wd)
-    return {"lr": (float(lr), code, seen), "weight_decay": (float(wd), code, seen),
-            "early_stop_patience": (15, patience_code, seen),
-            "augment": ("eval", "embeddings extracted once from the evaluation transform (EmbeddingDataset)", seen),
-            "eval_resize": (-1, geometry, seen), "eval_interpolation": ("entry", geometry, seen),
-            "normalize": ("entry", normalize, seen), "embedding": ("entry", embedding, seen)}
-
-
-def _lora(seen: str, augment: tuple, *, normalize=None, geometry: tuple | None = None, embedding=None,
-          lr_seen: str | None = None) -> dict:
-    lora = "LoraConfig(r=8, lora_alpha=16, target_modules=[\"qkv\", \"proj\", \"fc1\", \"fc2\"], lora_dropout=0.3, " \
-           "bias=\"none\", modules_to_save=[\"head\"])"
-    lr_seen = lr_seen or seen
-    out = {"lr": (5e-5, _adam("5e-5", "1e-5"), lr_seen), "weight_decay": (1e-5, _adam("5e-5", "1e-5"), lr_seen),
-           "early_stop_patience": (10, "early_stop_patience = 10", seen),
-           "lora_rank": (8, lora, seen), "lora_alpha": (16, lora, seen), "lora_dropout": (0.3, lora, seen),
-           "lora_targets": ("script", lora + "  (PEFT suffix match: also patch_embed.proj)", seen),
-           "augment": augment}
-    if normalize:
-        out["normalize"] = normalize
-    if geometry:
-        out["eval_resize"], out["eval_interpolation"] = geometry
-    if embedding:
-        out["embedding"] = embedding
-    return out
-
-
-_RRC = ("script_lora_rrc", "train_transform = transforms.Compose([transforms.RandomResizedCrop(224), "
-                           "transforms.RandomHorizontalFlip(), transforms.RandomRotation(15), "
-                           "transforms.ColorJitter(brightness=0.2, contrast=0.2), ...])")
-_RESIZE_CROP = ((0, "val_transform = transforms.Compose([transforms.Resize(224), transforms.CenterCrop(224), ...])"),
-                ("bilinear", "transforms.Resize(224)  (torchvision's default: bilinear)"))
-_RESIZE = ((0, "val_transform = transforms.Compose([transforms.Resize(224), ...])"),
-           ("bilinear", "transforms.Resize(224)  (torchvision's default: bilinear)"))
-_UP = "upstream {} (older state)"
-_TIMM_TF = "timm resolve_data_config(model.pretrained_cfg) + create_transform of the hub model " \
-           "(ami: the entry's model-card preprocessing; the hub's pretrained_cfg is not readable offline)"
-
-
-# (model, method) -> script path, {key: (value, code, seen)}
-def _virchow_lora(commit: str):
-    """Virchow and Virchow2 LoRA: the same script body (RRC 0.8-1, flip, jitter, no rotation;
-    0.5/0.5 normalisation; logit from the class token), read at each script's own commit."""
-    return _lora(_UP.format(commit),
-                 ("script_virchow_lora", "transforms.RandomResizedCrop(224, scale=(0.8, 1.0)), "
-                                         "transforms.RandomHorizontalFlip(), transforms.ColorJitter("
-                                         "brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1)"),
-                 normalize=("half", "transforms.Normalize(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))"),
-                 geometry=_RESIZE_CROP,
-                 embedding=("cls", "base_model.reset_classifier(num_classes=1) ... "
-                                   "outputs = outputs[:, 0]  # Use CLS token"))
-
-
-SCRIPTS: dict[tuple[str, str], tuple[str, dict]] = {
-    ("efficientnetv2_m", "full"): (E2E.format(m="efficientnetv2_m"), _e2e("efficientnetv2_m", FORK)),
-    ("vit_large_patch16_224", "full"): (E2E.format(m="vit_large_patch16_224"),
-                                        _e2e("vit_large_patch16_224", _UP.format("bb58e45"), lr_seen=FORK)),
-    ("swin_base_patch4_window7_224", "full"): (E2E.format(m="swin_base_patch4_window7_224"),
-                                               _e2e("swin_base_patch4_window7_224", FORK)),
-    ("uni", "linear"): (LIN.format(m="uni", f="uni"),
-                        _linear("5e-5", "1e-5", FORK, geometry=_TIMM_TF, normalize=_TIMM_TF,
-                                embedding="output = uni_model(image_tensor)  (timm's pooled class token); "
-                                          "self.classifier = nn.Linear(1024, 1)")),
-    ("uni2_h", "linear"): (LIN.format(m="uni2-h", f="uni2-h"),
-                           _linear("5e-5", "1e-5", NOTES, geometry=_TIMM_TF, normalize=_TIMM_TF,
-                                   embedding="output = uni2h_model(image_tensor)  (class token); "
-                                             "self.classifier = nn.Linear(1536, 1)")),
-    ("virchow", "linear"): (LIN.format(m="Virchow", f="virchow"),
-                            _linear("5e-5", "1e-5", NOTES, geometry=_TIMM_TF, normalize=_TIMM_TF,
-                                    embedding="embedding = torch.cat([class_token, patch_tokens.mean(1)], dim=-1)  "
-                                              "(patch_tokens = output[:, 1:])")),
-    ("virchow2", "linear"): (LIN.format(m="Virchow2", f="virchow2"),
-                             _linear("5e-5", "1e-5", FORK, geometry=_TIMM_TF, normalize=_TIMM_TF,
-                                     embedding="embedding = torch.cat([class_token, patch_tokens.mean(1)], dim=-1)  "
-                                               "(patch_tokens = output[:, 5:])")),
-    ("prov_gigapath", "linear"): (LIN.format(m="prov-gigapath", f="prov-gigapath"),
-                                  _linear("1e-3", "1e-4", FORK,
-                                          geometry="transforms.Resize(256, interpolation=transforms.InterpolationMode."
-                                                   "BICUBIC), transforms.CenterCrop(224)",
-                                          normalize="transforms.Normalize(mean=(0.485, 0.456, 0.406), "
-                                                    "std=(0.229, 0.224, 0.225))",
-                                          embedding="output = gigapath_model(image_tensor)  (class token); "
-                                                    "self.classifier = nn.Linear(1536, 1)")),
-    ("h_optimus_0", "linear"): ("Foundation_Models/Linear_Probing/h-optimus-0/hoptimus0.py (fork name; upstream: "
-                                "h-optimus-0.py)",
-                                _linear("5e-5", "1e-5", FORK, patience_code="early_stopping_patience = 15",
-                                        geometry="Image.open(img_path).convert(\"RGB\").resize((224, 224))  "
-                                                 "(Pillow's default filter: bicubic)",
-                                        normalize="transforms.Normalize(mean=(0.707223, 0.578729, 0.703617), "
-                                                  "std=(0.211883, 0.230117, 0.177517))",
-                                        embedding="features = hoptimus_model(tensor)  (class token); "
-                                                  "self.classifier = nn.Linear(1536, 1)")),
-    ("h_optimus_1", "linear"): (LIN.format(m="h-optimus-1", f="h-optimus-1"),
-                                _linear("5e-5", "1e-5", _UP.format("78b5dd0"), patience_code="early_stopping_patience = 15",
-                                        geometry="Image.open(img_path).convert(\"RGB\").resize((224, 224))  "
-                                                 "(Pillow's default filter: bicubic)",
-                                        normalize="transforms.Normalize(mean=(0.707223, 0.578729, 0.703617), "
-                                                  "std=(0.211883, 0.230117, 0.177517))",
-                                        embedding="features = hoptimus_model(tensor)  (class token)")),
-    ("uni", "lora"): (LORA.format(m="uni", f="uni"),
-                      _lora(_UP.format("cc54045"), _RRC, geometry=_RESIZE_CROP,
-                            normalize=("imagenet", "transforms.Normalize(mean=[0.485, 0.456, 0.406], "
-                                                   "std=[0.229, 0.224, 0.225])"))),
-    ("uni2_h", "lora"): (LORA.format(m="uni2-h", f="uni2-h"),
-                         _lora(_UP.format("9703f39"), ("eval", "train_transform = create_transform(**resolve_data_config("
-                                                              "model.pretrained_cfg, model=model))  (= val_transform)"))),
-    ("virchow", "lora"): (LORA.format(m="Virchow", f="virchow"),
-                          _virchow_lora("405b185")),
-    ("virchow2", "lora"): (LORA.format(m="Virchow2", f="virchow2"),
-                           _virchow_lora("fc3a199")),
-    ("prov_gigapath", "lora"): (LORA.format(m="prov-gigapath", f="prov-gigapath"),
-                                _lora(_UP.format("5c56efb"), _RRC, geometry=_RESIZE_CROP,
-                                      normalize=("imagenet", "transforms.Normalize(mean=[0.485, 0.456, 0.406], "
-                                                             "std=[0.229, 0.224, 0.225])"))),
-    ("h_optimus_0", "lora"): (LORA.format(m="h-optimus-0", f="h-optimus-0"),
-                              _lora(NOTES, _RRC, geometry=_RESIZE)),
-    ("h_optimus_1", "lora"): ("Foundation_Models/LoRA/h-optimus-1/hoptimus1.py (fork name; upstream: "
-                              "h-optimus-1_lora.py)",
-                              _lora(FORK, ("script_lora_resize", "train_transform = transforms.Compose(["
-                                                                 "transforms.Resize(224), transforms.RandomHorizontalFlip(), "
-                                                                 "transforms.RandomRotation(15), transforms.ColorJitter("
-                                                                 "brightness=0.2, contrast=0.2), ...])"),
-                                    geometry=_RESIZE)),
-}
-# keys common to every script, cited from the configuration's own script
-for _k, (_path, _vals) in SCRIPTS.items():
-    _seen = next(iter(_vals.values()))[2] if _vals and len(next(iter(_vals.values()))) == 3 else FORK
-    for _key, (_v, _code) in _COMMON.items():
-        _vals.setdefault(_key, (_v, _code, _seen))
-    for _key, _val in list(_vals.items()):
-        if len(_val) == 2:
-            _vals[_key] = _val + (_seen,)
-
-# Where the older upstream copies in the search index disagree with the state followed here
-# (recorded in docs/reproduce.md; a reader holding upstream 3acf4da can check these statements).
-OLDER_UPSTREAM = {
-    ("vit_large_patch16_224", "full"): "upstream bb58e45: lr=1e-4",
-    ("swin_base_patch4_window7_224", "full"): "upstream 171a665: lr=1e-4",
-    ("uni", "linear"): "upstream 86cf2fd: lr=1e-3, weight_decay=1e-4",
-    ("uni2_h", "linear"): "upstream 2ab2666: lr=1e-3, weight_decay=1e-4",
-    ("virchow", "linear"): "upstream 1874ab4: lr=1e-3, weight_decay=1e-4",
-    ("virchow2", "linear"): "upstream 75898c2: lr=1e-3, weight_decay=1e-4",
-    ("h_optimus_0", "linear"): "upstream 222d79e: head Linear(1536,512)-ReLU-Dropout(0.5)-Linear(512,1)",
-    ("h_optimus_1", "linear"): "upstream 78b5dd0: head Linear(1536,512)-ReLU-Dropout(0.3)-Linear(512,1)",
-    ("h_optimus_0", "lora"): "upstream 0489d19: lr=1e-3, weight_decay=1e-4; train transform Resize(224) (no crop)",
-    ("h_optimus_1", "lora"): "upstream e9d02744: lr=1e-3, weight_decay=1e-4",
-}
-
-
-def script_recipe(model: str, method: str, base: Recipe | None = None) -> Recipe:
-    """The recipe of a Table-3 configuration: what its script did, on top of ``base`` (the text)."""
-    _, vals = SCRIPTS[(model, method)]
-    return replace(base or Recipe(), **{k: v[0] for k, v in vals.items()})
-
-
-def origins(model: str, method: str, recipe: Recipe, overridden=()) -> dict[str, str]:
-    """Each recipe key's origin: the script statement, the command line, or "ami default"."""
-    script = SCRIPTS.get((model, method))
-    out = {}
-    for k, v in asdict(recipe).items():
-        if k in overridden:
-            out[k] = "command line (--set / --config / --epochs)"
-        elif script and k in script[1] and script[1][k][0] == v:
-            out[k] = str(Cite(script[0], script[1][k][1], script[1][k][2]))
-        elif script and k in script[1]:
-            out[k] = f"ami default (differs from the script's {script[1][k][0]!r})"
-        elif k in _NOT_IN_SCRIPTS and v == getattr(Recipe(), k):
-            out[k] = f"ami default ({_NOT_IN_SCRIPTS[k]})"
-        else:
-            out[k] = "ami default"
-    return out
-
-
-_NOT_IN_SCRIPTS = {k: "the scripts have none: off" for k in ("warmup_epochs", "label_smoothing", "mixup_alpha",
-                                                              "ema_decay", "drop_rate", "drop_path_rate")}
-_NOT_IN_SCRIPTS["seed"] = "the scripts set no seed"
-_NOT_IN_SCRIPTS["augment_params"] = "the policy as declared"
 
 
 # --- the paper's text ---------------------------------------------------------------------------

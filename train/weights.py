@@ -8,10 +8,13 @@
    folder holding one of those, or ``hf-hub:ORG/NAME``;
 2. otherwise the entry's hub id: first the local Hugging Face cache (works offline, and with
    ``HF_HUB_OFFLINE=1``), then the hub itself when it is reachable (a 3-second probe first, so an
-   offline machine fails at once instead of after a minute of retries).
+   offline machine fails at once instead of after a minute of retries; behind an HTTPS proxy named
+   by the environment, the probe connects to the proxy, as huggingface_hub's client will).
 
-Keys must match the architecture exactly, except the classifier head (the entry's ``head``),
-which is always the fresh one-logit head. When nothing can be loaded the function raises
+Keys and shapes must match the architecture exactly, except the classifier head (the entry's
+``head``), which is always the fresh one-logit head; a foreign key layout may be renamed by timm's
+own converter, but a conversion that changes a tensor's shape (a resampled patch or position
+embedding) is refused. When nothing can be loaded the function raises
 :class:`WeightsUnavailable` naming every source it tried and how to supply one; a checkpoint that
 does not fit raises :class:`WeightsMismatch` listing the offending keys. Nothing here ever falls
 back to random weights: that is ``--random-init``, and only that.
@@ -220,15 +223,37 @@ def rename_keys(sd: dict[str, torch.Tensor], rules) -> dict[str, torch.Tensor]:
     return out
 
 
-def _probe_hub() -> str | None:
-    """None when the hub endpoint accepts a TCP connection within a few seconds, else the reason."""
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+def probe_target(endpoint: str) -> tuple[str, int, str | None]:
+    """(host, port, proxy variable or None) that a connection to the hub ``endpoint`` goes through, as
+    huggingface_hub's HTTP client (httpx, ``trust_env``) chooses it: the scheme's proxy from the
+    environment (``HTTPS_PROXY``/``https_proxy``, ``HTTP_PROXY`` for an http endpoint, else
+    ``ALL_PROXY``) unless ``NO_PROXY``/``no_proxy`` names the host; otherwise the endpoint itself."""
+    import urllib.request
+
+    url = urlparse(endpoint)
     host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme != "http" else 80)
+    proxies = urllib.request.getproxies_environment()
+    scheme = "http" if url.scheme == "http" else "https"
+    for key in (scheme, "all"):
+        proxy = proxies.get(key)
+        if proxy and not urllib.request.proxy_bypass_environment(host, proxies):
+            p = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+            default = 443 if p.scheme == "https" else 1080 if p.scheme.startswith("socks") else 80
+            return p.hostname or "", p.port or default, f"{key}_proxy"
+    return host, port, None
+
+
+def _probe_hub() -> str | None:
+    """None when the hub endpoint (or the proxy the environment routes it through) accepts a TCP
+    connection within a few seconds, else the reason."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host, port, proxy = probe_target(endpoint)
     try:
         with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
             return None
     except OSError as e:
-        return f"{host}:{port} unreachable ({e.__class__.__name__}: {e})"
+        via = f"proxy {host}:{port} (from {proxy.upper()}, for {endpoint})" if proxy else f"{host}:{port}"
+        return f"{via} unreachable ({e.__class__.__name__}: {e})"
 
 
 def _revision_of(path: Path) -> str | None:
@@ -355,34 +380,63 @@ def _fmt(keys: list[str], n: int = 12) -> str:
     return ", ".join(keys[:n]) + (f" ... (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
+class ShapeConverted(WeightsMismatch):
+    """timm's checkpoint filter would fit a checkpoint by changing tensor shapes (resampling)."""
+
+
+def _reshaped(before: dict, after: dict, head: str) -> list[str]:
+    """Tensors that keep their name through a conversion but not their shape (head excluded)."""
+    return sorted(f"{k}: {tuple(before[k].shape)} -> {tuple(v.shape)}" for k, v in after.items()
+                  if k in before and not _is_head(k, head) and tuple(v.shape) != tuple(before[k].shape))
+
+
+def _timm_converted(net: nn.Module, sd: dict, cfg: ModelConfig, origin: str) -> dict | None:
+    """The checkpoint through timm's own converter for the architecture (foreign key layouts such as
+    the original DINOv2 or open_clip names), when the result fits the network exactly; else None.
+    A conversion that changes any tensor's shape (a resampled patch or position embedding: the sign of
+    a wrong patch or image size in the entry) raises :class:`ShapeConverted`: the load is strict."""
+    filt = getattr(sys.modules.get(type(net).__module__), "checkpoint_filter_fn", None)
+    if filt is None:
+        return None
+    try:
+        sd2 = filt(dict(sd), net)
+    except Exception:  # a converter that cannot handle it changes nothing
+        return None
+    if sd2 is None or any(_mismatches(net.state_dict(), sd2, cfg.head)):
+        return None
+    changed = _reshaped(sd, sd2, cfg.head)
+    if changed:
+        raise ShapeConverted(
+            f"{origin} fits {cfg.name} ({cfg.arch}) only if timm's checkpoint filter changes the shape of "
+            f"{len(changed)} tensor(s): {_fmt(changed, 6)}. ami loads pretrained weights strictly and never "
+            "resamples them: check the entry's patch size, image size and create_kwargs against the checkpoint.")
+    return sd2
+
+
+def _mismatch_error(origin: str, cfg: ModelConfig, missing: list, unexpected: list, shapes: list) -> WeightsMismatch:
+    parts = [f"{origin} does not fit {cfg.name}'s architecture ({cfg.arch} with the registry's create_kwargs):"]
+    if missing:
+        parts.append(f"  missing from the checkpoint ({len(missing)}): {_fmt(missing)}")
+    if unexpected:
+        parts.append(f"  unexpected in the checkpoint ({len(unexpected)}): {_fmt(unexpected)}")
+    if shapes:
+        parts.append(f"  shape mismatches ({len(shapes)}): {_fmt(shapes, 6)}")
+    parts.append("Is this the checkpoint of this model? (Kwargs such as mlp_layer=SwiGLUPacked, reg_tokens or "
+                 "init_values decide which tensors exist.)")
+    return WeightsMismatch("\n".join(parts))
+
+
 def fit_state_dict(net: nn.Module, sd: dict[str, torch.Tensor], cfg: ModelConfig, origin: str) -> dict:
-    """Load ``sd`` into ``net``: strict on every key except the classifier head. Returns a report."""
-    net_sd = net.state_dict()
-    missing, unexpected, shapes = _mismatches(net_sd, sd, cfg.head)
+    """Load ``sd`` into ``net``: strict on every key and shape except the classifier head. A checkpoint
+    in a foreign key layout goes through timm's converter for the architecture, which may rename keys
+    but never change a tensor's shape (:class:`ShapeConverted`). Returns a report."""
+    mismatch = _mismatches(net.state_dict(), sd, cfg.head)
     converted = False
-    if missing or unexpected or shapes:
-        # foreign layouts (original DINOv2/open_clip keys, other grid sizes): timm's own converter
-        filt = getattr(sys.modules.get(type(net).__module__), "checkpoint_filter_fn", None)
-        if filt is not None:
-            try:
-                sd2 = filt(dict(sd), net)
-            except Exception:  # a converter that cannot handle it changes nothing
-                sd2 = None
-            if sd2 is not None:
-                m2, u2, s2 = _mismatches(net_sd, sd2, cfg.head)
-                if not (m2 or u2 or s2):
-                    sd, missing, unexpected, shapes, converted = sd2, m2, u2, s2, True
-    if missing or unexpected or shapes:
-        parts = [f"{origin} does not fit {cfg.name}'s architecture ({cfg.arch} with the registry's create_kwargs):"]
-        if missing:
-            parts.append(f"  missing from the checkpoint ({len(missing)}): {_fmt(missing)}")
-        if unexpected:
-            parts.append(f"  unexpected in the checkpoint ({len(unexpected)}): {_fmt(unexpected)}")
-        if shapes:
-            parts.append(f"  shape mismatches ({len(shapes)}): {_fmt(shapes, 6)}")
-        parts.append("Is this the checkpoint of this model? (Kwargs such as mlp_layer=SwiGLUPacked, reg_tokens or "
-                     "init_values decide which tensors exist.)")
-        raise WeightsMismatch("\n".join(parts))
+    if any(mismatch):
+        sd2 = _timm_converted(net, sd, cfg, origin)
+        if sd2 is None:
+            raise _mismatch_error(origin, cfg, *mismatch)
+        sd, converted = sd2, True
     skipped = sorted(k for k in sd if _is_head(k, cfg.head))
     body = {k: v for k, v in sd.items() if not _is_head(k, cfg.head)}
     result = net.load_state_dict(body, strict=False)
