@@ -40,23 +40,30 @@ The base install does not need it; asking for slides without it is a clear error
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
-import json
 import math
 import os
-import re
 import threading
-from collections import OrderedDict, defaultdict
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .infer import ENCODING, MAX_PIXELS, CropFiles, InputError, format_for, read_results, run_inference
+from .infer import ENCODING, MAX_PIXELS, CropFiles, InferenceOptions, InputError, run
+from .infer.inputs import read_csv_rows
 from .preprocess import Preprocess
+from .slide_outputs import (
+    SUMMARY_COLUMNS,
+    SlideOutputs,
+    SlideSummary,
+    geojson_features,
+    outputs_beside,
+    summarize,
+    summary_lines,
+    wilson,
+)
 
 COLUMNS = ("slide", "id", "x", "y", "prob_atypical", "label", "status", "error", "padded")
 N_KEY = 4  # slide, id, x, y identify a detection (resume)
@@ -67,7 +74,10 @@ MPP_RANGE = (0.05, 20.0)  # plausible um/px of a scanned slide
 MPP_TOL = 1e-3  # relative: a level this close to the model's um/px is read as is
 RESAMPLE = Image.Resampling.LANCZOS
 INSTALL_HINT = "reading whole-slide images needs OpenSlide: pip install 'ami[slides]'"
-Z95 = 1.959963984540054  # two-sided 95 % normal quantile
+__all__ = ["BORDERS", "COLUMNS", "N_KEY", "SUMMARY_COLUMNS", "Detection", "Slide", "SlideDetections", "SlideError",
+           "SlideSummary", "available", "close_slides", "detections_on", "geojson_features", "open_slide",
+           "outputs_beside", "read_detections", "require_reader", "run_slides", "source_for", "summarize",
+           "summary_lines", "wilson"]
 
 
 class SlideError(Exception):
@@ -139,7 +149,7 @@ def read_detections(path: str | os.PathLike) -> list[Detection]:
         text = p.read_text(**ENCODING)
     except OSError as e:
         raise InputError(f"cannot read detections file {p}: {e.strerror or e}") from None
-    rows = [r for r in csv.reader(io.StringIO(text)) if any(c.strip() for c in r)]
+    rows = [r for r in read_csv_rows(p, text, "detections file") if any(c.strip() for c in r)]
     if not rows:
         raise InputError(f"detections file {p} is empty; expected a header with {', '.join(REQUIRED)} (and id)")
     header = [c.strip().lstrip("\ufeff").lower() for c in rows[0]]
@@ -423,6 +433,13 @@ class SlideDetections(CropFiles):
     def describe(self, item: Detection) -> str:
         return str(item)
 
+    def files(self, items: list) -> list[str]:
+        """The slides: an output may never be one of them."""
+        return list(dict.fromkeys(d.path for d in items if d.path))
+
+    def release(self) -> None:
+        _CACHE.clear()
+
     def prepare(self, items: list, pre: Preprocess, max_pixels: int = MAX_PIXELS):
         s = pre.input_size
         out = np.empty((len(items), s, s, 3), np.uint8)
@@ -468,202 +485,34 @@ def source_for(engine, slide_mpp: float | None = None, border: str = "pad") -> S
     return SlideDetections(mpp=tc["mpp"], size=tc["size_px"], slide_mpp=slide_mpp, border=border)
 
 
-# -- per-slide summary and GeoJSON ---------------------------------------------------------------
+# -- the run ---------------------------------------------------------------------------------------
 
-def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval of a proportion k/n (95 % by default); (nan, nan) for n = 0."""
-    if n <= 0:
-        return float("nan"), float("nan")
-    p = k / n
-    den = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-@dataclass
-class SlideSummary:
-    slide: str
-    detections: int = 0
-    classified: int = 0
-    atypical: int = 0
-    failed: int = 0
-    padded: int = 0
-    info: str = ""  # the slide's size and resolution, or why it could not be opened
-    geojson: str = ""
-    errors: dict = field(default_factory=dict)
-
-    @property
-    def ratio(self) -> float:
-        return self.atypical / self.classified if self.classified else float("nan")
-
-    @property
-    def ci95(self) -> tuple[float, float]:
-        return wilson(self.atypical, self.classified)
-
-
-SUMMARY_COLUMNS = ("slide", "detections", "classified", "atypical", "normal", "atypical_ratio", "ci95_low",
-                   "ci95_high", "failed", "padded", "slide_info", "geojson")
-
-
-def read_rows(path: str | os.PathLike, fmt: str | None = None) -> list[dict]:
-    """The rows of a slide output file (CSV or JSON Lines) as dicts, values as written."""
-    p = Path(path)
-    fmt = format_for(p, fmt)
-    read_results(p, fmt, COLUMNS, N_KEY)  # the header check
-    with open(p, newline="" if fmt == "csv" else None, **ENCODING) as f:
-        if fmt == "csv":
-            return [r for r in csv.DictReader(f) if r.get("status") in ("ok", "error")]
-        out = []
-        for line in f:
-            line = line.strip()
-            if line:
-                try:
-                    d = json.loads(line)
-                except ValueError:
-                    continue
-                if d.get("status") in ("ok", "error"):
-                    out.append({k: ("" if v is None else v) for k, v in d.items()})
-        return out
-
-
-def summarize(rows: list[dict], atypical: str = "Atypical") -> list[SlideSummary]:
-    by: dict[str, SlideSummary] = {}
-    for r in rows:
-        s = by.setdefault(str(r["slide"]), SlideSummary(str(r["slide"])))
-        s.detections += 1
-        if r["status"] == "ok":
-            s.classified += 1
-            s.atypical += int(r["label"] == atypical)
-            s.padded += int(float(r.get("padded") or 0) > 0)
-        else:
-            s.failed += 1
-            s.errors[r["error"]] = s.errors.get(r["error"], 0) + 1
-    return list(by.values())
-
-
-def _safe_name(slide: str, taken: set) -> str:
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(slide).name) or "slide"
-    name = stem
-    if name.lower() in taken:
-        name = f"{stem}-{hashlib.sha1(slide.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
-    taken.add(name.lower())
-    return name + ".geojson"
-
-
-def geojson_features(rows: list[dict], fov: tuple[float, float] | None, class_names=("Normal", "Atypical")) -> dict:
-    """A GeoJSON FeatureCollection of the classified detections of one slide, in level-0 pixel
-    coordinates, as QuPath (0.4 and later) imports detections: ``objectType`` detection, a
-    ``classification`` (Atypical red, Normal green) and the probability in ``measurements``.
-    The geometry is the crop's square (``fov`` level-0 px) or, when unknown, the centre point."""
-    colours = {class_names[1]: [220, 40, 40], class_names[0]: [40, 170, 60]}
-    feats = []
-    for r in rows:
-        if r["status"] != "ok":
-            continue
-        x, y = float(r["x"]), float(r["y"])
-        if fov:
-            hx, hy = fov[0] / 2, fov[1] / 2
-            ring = [[x - hx, y - hy], [x + hx, y - hy], [x + hx, y + hy], [x - hx, y + hy], [x - hx, y - hy]]
-            geom = {"type": "Polygon", "coordinates": [ring]}
-        else:
-            geom = {"type": "Point", "coordinates": [x, y]}
-        label = r["label"]
-        feats.append({"type": "Feature", "geometry": geom,
-                      "properties": {"objectType": "detection", "name": str(r["id"]),
-                                     "classification": {"name": label, "color": colours.get(label, [128, 128, 128])},
-                                     "measurements": {"prob_atypical": float(r["prob_atypical"]),
-                                                      "padded_fraction": float(r.get("padded") or 0)},
-                                     "ami": {"id": str(r["id"]), "x": r["x"], "y": r["y"]}}})
-    return {"type": "FeatureCollection", "features": feats}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", **ENCODING) as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def outputs_beside(out_path: str | os.PathLike) -> tuple[Path, Path]:
-    """Where the per-slide summary and the GeoJSON folder of ``out_path`` go: OUT.slides.csv, OUT.geojson/."""
-    p = Path(out_path)
-    stem = p.with_suffix("") if p.suffix else p
-    return stem.with_name(stem.name + ".slides.csv"), stem.with_name(stem.name + ".geojson")
-
-
-def write_slide_outputs(out_path: str | os.PathLike, detections: list[Detection], source: SlideDetections,
-                        fmt: str | None = None, class_names=("Normal", "Atypical")) -> list[SlideSummary]:
-    """From the whole output file (this run's rows and resumed ones): the per-slide summary CSV and
-    one GeoJSON FeatureCollection per slide, beside ``out_path``. Returns the summaries."""
-    rows = read_rows(out_path, fmt)
-    sums = summarize(rows, class_names[1])
-    by_slide: dict[str, list[dict]] = defaultdict(list)
-    for r in rows:
-        by_slide[str(r["slide"])].append(r)
-    path_of = {d.slide: d.path for d in detections}
-    summary_csv, gdir = outputs_beside(out_path)
-    gdir.mkdir(parents=True, exist_ok=True)
-    taken: set = set()
-    for s in sums:
-        fov = None
+def _slide_info(source: SlideDetections) -> Callable[[str], tuple[str, tuple[float, float] | None]]:
+    """For the per-slide summary: a slide's description and its crops' field of view (level-0 px)."""
+    def info(path: str) -> tuple[str, tuple[float, float] | None]:
         try:
-            sl = _CACHE.get(path_of.get(s.slide, s.slide), source.slide_mpp)
-            s.info = sl.describe(source.mpp)
-            fov = (source.size * source.mpp / sl.mpp_x, source.size * source.mpp / sl.mpp_y)
+            sl = _CACHE.get(path, source.slide_mpp)
         except (SlideError, InputError) as e:
-            s.info = f"not opened: {e}"
-        name = _safe_name(s.slide, taken)
-        _write_atomic(gdir / name, json.dumps(geojson_features(by_slide[s.slide], fov, class_names), separators=(",", ":")) + "\n")
-        s.geojson = str(Path(gdir.name) / name)
-    for stale in gdir.glob("*.geojson"):  # slides of an earlier run into the same output, no longer in it
-        if stale.name.lower() not in {n + ".geojson" for n in taken}:
-            stale.unlink()
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(SUMMARY_COLUMNS)
-    def f(v: float) -> str:
-        return "" if not math.isfinite(v) else f"{v:.4f}"
-
-    for s in sums:
-        lo, hi = s.ci95
-        w.writerow([s.slide, s.detections, s.classified, s.atypical, s.classified - s.atypical, f(s.ratio), f(lo), f(hi),
-                    s.failed, s.padded, s.info, s.geojson])
-    _write_atomic(summary_csv, buf.getvalue())
-    return sums
-
-
-def summary_lines(sums: list[SlideSummary], out_path: str | os.PathLike) -> list[str]:
-    """The per-slide table for the terminal."""
-    summary_csv, gdir = outputs_beside(out_path)
-    width = min(40, max([5] + [len(s.slide) for s in sums]))
-    lines = [f"{'slide':<{width}}  {'classified':>10}  {'atypical':>8}  {'ratio':>6}  {'95% CI (Wilson)':>15}  {'failed':>6}"]
-    for s in sums:
-        lo, hi = s.ci95
-        name = s.slide if len(s.slide) <= width else "..." + s.slide[-(width - 3):]
-        ratio = f"{s.ratio:.3f}" if s.classified else "-"
-        ci = f"{lo:.3f}-{hi:.3f}" if s.classified else "-"
-        lines.append(f"{name:<{width}}  {s.classified:>10}  {s.atypical:>8}  {ratio:>6}  {ci:>15}  {s.failed:>6}")
-        for reason, n in sorted(s.errors.items(), key=lambda kv: -kv[1])[:3]:
-            lines.append(f"{'':<{width}}    {n} x {reason}")
-    lines.append(f"per-slide summary: {summary_csv}; QuPath GeoJSON: {gdir}{os.sep}")
-    return lines
+            return f"not opened: {e}", None
+        return sl.describe(source.mpp), (source.size * source.mpp / sl.mpp_x, source.size * source.mpp / sl.mpp_y)
+    return info
 
 
 def run_slides(detections_csv: str | os.PathLike, engine, out_path: str | os.PathLike, fmt: str | None = None, *,
-               slide_mpp: float | None = None, border: str = "pad", **kw):
+               slide_mpp: float | None = None, border: str = "pad", options: InferenceOptions | None = None, **kw):
     """Classify every detection of ``detections_csv`` and write rows to ``out_path`` (one per
-    detection), then the per-slide summary and GeoJSON beside it. ``kw`` goes to
-    :func:`~ami.runtime.infer.run_inference` (batch_size, workers, threshold, resume, overwrite,
-    progress, pool). Returns (run summary, per-slide summaries)."""
+    detection), with the per-slide summary and GeoJSON beside it, built as the rows stream and
+    written while the output is locked (none for a stream). ``options`` (or ``kw``, the keywords of
+    :func:`~ami.runtime.infer.run_inference`: batch_size, workers, threshold, resume, overwrite,
+    progress, pool) say how. Returns (run summary, per-slide summaries)."""
     _openslide()
     src = source_for(engine, slide_mpp, border)
     dets = read_detections(detections_csv)
     if not dets:
         raise InputError(f"no detections in {detections_csv}")
-    try:
-        summary = run_inference(dets, engine, out_path, fmt, source=src, **kw)
-        sums = write_slide_outputs(out_path, dets, src, fmt, tuple(engine.meta.class_names))
-    finally:
-        _CACHE.clear()
-    return summary, sums
+    opts = options or InferenceOptions(fmt=fmt, **kw)
+    tap = SlideOutputs(None if os.fspath(out_path) == "-" else out_path, {d.slide: d.path for d in dets},
+                       _slide_info(src), tuple(engine.meta.class_names))
+    opts = replace(opts, source=src, tap=tap, protect=(*opts.protect, os.fspath(detections_csv)))
+    summary = run(dets, engine, out_path, opts)
+    return summary, tap.sums
