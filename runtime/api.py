@@ -18,6 +18,14 @@ the reason or None. A bad crop or detection is an error row, never an exception;
 call itself (a model that cannot load, a missing slide reader) raise ArtifactError / EngineError /
 InputError with a message for a person.
 
+Thread safety: one :class:`Classifier` may be shared by several threads, and several may run in one
+process. Each call runs its own pipeline (its own decoding workers, its own in-memory rows, its own
+slide handles: a call opens the slides it reads and closes only those when it ends, never another
+call's), so concurrent calls neither mix rows nor close each other's slides. The engine is shared:
+ONNX Runtime sessions run concurrent calls; OpenVINO and TensorRT engines serialise or pool their
+infer requests (see :mod:`ami.runtime.engines`). Calls made while another is running simply run
+at the same time; there is no global state to clean up.
+
 Arrays are taken to be crops as the model was trained on (the artefact's ``training_crop()``: for
 the AMi-Br models 128 px at 0.25 um/px, centred on the figure); other sizes are resized exactly as
 crop files are. Slides are read at the model's resolution (see :mod:`ami.runtime.slides`).

@@ -40,12 +40,15 @@ The base install does not need it; asking for slides without it is a clear error
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import stat
 import threading
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +87,10 @@ class SlideError(Exception):
     """A slide cannot be used (missing, not a slide, unreadable, no resolution); str(e) says why."""
 
 
+class SlideClosed(SlideError):
+    """The handle was closed (by its run's end, or after a read error) before this read began."""
+
+
 def _openslide():
     try:
         import openslide
@@ -98,8 +105,7 @@ def require_reader() -> None:
 
 
 def close_slides() -> None:
-    """Close the slides this process keeps open for reading."""
-    _CACHE.clear()
+    """Nothing to do: each run closes its own slides when it ends (kept for older callers)."""
 
 
 def available() -> bool:
@@ -240,16 +246,16 @@ def _mpp_from(props, mpp: float | None) -> tuple[float, float, str]:
 
 
 class Slide:
-    """An open whole-slide image with a known resolution. Thread-safe for reading (OpenSlide is)."""
+    """An open whole-slide image with a known resolution. Thread-safe: reads may run concurrently
+    (OpenSlide is thread-safe for reading); :meth:`close` waits until no read is in progress, and a
+    read after close is a :class:`SlideError`, never a crash."""
 
     def __init__(self, path: str | os.PathLike, mpp: float | None = None):
         openslide = _openslide()
         p = os.fspath(path)
         self.path = p
-        if not os.path.exists(p):
-            raise SlideError("broken symbolic link" if os.path.islink(p) else "slide not found")
-        if os.path.isdir(p) and not p.lower().endswith(".mrxs"):
-            raise SlideError("is a directory, not a slide")
+        self._cond, self._readers, self._closed = threading.Condition(), 0, False
+        _check_slide_file(p)
         try:
             self.osr = openslide.OpenSlide(p)
         except openslide.OpenSlideUnsupportedFormatError:
@@ -272,7 +278,26 @@ class Slide:
             self.background = (255, 255, 255)
 
     def close(self) -> None:
-        self.osr.close()
+        """Close the handle once no read is in progress (later reads raise SlideError)."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.wait_for(lambda: self._readers == 0)
+            self.osr.close()
+
+    @contextlib.contextmanager
+    def _reading(self):
+        with self._cond:
+            if self._closed:
+                raise SlideClosed("the slide was closed while its detections were being read")
+            self._readers += 1
+        try:
+            yield self.osr
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
 
     def best_level(self, mpp: float) -> int:
         """The coarsest level still at least as fine as ``mpp`` on both axes (never upsample a coarse level)."""
@@ -324,7 +349,8 @@ class Slide:
         if w * h > MAX_PIXELS:
             raise SlideError(f"the crop's region at level {level} is {w}x{h} px: the slide's pyramid lacks a level near "
                              f"{mpp:g} um/px")
-        region = self.osr.read_region((round(left * d), round(top * d)), level, (w, h))  # RGBA
+        with self._reading() as osr:
+            region = osr.read_region((round(left * d), round(top * d)), level, (w, h))  # RGBA
         rgba = np.asarray(region, dtype=np.uint8)
         if (rgba[..., 3] < 255).any():  # transparent areas (and beyond the slide): onto the background colour
             a = rgba[..., 3:4].astype(np.float32) / 255.0
@@ -340,6 +366,21 @@ class Slide:
         if box is not None:
             out = np.asarray(Image.fromarray(out, "RGB").resize((size, size), RESAMPLE, box=box), dtype=np.uint8)
         return out, padded, level
+
+
+def _check_slide_file(p: str) -> None:
+    """Refuse what is not a slide file before OpenSlide opens it (a FIFO would block it for ever)."""
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise SlideError("broken symbolic link" if os.path.islink(p) else "slide not found") from None
+    except OSError as e:
+        raise SlideError(f"cannot read the slide ({e.strerror or e})") from None
+    if stat.S_ISDIR(st.st_mode):
+        if not p.lower().endswith(".mrxs"):
+            raise SlideError("is a directory, not a slide")
+    elif not stat.S_ISREG(st.st_mode):
+        raise SlideError("not a regular file (a FIFO, device or socket), not a slide")
 
 
 def _is_tiff(path: str) -> bool:
@@ -375,19 +416,27 @@ class _SlideCache:
                 except SlideError as e:
                     hit = e
                 self.items[k] = hit
+                evicted = []
                 while len(self.items) > self.max_open:
-                    _, old = self.items.popitem(last=False)
-                    if isinstance(old, Slide):
-                        old.close()
+                    evicted.append(self.items.popitem(last=False)[1])
+            else:
+                evicted = []
             self.items.move_to_end(k)
+        for old in evicted:  # outside the lock: closing waits for the reads in progress
+            if isinstance(old, Slide):
+                old.close()
         if isinstance(hit, SlideError):
             raise hit
         return hit
 
-    def drop(self, path: str, mpp: float | None) -> None:
-        """Forget a slide after a read error (OpenSlide handles stay in error once one occurred)."""
+    def drop(self, path: str, mpp: float | None, slide: Slide) -> None:
+        """Forget ``slide`` after a read error (OpenSlide handles stay in error once one occurred); a
+        handle another thread opened since is kept. Closing waits for the reads in progress."""
         with self.lock:
-            old = self.items.pop((path, mpp), None)
+            old = self.items.get((path, mpp))
+            if old is not slide:
+                return
+            del self.items[(path, mpp)]
         if isinstance(old, Slide):
             try:
                 old.close()
@@ -402,7 +451,29 @@ class _SlideCache:
                 s.close()
 
 
-_CACHE = _SlideCache()
+class _Readers:
+    """The open slides of each run, by the run's token: a run (one :class:`SlideDetections`) owns
+    its handles; its end closes them and no other run's. Worker processes have their own."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.runs: dict[str, _SlideCache] = {}
+
+    def of(self, token: str) -> _SlideCache:
+        with self.lock:
+            cache = self.runs.get(token)
+            if cache is None:
+                cache = self.runs[token] = _SlideCache()
+            return cache
+
+    def release(self, token: str) -> None:
+        with self.lock:
+            cache = self.runs.pop(token, None)
+        if cache is not None:
+            cache.clear()
+
+
+_READERS = _Readers()
 
 
 def open_slide(path: str | os.PathLike, mpp: float | None = None) -> Slide:
@@ -423,6 +494,11 @@ class SlideDetections(CropFiles):
     border: str = "pad"
     columns: tuple = COLUMNS
     n_key: int = N_KEY
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)  # whose open slides these are
+
+    def open(self, path: str) -> Slide:
+        """The run's own handle on the slide at ``path`` (opened once, shared by its workers)."""
+        return _READERS.of(self.token).get(path, self.slide_mpp)
 
     def key(self, item: Detection):
         return item.key
@@ -438,7 +514,27 @@ class SlideDetections(CropFiles):
         return list(dict.fromkeys(d.path for d in items if d.path))
 
     def release(self) -> None:
-        _CACHE.clear()
+        """Close this run's slides (after its workers are done; never another run's)."""
+        _READERS.release(self.token)
+
+    def _read(self, d: Detection) -> tuple[np.ndarray, float]:
+        """The crop of ``d`` from this run's handle; a handle found in error is dropped and the read
+        tried once more on a fresh one (another worker may have dropped it just before)."""
+        cache = _READERS.of(self.token)
+        for attempt in (0, 1):
+            slide = cache.get(d.path, self.slide_mpp)
+            try:
+                crop, padded, _ = slide.read_crop(d.x, d.y, self.mpp, self.size, self.border)
+                return crop, padded
+            except SlideClosed:
+                if attempt:
+                    raise
+            except SlideError:
+                raise
+            except Exception as e:  # OpenSlide errors on truncated / corrupt tiles
+                cache.drop(d.path, self.slide_mpp, slide)
+                raise SlideError(f"unreadable slide region ({type(e).__name__}: {_first_line(e)})") from None
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def prepare(self, items: list, pre: Preprocess, max_pixels: int = MAX_PIXELS):
         s = pre.input_size
@@ -449,14 +545,7 @@ class SlideDetections(CropFiles):
             try:
                 if d.problem:
                     raise SlideError(d.problem)
-                slide = _CACHE.get(d.path, self.slide_mpp)
-                try:
-                    crop, padded, _ = slide.read_crop(d.x, d.y, self.mpp, self.size, self.border)
-                except SlideError:
-                    raise
-                except Exception as e:  # OpenSlide errors on truncated / corrupt tiles
-                    _CACHE.drop(d.path, self.slide_mpp)
-                    raise SlideError(f"unreadable slide region ({type(e).__name__}: {_first_line(e)})") from None
+                crop, padded = self._read(d)
                 a = crop if crop.shape[:2] == (s, s) and pre.resize in (None, s) else pre.to_uint8(Image.fromarray(crop, "RGB"))
                 out[n] = a
                 n += 1
@@ -491,7 +580,7 @@ def _slide_info(source: SlideDetections) -> Callable[[str], tuple[str, tuple[flo
     """For the per-slide summary: a slide's description and its crops' field of view (level-0 px)."""
     def info(path: str) -> tuple[str, tuple[float, float] | None]:
         try:
-            sl = _CACHE.get(path, source.slide_mpp)
+            sl = source.open(path)
         except (SlideError, InputError) as e:
             return f"not opened: {e}", None
         return sl.describe(source.mpp), (source.size * source.mpp / sl.mpp_x, source.size * source.mpp / sl.mpp_y)
