@@ -121,7 +121,13 @@ class Classifier:
 
     def classify_arrays(self, crops, ids=None) -> list[dict]:
         """Rows (id, prob_atypical, label, status, error) for uint8 RGB crops: one [N, H, W, 3] array or
-        a sequence of [H, W, 3] arrays. ``ids`` (default 0, 1, ...) are carried into the rows as text."""
+        a sequence of [H, W, 3] arrays. ``ids`` (default 0, 1, ...) are carried into the rows as text.
+        An array that is not 4-D (e.g. one [H, W, 3] crop) raises InputError: its rows would be split
+        into nonsense crops."""
+        if isinstance(crops, np.ndarray) and crops.ndim != 4:
+            hint = " (one crop: pass [crop] or crop[None])" if crops.ndim == 3 else ""
+            raise InputError(f"crops must be one [N, H, W, 3] array or a sequence of [H, W, 3] arrays, got an array of "
+                             f"shape {list(crops.shape)}{hint}")
         items = list(crops)
         ids = [str(i) for i in (ids if ids is not None else range(len(items)))]
         if len(ids) != len(items):

@@ -186,6 +186,12 @@ class SlideOutputs(RowTap):
         for r in rows:
             self._add(r)
 
+    def side_outputs(self) -> tuple[list[Path], list[Path]]:
+        if self.out_path is None:
+            return [], []
+        summary_csv, gdir = outputs_beside(self.out_path)
+        return [summary_csv, gdir / MANIFEST], [gdir]
+
     def _by_slide(self) -> dict[str, tuple[str, list]]:
         """real path -> (first spelling, records), slides in order of appearance."""
         groups: dict[str, tuple[str, list]] = {}

@@ -29,7 +29,9 @@ Contract, in order:
   where they reached past their image), and the row's ``padded`` column says which fraction of the
   crop that is (0 when none). ``border="refuse"`` makes such detections error rows instead. A
   detection whose centre lies outside the slide is always an error row. Transparent pixels inside
-  a slide (empty areas of sparse formats) are composited onto the slide's background colour.
+  a slide (empty areas of sparse formats) are composited onto the slide's background colour; a crop
+  whose in-slide area is more than half without scanned data (a tile the file declares but does not
+  hold, an empty area) is an error row ("no scanned data at this location"), never a label on blanks.
 * **Bad slides** (missing, not a slide, unreadable, truncated, no resolution) turn into error rows
   for their detections only; the other slides go on.
 
@@ -74,6 +76,7 @@ REQUIRED = ("slide", "x", "y")
 BORDERS = ("pad", "refuse")
 PAD_RGB = (0, 0, 0)  # the training crops' padding (see the module docstring)
 MPP_RANGE = (0.05, 20.0)  # plausible um/px of a scanned slide
+MAX_EMPTY = 0.5  # more of the crop's in-slide area without scanned data than this: an error row
 MPP_TOL = 1e-3  # relative: a level this close to the model's um/px is read as is
 RESAMPLE = Image.Resampling.LANCZOS
 INSTALL_HINT = "reading whole-slide images needs OpenSlide: pip install 'ami[slides]'"
@@ -352,20 +355,33 @@ class Slide:
         with self._reading() as osr:
             region = osr.read_region((round(left * d), round(top * d)), level, (w, h))  # RGBA
         rgba = np.asarray(region, dtype=np.uint8)
-        if (rgba[..., 3] < 255).any():  # transparent areas (and beyond the slide): onto the background colour
-            a = rgba[..., 3:4].astype(np.float32) / 255.0
-            rgb = rgba[..., :3].astype(np.float32) * a + np.asarray(self.background, np.float32) * (1.0 - a)
-            out = np.rint(rgb).astype(np.uint8)
-        else:
-            out = rgba[..., :3].copy()
-        # beyond the slide: black, as in the training crops
         cols = np.arange(left, left + w)
         rows = np.arange(top, top + h)
-        out[:, (cols < 0) | (cols >= lw)] = PAD_RGB
-        out[(rows < 0) | (rows >= lh), :] = PAD_RGB
+        out_c, out_r = (cols < 0) | (cols >= lw), (rows < 0) | (rows >= lh)
+        _refuse_missing_data(rgba[~out_r][:, ~out_c, 3])
+        out = _onto_background(rgba, self.background)
+        out[:, out_c] = PAD_RGB  # beyond the slide: black, as in the training crops
+        out[out_r, :] = PAD_RGB
         if box is not None:
             out = np.asarray(Image.fromarray(out, "RGB").resize((size, size), RESAMPLE, box=box), dtype=np.uint8)
         return out, padded, level
+
+
+def _refuse_missing_data(alpha: np.ndarray) -> None:
+    """A crop whose area inside the slide is mostly without scanned data (transparent: a tile the
+    file declares but does not hold, or an empty area of a sparse slide) is not classified."""
+    if alpha.size and (empty := float((alpha == 0).mean())) > MAX_EMPTY:
+        raise SlideError(f"no scanned data at this location ({empty:.0%} of the crop is a missing tile or an empty "
+                         "area of the slide)")
+
+
+def _onto_background(rgba: np.ndarray, background: tuple) -> np.ndarray:
+    """RGB of an RGBA region, partly transparent pixels composited onto the slide's background colour."""
+    if not (rgba[..., 3] < 255).any():
+        return rgba[..., :3].copy()
+    a = rgba[..., 3:4].astype(np.float32) / 255.0
+    rgb = rgba[..., :3].astype(np.float32) * a + np.asarray(background, np.float32) * (1.0 - a)
+    return np.rint(rgb).astype(np.uint8)
 
 
 def _check_slide_file(p: str) -> None:

@@ -31,13 +31,14 @@ def read_csv_rows(p: Path, text: str, what: str) -> list[list[str]]:
     reader = csv.reader(io.StringIO(text), strict=True)
     rows: list[list[str]] = []
     while True:
+        start = reader.line_num + 1  # where the next row begins (a quoted field may span lines)
         try:
             row = next(reader)
         except StopIteration:
             return rows
         except csv.Error as e:
-            raise InputError(f"{what} {p}: line {reader.line_num} cannot be parsed as CSV ({e}); fix that line "
-                             "(an unterminated quote, or a field longer than the csv module's limit)") from None
+            raise InputError(f"{what} {p}: the row at line {start} cannot be parsed as CSV ({e}): an unterminated "
+                             "quote, or a field longer than the csv module's limit; fix that line") from None
         rows.append(row)
 
 

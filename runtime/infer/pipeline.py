@@ -35,7 +35,7 @@ from .formats import format_for
 from .inputs import InputError
 from .record import model_record, new_record, read_record, resume_mix, write_record
 from .report import ProgressLine, Summary
-from .writer import ResultWriter, check_not_an_input
+from .writer import ResultWriter, check_not_an_input, check_side_outputs
 
 
 class InferenceFault(EngineError, Fault):
@@ -126,6 +126,10 @@ class RowTap:
     def finish(self, state: str, stream: bool) -> None:
         """The run ended (``state``: complete | interrupted); the output is still locked."""
 
+    def side_outputs(self) -> tuple[list[Path], list[Path]]:
+        """(files, folders) this tap writes beside the output: none may replace an input."""
+        return [], []
+
 
 def run_inference(inputs: Iterable[str | os.PathLike], engine, out_path: str | os.PathLike | None,
                   fmt: str | None = None, batch_size: int = 64, workers: int = 0, threshold: float | None = None,
@@ -205,7 +209,10 @@ class _InferenceRun:
         On any failure the output is released."""
         writer, opts, tap = self.writer, self.opts, self.opts.tap
         try:
-            check_not_an_input(writer, self.src.files(self.inputs), opts.protect)
+            files = self.src.files(self.inputs)
+            check_not_an_input(writer, files, opts.protect)
+            if tap is not None and not self.stream:
+                check_side_outputs(*tap.side_outputs(), [*files, *opts.protect])
             scan = writer.inspect(keep=bool(tap and tap.keep_resumed))
             if tap is not None and scan.values:
                 tap.resumed(scan.values)
@@ -220,7 +227,7 @@ class _InferenceRun:
                                      opts.resume_any)
             write_record(self.out_path, self.record)
         except BaseException:
-            writer.close()
+            getattr(writer, "abandon", writer.close)()
             raise
 
     def inputs_to_do(self) -> list:

@@ -103,6 +103,7 @@ class ResultWriter:
             raise _directory(self.path)
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.created = not os.path.lexists(self.path)
         self.fd = self._open_locked()
         try:
             size = os.fstat(self.fd).st_size
@@ -207,6 +208,16 @@ class ResultWriter:
             atomic_write_bytes(self.path, b"".join(out))
         return dropped
 
+    def abandon(self) -> None:
+        """Close after a refusal: an output this run created and left empty is removed (no half-made
+        outputs); anything else is left as it was."""
+        if self.fd is not None and getattr(self, "created", False) and os.fstat(self.fd).st_size == 0:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+        self.close()
+
     def _release(self) -> None:
         if self.fd is not None:
             try:
@@ -247,6 +258,27 @@ def check_not_an_input(writer, inputs: list[str], protect: Iterable[str | os.Pat
         if file_key(p) == me:
             raise InputError(f"output {writer.path} is one of the inputs ({p}); writing results there would destroy it: "
                              "choose another -o file")
+
+
+def check_side_outputs(files: Iterable[Path], folders: Iterable[Path], inputs: Iterable[str | os.PathLike]) -> None:
+    """Refuse side outputs (files written beside the output, folders whose files are written) that
+    would replace an input: a side file that is an input, or an input inside a side folder."""
+    keys = {}
+    for p in inputs:
+        k = file_key(p)
+        if k is not None:
+            keys[k] = os.fspath(p)
+    for f in files:
+        k = file_key(f)
+        if k in keys:
+            raise InputError(f"side output {f} is one of the inputs ({keys[k]}); writing it would destroy it: "
+                             "choose another -o file")
+    for d in folders:
+        real = os.path.realpath(d)
+        for p in keys.values():
+            if os.path.dirname(os.path.realpath(p)) == real:
+                raise InputError(f"the side output folder {d} holds one of the inputs ({p}); files written there "
+                                 "could replace it: choose another -o file")
 
 
 
