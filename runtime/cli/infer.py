@@ -22,6 +22,7 @@ from ..engines import ENGINE_CHOICES, EngineError
 from ..errors import AmiError, first_line
 from ..imageio import fast_decoder
 from ..infer import (
+    DEFAULT_FORMAT,
     FORMAT_NAMES,
     IMAGE_SUFFIXES,
     InferenceOptions,
@@ -267,7 +268,7 @@ def checked_args(a: InferArgs) -> InferArgs:
         raise InputError("--mpp and --border apply to --slides only")
     if not a.paths and not a.sample and a.slides is None:
         raise InputError("give at least one PATH (a folder, an image or a list of paths), or --sample; see --help")
-    ext = a.fmt or "csv"
+    ext = a.fmt or DEFAULT_FORMAT
     output, overwrite = a.output, a.overwrite
     if a.sample and not a.paths and output is None and not resume:
         # the demo is repeatable: its own output file, replaced on every run

@@ -18,7 +18,17 @@ from __future__ import annotations
 from ..imageio import MAX_PIXELS
 from .cells import COLUMNS, FORMULA_STARTS, LEGACY_COLUMNS, csv_cell, csv_uncell, json_str
 from .decode import POOLS, CropFiles, crop_note, decode_pool, default_workers, prepare_batch
-from .formats import FORMAT_NAMES, FORMATS, Format, format_for, format_rows, read_results, row_dicts, scan_output
+from .formats import (
+           DEFAULT_FORMAT,
+           FORMAT_NAMES,
+           FORMATS,
+           Format,
+           format_for,
+           format_rows,
+           read_results,
+           row_dicts,
+           scan_output,
+)
 from .inputs import ENCODING, IMAGE_SUFFIXES, LIST_SUFFIXES, InputError, iter_inputs, read_list_file
 from .pipeline import InferenceFault, InferenceOptions, RowTap, check_probabilities, run, run_inference
 from .record import RECORD_SUFFIX, model_record, read_record, record_path
@@ -26,7 +36,7 @@ from .report import ProgressLine, Summary
 from .scan import Scan
 from .writer import MemorySink, ResultWriter, check_output, is_stream
 
-__all__ = ["COLUMNS", "ENCODING", "FORMATS", "FORMAT_NAMES", "FORMULA_STARTS", "IMAGE_SUFFIXES", "LEGACY_COLUMNS",
+__all__ = ["COLUMNS", "DEFAULT_FORMAT", "ENCODING", "FORMATS", "FORMAT_NAMES", "FORMULA_STARTS", "IMAGE_SUFFIXES", "LEGACY_COLUMNS",
            "LIST_SUFFIXES", "MAX_PIXELS", "POOLS", "RECORD_SUFFIX", "CropFiles", "Format", "InferenceFault",
            "InferenceOptions", "InputError", "MemorySink", "ProgressLine", "ResultWriter", "RowTap", "Scan", "Summary",
            "check_output", "check_probabilities", "crop_note", "csv_cell", "csv_uncell", "decode_pool",

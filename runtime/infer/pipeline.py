@@ -195,7 +195,7 @@ class _InferenceRun:
         """The options' sink, else the output file or stream, taken (locked) now."""
         opts = self.opts
         if opts.sink is not None:
-            self.out_path, self.fmt = Path(opts.sink.path), opts.fmt or "jsonl"
+            self.out_path, self.fmt = Path(opts.sink.path), opts.sink.fmt
             return opts.sink
         self.out_path = Path(out_path) if os.fspath(out_path) != "-" else Path("-")
         self.fmt = format_for(self.out_path, opts.fmt)

@@ -288,6 +288,7 @@ class MemorySink:
 
     stream = True
     path = Path("memory")
+    fmt = "jsonl"  # the rows are the dicts of this format's reader (formats.row_dicts)
 
     def __init__(self, columns: tuple = COLUMNS, n_key: int = 1):
         self.columns, self.n_key = tuple(columns), n_key
