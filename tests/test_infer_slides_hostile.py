@@ -167,6 +167,21 @@ def test_dev_stdout_gets_the_rows_and_nothing_is_created_beside_it(here):
     assert not os.path.exists("/dev/stdout.slides.csv") and not os.path.exists("/dev/stdout.geojson")
 
 
+def test_a_fifo_as_output_gets_every_row_and_the_run_ends(here, engine):
+    import threading
+
+    from ami.runtime import slides as S
+    fifo = here / "rows.fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    s, sums = S.run_slides(here / "d.csv", engine, fifo, progress=False, workers=1)
+    reader.join(30)
+    assert s.exit_code == 0 and got and got[0].count(b"\n") == 1 + 6 and sums[0].classified == 6
+    assert not (here / "rows.fifo.slides.csv").exists() and not (here / "rows.slides.csv").exists()
+
+
 def test_a_fifo_as_slide_is_an_error_row_not_a_hang(here):
     os.mkfifo(here / "f.svs")
     _detections(here / "f.csv", [("f.svs", 10, 10, "fifo"), ("s.tif", 100, 100, "good")])

@@ -100,8 +100,6 @@ class InferenceOptions:
             raise InputError(f"batch size must be >= 1, got {self.batch_size}")
         if self.pool not in POOLS:
             raise InputError(f"pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
-        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
-            raise InputError(f"threshold must be within [0, 1], got {self.threshold}")
         if self.resume and self.overwrite:
             raise InputError("--resume and --overwrite exclude each other")
         if self.retry_errors and not self.resume:
