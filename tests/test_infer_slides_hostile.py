@@ -89,12 +89,13 @@ def _many_detections(slide: dict, where: Path, name: str, n: int = 240) -> Path:
     return _detections(where / "many.csv", pts)
 
 
-def test_corrupt_tiles_read_by_many_workers_never_crash_the_process(slide, tmp_path):
+@pytest.mark.parametrize("pool", ["thread", "process"])
+def test_corrupt_tiles_read_by_many_workers_never_crash_the_process(slide, tmp_path, pool):
     _corrupt_copy(slide, tmp_path / "c.tif")
     det = _many_detections(slide, tmp_path, "c.tif")
     out = tmp_path / "o.csv"
-    r = _ami_infer("--slides", det, "-o", out, "--no-progress", "--threads", "1", "--workers", "6",
-                   "--batch-size", "4")
+    r = _ami_infer("--slides", det, "-o", out, "--no-progress", "--threads", "1", "--workers", "6" if pool == "thread"
+                   else "2", "--batch-size", "4", "--pool", pool)
     assert r.returncode == 1, (r.returncode, r.stderr[-2000:])  # some detections failed, none crashed
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 240 and {x["status"] for x in rows} == {"ok", "error"}

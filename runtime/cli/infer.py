@@ -339,9 +339,10 @@ def kept_on_fault(a: InferArgs):
         raise type(e)(f"{e}; rows written so far are kept in {a.output}: rerun with --resume") from None
 
 
-def report(a: InferArgs, summary, noun: str = "inputs", labels: dict | None = None) -> int:
-    """Print the run's summary (to stderr when the rows stream to stdout); return its exit code."""
-    for line in summary.lines():
+def report(a: InferArgs, summary, noun: str = "inputs", labels: dict | None = None, more: tuple = ()) -> int:
+    """Print the run's summary and ``more`` lines (to stderr when the rows stream to stdout); return
+    its exit code."""
+    for line in (*summary.lines(), *more):
         typer.echo(line, err=a.stream)  # a stream may be our own stdout: the summary must not mix into it
     if labels is not None:
         _sample_agreement(labels, err=a.stream)

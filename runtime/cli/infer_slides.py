@@ -18,7 +18,4 @@ def run_slides_cli(a, engine) -> int:
     with kept_on_fault(a):
         summary, sums = S.run_slides(a.slides, engine, "-" if str(a.output) == "-" else a.output,
                                      slide_mpp=a.mpp, border=a.border, options=a.options())
-    code = report(a, summary, noun="detections")
-    for line in S.summary_lines(sums, a.output, stream=a.stream):
-        typer.echo(line, err=a.stream)
-    return code
+    return report(a, summary, noun="detections", more=tuple(S.summary_lines(sums, a.output, stream=a.stream)))
