@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from ami.runtime.datasets import available_eval_sets, resolve_data_root
+from ami.runtime.cli.contract import guard
+from ami.runtime.datasets import available_eval_sets, require_data_root
 from ami.runtime.metrics import balanced_accuracy, cross_validated_threshold, evaluate, mean_std
+from ami.runtime.models import resolve_model
 from ami.runtime.rundir import ALL, WEIGHTS, RunDir, read_json
-
-SHIPPED_ONNX = Path(__file__).resolve().parents[1] / "runtime" / "assets" / "edge.onnx"  # ami-bench card --onnx default
 
 
 def scrub(text: str, data_root: Path) -> str:
@@ -418,20 +418,23 @@ def _md_choices(c: dict) -> list[str]:
 
 def register(app: typer.Typer) -> None:
     @app.command("card")
+    @guard("ami-bench")
     def card_cmd(
         run: Path = typer.Argument(..., help="Run directory of the edge model (folds + all/)."),
-        onnx: Path = typer.Option(SHIPPED_ONNX,
-                                  help="The shipped fp32 ONNX."),
-        int8: Path | None = typer.Option(None, help="The shipped int8 ONNX (default: edge-int8.onnx beside --onnx)."),
-        out: Path = typer.Option(Path("."), help="Folder for <model>-card.md and <model>-card.json."),
+        model: str = typer.Option("edge", "--model", metavar="FILE|NAME",
+                                  help="The shipped fp32 ONNX: a file, or a shipped model by name."),
+        model_int8: str | None = typer.Option(None, "--model-int8", metavar="FILE|NAME",
+                                                 help="The shipped int8 ONNX (default: NAME-int8.onnx beside --model)."),
+        out: Path = typer.Option(Path("."), "--out", "-o", help="Folder for <model>-card.md and <model>-card.json."),
         data_root: Path | None = typer.Option(None, "--data-root"),
         threads: int = typer.Option(2, help="ONNX Runtime threads for the speed rows."),
         compare: list[Path] = typer.Option([], "--compare", help="Another run of a candidate recipe (repeatable): "
                                            "adds a validation-only recipe comparison table."),
     ):
         """Write the model card (Markdown + JSON) of a shipped model from its run and artefacts."""
-        root = resolve_data_root(data_root)
-        int8 = int8 or onnx.with_name(onnx.stem + "-int8.onnx")
+        root = require_data_root(data_root)
+        onnx = resolve_model(model)
+        int8 = resolve_model(model_int8) if model_int8 else onnx.with_name(onnx.stem + "-int8.onnx")
         c = build_card(run, onnx, int8, root, threads=threads, log=typer.echo, compare=list(compare))
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{c['model']}-card.json").write_text(scrub(json.dumps(c, indent=1) + "\n", root))

@@ -1,14 +1,15 @@
 """ami-bench: results tables, the parity suite and latency benchmarks.
 
-Each verb lives in its own module (table.py, parity.py, latency.py) and is registered here.
+Each verb lives in its own module (table.py, parity.py, latency.py) and is registered here. The app
+follows the CLI contract (:mod:`ami.runtime.cli.contract`): one line per error, the shared exit codes.
 """
 
 from __future__ import annotations
 
-import typer
+from ami.runtime.cli.contract import AmiTyper, run
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
-                  help="Results tables (Table 3), the engine parity suite, latency benchmarks and the GPU device check.")
+app = AmiTyper(prog="ami-bench", no_args_is_help=True, rich_markup_mode=None,
+               help="Results tables (Table 3), the engine parity suite, latency benchmarks and the GPU device check.")
 
 
 def _register() -> None:
@@ -20,4 +21,4 @@ def _register() -> None:
 
 def main() -> None:
     _register()
-    app()
+    run(app, "ami-bench")

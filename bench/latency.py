@@ -44,6 +44,7 @@ from ami.runtime.artifact import ArtifactError
 from ami.runtime.datasets import available_eval_sets, resolve_data_root
 from ami.runtime.engine import ASSETS, EngineError, load_engine
 from ami.runtime.engines.base import parse_batch_sizes
+from ami.runtime.errors import BadInput
 from ami.runtime.preprocess import Preprocess
 from ami.runtime.sampling import stratified_subset
 from ami.runtime.tolerances import FP32_PROB_TOL
@@ -67,7 +68,7 @@ E2E_SETS = ("AtNorM-MD", "AMi-Br-test", "AtNorM-Br")  # the first present one gi
 FP32_E2E_TOL = FP32_PROB_TOL  # ami-infer (fp32 ONNX) vs the reference loop: max |delta p|
 
 
-class LatencyError(RuntimeError):
+class LatencyError(BadInput, RuntimeError):
     """The benchmark cannot be set up (no model, unreadable files); the message says why."""
 
 

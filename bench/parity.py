@@ -54,6 +54,7 @@ from ami.runtime.artifact import ArtifactError, ArtifactMeta
 from ami.runtime.datasets import TEST_SETS, available_eval_sets, resolve_data_root
 from ami.runtime.engine import ASSETS, EngineError, load_engine
 from ami.runtime.engines import REGISTRY, backend
+from ami.runtime.errors import BadInput
 from ami.runtime.hashing import file_sha256
 from ami.runtime.imageio import ImageError
 from ami.runtime.metrics import MetricError, auroc, balanced_accuracy
@@ -71,7 +72,7 @@ RUNTIME_HELP = ("Inference engine(s) from the registry (" + " | ".join(REGISTRY)
                 + "); repeat for several. Default: every installed engine that loads the file.")
 
 
-class ParityError(RuntimeError):
+class ParityError(BadInput, RuntimeError):
     """The comparison cannot be set up (no model, weights that do not fit, no data); not a failed check."""
 
 

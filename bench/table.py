@@ -23,16 +23,18 @@ from pathlib import Path
 import numpy as np
 import typer
 
+from ami.runtime.cli.contract import guard
 from ami.runtime.datasets import TEST_SETS
+from ami.runtime.errors import BadInput
 from ami.runtime.metrics import MetricError, mean_std, roc_curve
-from ami.runtime.rundir import CONFIG, RunDir, RunDirError
+from ami.runtime.rundir import ALL, CONFIG, RunDir, RunDirError
 from ami.train.registry import PAPER_CITATION, PAPER_TABLE3  # (model, method) -> test set -> metric -> (mean, std)
 
 METRICS = (("balanced_accuracy", "BA"), ("auroc", "AUROC"))
 SHORT = {"AMi-Br-test": "AMi-Br"}
 
 
-class TableError(ValueError):
+class TableError(BadInput, ValueError):
     """The run directories cannot be combined into a table."""
 
 
@@ -103,7 +105,7 @@ def collect(paths: list[Path], warn=lambda s: print(s, file=sys.stderr)) -> list
         if Path(p) not in dirs and not any(d.parent == Path(p) for d in dirs):
             warn(f"skipping {p}: not a run directory (no {CONFIG})")
     for d in dirs:
-        conf = _upgraded(RunDir(d).config())
+        conf = _upgraded(RunDir(d).config(required=("model", "method")))
         key = _group_key(conf)
         if key not in groups:
             flags = []
@@ -121,7 +123,9 @@ def collect(paths: list[Path], warn=lambda s: print(s, file=sys.stderr)) -> list
         for fd in RunDir(d).cv_folds():
             if not fd.is_finished():
                 continue
-            m = fd.metrics()
+            m = fd.metrics(required=("fold",))
+            if m["fold"] == ALL:
+                raise RunDirError(f"{fd.metrics_path}: field 'fold' is {ALL!r} in a cross-validation fold's folder")
             k = int(m["fold"])
             if k in g.folds:
                 raise TableError(f"fold {k} of {g.label} is in two run directories ({g.folds[k]['_dir']} and "
@@ -327,12 +331,13 @@ Folds of one configuration trained in separate directories (one per GPU or machi
 
 def register(app: typer.Typer) -> None:
     @app.command("table", epilog=EPILOG)
+    @guard("ami-bench")
     def table_cmd(
         runs: list[Path] = typer.Argument(..., help="Run directories (or folders holding run directories)."),
         fmt: str = typer.Option("md", "--format", "-f", help="md (Markdown) or csv (one row per configuration)."),
         paper: bool = typer.Option(False, "--paper", help="Add the paper's published figure beside each of ours."),
         roc: Path | None = typer.Option(None, "--roc", help="Write ROC curves per test set (PNG) into this folder."),
-        output: Path | None = typer.Option(None, "--output", "-o", help="Write the table here instead of stdout."),
+        output: Path | None = typer.Option(None, "--out", "-o", help="Write the table here instead of stdout."),
         long: Path | None = typer.Option(None, "--long", help="Also write every per-fold value as long-format CSV."),
         ddof: int = typer.Option(DDOF, "--ddof", min=0, help="Delta degrees of freedom of the ± over folds: 0 = numpy's "
                                  "default np.std, as the paper's notebooks computed Table 3 (default); 1 = the sample "
@@ -341,25 +346,20 @@ def register(app: typer.Typer) -> None:
         """Render Table 3 (mean ± std over folds, per test set) from run directories."""
         if fmt not in ("md", "csv"):
             raise typer.BadParameter("--format must be md or csv")
-        try:
-            configs = collect(runs, warn=lambda s: typer.echo(s, err=True))
-            if not configs:
-                typer.echo(f"no run directories found (each holds a {CONFIG} written by ami-train)", err=True)
-                raise typer.Exit(2)
-            text = render_markdown(configs, paper, ddof) if fmt == "md" else render_csv(configs, paper, ddof)
-            if output:
-                output.parent.mkdir(parents=True, exist_ok=True)
-                output.write_text(text)
-                typer.echo(f"wrote {output}", err=True)
-            else:
-                typer.echo(text, nl=False)
-            if long:
-                long.parent.mkdir(parents=True, exist_ok=True)
-                long.write_text(render_long(configs, paper))
-                typer.echo(f"wrote {long}", err=True)
-            if roc:
-                for ds, p in plot_roc(configs, roc, ddof).items():
-                    typer.echo(f"ROC {ds}: {p}", err=True)
-        except (TableError, RunDirError) as e:
-            typer.echo(str(e), err=True)
-            raise typer.Exit(2) from None
+        configs = collect(runs, warn=lambda s: typer.echo(s, err=True))  # TableError, RunDirError: exit 2
+        if not configs:
+            raise TableError(f"no run directories found (each holds a {CONFIG} written by ami-train)")
+        text = render_markdown(configs, paper, ddof) if fmt == "md" else render_csv(configs, paper, ddof)
+        if output:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(text)
+            typer.echo(f"wrote {output}", err=True)
+        else:
+            typer.echo(text, nl=False)
+        if long:
+            long.parent.mkdir(parents=True, exist_ok=True)
+            long.write_text(render_long(configs, paper))
+            typer.echo(f"wrote {long}", err=True)
+        if roc:
+            for ds, p in plot_roc(configs, roc, ddof).items():
+                typer.echo(f"ROC {ds}: {p}", err=True)

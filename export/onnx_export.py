@@ -37,7 +37,7 @@ import numpy as np
 
 from ami.runtime import __version__
 from ami.runtime.artifact import AMIBR_CROP, INPUT_NAME, OUTPUT_NAME, PLAN_SUFFIXES, ArtifactMeta, plan_weights_digest
-from ami.runtime.datasets import resolve_data_root
+from ami.runtime.datasets import DatasetMissing, require_data_root
 from ami.runtime.sampling import stratified_subset
 
 from .checks import (
@@ -232,7 +232,7 @@ def _check_request(opts: ExportOptions, out: Path) -> None:
         require_tensorrt()  # fail before any work when there is no GPU / TensorRT
     existing = [p for p in final_paths(out, opts.engine) if p.exists()]
     if existing and not opts.force:
-        raise ExportError(f"{existing[0]} already exists; pass --force to replace it (it is replaced only after "
+        raise ExportError(f"{existing[0]} already exists; pass --overwrite to replace it (it is replaced only after "
                           "every check has passed)")
     if out.exists() and out.is_dir():
         raise ExportError(f"{out} is a directory; -o takes a file name")
@@ -265,7 +265,10 @@ def export_onnx(source, out, options: ExportOptions | None = None, **kwargs) -> 
     opts = (options or ExportOptions()).with_overrides(**kwargs)
     out = Path(out)
     _check_request(opts, out)
-    root = resolve_data_root(opts.data_root)
+    try:  # the self-checks read real training crops: a missing data root is refused before any work
+        root = require_data_root(opts.data_root, ("AMi-Br",), train_split=True)
+    except DatasetMissing as e:
+        raise ExportError(str(e)) from None
     with Staging(out) as st:
         float_path, meta, images = _float_model(Path(source), st, root, opts)
         if opts.engine == "onnx-int8":

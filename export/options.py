@@ -42,6 +42,9 @@ class Int8Options:
     per_channel: str | bool = "auto"  # weight scales: auto (the variant closer to float), on, off
     calibration: str = "minmax"  # calibration method: minmax, entropy, percentile
     activations: str = "s8"  # s8 (int8, S8S8) or u8 (uint8, U8S8)
+    # weights quantised to 7 bits: no int16 saturation in the u8 x s8 dot products of CPUs without VNNI
+    # (AVX2-only x86); ONNX Runtime's `reduce_range`
+    reduce_range: bool = False
     ba_tol: float = REDUCED_BA_TOL  # largest accepted |delta balanced accuracy| vs float
     auroc_tol: float = REDUCED_AUROC_TOL  # largest accepted |delta AUROC| vs float
     speed_batch: int = 0  # > 0: also time fp32 vs int8 on this CPU at this batch size

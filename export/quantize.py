@@ -243,7 +243,8 @@ def _float_nodes(prep: Path, meta: ArtifactMeta, float_path: Path, log) -> tuple
 
 
 def _quantize_variants(prep: Path, work: Path, cal_img: np.ndarray, p_cal_f: np.ndarray, *, excl: list[str],
-                       act_type, pcs: list[bool], method: str, big: bool, threads: int, batch: int, log) -> dict:
+                       act_type, pcs: list[bool], method: str, big: bool, threads: int, batch: int, log,
+                       reduce_range: bool = False) -> dict:
     """One QDQ model per per-channel choice in ``pcs``: {per_channel: {path, calibration-crop distance to float}}."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -256,7 +257,8 @@ def _quantize_variants(prep: Path, work: Path, cal_img: np.ndarray, p_cal_f: np.
             quantize_static(str(prep), str(qpath), calibration_reader(cal_img, batch), quant_format=QuantFormat.QDQ,
                             per_channel=pc, activation_type=act_type, weight_type=QuantType.QInt8,
                             nodes_to_exclude=excl, calibrate_method=getattr(CalibrationMethod, _METHODS[method]),
-                            use_external_data_format=big, calibration_cache_path=str(cache))
+                            use_external_data_format=big, calibration_cache_path=str(cache),
+                            reduce_range=reduce_range)
         except Exception as e:  # BLE001
             raise ExportError(f"ONNX Runtime quantisation failed: {str(e).splitlines()[0][:300]}") from None
         p_cal_q = ort_predict(session(qpath, threads), cal_img, batch)
@@ -295,7 +297,8 @@ def _calibration_record(desc: dict, opts: Int8Options, pcs: list[bool], variants
     """The ``calibration`` metadata of the int8 artefact: crops, format, choices, acceptance."""
     return {**desc, "format": "QDQ (onnxruntime.quantization.quantize_static)",
             "activations": "int8 (S8S8)" if opts.activations == "s8" else "uint8 (U8S8)",
-            "weights": "int8, " + ("per-channel" if pc else "per-tensor"),
+            "weights": "int8" + (" (7-bit range)" if opts.reduce_range else "") + ", "
+                       + ("per-channel" if pc else "per-tensor"),
             "calibrate_method": _METHODS[opts.calibration],
             "per_channel_choice": ("auto: the variant closer to float on the calibration crops"
                                    if len(pcs) > 1 else "user"),
@@ -354,7 +357,7 @@ def quantize_int8(float_path: Path, out_path: Path, meta: ArtifactMeta, data_roo
     fsess = session(float_path, threads)
     variants = _quantize_variants(prep, work, cal_img, ort_predict(fsess, cal_img, batch), excl=excl,
                                   act_type=act_type, pcs=pcs, method=opts.calibration, big=big, threads=threads,
-                                  batch=batch, log=log)
+                                  batch=batch, log=log, reduce_range=opts.reduce_range)
     pc = min(variants, key=lambda k: variants[k]["calib_mean_abs_diff"])
     qpath = variants[pc]["path"]
     mf, mq, p_f, p_q = _accept(fsess, session(qpath, threads), ev_img, ev, meta, opts, desc["evaluation_set"],

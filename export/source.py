@@ -122,7 +122,10 @@ def _read_source_metrics(run: RunDir, chosen: list[FoldId]) -> dict:
         fd = run.fold(f)
         fd.require_weights()
         if fd.is_finished():
-            metrics[fd.key] = fd.metrics()
+            metrics[fd.key] = fd.metrics(required=("fold",))  # an emptied metrics.json is refused
+            if not fd.is_all and not metrics[fd.key].get("validation"):
+                raise ExportError(f"{fd.metrics_path}: field 'validation' is empty: fold {f} of {run.name} has no "
+                                  "validation record (not evaluated, or the file was emptied); nothing was exported")
         elif not fd.is_all:
             raise ExportError(f"{fd.metrics_path} is missing: fold {f} of {run.name} did not finish")
     # out-of-fold validation records of every completed fold (used for the all-crops model)

@@ -6,7 +6,7 @@ Precision comes from the graph, not from builder flags (TensorRT 11 removed Buil
 pre/post-processing stay float32; the network is then built strongly typed (implicit in 11,
 ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` in 10). fp32 builds also switch TF32 off.
 
-The builder uses one optimisation profile (min/opt/max batch from ``--batch``), a persistent
+The builder uses one optimisation profile (min/opt/max batch from ``--batch-size``), a persistent
 timing cache, and writes ``X.plan`` plus ``X.plan.json``: the artefact metadata with the
 TensorRT version, GPU name and compute capability the plan is tied to.
 """
@@ -194,7 +194,7 @@ def parse_batches(batch) -> tuple[int, int, int]:
     try:
         vals = parse_batch_sizes(batch)
     except ValueError as e:
-        raise ExportError(f"--batch {e}") from None
+        raise ExportError(f"--batch-size {e}") from None
     return vals[0], vals[len(vals) // 2], vals[-1]
 
 

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import CLASS_NAMES
+from .errors import BadInput
 from .hashing import file_sha256
 from .preprocess import Preprocess
 
@@ -65,7 +66,7 @@ AMIBR_CROP = {"mpp": 0.25, "size_px": 128, "centred": True,
               "source": "AMi-Br crops (TUPAC16, MIDOG21): 128 x 128 px at 0.25 um/px, centred on the mitotic figure"}
 
 
-class ArtifactError(ValueError):
+class ArtifactError(BadInput, ValueError):
     """An artefact is missing, unreadable, or does not describe itself as ami expects."""
 
 

@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import BadInput
 from .hashing import file_sha256  # re-exported: ami.runtime.datasets.file_sha256 keeps working
 
 ENV_DATA_ROOT = "AMI_DATA_ROOT"
@@ -70,11 +71,15 @@ AMIBR_TEST_SIZE = 826
 TEST_SETS = ("AMi-Br-test", "AtNorM-Br", "AtNorM-MD")
 
 
-class DatasetMissing(FileNotFoundError):
+class DatasetMissing(BadInput, FileNotFoundError):
     """A dataset folder is absent under the data root."""
 
 
-class DatasetError(ValueError):
+class DataRootMissing(DatasetMissing):
+    """The data root itself is not there (its message says where ami looked and why there)."""
+
+
+class DatasetError(BadInput, ValueError):
     """A dataset is present but does not match what the benchmark expects."""
 
 
@@ -99,6 +104,38 @@ def resolve_data_root(flag: str | os.PathLike | None = None) -> Path:
     if env:
         return Path(env).expanduser()
     return default_data_root()
+
+
+def data_root_origin(flag: str | os.PathLike | None = None) -> str:
+    """Why :func:`resolve_data_root` picked its folder: the flag, the environment, or the default."""
+    if flag:
+        return "given with --data-root"
+    if os.environ.get(ENV_DATA_ROOT):
+        return f"from ${ENV_DATA_ROOT}"
+    return f"the default: neither --data-root nor ${ENV_DATA_ROOT} is set"
+
+
+def describe_data_root(flag: str | os.PathLike | None = None) -> str:
+    """Where ami looks for the data, for messages: ``/path (given with --data-root)``."""
+    return f"{resolve_data_root(flag)} ({data_root_origin(flag)})"
+
+
+def require_data_root(flag: str | os.PathLike | None = None, datasets: tuple[str, ...] = (),
+                      train_split: bool = False) -> Path:
+    """:func:`resolve_data_root`, checked before any work: the folder exists and holds ``datasets``
+    (and, with ``train_split``, amibr_train_split.csv). Raises :class:`DataRootMissing` /
+    :class:`DatasetMissing` with one line saying where it looked."""
+    root = resolve_data_root(flag)
+    hint = f"set --data-root or ${ENV_DATA_ROOT} to the folder holding AMi-Br/, or fetch it with `ami-data download`"
+    if not root.is_dir():
+        raise DataRootMissing(f"no data root at {describe_data_root(flag)}; {hint}")
+    for name in datasets:
+        if not (root / DATASETS[name].folder).is_dir():
+            raise DatasetMissing(f"dataset {name} is not present: no {DATASETS[name].folder}/ in the data root "
+                                 f"{describe_data_root(flag)}; {hint}")
+    if train_split and not (root / TRAIN_SPLIT_CSV).is_file():
+        raise DatasetMissing(f"no {TRAIN_SPLIT_CSV} in the data root {describe_data_root(flag)}; {hint}")
+    return root
 
 
 def missing_message(root: Path, name: str) -> str:

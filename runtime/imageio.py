@@ -21,6 +21,8 @@ import struct
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .errors import BadInput
+
 # A crop is ~128x128; anything over this many pixels is refused before decoding.
 MAX_PIXELS = 64_000_000
 # Formats a crop may come in. Pillow would otherwise try every plugin it has (EPS, for one, hands
@@ -28,7 +30,7 @@ MAX_PIXELS = 64_000_000
 FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP")
 
 
-class ImageError(Exception):
+class ImageError(BadInput):
     """A crop could not be turned into an RGB image; str(e) says why."""
 
 

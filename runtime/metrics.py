@@ -13,8 +13,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .errors import BadInput
 
-class MetricError(ValueError):
+
+class MetricError(BadInput, ValueError):
     """A metric is undefined for these inputs (for example only one class is present)."""
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from .errors import BadInput
 from .splits import N_FOLDS
 
 CONFIG = "config.json"
@@ -48,7 +49,7 @@ RANDOM_FROM_SCRATCH = "random init (from scratch: no pretrained weights)"
 RANDOM_NOT_PRETRAINED = "random init (--random-init: NOT the pretrained model)"
 
 
-class RunDirError(ValueError):
+class RunDirError(BadInput, ValueError):
     """A run directory (or a file in it) is missing, unreadable or not what ami-train writes."""
 
 
@@ -86,14 +87,91 @@ def parse_fold_name(name: str) -> FoldId | None:
     return None
 
 
-def read_json(path: Path) -> dict:
-    """A JSON file of a run, or :class:`RunDirError` saying what is wrong with it."""
+# -- the records' shapes: a tampered or damaged file is one line naming the file and the field -----------
+NoneType = type(None)
+Fields = dict[str, tuple[type, ...]]
+CONFIG_FIELDS: Fields = {
+    "model": (str,), "method": (str,), "arch": (str,), "recipe": (dict,), "registry_entry": (dict,),
+    "preprocess": (dict,), "random_init": (bool,), "tiny_stand_in": (bool,), "max_train": (int,),
+    "max_eval": (int,), "amp": (str,), "weights_source": (str, NoneType), "hub_id": (str, NoneType),
+}
+SPLIT_FIELDS: Fields = {"folds_file": (str,), "folds_sha256": (str,), "train_fingerprint": (str, NoneType)}
+METRICS_FIELDS: Fields = {
+    "fold": (int, str), "model": (str,), "method": (str,), "validation": (dict, NoneType), "tests": (dict,),
+    "predictions": (dict,), "train_seconds": (float, NoneType), "eval_seconds": (float, NoneType),
+    "best_epoch": (int, NoneType), "epochs_run": (int,),
+}
+# inside metrics.json's "validation" and each "tests" entry: the figures (runtime.metrics.BinaryMetrics)
+FIGURE_FIELDS: Fields = {k: (float, NoneType) for k in (
+    "threshold", "balanced_accuracy", "auroc", "sensitivity", "specificity")} | {
+    k: (int, NoneType) for k in ("n", "n_atypical", "tp", "fn", "tn", "fp")}
+_KIND = {str: "a string", dict: "an object", list: "a list", bool: "true or false", int: "an integer",
+         float: "a number", NoneType: "null"}
+
+
+def _kind(value) -> str:
+    for t in (bool, NoneType, str, dict, list, int, float):  # bool before int: True is an int to Python
+        if isinstance(value, t):
+            return _KIND[t]
+    return type(value).__name__
+
+
+def _fits(value, types: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):
+        return bool in types
+    if float in types and isinstance(value, int):
+        return True  # 120 is a number of seconds too
+    return isinstance(value, types)
+
+
+def check_fields(path: Path, record, fields: Fields, required: tuple[str, ...] = (), where: str = "") -> dict:
+    """``record`` (read from ``path``) if it is a JSON object whose known ``fields`` have their types
+    and whose ``required`` fields are there; else :class:`RunDirError` naming the file and the field."""
+    if not isinstance(record, dict):
+        name = f"field {where!r}" if where else "it"
+        raise RunDirError(f"{path}: {name} should be {_KIND[dict]}, not {_kind(record)}")
+    for key in required:
+        if key not in record:
+            raise RunDirError(f"{path}: field {where + '.' if where else ''}{key!r} is missing")
+    for key, types in fields.items():
+        if key in record and not _fits(record[key], types):
+            want = " or ".join(dict.fromkeys(_KIND[t] for t in types))
+            raise RunDirError(f"{path}: field {(where + '.' if where else '') + key!r} should be {want}, "
+                              f"not {_kind(record[key])}")
+    return record
+
+
+def check_metrics(path: Path, record, required: tuple[str, ...] = ()) -> dict:
+    """metrics.json's shape: its fields, the figures of 'validation' and of each 'tests' entry, the
+    'predictions' lists; a fold that is 0..N_FOLDS-1 or 'all'."""
+    check_fields(path, record, METRICS_FIELDS, required)
+    if "fold" in record:
+        try:
+            fold_id(record["fold"])
+        except RunDirError as e:
+            raise RunDirError(f"{path}: field 'fold': {e}") from None
+    if isinstance(record.get("validation"), dict):
+        check_fields(path, record["validation"], FIGURE_FIELDS, where="validation")
+    for name, entry in record.get("tests", {}).items():
+        check_fields(path, entry, FIGURE_FIELDS, where=f"tests.{name}")
+    for name, rows in record.get("predictions", {}).items():
+        if not isinstance(rows, (list, NoneType)):
+            raise RunDirError(f"{path}: field 'predictions.{name}' should be a list, not {_kind(rows)}")
+    return record
+
+
+def read_json(path: Path, fields: Fields | None = None, required: tuple[str, ...] = ()) -> dict:
+    """A JSON object of a run (checked against ``fields``, see :func:`check_fields`), or
+    :class:`RunDirError` saying what is wrong with it."""
     try:
-        return json.loads(Path(path).read_text())
+        record = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise RunDirError(f"{path} is missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RunDirError(f"{path} is not valid JSON ({e})") from None
+    except OSError as e:
+        raise RunDirError(f"{path} cannot be read ({e.strerror or e})") from None
+    return check_fields(path, record, fields or {}, required)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -199,8 +277,9 @@ class FoldDir:
                               "(or not finished)")
         return self.weights
 
-    def metrics(self) -> dict:
-        return read_json(self.metrics_path)
+    def metrics(self, required: tuple[str, ...] = ()) -> dict:
+        """metrics.json, its shape checked (:func:`check_metrics`; ``required`` fields must be there)."""
+        return check_metrics(self.metrics_path, read_json(self.metrics_path), required)
 
     def mkdir(self) -> Path:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -251,12 +330,13 @@ class RunDir:
         """Cross-validation folds with both best weights and metrics.json (a finished, exportable fold)."""
         return [f.fold for f in self.cv_folds() if f.is_complete()]
 
-    def config(self) -> dict:
-        return read_json(self.config_path)
+    def config(self, required: tuple[str, ...] = ()) -> dict:
+        """config.json, its fields' types checked (``required`` fields must be there)."""
+        return read_json(self.config_path, CONFIG_FIELDS, required)
 
     def split(self) -> dict:
         """split.json, or {} for a run written before split.json existed."""
-        return read_json(self.split_path) if self.split_path.is_file() else {}
+        return read_json(self.split_path, SPLIT_FIELDS) if self.split_path.is_file() else {}
 
     def write_config(self, record: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)

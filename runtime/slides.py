@@ -56,6 +56,7 @@ import numpy as np
 from PIL import Image
 
 from .detections import Detection, detections_on, read_detections
+from .errors import BadInput
 from .infer import MAX_PIXELS, CropFiles, InferenceOptions, InputError, run
 from .preprocess import Preprocess
 from .slide_outputs import (
@@ -84,7 +85,7 @@ __all__ = ["BORDERS", "COLUMNS", "N_KEY", "SUMMARY_COLUMNS", "Detection", "Slide
            "summary_lines", "wilson"]
 
 
-class SlideError(Exception):
+class SlideError(BadInput):
     """A slide cannot be used (missing, not a slide, unreadable, no resolution); str(e) says why."""
 
 

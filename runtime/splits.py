@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .datasets import DatasetError, Sample, amibr_split
+from .errors import BadInput
 
 SPLITS_DIR = Path(__file__).parent / "splits"
 FOLDS_FILE = SPLITS_DIR / "amibr_folds_v1.csv"
@@ -43,7 +44,7 @@ def parse_folds(text: str) -> list[int | None]:
 FOLDS_COLUMNS = ("image", "slide", "label", "fold")
 
 
-class SplitError(ValueError):
+class SplitError(BadInput, ValueError):
     """The folds file or the data it refers to does not match the pinned split."""
 
 

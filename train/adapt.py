@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ami.runtime.errors import Fault
+
 from .registry import ModelConfig
 
 HEAD = "logit_head"
@@ -181,7 +183,7 @@ def trainable_names(model: nn.Module) -> set[str]:
 
 
 # -- merging LoRA for export --------------------------------------------------------------------
-class MergeMismatch(RuntimeError):
+class MergeMismatch(Fault, RuntimeError):
     """The merged network does not compute what the adapted one did."""
 
 

@@ -8,12 +8,14 @@ from pathlib import Path
 import typer
 
 from ami.runtime.cli import DATA_ROOT_HELP
-from ami.runtime.datasets import resolve_data_root
+from ami.runtime.cli.contract import AmiTyper, run
+from ami.runtime.datasets import require_data_root, resolve_data_root
+from ami.runtime.errors import BadInput
 
 from .recipes import departures, parse_value
 from .registry import METHODS, REGISTRY, configured, label, table3_configs
 
-app = typer.Typer(add_completion=False, rich_markup_mode=None)
+app = AmiTyper(prog="ami-train", rich_markup_mode=None)
 
 EPILOG = """\b
 Examples:
@@ -63,7 +65,7 @@ def _parse_set(items: list[str]) -> dict:
 
 def _overrides(config: Path | None, set_: list[str], epochs: int | None) -> dict:
     """Recipe overrides from --config, then --set (augment_params merge key by key), then --epochs."""
-    overrides = json.loads(config.read_text()) if config else {}
+    overrides = _read_config(config) if config else {}
     for k, v in _parse_set(set_).items():
         if k == "augment_params":
             overrides["augment_params"] = {**overrides.get("augment_params", {}), **v}
@@ -71,6 +73,19 @@ def _overrides(config: Path | None, set_: list[str], epochs: int | None) -> dict
             overrides[k] = v
     if epochs is not None:
         overrides["epochs"] = epochs
+    return overrides
+
+
+def _read_config(path: Path) -> dict:
+    """--config FILE: a JSON object of recipe overrides, or one line saying what is wrong with it."""
+    try:
+        overrides = json.loads(path.read_text())
+    except OSError as e:
+        raise BadInput(f"--config {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise BadInput(f"--config {path} is not valid JSON ({e})") from None
+    if not isinstance(overrides, dict):
+        raise BadInput(f"--config {path} should hold a JSON object of recipe keys, not {type(overrides).__name__}")
     return overrides
 
 
@@ -160,6 +175,8 @@ def train(
     common = dict(recipe_overrides=_overrides(config, set_, epochs), device=device, amp=amp, weights=weights,
                   random_init=random_init, tiny=tiny, max_train=max_train, max_eval=max_eval, threads=threads)
     if sweep is not None or status:
+        if not (status or dry_run or print_config):  # the jobs read the data: check it before launching any
+            require_data_root(data_root, ("AMi-Br",), train_split=True)
         options = dict(data_root=str(resolve_data_root(data_root).absolute()),
                        cache_dir=str(cache_dir.absolute()) if cache_dir else None, **common)
         resources_flags = {"gpus": gpus_per_job, "cpus": cpus_per_job, "mem_gb": mem_gb, "time": time_limit,
@@ -172,42 +189,35 @@ def train(
     _check_model(model, method)
     spec = RunSpec(model=model, method=method, run_dir=out or Path("runs") / f"{model}-{method}",
                    data_root=resolve_data_root(data_root), cache_dir=cache_dir, **common)
-    _train_one(spec, folds, print_config)
+    _train_one(spec, folds, print_config, data_root)
 
 
 def _sweep(name: str, out: Path | None, methods: str | None, folds: str, options: dict, print_config: bool,
            **how) -> int:
     """``--sweep`` / ``--status``: many jobs through a launcher (:mod:`ami.train.sweep`); the exit code."""
-    from .sweep import JobOptions, SweepError, sweep_command  # import-light: no torch for --dry-run/--status
+    from .sweep import JobOptions, sweep_command  # import-light: no torch for --dry-run/--status
 
     if print_config:
-        typer.echo("--print-config shows one run: use it without --sweep (e.g. -m uni --method lora)", err=True)
-        raise typer.Exit(2)
-    try:
-        return sweep_command(name, launcher=how["launcher"], out=out, methods=methods, folds=folds,
-                             options=JobOptions(**options), dry_run=how["dry_run"], show_status=how["status"],
-                             max_parallel=how["jobs"], resources=how["resources"],
-                             cli_resources=how["cli_resources"], echo=typer.echo, err=lambda s: typer.echo(s, err=True))
-    except SweepError as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(2) from None
+        raise BadInput("--print-config shows one run: use it without --sweep (e.g. -m uni --method lora)")
+    return sweep_command(name, launcher=how["launcher"], out=out, methods=methods, folds=folds,
+                         options=JobOptions(**options), dry_run=how["dry_run"], show_status=how["status"],
+                         max_parallel=how["jobs"], resources=how["resources"],
+                         cli_resources=how["cli_resources"], echo=typer.echo, err=lambda s: typer.echo(s, err=True))
 
 
 def _check_model(model: str, method: str) -> None:
     if model not in REGISTRY:
-        typer.echo(f"unknown model {model!r}; known: {', '.join(REGISTRY)}", err=True)
-        raise typer.Exit(2)
+        raise BadInput(f"unknown model {model!r}; known: {', '.join(REGISTRY)}")
     if method not in REGISTRY[model].methods:
-        typer.echo(f"{model} supports --method {' or '.join(REGISTRY[model].methods)}, not {method!r}", err=True)
-        raise typer.Exit(2)
+        raise BadInput(f"{model} supports --method {' or '.join(REGISTRY[model].methods)}, not {method!r}")
 
 
-def _train_one(spec, folds: str, print_config: bool) -> None:
-    """One run directory: check the folds and the recipe, then print the configuration or train."""
+def _train_one(spec, folds: str, print_config: bool, data_root: Path | None) -> None:
+    """One run directory: check the folds, the recipe and the data root (before the run directory is
+    made: a refused run leaves nothing behind), then print the configuration or train."""
     from ami.runtime.splits import parse_folds
 
-    from .fit import run
-    from .weights import WeightsUnavailable
+    from .fit import run as train_run
 
     try:
         fold_list = parse_folds(folds)
@@ -216,18 +226,14 @@ def _train_one(spec, folds: str, print_config: bool) -> None:
     try:
         _ = spec.recipe  # reject unknown keys / values now, with the allowed ones
     except (KeyError, ValueError) as e:
-        typer.echo(f"bad recipe: {e.args[0] if isinstance(e, KeyError) else e}", err=True)
-        raise typer.Exit(2) from None
+        raise BadInput(f"bad recipe: {e.args[0] if isinstance(e, KeyError) else e}") from None
     if print_config:
         typer.echo(json.dumps(spec.record(), indent=1))
         raise typer.Exit(0)
-    try:
-        results = run(spec, fold_list, log=typer.echo)
-    except WeightsUnavailable as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(3) from None
+    require_data_root(data_root, ("AMi-Br",), train_split=True)
+    results = train_run(spec, fold_list, log=typer.echo)  # WeightsUnavailable: exit 3 (the contract)
     typer.echo(f"\n{len(results)} fold(s) in {spec.run_dir}; render the table with: ami-bench table {spec.run_dir}")
 
 
 def main() -> None:
-    app()
+    run(app, "ami-train")

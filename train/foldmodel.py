@@ -21,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ami.runtime.errors import BadInput
 from ami.runtime.rundir import CONFIG, RunDir, RunDirError, WeightsSource
 
 from .registry import ModelConfig, run_entry
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 LORA_OPTIONS = ("lora_rank", "lora_alpha", "lora_dropout")  # recipe keys the LoRA network is built with
 
 
-class FoldModelError(ValueError):
+class FoldModelError(BadInput, ValueError):
     """A trained network cannot be rebuilt (unreadable or unfitting weights, no weight source)."""
 
 

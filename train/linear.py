@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ami.runtime.datasets import Sample, fingerprint
+from ami.runtime.errors import BadInput
 from ami.runtime.hashing import file_sha256
 from ami.runtime.preprocess import Preprocess
 from ami.runtime.rundir import FoldDir
@@ -69,7 +70,7 @@ EMB_FILE = "embeddings.safetensors"
 HEAD_PREFIX = f"net.{HEAD}."  # state-dict prefix of the head inside LogitModel(EmbeddingClassifier)
 
 
-class EmbeddingCacheError(RuntimeError):
+class EmbeddingCacheError(BadInput, RuntimeError):
     """A cache entry exists but was built from other inputs, or its file is damaged."""
 
 

@@ -44,7 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ami.runtime import splits
-from ami.runtime.rundir import FoldDir, RunDir, atomic_write_json, fold_name
+from ami.runtime.errors import BadInput
+from ami.runtime.rundir import FoldDir, RunDir, RunDirError, atomic_write_json, check_fields, fold_name
 
 from .registry import METHODS, REGISTRY, get, label, table3_configs
 
@@ -59,7 +60,7 @@ RESULT_KEYS = ("model", "method", "fold", "recipe_overrides", "amp", "weights", 
                "max_train", "max_eval")
 
 
-class SweepError(ValueError):
+class SweepError(BadInput, ValueError):
     """A sweep cannot be expanded, launched or read (message for people)."""
 
 
@@ -210,6 +211,20 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+# What --status reads from the records: a record of another shape is one line naming the file and the
+# field (rundir.check_fields; RunDirError, exit 2), never a traceback.
+JOB_FIELDS = {"id": (str,), "root": (str,), "run_dir": (str,), "fold": (int, str), "model": (str,), "method": (str,)}
+RECORD_FIELDS = {k: (str,) for k in ("id", "state", "launcher", "host", "started", "ended", "error", "detail",
+                                     "slurm_job_id", "submitted", "ray_task")} | {
+    "pid": (int,), "attempt": (int,), "returncode": (int, type(None))}
+
+
+def read_record(path: Path, fields: dict) -> dict | None:
+    """A sweep record checked against ``fields``; None when it is missing or not JSON."""
+    rec = _read_json(path)
+    return None if rec is None else check_fields(path, rec, fields)
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
@@ -234,7 +249,7 @@ def _scheduler_ids() -> dict:
     return out
 
 
-class JobBusy(RuntimeError):
+class JobBusy(BadInput, RuntimeError):
     """The job holds its lock in another process (it is running elsewhere)."""
 
 
@@ -336,7 +351,16 @@ class SweepJob:
 # -- the manifest -------------------------------------------------------------------------------
 
 def load_manifest(root: Path) -> dict | None:
-    return _read_json(Path(root) / MANIFEST)
+    path = Path(root) / MANIFEST
+    manifest = read_record(path, {"jobs": (list,), "sweeps": (list,)})
+    for i, job in enumerate((manifest or {}).get("jobs", [])):
+        check_fields(path, job, JOB_FIELDS, required=("id", "root", "run_dir", "fold"), where=f"jobs[{i}]")
+        if job["fold"] != "full" and not (isinstance(job["fold"], int) and 0 <= job["fold"] < splits.N_FOLDS):
+            raise RunDirError(f"{path}: field 'jobs[{i}].fold' should be 'full' or 0-{splits.N_FOLDS - 1}, "
+                              f"not {job['fold']!r}")
+    if manifest is not None and "jobs" not in manifest:
+        raise RunDirError(f"{path}: field 'jobs' is missing")
+    return manifest
 
 
 def write_manifest(root: Path, name: str, jobs: list[dict]) -> None:
@@ -382,7 +406,7 @@ def _progress(job: dict) -> str:
     """'epoch 12/100' from the run directory (history.csv and config.json), else ''."""
     fd = fold_dir(job)
     try:
-        epochs = (_read_json(fd.run.config_path) or {}).get("recipe", {}).get("epochs")
+        epochs = (fd.run.config() if fd.run.is_run() else {}).get("recipe", {}).get("epochs")
         n = max(0, len(fd.history.read_text().splitlines()) - 1)
     except OSError:
         return ""
@@ -411,12 +435,12 @@ _SLURM_MAP = {"PENDING": "queued", "REQUEUED": "queued", "REQUEUE_HOLD": "queued
 def job_status(job: dict, ask_scheduler: bool = True) -> tuple[str, str]:
     """(state, detail) of one job, from its run directory first, then its records and the launcher."""
     fd = fold_dir(job)
-    rec = _read_json(record_path(job)) or {}
-    launch = _read_json(record_path(job, "launch")) or {}
+    rec = read_record(record_path(job), RECORD_FIELDS) or {}
+    launch = read_record(record_path(job, "launch"), RECORD_FIELDS) or {}
     lp = log_path(job)
     log_hint = f" (log {lp})" if lp.exists() else ""
     if fd.is_finished():
-        m = _read_json(fd.metrics_path) or {}
+        m = fd.metrics()
         ba = (m.get("validation") or {}).get("balanced_accuracy")
         return "done", (f"val BA {ba:.4f}" if isinstance(ba, (int, float)) else "") + (
             f", {m['train_seconds']:.0f} s" if isinstance(m.get("train_seconds"), (int, float)) else "")

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ami.runtime import hashing
+from ami.runtime.errors import Unavailable
 
 from .registry import ModelConfig
 
@@ -49,7 +50,7 @@ CONTENTS = "contents"  # safetensors metadata key of a checkpoint ...
 TRAINABLE = "trainable"  # ... whose value marks a file holding only the trained tensors
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(Unavailable, RuntimeError):
     """No weight source for a pretrained entry could be reached."""
 
 

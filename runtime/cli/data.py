@@ -11,14 +11,16 @@ from pathlib import Path
 
 import typer
 
-from ..datasets import DATASETS, ENV_DATA_ROOT, resolve_data_root, verify_dataset
+from ..datasets import DATASETS, ENV_DATA_ROOT, require_data_root, resolve_data_root, verify_dataset
+from ..errors import BadInput, CheckFailed, Unavailable
 from ..splits import FOLDS_FILE, SplitError, check_against_data, folds_sha256, load_folds, pinned_sha256
 from . import DATA_ROOT_HELP
+from .contract import AmiTyper, run
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=(
+app = AmiTyper(prog="ami-data", no_args_is_help=True, help=(
     "Check, download and split the AMi-Br / AtNorM-Br / AtNorM-MD datasets.\n\n"
     "Examples:\n\n"
-    "  ami-data verify --data-root ../shared/data/ami-br-benchmark\n\n"
+    "  ami-data verify --data-root ~/data/ami-br-benchmark\n\n"
     "  AMI_DATA_ROOT=/data/ami ami-data folds\n\n"
     "  ami-data download --data-root ~/data/ami-br-benchmark"))
 
@@ -38,17 +40,18 @@ def verify(data_root: Path | None = typer.Option(None, "--data-root", help=DATA_
     class folders, an unreadable PNG, a wrong train/test split, a content fingerprint that differs
     from the release's, or two crops with identical bytes that the release itself does not ship.
     A missing dataset fails the check because the benchmark needs all three; to check a partial
-    data root on purpose, name the datasets you have with --dataset.
+    data root on purpose, name the datasets you have with --dataset. Exit code 2 when the data root
+    itself is not there (the message says where ami looked: --data-root, else $AMI_DATA_ROOT, else
+    the default).
 
     AtNorM-Br's release holds 27 groups of byte-identical crops (2 with conflicting labels); they
     are listed with the package and reported as the release's own, not as tampering.
     """
-    root = resolve_data_root(data_root)
     names = list(dataset) if dataset else list(DATASETS)
     unknown = [n for n in names if n not in DATASETS]
     if unknown:
-        typer.echo(f"unknown dataset {unknown[0]!r}; known: {', '.join(DATASETS)}", err=True)
-        raise typer.Exit(2)
+        raise BadInput(f"unknown dataset {unknown[0]!r}; known: {', '.join(DATASETS)}")
+    root = require_data_root(data_root)
     typer.echo(f"data root: {root}")
     bad = False
     header = f"{'dataset':<10} {'status':<8} {'Atypical':>14} {'Normal':>14}  fingerprint (sha256)"
@@ -93,7 +96,7 @@ def folds(data_root: Path | None = typer.Option(None, "--data-root", help=DATA_R
     """Show the pinned 5-fold split (slide-grouped, stratified) and check it equals a fresh computation."""
     from ..splits import compute_folds, write_folds
 
-    root = resolve_data_root(data_root)
+    root = require_data_root(data_root, ("AMi-Br",), train_split=True)
     fresh = compute_folds(root)
     if write:
         digest = write_folds(fresh)
@@ -130,20 +133,17 @@ def download(data_root: Path | None = typer.Option(None, "--data-root", help=DAT
             with urllib.request.urlopen(url, timeout=timeout) as resp, open(zpath, "wb") as f:
                 shutil.copyfileobj(resp, f)
         except (urllib.error.URLError, OSError) as e:
-            typer.echo(f"download failed ({e}).\nOffline? Copy the release by hand and point --data-root "
-                       f"(or ${ENV_DATA_ROOT}) at the folder that holds AMi-Br/ and amibr_train_split.csv.", err=True)
-            raise typer.Exit(1) from None
+            raise Unavailable(f"download failed ({e}); offline? Copy the release by hand and point --data-root "
+                              f"(or ${ENV_DATA_ROOT}) at the folder that holds AMi-Br/ and amibr_train_split.csv") from None
         with zipfile.ZipFile(zpath) as z:
             z.extractall(tmp)
         found = [p.parent for p in Path(tmp).rglob("amibr_train_split.csv")]
         if not found:
-            typer.echo("the downloaded release has no amibr_train_split.csv; nothing was written", err=True)
-            raise typer.Exit(1)
+            raise CheckFailed("the downloaded release has no amibr_train_split.csv; nothing was written")
         src = found[0]
         reports = [verify_dataset(src, n, check_images=False) for n in DATASETS]
         if any(r.present and not r.ok for r in reports):
-            typer.echo("downloaded data does not match the expected counts; nothing was written", err=True)
-            raise typer.Exit(1)
+            raise CheckFailed("downloaded data does not match the expected counts; nothing was written")
         root.mkdir(parents=True, exist_ok=True)
         for item in src.iterdir():
             dest = root / item.name
@@ -157,4 +157,4 @@ def download(data_root: Path | None = typer.Option(None, "--data-root", help=DAT
 
 
 def main() -> None:  # console script
-    app()
+    run(app, "ami-data")

@@ -16,24 +16,27 @@ from pathlib import Path
 
 import typer
 
-from ..artifact import NO_DIGEST_WARNING, ArtifactError
+from ..artifact import NO_DIGEST_WARNING
 from ..engine import ASSETS, load_engine
-from ..engines import ENGINE_CHOICES, EngineError
-from ..errors import AmiError, first_line
+from ..engines import ENGINE_CHOICES
+from ..errors import first_line
 from ..imageio import fast_decoder
 from ..infer import (
     DEFAULT_FORMAT,
     FORMAT_NAMES,
     IMAGE_SUFFIXES,
+    InferenceFault,
     InferenceOptions,
     InputError,
     RowTap,
     check_output,
     format_for,
     iter_inputs,
-    run,
 )
+from ..infer import run as run_pipeline
+from .contract import guard, run
 
+PROG = "ami-infer"
 SAMPLES = ASSETS / "samples"
 HELP = """Classify mitotic-figure crops as Atypical or Normal, fast, on CPU or GPU, with no PyTorch.
 
@@ -110,26 +113,6 @@ class Pool(str, Enum):
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False, rich_markup_mode=None)
 
 
-@contextlib.contextmanager
-def one_line_errors(a: InferArgs | None = None):
-    """Until the shared CLI contract (ami.runtime.cli.contract) wraps main(): an expected error is
-    one line on stderr and its exit code (see ami.runtime.errors)."""
-    try:
-        yield
-    except AmiError as e:
-        raise _exit(str(e), e.exit_code) from None
-    except (ArtifactError, EngineError) as e:  # a model or engine that cannot load (their own exit code, else 2)
-        raise _exit(str(e), getattr(e, "exit_code", 2)) from None
-    except OSError as e:
-        where = a.shown_output if a is not None else (e.filename or "the output")
-        raise _exit(f"cannot write {where}: {e.strerror or first_line(e)}", 2) from None
-
-
-def _exit(msg: str, code: int) -> typer.Exit:
-    typer.echo(f"ami-infer: error: {msg}", err=True)
-    return typer.Exit(code)
-
-
 def sample_inputs() -> list[str]:
     if not SAMPLES.is_dir():
         raise InputError(f"no sample crops shipped at {SAMPLES} (this install lacks them); "
@@ -142,6 +125,7 @@ def sample_inputs() -> list[str]:
 
 
 @app.command(help=HELP, no_args_is_help=False)
+@guard(PROG)  # the CLI contract: an AmiError is one line and its exit code
 def infer(
     paths: list[str] | None = typer.Argument(None, metavar="PATH...", show_default=False,
                                                 help="Folders, images or .txt/.csv lists of image paths."),
@@ -196,17 +180,15 @@ def infer(
                      engine=engine_name.value, precision=precision.value, provider=provider.value, resume=resume,
                      resume_any=resume_any, retry_errors=retry_errors, overwrite=overwrite, sample=sample,
                      pool=pool.value, progress=progress, slides=slides, mpp=mpp, border=border)
-    with one_line_errors():
-        args = checked_args(args)
-    with one_line_errors(args):
-        engine = open_engine(args)
-        if args.slides is not None:
-            from .infer_slides import run_slides_cli
+    args = checked_args(args)
+    engine = open_engine(args)
+    if args.slides is not None:
+        from .infer_slides import run_slides_cli
 
-            code = run_slides_cli(args, engine)
-        else:
-            summary, tap = classify(args, engine, gather_crops(args))
-            code = report(args, summary, labels=tap.labels if tap else None)
+        code = run_slides_cli(args, engine)
+    else:
+        summary, tap = classify(args, engine, gather_crops(args))
+        code = report(args, summary, labels=tap.labels if tap else None)
     raise typer.Exit(code)
 
 
@@ -324,19 +306,22 @@ def classify(a: InferArgs, engine, crops: list[str]):
     protect = tuple(p for p in a.paths if os.path.isfile(p))  # list files (and single crops) are inputs too
     tap = _Labels() if a.sample else None
     with kept_on_fault(a):
-        summary = run(crops, engine, "-" if str(a.output) == "-" else a.output, a.options(protect=protect, tap=tap))
+        summary = run_pipeline(crops, engine, "-" if str(a.output) == "-" else a.output, a.options(protect=protect, tap=tap))
     return summary, tap
 
 
 @contextlib.contextmanager
 def kept_on_fault(a: InferArgs):
-    """An engine fault stops the run: say that the rows so far are kept (a file can be resumed)."""
+    """While the run writes: an engine fault says that the rows so far are kept (a file can be
+    resumed); an OSError on the output is one line naming it (exit 2)."""
     try:
         yield
-    except EngineError as e:
-        if a.stream or not isinstance(e, AmiError):
+    except InferenceFault as e:
+        if a.stream:
             raise
-        raise type(e)(f"{e}; rows written so far are kept in {a.output}: rerun with --resume") from None
+        raise InferenceFault(f"{e}; rows written so far are kept in {a.output}: rerun with --resume") from None
+    except OSError as e:
+        raise InputError(f"cannot write {a.shown_output}: {e.strerror or first_line(e)}") from None
 
 
 def report(a: InferArgs, summary, noun: str = "inputs", labels: dict | None = None, more: tuple = ()) -> int:
@@ -369,8 +354,6 @@ def _sample_agreement(labels: dict[str, str], err: bool) -> None:
 
 
 def main() -> None:
-    # Never leave half a line on the terminal after a broken pipe (e.g. `ami-infer ... | head`).
-    try:
-        app()
-    except BrokenPipeError:  # pragma: no cover
-        os._exit(1)
+    # The contract: AmiErrors one line with their exit code, anything else one line and exit 4,
+    # --debug / AMI_DEBUG=1 for tracebacks; a broken pipe (`ami-infer ... | head`) ends quietly.
+    run(app, "ami-infer")

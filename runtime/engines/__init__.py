@@ -25,6 +25,7 @@ import os
 from pathlib import Path
 
 from ..artifact import ArtifactError
+from ..models import resolve_model, shipped_model
 from .base import PRECISIONS, Backend, Engine, EngineError, LoadOptions, normalize_precision
 
 ASSETS = Path(__file__).parent.parent / "assets"
@@ -118,6 +119,8 @@ def resolve_model_path(path: str | os.PathLike | None) -> Path:
                                 "model); pass --model FILE with an exported ami ONNX model or TensorRT plan")
         return p
     p = Path(path).expanduser()
+    if not p.exists() and shipped_model(path) is not None:  # a shipped model by name: edge, edge-int8
+        p = resolve_model(path)
     if not p.exists():
         raise ArtifactError(f"model file not found: {p}")
     if p.is_dir():

@@ -29,13 +29,14 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact import INPUT_NAME, META_KEY, OUTPUT_NAME, ArtifactError, ArtifactMeta, check_batch_axis
+from ..errors import Unavailable
 
 # Precision names, as artefact metadata and engines report them. "f32" is accepted for "fp32".
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 PRECISION_ALIASES = {"f32": "fp32", "float32": "fp32", "bfloat16": "bf16", "f16": "fp16", "float16": "fp16"}
 
 
-class EngineError(RuntimeError):
+class EngineError(Unavailable, RuntimeError):
     """The machine cannot run an artefact: an engine or library is missing, or a plan does not fit."""
 
 

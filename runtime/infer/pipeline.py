@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from ..engines import EngineError
-from ..errors import Fault
+from ..errors import EXIT_FAULT, Fault
 from ..imageio import MAX_PIXELS
 from ..preprocess import Preprocess
 from .decode import POOLS, CropFiles, decode_pool, default_workers
@@ -39,7 +39,10 @@ from .writer import ResultWriter, check_not_an_input, check_side_outputs
 
 
 class InferenceFault(EngineError, Fault):
-    """The engine failed or returned nonsense while running: the run stops (exit 4)."""
+    """The engine failed or returned nonsense while running: the run stops (exit 4, a fault; an
+    EngineError raised while loading means the machine cannot run the model, exit 3)."""
+
+    exit_code = EXIT_FAULT
 
 
 def install_stop_handlers(stop: threading.Event) -> Callable[[], None]:
