@@ -9,13 +9,22 @@ or detections on a whole-slide image, and get back the rows ``ami-infer`` writes
     rows = clf.classify_slide("s.svs", [(x, y), ...])    # detections on a slide (needs ami[slides])
     rows = clf.classify_detections("detections.csv")     # as ami-infer --slides
 
-Every call goes through the command line's own pipeline (:func:`~ami.runtime.infer.run_inference`:
-the same preprocessing, batching, workers, error handling and labels), so a row is a dict with the
+Every call goes through the command line's own pipeline (:func:`~ami.runtime.infer.run`: the same
+preprocessing, batching, workers, error handling and labels, into an in-memory sink: no file is
+written, arrays are never copied to disk), so a row is a dict with the
 columns and values of a row of ``ami-infer``'s JSON Lines output: ``prob_atypical`` a float (None
 on error), ``label`` "Atypical" / "Normal" (None on error), ``status`` "ok" / "error", ``error``
 the reason or None. A bad crop or detection is an error row, never an exception; problems with the
 call itself (a model that cannot load, a missing slide reader) raise ArtifactError / EngineError /
 InputError with a message for a person.
+
+Thread safety: one :class:`Classifier` may be shared by several threads, and several may run in one
+process. Each call runs its own pipeline (its own decoding workers, its own in-memory rows, its own
+slide handles: a call opens the slides it reads and closes only those when it ends, never another
+call's), so concurrent calls neither mix rows nor close each other's slides. The engine is shared:
+ONNX Runtime sessions run concurrent calls; OpenVINO and TensorRT engines serialise or pool their
+infer requests (see :mod:`ami.runtime.engines`). Calls made while another is running simply run
+at the same time; there is no global state to clean up.
 
 Arrays are taken to be crops as the model was trained on (the artefact's ``training_crop()``: for
 the AMi-Br models 128 px at 0.25 um/px, centred on the figure); other sizes are resized exactly as
@@ -24,18 +33,15 @@ crop files are. Slides are read at the model's resolution (see :mod:`ami.runtime
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from .engine import load_engine
 from .imageio import MAX_PIXELS
-from .infer import CropFiles, InputError, iter_inputs, run_inference
+from .infer import CropFiles, InferenceOptions, InputError, MemorySink, iter_inputs, run
 from .preprocess import Preprocess
 
 ARRAY_COLUMNS = ("id", "prob_atypical", "label", "status", "error")
@@ -59,6 +65,9 @@ class _Arrays(CropFiles):
 
     def describe(self, item: int) -> str:
         return f"array {self.ids[item]}"
+
+    def files(self, items: list) -> list[str]:
+        return []  # arrays are not files
 
     def prepare(self, items: list, pre: Preprocess, max_pixels: int = MAX_PIXELS):
         s = pre.input_size
@@ -101,17 +110,24 @@ class Classifier:
     def describe(self) -> str:
         return self.engine.describe()
 
-    def _run(self, items, source, pool: str = "thread") -> list[dict]:
-        with tempfile.TemporaryDirectory(prefix="ami-api-") as tmp:
-            out = Path(tmp) / "rows.jsonl"
-            run_inference(items, self.engine, out, "jsonl", batch_size=self.batch_size, workers=self.workers,
-                          threshold=self.threshold, progress=False, pool=pool, source=source)
-            with open(out, encoding="utf-8", errors="surrogateescape") as f:
-                return [json.loads(line) for line in f if line.strip()]
+    def _run(self, items, source) -> list[dict]:
+        """The pipeline into memory: the rows as dicts, as a JSON Lines reader would get them."""
+        src = source or CropFiles()
+        sink = MemorySink(src.columns, src.n_key)
+        run(items, self.engine, None, InferenceOptions(batch_size=self.batch_size, workers=self.workers,
+                                                       threshold=self.threshold, progress=False, source=src,
+                                                       sink=sink))
+        return sink.rows
 
     def classify_arrays(self, crops, ids=None) -> list[dict]:
         """Rows (id, prob_atypical, label, status, error) for uint8 RGB crops: one [N, H, W, 3] array or
-        a sequence of [H, W, 3] arrays. ``ids`` (default 0, 1, ...) are carried into the rows as text."""
+        a sequence of [H, W, 3] arrays. ``ids`` (default 0, 1, ...) are carried into the rows as text.
+        An array that is not 4-D (e.g. one [H, W, 3] crop) raises InputError: its rows would be split
+        into nonsense crops."""
+        if isinstance(crops, np.ndarray) and crops.ndim != 4:
+            hint = " (one crop: pass [crop] or crop[None])" if crops.ndim == 3 else ""
+            raise InputError(f"crops must be one [N, H, W, 3] array or a sequence of [H, W, 3] arrays, got an array of "
+                             f"shape {list(crops.shape)}{hint}")
         items = list(crops)
         ids = [str(i) for i in (ids if ids is not None else range(len(items)))]
         if len(ids) != len(items):
@@ -149,11 +165,7 @@ class Classifier:
     def _slide_rows(self, dets, mpp, border) -> list[dict]:
         from . import slides
 
-        src = slides.source_for(self.engine, mpp, border)
-        try:
-            return self._run(dets, src) if dets else []
-        finally:
-            slides.close_slides()
+        return self._run(dets, slides.source_for(self.engine, mpp, border)) if dets else []
 
     @staticmethod
     def summarize(rows: list[dict]) -> list[dict]:

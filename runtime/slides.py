@@ -29,7 +29,9 @@ Contract, in order:
   where they reached past their image), and the row's ``padded`` column says which fraction of the
   crop that is (0 when none). ``border="refuse"`` makes such detections error rows instead. A
   detection whose centre lies outside the slide is always an error row. Transparent pixels inside
-  a slide (empty areas of sparse formats) are composited onto the slide's background colour.
+  a slide (empty areas of sparse formats) are composited onto the slide's background colour; a crop
+  whose in-slide area is more than half without scanned data (a tile the file declares but does not
+  hold, an empty area) is an error row ("no scanned data at this location"), never a label on blanks.
 * **Bad slides** (missing, not a slide, unreadable, truncated, no resolution) turn into error rows
   for their detections only; the other slides go on.
 
@@ -40,39 +42,55 @@ The base install does not need it; asking for slides without it is a clear error
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
-import json
+import contextlib
 import math
 import os
-import re
+import stat
 import threading
-from collections import OrderedDict, defaultdict
-from dataclasses import dataclass, field
-from pathlib import Path
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from PIL import Image
 
+from .detections import Detection, detections_on, read_detections
 from .errors import BadInput
-from .infer import ENCODING, MAX_PIXELS, CropFiles, InputError, format_for, read_results, run_inference
+from .infer import MAX_PIXELS, CropFiles, InferenceOptions, InputError, run
 from .preprocess import Preprocess
+from .slide_outputs import (
+    SUMMARY_COLUMNS,
+    SlideOutputs,
+    SlideSummary,
+    geojson_features,
+    outputs_beside,
+    summarize,
+    summary_lines,
+    wilson,
+)
 
 COLUMNS = ("slide", "id", "x", "y", "prob_atypical", "label", "status", "error", "padded")
 N_KEY = 4  # slide, id, x, y identify a detection (resume)
-REQUIRED = ("slide", "x", "y")
 BORDERS = ("pad", "refuse")
 PAD_RGB = (0, 0, 0)  # the training crops' padding (see the module docstring)
 MPP_RANGE = (0.05, 20.0)  # plausible um/px of a scanned slide
+MAX_EMPTY = 0.5  # more of the crop's in-slide area without scanned data than this: an error row
 MPP_TOL = 1e-3  # relative: a level this close to the model's um/px is read as is
 RESAMPLE = Image.Resampling.LANCZOS
 INSTALL_HINT = "reading whole-slide images needs OpenSlide: pip install 'ami[slides]'"
-Z95 = 1.959963984540054  # two-sided 95 % normal quantile
+__all__ = ["BORDERS", "COLUMNS", "N_KEY", "SUMMARY_COLUMNS", "Detection", "Slide", "SlideDetections", "SlideError",
+           "SlideSummary", "available", "close_slides", "detections_on", "geojson_features", "open_slide",
+           "outputs_beside", "read_detections", "require_reader", "run_slides", "source_for", "summarize",
+           "summary_lines", "wilson"]
 
 
 class SlideError(BadInput):
     """A slide cannot be used (missing, not a slide, unreadable, no resolution); str(e) says why."""
+
+
+class SlideClosed(SlideError):
+    """The handle was closed (by its run's end, or after a read error) before this read began."""
 
 
 def _openslide():
@@ -89,8 +107,7 @@ def require_reader() -> None:
 
 
 def close_slides() -> None:
-    """Close the slides this process keeps open for reading."""
-    _CACHE.clear()
+    """Nothing to do: each run closes its own slides when it ends (kept for older callers)."""
 
 
 def available() -> bool:
@@ -100,113 +117,6 @@ def available() -> bool:
     except InputError:
         return False
     return True
-
-
-# -- detections ----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Detection:
-    """One row of a detections CSV. ``slide`` is the path as written (it goes into the output and the
-    resume key), ``path`` where it resolves to; ``x``/``y`` are numbers, or the raw text when
-    ``problem`` says why the row cannot be used."""
-
-    slide: str
-    path: str
-    id: str
-    x: float | int | str
-    y: float | int | str
-    problem: str | None = None
-
-    @property
-    def key(self) -> tuple[str, str, str, str]:
-        return (self.slide, self.id, str(self.x), str(self.y))
-
-    def __str__(self) -> str:
-        return f"{self.slide} id {self.id} at ({self.x}, {self.y})"
-
-
-def _number(text: str) -> float | int:
-    v = float(text)
-    if not math.isfinite(v):
-        raise ValueError(text)
-    return int(v) if v.is_integer() and abs(v) < 2 ** 53 else v
-
-
-def read_detections(path: str | os.PathLike) -> list[Detection]:
-    """The detections of a CSV (see the module docstring), in file order, exact duplicates dropped.
-    Raises :class:`~ami.runtime.infer.InputError` when the file cannot be read or lacks a column."""
-    p = Path(path)
-    try:
-        text = p.read_text(**ENCODING)
-    except OSError as e:
-        raise InputError(f"cannot read detections file {p}: {e.strerror or e}") from None
-    rows = [r for r in csv.reader(io.StringIO(text)) if any(c.strip() for c in r)]
-    if not rows:
-        raise InputError(f"detections file {p} is empty; expected a header with {', '.join(REQUIRED)} (and id)")
-    header = [c.strip().lstrip("\ufeff").lower() for c in rows[0]]
-    missing = [c for c in REQUIRED if c not in header]
-    if missing:
-        raise InputError(f"detections file {p} lacks the column(s) {', '.join(missing)} (header: {', '.join(header)}); "
-                         "expected slide, x, y (level-0 pixels of the figure's centre) and optionally id")
-    col = {c: header.index(c) for c in (*REQUIRED, "id") if c in header}
-    base = p.parent
-    out: list[Detection] = []
-    seen: set = set()
-    n = 0
-
-    def cell(r: list[str], c: str) -> str:
-        return r[col[c]].strip() if c in col and col[c] < len(r) else ""
-
-    for r in rows[1:]:
-        if r[0].lstrip().startswith("#"):
-            continue
-        n += 1
-        slide, xs, ys = cell(r, "slide"), cell(r, "x"), cell(r, "y")
-        ident = cell(r, "id") or str(n)
-        problem = None
-        if not slide:
-            problem = "no slide given in the detections file"
-        resolved = slide if (not slide or os.path.isabs(slide)) else os.path.join(base, slide)
-        x: float | int | str = xs
-        y: float | int | str = ys
-        try:
-            x = _number(xs)
-        except ValueError:
-            problem = problem or f"x is not a finite number ({xs!r})"
-        try:
-            y = _number(ys)
-        except ValueError:
-            problem = problem or f"y is not a finite number ({ys!r})"
-        d = Detection(slide, resolved, ident, x, y, problem)
-        if d.key not in seen:
-            seen.add(d.key)
-            out.append(d)
-    return out
-
-
-def detections_on(slide: str | os.PathLike, points, ids=None) -> list[Detection]:
-    """Detections at ``points`` ((x, y) level-0 pixels) on one slide, for the Python API; ``ids``
-    default to 1, 2, ... A point that is not two finite numbers becomes a row with a problem."""
-    sl = os.fspath(slide)
-    pts = list(points)
-    ids = [str(i) for i in ids] if ids is not None else [str(i + 1) for i in range(len(pts))]
-    if len(ids) != len(pts):
-        raise InputError(f"{len(ids)} ids for {len(pts)} points")
-    out = []
-    for ident, pt in zip(ids, pts):
-        problem = None
-        try:
-            x, y = pt
-        except (TypeError, ValueError):
-            x, y, problem = str(pt), "", f"a point is (x, y), got {pt!r}"
-        try:
-            x = _number(str(x))
-            y = _number(str(y))
-        except ValueError:
-            problem = problem or f"x and y must be finite numbers, got ({x!r}, {y!r})"
-            x, y = str(x), str(y)
-        out.append(Detection(sl, sl, ident, x, y, problem))
-    return out
 
 
 # -- slides --------------------------------------------------------------------------------------
@@ -231,16 +141,16 @@ def _mpp_from(props, mpp: float | None) -> tuple[float, float, str]:
 
 
 class Slide:
-    """An open whole-slide image with a known resolution. Thread-safe for reading (OpenSlide is)."""
+    """An open whole-slide image with a known resolution. Thread-safe: reads may run concurrently
+    (OpenSlide is thread-safe for reading); :meth:`close` waits until no read is in progress, and a
+    read after close is a :class:`SlideError`, never a crash."""
 
     def __init__(self, path: str | os.PathLike, mpp: float | None = None):
         openslide = _openslide()
         p = os.fspath(path)
         self.path = p
-        if not os.path.exists(p):
-            raise SlideError("broken symbolic link" if os.path.islink(p) else "slide not found")
-        if os.path.isdir(p) and not p.lower().endswith(".mrxs"):
-            raise SlideError("is a directory, not a slide")
+        self._cond, self._readers, self._closed = threading.Condition(), 0, False
+        _check_slide_file(p)
         try:
             self.osr = openslide.OpenSlide(p)
         except openslide.OpenSlideUnsupportedFormatError:
@@ -263,7 +173,26 @@ class Slide:
             self.background = (255, 255, 255)
 
     def close(self) -> None:
-        self.osr.close()
+        """Close the handle once no read is in progress (later reads raise SlideError)."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.wait_for(lambda: self._readers == 0)
+            self.osr.close()
+
+    @contextlib.contextmanager
+    def _reading(self):
+        with self._cond:
+            if self._closed:
+                raise SlideClosed("the slide was closed while its detections were being read")
+            self._readers += 1
+        try:
+            yield self.osr
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
 
     def best_level(self, mpp: float) -> int:
         """The coarsest level still at least as fine as ``mpp`` on both axes (never upsample a coarse level)."""
@@ -315,22 +244,51 @@ class Slide:
         if w * h > MAX_PIXELS:
             raise SlideError(f"the crop's region at level {level} is {w}x{h} px: the slide's pyramid lacks a level near "
                              f"{mpp:g} um/px")
-        region = self.osr.read_region((round(left * d), round(top * d)), level, (w, h))  # RGBA
+        with self._reading() as osr:
+            region = osr.read_region((round(left * d), round(top * d)), level, (w, h))  # RGBA
         rgba = np.asarray(region, dtype=np.uint8)
-        if (rgba[..., 3] < 255).any():  # transparent areas (and beyond the slide): onto the background colour
-            a = rgba[..., 3:4].astype(np.float32) / 255.0
-            rgb = rgba[..., :3].astype(np.float32) * a + np.asarray(self.background, np.float32) * (1.0 - a)
-            out = np.rint(rgb).astype(np.uint8)
-        else:
-            out = rgba[..., :3].copy()
-        # beyond the slide: black, as in the training crops
         cols = np.arange(left, left + w)
         rows = np.arange(top, top + h)
-        out[:, (cols < 0) | (cols >= lw)] = PAD_RGB
-        out[(rows < 0) | (rows >= lh), :] = PAD_RGB
+        out_c, out_r = (cols < 0) | (cols >= lw), (rows < 0) | (rows >= lh)
+        _refuse_missing_data(rgba[~out_r][:, ~out_c, 3])
+        out = _onto_background(rgba, self.background)
+        out[:, out_c] = PAD_RGB  # beyond the slide: black, as in the training crops
+        out[out_r, :] = PAD_RGB
         if box is not None:
             out = np.asarray(Image.fromarray(out, "RGB").resize((size, size), RESAMPLE, box=box), dtype=np.uint8)
         return out, padded, level
+
+
+def _refuse_missing_data(alpha: np.ndarray) -> None:
+    """A crop whose area inside the slide is mostly without scanned data (transparent: a tile the
+    file declares but does not hold, or an empty area of a sparse slide) is not classified."""
+    if alpha.size and (empty := float((alpha == 0).mean())) > MAX_EMPTY:
+        raise SlideError(f"no scanned data at this location ({empty:.0%} of the crop is a missing tile or an empty "
+                         "area of the slide)")
+
+
+def _onto_background(rgba: np.ndarray, background: tuple) -> np.ndarray:
+    """RGB of an RGBA region, partly transparent pixels composited onto the slide's background colour."""
+    if not (rgba[..., 3] < 255).any():
+        return rgba[..., :3].copy()
+    a = rgba[..., 3:4].astype(np.float32) / 255.0
+    rgb = rgba[..., :3].astype(np.float32) * a + np.asarray(background, np.float32) * (1.0 - a)
+    return np.rint(rgb).astype(np.uint8)
+
+
+def _check_slide_file(p: str) -> None:
+    """Refuse what is not a slide file before OpenSlide opens it (a FIFO would block it for ever)."""
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise SlideError("broken symbolic link" if os.path.islink(p) else "slide not found") from None
+    except OSError as e:
+        raise SlideError(f"cannot read the slide ({e.strerror or e})") from None
+    if stat.S_ISDIR(st.st_mode):
+        if not p.lower().endswith(".mrxs"):
+            raise SlideError("is a directory, not a slide")
+    elif not stat.S_ISREG(st.st_mode):
+        raise SlideError("not a regular file (a FIFO, device or socket), not a slide")
 
 
 def _is_tiff(path: str) -> bool:
@@ -366,19 +324,27 @@ class _SlideCache:
                 except SlideError as e:
                     hit = e
                 self.items[k] = hit
+                evicted = []
                 while len(self.items) > self.max_open:
-                    _, old = self.items.popitem(last=False)
-                    if isinstance(old, Slide):
-                        old.close()
+                    evicted.append(self.items.popitem(last=False)[1])
+            else:
+                evicted = []
             self.items.move_to_end(k)
+        for old in evicted:  # outside the lock: closing waits for the reads in progress
+            if isinstance(old, Slide):
+                old.close()
         if isinstance(hit, SlideError):
             raise hit
         return hit
 
-    def drop(self, path: str, mpp: float | None) -> None:
-        """Forget a slide after a read error (OpenSlide handles stay in error once one occurred)."""
+    def drop(self, path: str, mpp: float | None, slide: Slide) -> None:
+        """Forget ``slide`` after a read error (OpenSlide handles stay in error once one occurred); a
+        handle another thread opened since is kept. Closing waits for the reads in progress."""
         with self.lock:
-            old = self.items.pop((path, mpp), None)
+            old = self.items.get((path, mpp))
+            if old is not slide:
+                return
+            del self.items[(path, mpp)]
         if isinstance(old, Slide):
             try:
                 old.close()
@@ -393,7 +359,29 @@ class _SlideCache:
                 s.close()
 
 
-_CACHE = _SlideCache()
+class _Readers:
+    """The open slides of each run, by the run's token: a run (one :class:`SlideDetections`) owns
+    its handles; its end closes them and no other run's. Worker processes have their own."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.runs: dict[str, _SlideCache] = {}
+
+    def of(self, token: str) -> _SlideCache:
+        with self.lock:
+            cache = self.runs.get(token)
+            if cache is None:
+                cache = self.runs[token] = _SlideCache()
+            return cache
+
+    def release(self, token: str) -> None:
+        with self.lock:
+            cache = self.runs.pop(token, None)
+        if cache is not None:
+            cache.clear()
+
+
+_READERS = _Readers()
 
 
 def open_slide(path: str | os.PathLike, mpp: float | None = None) -> Slide:
@@ -414,6 +402,11 @@ class SlideDetections(CropFiles):
     border: str = "pad"
     columns: tuple = COLUMNS
     n_key: int = N_KEY
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)  # whose open slides these are
+
+    def open(self, path: str) -> Slide:
+        """The run's own handle on the slide at ``path`` (opened once, shared by its workers)."""
+        return _READERS.of(self.token).get(path, self.slide_mpp)
 
     def key(self, item: Detection):
         return item.key
@@ -424,6 +417,33 @@ class SlideDetections(CropFiles):
     def describe(self, item: Detection) -> str:
         return str(item)
 
+    def files(self, items: list) -> list[str]:
+        """The slides: an output may never be one of them."""
+        return list(dict.fromkeys(d.path for d in items if d.path))
+
+    def release(self) -> None:
+        """Close this run's slides (after its workers are done; never another run's)."""
+        _READERS.release(self.token)
+
+    def _read(self, d: Detection) -> tuple[np.ndarray, float]:
+        """The crop of ``d`` from this run's handle; a handle found in error is dropped and the read
+        tried once more on a fresh one (another worker may have dropped it just before)."""
+        cache = _READERS.of(self.token)
+        for attempt in (0, 1):
+            slide = cache.get(d.path, self.slide_mpp)
+            try:
+                crop, padded, _ = slide.read_crop(d.x, d.y, self.mpp, self.size, self.border)
+                return crop, padded
+            except SlideClosed:
+                if attempt:
+                    raise
+            except SlideError:
+                raise
+            except Exception as e:  # OpenSlide errors on truncated / corrupt tiles
+                cache.drop(d.path, self.slide_mpp, slide)
+                raise SlideError(f"unreadable slide region ({type(e).__name__}: {_first_line(e)})") from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
     def prepare(self, items: list, pre: Preprocess, max_pixels: int = MAX_PIXELS):
         s = pre.input_size
         out = np.empty((len(items), s, s, 3), np.uint8)
@@ -433,14 +453,7 @@ class SlideDetections(CropFiles):
             try:
                 if d.problem:
                     raise SlideError(d.problem)
-                slide = _CACHE.get(d.path, self.slide_mpp)
-                try:
-                    crop, padded, _ = slide.read_crop(d.x, d.y, self.mpp, self.size, self.border)
-                except SlideError:
-                    raise
-                except Exception as e:  # OpenSlide errors on truncated / corrupt tiles
-                    _CACHE.drop(d.path, self.slide_mpp)
-                    raise SlideError(f"unreadable slide region ({type(e).__name__}: {_first_line(e)})") from None
+                crop, padded = self._read(d)
                 a = crop if crop.shape[:2] == (s, s) and pre.resize in (None, s) else pre.to_uint8(Image.fromarray(crop, "RGB"))
                 out[n] = a
                 n += 1
@@ -469,202 +482,34 @@ def source_for(engine, slide_mpp: float | None = None, border: str = "pad") -> S
     return SlideDetections(mpp=tc["mpp"], size=tc["size_px"], slide_mpp=slide_mpp, border=border)
 
 
-# -- per-slide summary and GeoJSON ---------------------------------------------------------------
+# -- the run ---------------------------------------------------------------------------------------
 
-def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval of a proportion k/n (95 % by default); (nan, nan) for n = 0."""
-    if n <= 0:
-        return float("nan"), float("nan")
-    p = k / n
-    den = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-@dataclass
-class SlideSummary:
-    slide: str
-    detections: int = 0
-    classified: int = 0
-    atypical: int = 0
-    failed: int = 0
-    padded: int = 0
-    info: str = ""  # the slide's size and resolution, or why it could not be opened
-    geojson: str = ""
-    errors: dict = field(default_factory=dict)
-
-    @property
-    def ratio(self) -> float:
-        return self.atypical / self.classified if self.classified else float("nan")
-
-    @property
-    def ci95(self) -> tuple[float, float]:
-        return wilson(self.atypical, self.classified)
-
-
-SUMMARY_COLUMNS = ("slide", "detections", "classified", "atypical", "normal", "atypical_ratio", "ci95_low",
-                   "ci95_high", "failed", "padded", "slide_info", "geojson")
-
-
-def read_rows(path: str | os.PathLike, fmt: str | None = None) -> list[dict]:
-    """The rows of a slide output file (CSV or JSON Lines) as dicts, values as written."""
-    p = Path(path)
-    fmt = format_for(p, fmt)
-    read_results(p, fmt, COLUMNS, N_KEY)  # the header check
-    with open(p, newline="" if fmt == "csv" else None, **ENCODING) as f:
-        if fmt == "csv":
-            return [r for r in csv.DictReader(f) if r.get("status") in ("ok", "error")]
-        out = []
-        for line in f:
-            line = line.strip()
-            if line:
-                try:
-                    d = json.loads(line)
-                except ValueError:
-                    continue
-                if d.get("status") in ("ok", "error"):
-                    out.append({k: ("" if v is None else v) for k, v in d.items()})
-        return out
-
-
-def summarize(rows: list[dict], atypical: str = "Atypical") -> list[SlideSummary]:
-    by: dict[str, SlideSummary] = {}
-    for r in rows:
-        s = by.setdefault(str(r["slide"]), SlideSummary(str(r["slide"])))
-        s.detections += 1
-        if r["status"] == "ok":
-            s.classified += 1
-            s.atypical += int(r["label"] == atypical)
-            s.padded += int(float(r.get("padded") or 0) > 0)
-        else:
-            s.failed += 1
-            s.errors[r["error"]] = s.errors.get(r["error"], 0) + 1
-    return list(by.values())
-
-
-def _safe_name(slide: str, taken: set) -> str:
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(slide).name) or "slide"
-    name = stem
-    if name.lower() in taken:
-        name = f"{stem}-{hashlib.sha1(slide.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
-    taken.add(name.lower())
-    return name + ".geojson"
-
-
-def geojson_features(rows: list[dict], fov: tuple[float, float] | None, class_names=("Normal", "Atypical")) -> dict:
-    """A GeoJSON FeatureCollection of the classified detections of one slide, in level-0 pixel
-    coordinates, as QuPath (0.4 and later) imports detections: ``objectType`` detection, a
-    ``classification`` (Atypical red, Normal green) and the probability in ``measurements``.
-    The geometry is the crop's square (``fov`` level-0 px) or, when unknown, the centre point."""
-    colours = {class_names[1]: [220, 40, 40], class_names[0]: [40, 170, 60]}
-    feats = []
-    for r in rows:
-        if r["status"] != "ok":
-            continue
-        x, y = float(r["x"]), float(r["y"])
-        if fov:
-            hx, hy = fov[0] / 2, fov[1] / 2
-            ring = [[x - hx, y - hy], [x + hx, y - hy], [x + hx, y + hy], [x - hx, y + hy], [x - hx, y - hy]]
-            geom = {"type": "Polygon", "coordinates": [ring]}
-        else:
-            geom = {"type": "Point", "coordinates": [x, y]}
-        label = r["label"]
-        feats.append({"type": "Feature", "geometry": geom,
-                      "properties": {"objectType": "detection", "name": str(r["id"]),
-                                     "classification": {"name": label, "color": colours.get(label, [128, 128, 128])},
-                                     "measurements": {"prob_atypical": float(r["prob_atypical"]),
-                                                      "padded_fraction": float(r.get("padded") or 0)},
-                                     "ami": {"id": str(r["id"]), "x": r["x"], "y": r["y"]}}})
-    return {"type": "FeatureCollection", "features": feats}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", **ENCODING) as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def outputs_beside(out_path: str | os.PathLike) -> tuple[Path, Path]:
-    """Where the per-slide summary and the GeoJSON folder of ``out_path`` go: OUT.slides.csv, OUT.geojson/."""
-    p = Path(out_path)
-    stem = p.with_suffix("") if p.suffix else p
-    return stem.with_name(stem.name + ".slides.csv"), stem.with_name(stem.name + ".geojson")
-
-
-def write_slide_outputs(out_path: str | os.PathLike, detections: list[Detection], source: SlideDetections,
-                        fmt: str | None = None, class_names=("Normal", "Atypical")) -> list[SlideSummary]:
-    """From the whole output file (this run's rows and resumed ones): the per-slide summary CSV and
-    one GeoJSON FeatureCollection per slide, beside ``out_path``. Returns the summaries."""
-    rows = read_rows(out_path, fmt)
-    sums = summarize(rows, class_names[1])
-    by_slide: dict[str, list[dict]] = defaultdict(list)
-    for r in rows:
-        by_slide[str(r["slide"])].append(r)
-    path_of = {d.slide: d.path for d in detections}
-    summary_csv, gdir = outputs_beside(out_path)
-    gdir.mkdir(parents=True, exist_ok=True)
-    taken: set = set()
-    for s in sums:
-        fov = None
+def _slide_info(source: SlideDetections) -> Callable[[str], tuple[str, tuple[float, float] | None]]:
+    """For the per-slide summary: a slide's description and its crops' field of view (level-0 px)."""
+    def info(path: str) -> tuple[str, tuple[float, float] | None]:
         try:
-            sl = _CACHE.get(path_of.get(s.slide, s.slide), source.slide_mpp)
-            s.info = sl.describe(source.mpp)
-            fov = (source.size * source.mpp / sl.mpp_x, source.size * source.mpp / sl.mpp_y)
+            sl = source.open(path)
         except (SlideError, InputError) as e:
-            s.info = f"not opened: {e}"
-        name = _safe_name(s.slide, taken)
-        _write_atomic(gdir / name, json.dumps(geojson_features(by_slide[s.slide], fov, class_names), separators=(",", ":")) + "\n")
-        s.geojson = str(Path(gdir.name) / name)
-    for stale in gdir.glob("*.geojson"):  # slides of an earlier run into the same output, no longer in it
-        if stale.name.lower() not in {n + ".geojson" for n in taken}:
-            stale.unlink()
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(SUMMARY_COLUMNS)
-    def f(v: float) -> str:
-        return "" if not math.isfinite(v) else f"{v:.4f}"
-
-    for s in sums:
-        lo, hi = s.ci95
-        w.writerow([s.slide, s.detections, s.classified, s.atypical, s.classified - s.atypical, f(s.ratio), f(lo), f(hi),
-                    s.failed, s.padded, s.info, s.geojson])
-    _write_atomic(summary_csv, buf.getvalue())
-    return sums
-
-
-def summary_lines(sums: list[SlideSummary], out_path: str | os.PathLike) -> list[str]:
-    """The per-slide table for the terminal."""
-    summary_csv, gdir = outputs_beside(out_path)
-    width = min(40, max([5] + [len(s.slide) for s in sums]))
-    lines = [f"{'slide':<{width}}  {'classified':>10}  {'atypical':>8}  {'ratio':>6}  {'95% CI (Wilson)':>15}  {'failed':>6}"]
-    for s in sums:
-        lo, hi = s.ci95
-        name = s.slide if len(s.slide) <= width else "..." + s.slide[-(width - 3):]
-        ratio = f"{s.ratio:.3f}" if s.classified else "-"
-        ci = f"{lo:.3f}-{hi:.3f}" if s.classified else "-"
-        lines.append(f"{name:<{width}}  {s.classified:>10}  {s.atypical:>8}  {ratio:>6}  {ci:>15}  {s.failed:>6}")
-        for reason, n in sorted(s.errors.items(), key=lambda kv: -kv[1])[:3]:
-            lines.append(f"{'':<{width}}    {n} x {reason}")
-    lines.append(f"per-slide summary: {summary_csv}; QuPath GeoJSON: {gdir}{os.sep}")
-    return lines
+            return f"not opened: {e}", None
+        return sl.describe(source.mpp), (source.size * source.mpp / sl.mpp_x, source.size * source.mpp / sl.mpp_y)
+    return info
 
 
 def run_slides(detections_csv: str | os.PathLike, engine, out_path: str | os.PathLike, fmt: str | None = None, *,
-               slide_mpp: float | None = None, border: str = "pad", **kw):
+               slide_mpp: float | None = None, border: str = "pad", options: InferenceOptions | None = None, **kw):
     """Classify every detection of ``detections_csv`` and write rows to ``out_path`` (one per
-    detection), then the per-slide summary and GeoJSON beside it. ``kw`` goes to
-    :func:`~ami.runtime.infer.run_inference` (batch_size, workers, threshold, resume, overwrite,
-    progress, pool). Returns (run summary, per-slide summaries)."""
+    detection), with the per-slide summary and GeoJSON beside it, built as the rows stream and
+    written while the output is locked (none for a stream). ``options`` (or ``kw``, the keywords of
+    :func:`~ami.runtime.infer.run_inference`: batch_size, workers, threshold, resume, overwrite,
+    progress, pool) say how. Returns (run summary, per-slide summaries)."""
     _openslide()
     src = source_for(engine, slide_mpp, border)
     dets = read_detections(detections_csv)
     if not dets:
         raise InputError(f"no detections in {detections_csv}")
-    try:
-        summary = run_inference(dets, engine, out_path, fmt, source=src, **kw)
-        sums = write_slide_outputs(out_path, dets, src, fmt, tuple(engine.meta.class_names))
-    finally:
-        _CACHE.clear()
-    return summary, sums
+    opts = options or InferenceOptions(fmt=fmt, **kw)
+    tap = SlideOutputs(None if os.fspath(out_path) == "-" else out_path, {d.slide: d.path for d in dets},
+                       _slide_info(src), tuple(engine.meta.class_names))
+    opts = replace(opts, source=src, tap=tap, protect=(*opts.protect, os.fspath(detections_csv)))
+    summary = run(dets, engine, out_path, opts)
+    return summary, tap.sums

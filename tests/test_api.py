@@ -98,3 +98,29 @@ def test_readme_slide_example_runs_as_written(tmp_path):
         os.chdir(cwd)
     assert ns["rows"][0]["status"] == "ok" and ns["rows"][0]["id"] == "a"
     assert ns["arrays"][0]["prob_atypical"] == ns["rows"][0]["prob_atypical"]
+
+
+def test_one_classifier_shared_by_four_threads_gives_each_call_its_own_rows(clf):
+    """Thread safety (the module docstring, docs/guarantees.md): concurrent calls on one Classifier
+    neither fail nor mix rows; each gets what a call alone gets."""
+    import threading
+
+    crops = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in SAMPLES])
+    alone = clf.classify_arrays(crops, ids=[p.name for p in SAMPLES])
+    got, errors = {}, []
+
+    def call(k: int) -> None:
+        try:
+            order = list(range(len(SAMPLES)))[k:] + list(range(len(SAMPLES)))[:k]
+            got[k] = clf.classify_arrays(crops[order], ids=[SAMPLES[i].name for i in order])
+        except Exception as e:  # reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=call, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and sorted(got) == [0, 1, 2, 3]
+    for rows in got.values():
+        assert sorted(rows, key=lambda r: r["id"]) == sorted(alone, key=lambda r: r["id"])

@@ -1,7 +1,14 @@
-"""ami-infer: classify crops as Atypical / Normal with an exported ami model, without torch."""
+"""ami-infer: classify crops as Atypical / Normal with an exported ami model, without torch.
+
+The command line is turned into one options object (:class:`InferArgs`, checked once by
+:func:`checked_args`, whose :meth:`~InferArgs.options` are the pipeline's
+:class:`~ami.runtime.infer.InferenceOptions`); every refusal is an :class:`~ami.runtime.errors.AmiError`
+raised where it is checked, and becomes one line and its exit code.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, replace
 from enum import Enum
@@ -9,13 +16,27 @@ from pathlib import Path
 
 import typer
 
-from ..artifact import NO_DIGEST_WARNING, ArtifactError
-from ..engine import ASSETS, EngineError, load_engine
+from ..artifact import NO_DIGEST_WARNING
+from ..engine import ASSETS, load_engine
 from ..engines import ENGINE_CHOICES
+from ..errors import first_line
 from ..imageio import fast_decoder
-from ..infer import IMAGE_SUFFIXES, InputError, format_for, is_stream, iter_inputs, run_inference
-from .contract import fail, run
+from ..infer import (
+    DEFAULT_FORMAT,
+    FORMAT_NAMES,
+    IMAGE_SUFFIXES,
+    InferenceFault,
+    InferenceOptions,
+    InputError,
+    RowTap,
+    check_output,
+    format_for,
+    iter_inputs,
+)
+from ..infer import run as run_pipeline
+from .contract import guard, run
 
+PROG = "ami-infer"
 SAMPLES = ASSETS / "samples"
 HELP = """Classify mitotic-figure crops as Atypical or Normal, fast, on CPU or GPU, with no PyTorch.
 
@@ -30,19 +51,20 @@ several frames, or a shape or size far from the model's crops, is classified wit
 What you can rely on (details: README, "Running ami-infer"):
   one writer    a run locks its -o file; a second run on it (even --resume or --overwrite) is
                 refused with the holder's pid. An input (crop or list file) is never the output.
-  resume        FILE.ami.json records the model file's sha256 and the threshold; --resume refuses
-                another model or threshold (--resume-any mixes them knowingly). A row cut by a
+  resume        FILE.ami.json records the model file's sha256, the threshold, the engine and its
+                precision; --resume refuses another one (--resume-any mixes them knowingly). A row cut by a
                 crash is found by parsing the file (a quoted path may hold a newline) and removed.
   model checks  the weights digest in the model's metadata is recomputed at load, a mismatch is
-                refused; a probability outside [0, 1] or NaN stops the run (exit 3).
+                refused; a probability outside [0, 1] or NaN stops the run (exit 4).
   escaping      JSON Lines is valid UTF-8: name bytes that are not UTF-8 become \\udcXX escapes
                 (os.fsencode(row["path"]) gives the name back). CSV keeps names as bytes; a path
                 starting with = + - @ tab CR or ' gets one leading ' (no spreadsheet formulas).
   streams       -o - writes rows to standard output (the summary goes to stderr); pipes, FIFOs ok.
 
 Exit code: 0 every input classified; 1 some inputs failed (see their rows); 2 bad usage, model or
-output file (incl. one held by another run); 3 the engine failed (incl. probabilities out of range);
-130 interrupted (rows so far are kept: rerun with --resume).
+output file (incl. one held by another run); 3 something this machine lacks (an engine, a library);
+4 the engine failed while running (incl. probabilities out of range); 130 interrupted (rows so far
+are kept: rerun with --resume).
 
 \b
 Examples:
@@ -61,9 +83,8 @@ Examples:
 """
 
 
-class Fmt(str, Enum):
-    csv = "csv"
-    jsonl = "jsonl"
+# Format names come from the output-format registry (ami.runtime.infer.FORMATS).
+Fmt = Enum("Fmt", {n: n for n in FORMAT_NAMES}, type=str)
 
 
 class Provider(str, Enum):
@@ -92,25 +113,23 @@ class Pool(str, Enum):
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False, rich_markup_mode=None)
 
 
-def _err(msg: str, code: int = 2) -> typer.Exit:
-    return fail("ami-infer", msg, code)  # the CLI contract's one line (ami.runtime.cli.contract)
-
-
 def sample_inputs() -> list[str]:
     if not SAMPLES.is_dir():
-        raise _err(f"no sample crops shipped at {SAMPLES} (this install lacks them); run ami-infer on your own crops")
+        raise InputError(f"no sample crops shipped at {SAMPLES} (this install lacks them); "
+                         "run ami-infer on your own crops")
     crops = list(iter_inputs([str(SAMPLES)]))
     if not crops:
-        raise _err(f"the sample folder {SAMPLES} holds no crops yet (this install lacks them); "
-                   "run ami-infer on your own crops")
+        raise InputError(f"the sample folder {SAMPLES} holds no crops yet (this install lacks them); "
+                         "run ami-infer on your own crops")
     return crops
 
 
 @app.command(help=HELP, no_args_is_help=False)
+@guard(PROG)  # the CLI contract: an AmiError is one line and its exit code
 def infer(
     paths: list[str] | None = typer.Argument(None, metavar="PATH...", show_default=False,
                                                 help="Folders, images or .txt/.csv lists of image paths."),
-    output: Path | None = typer.Option(None, "-o", "--output", metavar="FILE",
+    output: Path | None = typer.Option(None, "-o", "--out", metavar="FILE",
                                           help="Result file, or - for standard output. Default: ./ami-infer.csv "
                                                "(./ami-infer.jsonl with --format jsonl)."),
     fmt: Fmt | None = typer.Option(None, "--format", case_sensitive=False,
@@ -166,11 +185,11 @@ def infer(
     if args.slides is not None:
         from .infer_slides import run_slides_cli
 
-        run_slides_cli(args.slides, engine, args.output, args.out_fmt, mpp=args.mpp, border=args.border,
-                       batch_size=args.batch_size, workers=args.workers, threshold=args.threshold,
-                       resume=args.resume, progress=args.progress, pool=args.pool, overwrite=args.overwrite)
-    summary = classify(args, engine, gather_crops(args))
-    report_and_exit(args, summary)
+        code = run_slides_cli(args, engine)
+    else:
+        summary, tap = classify(args, engine, gather_crops(args))
+        code = report(args, summary, labels=tap.labels if tap else None)
+    raise typer.Exit(code)
 
 
 @dataclass(frozen=True)
@@ -200,7 +219,7 @@ class InferArgs:
     slides: Path | None
     mpp: float | None
     border: str
-    out_fmt: str = ""  # csv | jsonl, after checked_args
+    out_fmt: str = ""  # a format of the registry, after checked_args
     stream: bool = False  # the output is standard output, a pipe or a device
 
     @property
@@ -208,52 +227,44 @@ class InferArgs:
         """The output as messages name it."""
         return "standard output" if str(self.output) == "-" else self.output
 
+    def options(self, **more) -> InferenceOptions:
+        """The pipeline's options for this command line (``more``: protect, tap, source, ...)."""
+        return InferenceOptions(fmt=self.out_fmt or None, batch_size=self.batch_size, workers=self.workers,
+                                threshold=self.threshold, resume=self.resume, progress=self.progress, pool=self.pool,
+                                overwrite=self.overwrite, resume_any=self.resume_any, retry_errors=self.retry_errors,
+                                **more)
+
 
 def checked_args(a: InferArgs) -> InferArgs:
     """Refuse flags that exclude each other and an output that cannot be used, before any model is
-    loaded; return the arguments resolved (see :class:`InferArgs`)."""
+    loaded (the pipeline's and the writer's own checks, called early); return the arguments resolved
+    (see :class:`InferArgs`)."""
     resume = a.resume or a.resume_any
-    if resume and a.overwrite:
-        raise _err("--resume and --overwrite exclude each other")
-    if a.retry_errors and not resume:
-        raise _err("--retry-errors goes with --resume (it retries the error rows of an existing output file)")
     threads, cores = a.threads, os.cpu_count() or 1
     if threads > cores:
         typer.echo(f"ami-infer: note: --threads {threads} capped to this machine's {cores} cores", err=True)
         threads = cores
     if a.slides is not None and (a.paths or a.sample):
-        raise _err("--slides replaces PATH and --sample; give one of them")
+        raise InputError("--slides replaces PATH and --sample; give one of them")
     if a.slides is None and (a.mpp is not None or a.border != "pad"):
-        raise _err("--mpp and --border apply to --slides only")
+        raise InputError("--mpp and --border apply to --slides only")
     if not a.paths and not a.sample and a.slides is None:
-        raise _err("give at least one PATH (a folder, an image or a list of paths), or --sample; see --help")
-    ext = "jsonl" if a.fmt == "jsonl" else "csv"
+        raise InputError("give at least one PATH (a folder, an image or a list of paths), or --sample; see --help")
+    ext = a.fmt or DEFAULT_FORMAT
     output, overwrite = a.output, a.overwrite
     if a.sample and not a.paths and output is None and not resume:
         # the demo is repeatable: its own output file, replaced on every run
         output, overwrite = Path(f"ami-sample.{ext}"), True
     out = output or Path(f"ami-infer.{ext}")
-    stream = is_stream(out)
-    try:
-        out_fmt = format_for(out, a.fmt)
-    except InputError as e:
-        raise _err(str(e)) from None
-    if out.is_dir():
-        raise _err(f"output {out} is a directory; give a file name with -o")
-    if stream and resume:
-        raise _err(f"cannot --resume {out}: it is a stream (standard output, a pipe or a device), not a file")
-    if not stream and out.is_file() and out.stat().st_size > 0 and not (resume or overwrite):
-        raise _err(f"{out} already exists: pass --resume to continue it or --overwrite to replace it")
-    return replace(a, resume=resume, threads=threads, output=out, overwrite=overwrite, out_fmt=out_fmt, stream=stream)
+    a = replace(a, resume=resume, threads=threads, output=out, overwrite=overwrite, out_fmt=format_for(out, a.fmt))
+    a.options().checked()
+    return replace(a, stream=check_output(out, resume=resume, overwrite=overwrite))
 
 
 def open_engine(a: InferArgs):
     """Load the model on the chosen engine and say what runs it, whether its weights match their
     digest, how auto chose, and where compiled models are cached."""
-    try:
-        engine = load_engine(a.model, provider=a.provider, threads=a.threads, engine=a.engine, precision=a.precision)
-    except (ArtifactError, EngineError) as e:
-        raise _err(str(e)) from None
+    engine = load_engine(a.model, provider=a.provider, threads=a.threads, engine=a.engine, precision=a.precision)
     typer.echo(f"model: {engine.describe()}", err=True)
     if getattr(engine, "weights_verified", False):
         typer.echo(f"model: weights match their digest ({engine.meta.weights_digest[:19]}...)", err=True)
@@ -268,51 +279,65 @@ def open_engine(a: InferArgs):
 
 def gather_crops(a: InferArgs) -> list[str]:
     """The crops to classify: the shipped samples (--sample), then every PATH expanded; none is refused."""
-    try:
-        crops = sample_inputs() if a.sample else []
-        if a.paths:
-            crops += list(iter_inputs(a.paths))
-    except InputError as e:
-        raise _err(str(e)) from None
+    crops = sample_inputs() if a.sample else []
+    if a.paths:
+        crops += list(iter_inputs(a.paths))
     if not crops:
         where = ", ".join(a.paths)
-        raise _err(f"no crops found in {where} (looked for {' '.join(IMAGE_SUFFIXES)} files, recursively)")
+        raise InputError(f"no crops found in {where} (looked for {' '.join(IMAGE_SUFFIXES)} files, recursively)")
     return crops
 
 
+class _Labels(RowTap):
+    """The labels of the ok rows as they stream (for the sample's agreement with its experts)."""
+
+    def __init__(self):
+        self.labels: dict[str, str] = {}
+
+    def rows(self, rows: list[tuple]) -> None:
+        for r in rows:
+            if r[3] == "ok":
+                self.labels[str(r[0])] = r[2]
+
+
 def classify(a: InferArgs, engine, crops: list[str]):
-    """Run the pipeline on ``crops`` into the output; its errors become ami-infer's messages and exit codes."""
+    """Run the pipeline on ``crops`` into the output."""
     typer.echo(f"inputs: {len(crops)} crops -> {a.shown_output} ({a.out_fmt}); PNG decoder: {fast_decoder()}", err=True)
-    protect = [p for p in a.paths if os.path.isfile(p)]  # list files (and single crops) are inputs too
+    protect = tuple(p for p in a.paths if os.path.isfile(p))  # list files (and single crops) are inputs too
+    tap = _Labels() if a.sample else None
+    with kept_on_fault(a):
+        summary = run_pipeline(crops, engine, "-" if str(a.output) == "-" else a.output, a.options(protect=protect, tap=tap))
+    return summary, tap
+
+
+@contextlib.contextmanager
+def kept_on_fault(a: InferArgs):
+    """While the run writes: an engine fault says that the rows so far are kept (a file can be
+    resumed); an OSError on the output is one line naming it (exit 2)."""
     try:
-        return run_inference(crops, engine, "-" if str(a.output) == "-" else a.output, a.out_fmt,
-                             batch_size=a.batch_size, workers=a.workers, threshold=a.threshold, resume=a.resume,
-                             progress=a.progress, pool=a.pool, overwrite=a.overwrite, resume_any=a.resume_any,
-                             retry_errors=a.retry_errors, protect=protect)
-    except InputError as e:
-        raise _err(str(e)) from None
-    except EngineError as e:
-        kept = "" if a.stream else f"\nrows written so far are kept in {a.output}; rerun with --resume"
-        raise _err(f"{e}{kept}", 3) from None
+        yield
+    except InferenceFault as e:
+        if a.stream:
+            raise
+        raise InferenceFault(f"{e}; rows written so far are kept in {a.output}: rerun with --resume") from None
     except OSError as e:
-        raise _err(f"cannot write {a.shown_output}: {e.strerror or e}") from None
+        raise InputError(f"cannot write {a.shown_output}: {e.strerror or first_line(e)}") from None
 
 
-def report_and_exit(a: InferArgs, summary) -> None:
-    """Print the run's summary (to stderr when the rows stream to stdout) and exit with its code."""
-    for line in summary.lines():
+def report(a: InferArgs, summary, noun: str = "inputs", labels: dict | None = None, more: tuple = ()) -> int:
+    """Print the run's summary and ``more`` lines (to stderr when the rows stream to stdout); return
+    its exit code."""
+    for line in (*summary.lines(), *more):
         typer.echo(line, err=a.stream)  # a stream may be our own stdout: the summary must not mix into it
-    if a.sample and not a.paths and a.out_fmt == "csv" and not a.stream:
-        _sample_agreement(a.output)
-    if summary.interrupted:
-        raise typer.Exit(summary.exit_code)
-    if summary.any_failed:
+    if labels is not None:
+        _sample_agreement(labels, err=a.stream)
+    if summary.any_failed and not summary.interrupted:
         n = summary.failed + summary.skipped_failed
-        typer.echo(f"exit code 1: {n} of {summary.found} inputs failed", err=True)
-    raise typer.Exit(summary.exit_code)
+        typer.echo(f"exit code 1: {n} of {summary.found} {noun} failed", err=True)
+    return summary.exit_code
 
 
-def _sample_agreement(out: Path) -> None:
+def _sample_agreement(labels: dict[str, str], err: bool) -> None:
     """The sample crops come with their experts' labels (SOURCES.csv): say how many agree."""
     import csv
 
@@ -321,12 +346,11 @@ def _sample_agreement(out: Path) -> None:
         return
     with src.open(newline="") as f:
         truth = {r["file"]: r["label"] for r in csv.DictReader(f)}
-    with out.open(newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["status"] == "ok" and Path(r["path"]).name in truth]
-    agree = sum(truth[Path(r["path"]).name] == r["label"] for r in rows)
-    atyp = [r for r in rows if truth[Path(r["path"]).name] == "Atypical"]
+    rows = [(Path(p).name, label) for p, label in labels.items() if Path(p).name in truth]
+    agree = sum(truth[name] == label for name, label in rows)
+    atyp = [(name, label) for name, label in rows if truth[name] == "Atypical"]
     typer.echo(f"agreement with the experts' labels (samples/SOURCES.csv): {agree}/{len(rows)} crops; "
-               f"atypical found {sum(r['label'] == 'Atypical' for r in atyp)}/{len(atyp)}")
+               f"atypical found {sum(label == 'Atypical' for _, label in atyp)}/{len(atyp)}", err=err)
 
 
 def main() -> None:

@@ -2,39 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 
-from ..engine import EngineError
-from ..errors import EXIT_BAD_INPUT, AmiError
-from .contract import fail
 
-PROG = "ami-infer"
-
-
-def run_slides_cli(detections: Path, engine, out: Path, fmt: str, *, mpp: float | None, border: str, **kw) -> None:
-    """Run, print the run's and the per-slide summary, and exit with the run's code (never returns)."""
+def run_slides_cli(a, engine) -> int:
+    """Run on the detections of ``a.slides`` (the checked :class:`~ami.runtime.cli.infer.InferArgs`),
+    print the run's and the per-slide summary (to stderr when the rows stream to stdout); return the
+    exit code. Errors are raised (the caller turns them into one line and their exit code)."""
     from .. import slides as S
+    from .infer import kept_on_fault, report
 
-    try:
-        crop = engine.meta.training_crop()
-        note = " (assumed: the artefact does not record it)" if crop["assumed"] else ""
-        typer.echo(f"crops: {crop['size_px']} px at {crop['mpp']:g} um/px, centred{note}; border: {border}", err=True)
-        summary, sums = S.run_slides(detections, engine, out, fmt, slide_mpp=mpp, border=border, **kw)
-    except EngineError as e:
-        raise fail(PROG, f"{e}\nrows written so far are kept in {out}; rerun with --resume", e.exit_code) from None
-    except AmiError as e:  # a bad input, or a malformed 'crop' in the artefact's metadata (ArtifactError)
-        raise fail(PROG, str(e), e.exit_code) from None
-    except OSError as e:
-        raise fail(PROG, f"cannot write {out}: {e.strerror or e}", EXIT_BAD_INPUT) from None
-    except ValueError as e:
-        raise fail(PROG, str(e), EXIT_BAD_INPUT) from None
-    for line in summary.lines():
-        typer.echo(line)
-    for line in S.summary_lines(sums, out):
-        typer.echo(line)
-    if summary.any_failed and not summary.interrupted:
-        n = summary.failed + summary.skipped_failed
-        typer.echo(f"exit code 1: {n} of {summary.found} detections failed", err=True)
-    raise typer.Exit(summary.exit_code)
+    crop = engine.meta.training_crop()
+    note = " (assumed: the artefact does not record it)" if crop["assumed"] else ""
+    typer.echo(f"crops: {crop['size_px']} px at {crop['mpp']:g} um/px, centred{note}; border: {a.border}", err=True)
+    with kept_on_fault(a):
+        summary, sums = S.run_slides(a.slides, engine, "-" if str(a.output) == "-" else a.output,
+                                     slide_mpp=a.mpp, border=a.border, options=a.options())
+    return report(a, summary, noun="detections", more=tuple(S.summary_lines(sums, a.output, stream=a.stream)))
