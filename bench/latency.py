@@ -42,7 +42,7 @@ import typer
 
 from ami.runtime.artifact import ArtifactError
 from ami.runtime.datasets import available_eval_sets, resolve_data_root
-from ami.runtime.engine import ASSETS, EngineError, load_engine
+from ami.runtime.engines import ASSETS, EngineError, load_engine
 from ami.runtime.engines.base import parse_batch_sizes
 from ami.runtime.preprocess import Preprocess
 from ami.runtime.sampling import stratified_subset

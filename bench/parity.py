@@ -52,8 +52,7 @@ import typer
 from ami.runtime import __version__
 from ami.runtime.artifact import ArtifactError, ArtifactMeta
 from ami.runtime.datasets import TEST_SETS, available_eval_sets, resolve_data_root
-from ami.runtime.engine import ASSETS, EngineError, load_engine
-from ami.runtime.engines import REGISTRY, backend
+from ami.runtime.engines import ASSETS, REGISTRY, EngineError, backend, load_engine
 from ami.runtime.hashing import file_sha256
 from ami.runtime.imageio import ImageError
 from ami.runtime.metrics import MetricError, auroc, balanced_accuracy

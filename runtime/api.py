@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .engine import load_engine
+from .engines import load_engine
 from .imageio import MAX_PIXELS
 from .infer import CropFiles, InputError, iter_inputs, run_inference
 from .preprocess import Preprocess

@@ -46,7 +46,7 @@ try:  # POSIX: one writer per output file, enforced by the kernel
 except ImportError:  # pragma: no cover - Windows: no lock (documented)
     fcntl = None  # type: ignore[assignment]
 
-from .engine import EngineError
+from .engines import EngineError
 from .hashing import file_sha256
 from .imageio import MAX_PIXELS, ImageError, decode_rgb, decode_rgb_fast
 from .preprocess import Preprocess
@@ -1019,7 +1019,7 @@ def run_inference(inputs: Iterable[str | os.PathLike], engine, out_path: str | o
     """Classify crops and write one row per input to ``out_path``; return a :class:`Summary`.
 
     ``inputs``: crop paths (e.g. from :func:`iter_inputs`). ``engine``: from
-    :func:`~ami.runtime.engine.load_engine`. ``out_path``: a file, or ``"-"`` / a pipe / a FIFO
+    :func:`~ami.runtime.engines.load_engine`. ``out_path``: a file, or ``"-"`` / a pipe / a FIFO
     (a stream: written once, never resumed). ``fmt``: csv | jsonl (None: from the extension).
     ``workers``: decode workers (0 = one per CPU, at most 8). ``threshold``: None = the model's.
     ``resume``: skip inputs already in ``out_path`` and append; refused when the output's record

@@ -24,8 +24,7 @@ import torch
 
 from ami.bench import latency as L
 from ami.runtime.artifact import INPUT_NAME, META_KEY, OUTPUT_NAME, ArtifactMeta
-from ami.runtime.engine import load_engine
-from ami.runtime.engines import backend
+from ami.runtime.engines import backend, load_engine
 from ami.train.registry import get
 
 BATCHES = (1, 8)

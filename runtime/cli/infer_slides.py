@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ..engine import EngineError
+from ..engines import EngineError
 from ..infer import InputError
 
 
