@@ -408,6 +408,7 @@ def test_rows_for_parity_and_latency_come_from_the_backend(tiny, monkeypatch):
     assert [(r.title, r.provider) for r in rows] == [("ONNX Runtime", "cpu"), ("ONNX Runtime CUDA", "cuda")]
     assert not rows[1].matches(eng) and rows[1].load_kwargs() == {"engine": "onnxruntime", "precision": "fp32",
                                                                   "provider": "cuda"}
+    assert R.gpu_rows(eng) == [rows[1]] and rows[1].device == "cuda" and rows[0].device == "cpu"
     rows, notes = R.engine_rows(eng, provider="cpu", precisions=["bf16"])
     assert rows == [] and notes == ["tiny.onnx / ONNX Runtime: bf16 not available here (it runs this fp32 file at fp32)"]
     if OV_MISSING is None:
@@ -417,6 +418,7 @@ def test_rows_for_parity_and_latency_come_from_the_backend(tiny, monkeypatch):
         rows, _ = R.engine_rows(ov, provider="cpu")
         want = ["fp32", "bf16"] if "BF16" in OV.cpu_capabilities() else ["fp32"]
         assert [(r.precision, r.provider) for r in rows] == [(q, "auto") for q in want] and rows[0].matches(ov)
+        assert R.gpu_rows(ov) == []
 
 
 FAKE_PLUGIN = """

@@ -56,7 +56,7 @@ ENGINE_CHOICES = ("auto", *REGISTRY)  # the registry as it ships; engine_choices
 
 __all__ = ["ASSETS", "DEFAULT_MODEL", "ENGINE_CHOICES", "PRECISIONS", "REGISTRY", "TRT_EP_MAX_BATCH", "ArtifactError",
            "Backend", "Engine", "EngineError", "EngineFault", "LoadOptions", "Row", "backend", "backends", "candidates",
-           "choose", "default_model_path", "engine_choices", "engine_rows", "engine_table", "load_engine",
+           "choose", "default_model_path", "engine_choices", "engine_rows", "engine_table", "gpu_rows", "load_engine",
            "precision_choices", "provider_choices", "provider_owner", "resolve_model_path"]
 
 
@@ -178,6 +178,14 @@ def engine_rows(eng: Engine, *, provider: str = "auto", precisions: list[str] | 
     notes = [f"{eng.path.name} / {b.title}: {q} not available here (it runs this {eng.meta.precision} file at "
              f"{', '.join(sorted(have, key=PRECISIONS.index)) or 'no precision'})" for q in (wanted or []) if q not in have]
     return rows, notes
+
+
+def gpu_rows(eng: Engine) -> list[Row]:
+    """The variants of ``eng``'s artefact that run on an NVIDIA GPU here through its engine and
+    that ``eng`` itself is not (latency times them beside the CPU rows): e.g. ONNX Runtime's CUDA
+    provider where onnxruntime-gpu has it."""
+    rows, _ = engine_rows(eng, provider="cpu", gpu_providers=True)
+    return [r for r in rows if r.device == "cuda" and not r.matches(eng)]
 
 
 # -- the door ------------------------------------------------------------------------------------

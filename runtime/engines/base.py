@@ -134,6 +134,7 @@ class Row:
     title: str  # the engine's display name
     precision: str  # the precision it computes in
     provider: str = "auto"  # the --provider it runs on (auto: the engine's own choice)
+    device: str = "cpu"  # cpu | cuda: where it computes
 
     def load_kwargs(self) -> dict:
         return {"engine": self.engine, "precision": self.precision, "provider": self.provider}
@@ -158,6 +159,7 @@ class Backend:
     options: tuple[str, ...] = ("threads",)  # the LoadOptions fields it uses
     nominal_rank: float = 0.0  # its auto rank where installed: a missing engine above the pick is hinted
     late_check: bool = False  # load() says itself what is missing, after checking the file (a plan's side file)
+    gpu_only: bool = False  # runs on an NVIDIA GPU only (its absence is no news on a CPU box)
 
     def accepts(self, path: str | os.PathLike) -> bool:
         return Path(path).suffix.lower() in self.suffixes
@@ -190,7 +192,8 @@ class Backend:
         this engine here: every precision it offers, on ``provider`` when it honours it. With
         ``gpu_providers``, also its GPU providers usable here (latency times those)."""
         prov = provider if provider in self.providers else "auto"
-        return [Row(self.name, self.title, q, prov) for q in self.precisions(artefact_precision)]
+        device = "cuda" if self.gpu_only else "cpu"
+        return [Row(self.name, self.title, q, prov, device) for q in self.precisions(artefact_precision)]
 
     def load(self, path: Path, precision: str | None, opts: LoadOptions) -> Engine:  # pragma: no cover
         raise NotImplementedError

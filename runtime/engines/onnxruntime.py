@@ -280,11 +280,13 @@ class OrtBackend(Backend):
 
     def rows(self, artefact_precision: str, provider: str = "auto", *, gpu_providers: bool = False) -> list[Row]:
         """The artefact at its own precision on ``provider``; with ``gpu_providers``, also on CUDA
-        when this onnxruntime has it (and ``provider`` is not already CUDA)."""
+        when this onnxruntime has it (and ``provider`` does not already run on the GPU)."""
         prov = provider if provider in self.providers else "auto"
-        out = [Row(self.name, self.title, artefact_precision, prov)]
-        if gpu_providers and prov != "cuda" and PROVIDER_NAMES["cuda"] in self.gpu_providers():
-            out.append(Row(self.name, f"{self.title} CUDA", artefact_precision, "cuda"))
+        gpu = self.gpu_providers()
+        on_gpu = prov in ("cuda", "tensorrt") or (prov == "auto" and bool(gpu))
+        out = [Row(self.name, self.title, artefact_precision, prov, "cuda" if on_gpu else "cpu")]
+        if gpu_providers and not on_gpu and PROVIDER_NAMES["cuda"] in gpu:
+            out.append(Row(self.name, f"{self.title} CUDA", artefact_precision, "cuda", "cuda"))
         return out
 
     def load(self, path: Path, precision: str | None, opts: LoadOptions) -> Engine:

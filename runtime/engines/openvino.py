@@ -18,7 +18,7 @@ digest, OpenVINO's version, the precision, the device and the threads, and seale
 its files' digests (:mod:`.cache`): a blob changed on disk is found at load, deleted and compiled
 again. ``threads`` sets ``INFERENCE_NUM_THREADS`` (0 = OpenVINO's default, one per physical core);
 the latency hint keeps one stream that uses them all. One engine may be used from several threads:
-each call takes an idle infer request (a new one when all are busy) and gives it back.
+each call takes an idle infer request (waiting for one when all are busy) and gives it back.
 """
 
 from __future__ import annotations
@@ -153,8 +153,11 @@ class OpenVinoEngine(Engine):
                               f"{first_line(e)}") from None
         if entry is not None:
             entry.seal()
-        self._idle: queue.SimpleQueue = queue.SimpleQueue()  # infer requests no thread is using
-        self._idle.put(self.compiled.create_infer_request())
+        # Infer requests no thread is using: as many as OpenVINO finds optimal (1 with the latency hint,
+        # whose one stream already uses every thread), made here: creating one while another runs can hang.
+        self._idle: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))):
+            self._idle.put(self.compiled.create_infer_request())
         self._out = self.compiled.output("prob_atypical")
         self.threads = int(self.compiled.get_property("INFERENCE_NUM_THREADS"))
         self.provider = f"OpenVINO {ov.__version__.split('-')[0]} {DEVICE} ({want}, {self.threads} threads)"
@@ -178,10 +181,7 @@ class OpenVinoEngine(Engine):
         x = self.check_batch(pixels)
         if len(x) == 0:
             return np.zeros((0,), np.float32)
-        try:  # an infer request runs one call at a time: each concurrent caller gets its own
-            request = self._idle.get_nowait()
-        except queue.Empty:
-            request = self.compiled.create_infer_request()
+        request = self._idle.get()  # an infer request runs one call at a time: callers take turns
         try:
             res = request.infer({0: x}, share_inputs=True, share_outputs=False)
             return np.asarray(res[self._out], dtype=np.float32).reshape(len(x))

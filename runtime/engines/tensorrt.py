@@ -286,6 +286,7 @@ class TrtBackend(Backend):
     options = ("provider", "device_id")
     nominal_rank = 100.0
     late_check = True  # a plan's side file is checked before TensorRT's libraries
+    gpu_only = True
 
     def unavailable(self) -> str | None:
         import importlib.util
