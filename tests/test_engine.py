@@ -187,6 +187,8 @@ def test_provider_list_auto_order_and_trt_profile(tmp_path, tiny, monkeypatch):
     assert opts["trt_profile_opt_shapes"] == "pixels:64x128x128x3"
     assert opts["trt_profile_max_shapes"] == "pixels:256x128x128x3"
     assert opts["trt_engine_cache_enable"] and opts["trt_engine_cache_path"] == str(tmp_path / "cache")
+    assert lst[1] == ("CUDAExecutionProvider", {"device_id": 0, "use_tf32": 0})  # fp32 means fp32: no TF32
+    assert ORT.cuda_options("1.17.3", 1) == {"device_id": 1}  # before 1.18 ONNX Runtime had no such option
     assert ORT._provider_list(ort, "cpu", 0, None, 256, 0) == ["CPUExecutionProvider"]
     assert [p[0] if isinstance(p, tuple) else p for p in ORT._provider_list(ort, "cuda", 0, None, 256, 0)] == [
         "CUDAExecutionProvider", "CPUExecutionProvider"]

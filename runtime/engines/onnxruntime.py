@@ -84,6 +84,21 @@ def _auto_note(asked: list, used: str, trt_note: str) -> str:
     return ""
 
 
+def cuda_options(ort_version: str, device_id: int) -> dict:
+    """The CUDA provider's options. TF32 off: ONNX Runtime turns it on by default for float
+    convolutions and GEMMs (``use_tf32``, from 1.18 on), which moves an "fp32" result by up to 5e-4,
+    beyond the fp32 parity tolerance. (The TensorRT provider has no such option: only the process-wide
+    ``NVIDIA_TF32_OVERRIDE=0`` turns TF32 off there.)"""
+    opts: dict = {"device_id": device_id}
+    try:
+        newer = tuple(int(v) for v in ort_version.split(".")[:2]) >= (1, 18)
+    except ValueError:
+        newer = True
+    if newer:
+        opts["use_tf32"] = 0
+    return opts
+
+
 def _provider_list(ort, provider: str, input_size: int, cache_dir: Path | None, max_batch: int,
                    device_id: int) -> list:
     """ONNX Runtime's provider list for ``provider``; ``cache_dir``: the TensorRT EP's (verified) cache entry."""
@@ -126,7 +141,7 @@ def _provider_list(ort, provider: str, input_size: int, cache_dir: Path | None, 
                 "trt_profile_max_shapes": shape(max_batch),
             }))
         elif name == PROVIDER_NAMES["cuda"]:
-            out.append((name, {"device_id": device_id}))
+            out.append((name, cuda_options(ort.__version__, device_id)))
     out.append(cpu)
     return out
 
