@@ -176,8 +176,12 @@ def engine_rows(eng: Engine, *, provider: str = "auto", precisions: list[str] | 
     rows = [r for r in offered if wanted is None or r.precision in wanted]
     have = {r.precision for r in offered}
     notes = [f"{eng.path.name} / {b.title}: {q} not available here (it runs this {eng.meta.precision} file at "
-             f"{', '.join(sorted(have, key=PRECISIONS.index)) or 'no precision'})" for q in (wanted or []) if q not in have]
+             f"{', '.join(sorted(have, key=_precision_order)) or 'no precision'})" for q in (wanted or []) if q not in have]
     return rows, notes
+
+
+def _precision_order(q: str) -> int:
+    return PRECISIONS.index(q) if q in PRECISIONS else len(PRECISIONS)
 
 
 def gpu_rows(eng: Engine) -> list[Row]:
