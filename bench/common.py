@@ -19,8 +19,7 @@ import numpy as np
 
 from ami.runtime import __version__
 from ami.runtime.artifact import ArtifactError
-from ami.runtime.engine import ASSETS, EngineError, load_engine
-from ami.runtime.engines import REGISTRY, backend
+from ami.runtime.engines import ASSETS, REGISTRY, EngineError, backend, load_engine
 from ami.runtime.errors import BadInput
 from ami.runtime.imageio import ImageError
 from ami.runtime.pixels import decode_pixels

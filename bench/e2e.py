@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ami.runtime.datasets import available_eval_sets, resolve_data_root
-from ami.runtime.engine import EngineError
+from ami.runtime.engines import EngineError
 from ami.runtime.preprocess import Preprocess
 from ami.runtime.sampling import stratified_subset
 from ami.runtime.tolerances import FP32_PROB_TOL

@@ -146,7 +146,7 @@ def tensorrt_round_trip(work: Path, device: str, log) -> dict:
     from ami.export.checks import session
     from ami.export.synthetic import synthetic_crops, tiny_onnx
     from ami.export.tensorrt import TensorRTUnavailable, require_tensorrt
-    from ami.runtime.engine import load_engine
+    from ami.runtime.engines import load_engine
 
     try:
         trt, _, gpu = require_tensorrt()
@@ -186,7 +186,7 @@ def _plan_round_trip(model: Path, meta, precision: str, x, ref, *, work: Path, c
 
     from ami.export.onnx_export import write_model
     from ami.export.tensorrt import build_engine, fp16_graph, run_plan
-    from ami.runtime.engine import load_engine
+    from ami.runtime.engines import load_engine
     from ami.runtime.engines.tensorrt import write_plan_sidecar
 
     src = model

@@ -45,7 +45,7 @@ import numpy as np
 import typer
 
 from ami.runtime.artifact import ArtifactError
-from ami.runtime.engine import ASSETS, EngineError, load_engine
+from ami.runtime.engines import ASSETS, EngineError, load_engine
 from ami.runtime.engines.base import parse_batch_sizes
 from ami.runtime.preprocess import Preprocess
 

@@ -45,7 +45,7 @@ import typer
 
 from ami.runtime.artifact import ArtifactMeta
 from ami.runtime.datasets import TEST_SETS, available_eval_sets, resolve_data_root
-from ami.runtime.engine import ASSETS
+from ami.runtime.engines import ASSETS
 from ami.runtime.hashing import file_sha256
 from ami.runtime.metrics import MetricError, auroc, balanced_accuracy
 from ami.runtime.preprocess import Preprocess

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from ami.runtime import slides as S
-from ami.runtime.engine import ASSETS, load_engine
+from ami.runtime.engines import ASSETS, load_engine
 from ami.runtime.infer import CropFiles, run_inference
 from ami.runtime.slide_demo import tissue, write_slide
 

@@ -68,7 +68,7 @@ def gpu_info() -> dict:
     driver), in which case 'cuda_python_error' says why. TensorRTUnavailable without a GPU."""
     cuda_error = ""
     if _have_cudart():
-        from ami.runtime.engine import EngineError
+        from ami.runtime.engines import EngineError
         from ami.runtime.engines.tensorrt import gpu_info as rt_gpu_info
 
         try:
@@ -337,7 +337,7 @@ def run_plan(plan_path: Path, images: np.ndarray, min_batch: int, max_batch: int
     ami-infer runs, with its version/GPU checks) when cuda-python is present and works, else
     torch.cuda (also when cuda-python fails its CUDA calls, e.g. a CUDA 13 build on a CUDA 12 driver)."""
     if _have_cudart():
-        from ami.runtime.engine import EngineError
+        from ami.runtime.engines import EngineError
         from ami.runtime.engines.tensorrt import TrtPlanEngine
 
         try:

@@ -7,4 +7,6 @@ inference) lives here and imports only numpy, pillow and an inference engine. Ev
 
 __version__ = "0.1.0"
 
+DIST_NAME = "ami"  # the distribution's name on PyPI: every install hint says `pip install 'DIST_NAME[extra]'`
+
 CLASS_NAMES = ("Normal", "Atypical")  # index = label; Atypical is the positive class (1)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .engine import load_engine
+from .engines import load_engine
 from .imageio import MAX_PIXELS
 from .infer import CropFiles, InferenceOptions, InputError, MemorySink, iter_inputs, run
 from .preprocess import Preprocess

@@ -6,10 +6,14 @@ install and what the GPU engines need to say when a library does not fit.
 * :func:`nvidia_smi` - GPU names, driver version and compute capability as ``nvidia-smi`` reports them.
 * :func:`tensorrt_libraries` - whether the TensorRT runtime library (``libnvinfer``) really loads
   in this process. onnxruntime-gpu lists ``TensorrtExecutionProvider`` whether or not it does, and
-  then silently runs on CUDA; :mod:`ami.runtime.engine` asks here before claiming the provider.
+  then silently runs on CUDA; :mod:`ami.runtime.engines` asks here before claiming the provider.
 * :func:`trt_extra` / :func:`cuda_python_mismatch` - which ``ami[trt-cuXX]`` extra fits the
   driver, and a sentence for a person when the installed cuda-python needs a newer driver
   (cuda-python 13 on a CUDA 12 driver fails every call with cudaErrorInsufficientDriver).
+
+* :func:`nvidia_gpu` - whether this machine has an NVIDIA GPU at all (``nvidia-smi`` or the
+  driver's ``/proc/driver/nvidia``), with its name and the driver's CUDA version: ``--engine auto``
+  says once what to install when it has to run an ONNX model on the CPU of such a machine.
 
 Nothing here raises: every probe returns None / (False, reason) when the thing is absent.
 """
@@ -25,10 +29,13 @@ import shutil
 import subprocess
 import sys
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from . import DIST_NAME
 
 CUDA_MAJORS = (12, 13)  # the CUDA majors ami has a TensorRT extra for: ami[trt-cu12], ami[trt-cu13]
 TRT_MAJORS = (10, 11)  # the TensorRT majors ami builds plans with (ami-export) and runs them with (ami-infer)
-TRT_EP = "TensorrtExecutionProvider"
+PROC_NVIDIA = Path("/proc/driver/nvidia/gpus")  # one folder per GPU while the NVIDIA driver is loaded (Linux)
 
 
 def _load(names: list[str]):
@@ -132,9 +139,9 @@ def tensorrt_libraries() -> tuple[bool, str]:
 def trt_extra(cuda_major: int | None) -> str:
     """The ami extra whose TensorRT and cuda-python builds fit a driver of this CUDA major."""
     if cuda_major is None:
-        return "ami[trt-cu12]"
+        return f"{DIST_NAME}[trt-cu{CUDA_MAJORS[0]}]"
     m = max([c for c in CUDA_MAJORS if c <= cuda_major] or [CUDA_MAJORS[0]])
-    return f"ami[trt-cu{m}]"
+    return f"{DIST_NAME}[trt-cu{m}]"
 
 
 def cuda_python_mismatch() -> str:
@@ -158,6 +165,39 @@ def trt_install_hint() -> str:
     """`pip install 'ami[trt-cuXX]'` for this driver, or both choices when no driver is visible."""
     drv = driver_cuda_version()
     if drv is None:
-        return ("pip install 'ami[trt-cu12]' or 'ami[trt-cu13]' (the major of the \"CUDA Version\" that nvidia-smi "
-                "prints)")
+        return (f"pip install '{DIST_NAME}[trt-cu12]' or '{DIST_NAME}[trt-cu13]' (the major of the \"CUDA Version\" "
+                "that nvidia-smi prints)")
     return f"pip install '{trt_extra(drv[0])}' (this driver supports CUDA {drv[0]}.{drv[1]})"
+
+
+@functools.lru_cache(maxsize=1)
+def nvidia_gpu() -> dict | None:
+    """{'name', 'cuda_version', 'cuda_major'} when this machine has an NVIDIA GPU with its driver
+    loaded (``nvidia-smi`` lists one, or ``/proc/driver/nvidia/gpus`` has one), else None. The
+    CUDA version is the driver's (``libcuda``, else what nvidia-smi prints; None when neither says).
+    Torch-free; asked once per process."""
+    smi = nvidia_smi(timeout=5.0) if shutil.which("nvidia-smi") else None
+    listed = bool(smi and smi.get("gpus"))
+    try:
+        in_proc = PROC_NVIDIA.is_dir() and any(PROC_NVIDIA.iterdir())
+    except OSError:
+        in_proc = False
+    if not (listed or in_proc):
+        return None
+    drv = driver_cuda_version()
+    cuda = f"{drv[0]}.{drv[1]}" if drv else (smi or {}).get("cuda_version")
+    try:
+        major = int(str(cuda).split(".")[0]) if cuda else None
+    except ValueError:
+        major = None
+    name = smi["gpus"][0]["name"] if listed else "an NVIDIA GPU"
+    return {"name": name, "cuda_version": cuda, "cuda_major": major}
+
+
+def no_gpu_engine_note(gpu: dict, installs: list[str]) -> str:
+    """The sentence ``--engine auto`` adds when it runs an ONNX model on the CPU of a machine
+    with an NVIDIA GPU: which GPU, the driver's CUDA, and what to install for it."""
+    cuda = f"driver CUDA {gpu['cuda_version']}" if gpu.get("cuda_version") else "driver CUDA version unknown"
+    todo = " or ".join(f"`{i}`" for i in dict.fromkeys(installs) if i)
+    return (f"this machine has an NVIDIA GPU ({gpu['name']}, {cuda}) but no GPU engine is installed, so the model "
+            f"runs on the CPU" + (f"; to run it on the GPU: {todo}" if todo else ""))

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import csv
 
-    from .engine import ASSETS
+    from .engines import ASSETS
 
     ap = argparse.ArgumentParser(prog="python -m ami.runtime.slide_demo", description=__doc__.split("::")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from ami.runtime.api import ARRAY_COLUMNS, Classifier
 from ami.runtime.cli.infer import app
-from ami.runtime.engine import ASSETS
+from ami.runtime.engines import ASSETS
 from ami.runtime.infer import COLUMNS, InputError
 
 REPO = Path(__file__).resolve().parents[1]

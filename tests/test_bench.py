@@ -29,8 +29,7 @@ from ami.bench import latency_report as R
 from ami.bench import peaks as K
 from ami.bench import timing as T
 from ami.runtime.artifact import INPUT_NAME, META_KEY, OUTPUT_NAME, ArtifactMeta
-from ami.runtime.engine import load_engine
-from ami.runtime.engines import backend
+from ami.runtime.engines import backend, load_engine
 from ami.train.registry import get
 
 BATCHES = (1, 8)

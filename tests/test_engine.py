@@ -11,12 +11,13 @@ import dataclasses
 import importlib.util
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 from onnx import TensorProto
 
-from ami.runtime import engine as E
+from ami.runtime import engines as E
 from ami.runtime import engines as R
 from ami.runtime.artifact import ArtifactError, ArtifactMeta
 from ami.runtime.engines import onnxruntime as ORT
@@ -61,7 +62,7 @@ def test_loads_and_matches_reference(tiny):
 
 def test_auto_provider_is_a_real_one(tiny):
     eng = E.load_engine(tiny, engine="onnxruntime")  # auto provider: whatever this onnxruntime build has, CPU at worst
-    assert eng.provider in E.PROVIDER_NAMES.values() and eng.engine == "onnxruntime"
+    assert eng.provider in ORT.PROVIDER_NAMES.values() and eng.engine == "onnxruntime"
 
 
 def test_predict_rejects_wrong_arrays(tiny):
@@ -124,7 +125,7 @@ def test_default_model(monkeypatch, tmp_path, tiny):
 
 
 def test_default_model_path_is_in_the_package():
-    assert E.DEFAULT_MODEL.parent.name == "assets" and E.DEFAULT_MODEL.parent.parent == E.Path(E.__file__).parent
+    assert E.DEFAULT_MODEL.parent.name == "assets" and E.DEFAULT_MODEL.parent.parent == Path(E.__file__).parent.parent
 
 
 def test_provider_errors(tiny):
@@ -133,9 +134,9 @@ def test_provider_errors(tiny):
     import onnxruntime as ort
 
     for p in ("cuda", "tensorrt"):
-        if E.PROVIDER_NAMES[p] in ort.get_available_providers():
+        if ORT.PROVIDER_NAMES[p] in ort.get_available_providers():
             continue
-        with pytest.raises(E.EngineError, match=f"{E.PROVIDER_NAMES[p]} is not available.*onnxruntime-gpu"):
+        with pytest.raises(E.EngineError, match=f"{ORT.PROVIDER_NAMES[p]} is not available.*onnxruntime-gpu"):
             E.load_engine(tiny, provider=p)
 
 
@@ -178,7 +179,7 @@ class _FakeOrt:
 def test_provider_list_auto_order_and_trt_profile(tmp_path, tiny, monkeypatch):
     monkeypatch.setattr("ami.runtime.gpu.tensorrt_libraries", lambda: (True, "libnvinfer (simulated)"))
     ort = _FakeOrt(["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
-    lst = ORT._provider_list(ort, "auto", tiny, "{}", 128, tmp_path / "cache", 256, 0)
+    lst = ORT._provider_list(ort, "auto", 128, tmp_path / "cache", 256, 0)
     assert [p if isinstance(p, str) else p[0] for p in lst] == [
         "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     opts = lst[0][1]
@@ -186,18 +187,27 @@ def test_provider_list_auto_order_and_trt_profile(tmp_path, tiny, monkeypatch):
     assert opts["trt_profile_opt_shapes"] == "pixels:64x128x128x3"
     assert opts["trt_profile_max_shapes"] == "pixels:256x128x128x3"
     assert opts["trt_engine_cache_enable"] and opts["trt_engine_cache_path"] == str(tmp_path / "cache")
-    assert ORT._provider_list(ort, "cpu", tiny, "", 0, None, 256, 0) == ["CPUExecutionProvider"]
-    assert [p[0] if isinstance(p, tuple) else p for p in ORT._provider_list(ort, "cuda", tiny, "", 0, None, 256, 0)] == [
+    assert lst[1] == ("CUDAExecutionProvider", {"device_id": 0, "use_tf32": 0})  # fp32 means fp32: no TF32
+    assert ORT.cuda_options("1.17.3", 1) == {"device_id": 1}  # before 1.18 ONNX Runtime had no such option
+    assert ORT._provider_list(ort, "cpu", 0, None, 256, 0) == ["CPUExecutionProvider"]
+    assert [p[0] if isinstance(p, tuple) else p for p in ORT._provider_list(ort, "cuda", 0, None, 256, 0)] == [
         "CUDAExecutionProvider", "CPUExecutionProvider"]
     cpu_only = _FakeOrt(["CPUExecutionProvider"])
-    assert ORT._provider_list(cpu_only, "auto", tiny, "", 0, None, 256, 0) == ["CPUExecutionProvider"]
+    assert ORT._provider_list(cpu_only, "auto", 0, None, 256, 0) == ["CPUExecutionProvider"]
 
 
 def test_trt_ep_cache_key_follows_weights(tmp_path):
     a = write_model(tmp_path / "a.onnx")
     b = write_model(tmp_path / "b.onnx", pre=Preprocess(128, None, "bicubic", (0.4, 0.5, 0.6), (0.2, 0.2, 0.2)))
-    ka, kb = (ORT._model_key(p, "{}", "1.0") for p in (a, b))
-    assert ka != kb and ka == ORT._model_key(a, "{}", "1.0") and ka != ORT._model_key(a, "{}", "1.1")
+    meta = tiny_meta()
+
+    def entry(path, version="1.0", **kw):
+        return ORT.trt_ep_cache(tmp_path / "c", path, meta, version, kw.get("max_batch", 256), kw.get("device", 0)).dir
+
+    ka, kb = entry(a), entry(b)
+    assert ka != kb and ka == entry(a) and ka != entry(a, "1.1")
+    assert ka != entry(a, max_batch=64) and ka != entry(a, device=1)
+    assert ka.parent == tmp_path / "c" and ka.is_dir()
 
 
 # -- TensorRT plans ------------------------------------------------------------------------------
@@ -303,10 +313,10 @@ def test_gpu_providers_match_reference(tiny, tmp_path):
 
     usable, trt_note = ORT.usable_providers(ort)
     for p in ("cuda", "tensorrt"):
-        if E.PROVIDER_NAMES[p] not in usable:
+        if ORT.PROVIDER_NAMES[p] not in usable:
             continue
         eng = E.load_engine(tiny, provider=p, cache_dir=tmp_path / "cache", max_batch=64)
-        assert eng.provider == E.PROVIDER_NAMES[p]
+        assert eng.provider == ORT.PROVIDER_NAMES[p]
         for n in (1, 64):
             x = _pixels(n, seed=n)
             np.testing.assert_allclose(eng.predict(x), reference_probs(x), atol=1e-5)
@@ -367,7 +377,55 @@ def test_registry_lists_every_engine_as_one_plugin():
         E.load_engine(None, precision="fp8")
 
 
+def test_cli_choices_come_from_the_backends():
+    assert R.engine_choices() == ("auto", "onnxruntime", "openvino", "tensorrt") == R.ENGINE_CHOICES
+    assert R.provider_choices() == ("auto", "cpu", "cuda", "tensorrt")
+    assert R.precision_choices() == ("auto", "fp32", "bf16", "fp16", "int8")
+    from ami.runtime.cli import infer as cli
+
+    assert [m.value for m in cli.Precision] == list(R.precision_choices())  # fp16 included
+    assert [m.value for m in cli.Provider] == list(R.provider_choices())
+    assert [m.value for m in cli.EngineName] == list(R.engine_choices())
+    rows = {r["name"]: r for r in R.engine_table()}
+    assert rows["onnxruntime"]["providers"] == ["cpu", "cuda", "tensorrt"] and rows["tensorrt"]["providers"] == []
+    assert rows["openvino"]["precisions"] == ["fp32", "bf16", "int8"]
+    assert "cache_dir" in rows["openvino"]["options"] and rows["tensorrt"]["suffixes"] == [".plan", ".engine", ".trt"]
+
+
+def test_engine_errors_carry_their_exit_codes():
+    from ami.runtime.errors import AmiError, Fault, Unavailable
+
+    missing, fault = R.EngineError("no such library"), R.EngineFault("nonsense")
+    assert isinstance(missing, Unavailable) and isinstance(missing, RuntimeError) and missing.exit_code == 3
+    assert isinstance(fault, Fault) and isinstance(fault, R.EngineError) and fault.exit_code == 4
+    assert isinstance(fault, AmiError) and isinstance(fault, RuntimeError)
+
+
+def test_rows_for_parity_and_latency_come_from_the_backend(tiny, monkeypatch):
+    eng = E.load_engine(tiny, engine="onnxruntime", provider="cpu")
+    rows, notes = R.engine_rows(eng, provider="cpu")
+    assert rows == [R.Row("onnxruntime", "ONNX Runtime", "fp32", "cpu")] and notes == [] and rows[0].matches(eng)
+    monkeypatch.setattr(type(ORT.BACKEND), "gpu_providers", lambda self: ["CUDAExecutionProvider"])
+    rows, _ = R.engine_rows(eng, provider="cpu", gpu_providers=True)
+    assert [(r.title, r.provider) for r in rows] == [("ONNX Runtime", "cpu"), ("ONNX Runtime CUDA", "cuda")]
+    assert not rows[1].matches(eng) and rows[1].load_kwargs() == {"engine": "onnxruntime", "precision": "fp32",
+                                                                  "provider": "cuda"}
+    assert R.gpu_rows(eng) == [rows[1]] and rows[1].device == "cuda" and rows[0].device == "cpu"
+    rows, notes = R.engine_rows(eng, provider="cpu", precisions=["bf16"])
+    assert rows == [] and notes == ["tiny.onnx / ONNX Runtime: bf16 not available here (it runs this fp32 file at fp32)"]
+    if OV_MISSING is None:
+        from ami.runtime.engines import openvino as OV
+
+        ov = E.load_engine(tiny, engine="openvino")
+        rows, _ = R.engine_rows(ov, provider="cpu")
+        want = ["fp32", "bf16"] if "BF16" in OV.cpu_capabilities() else ["fp32"]
+        assert [(r.precision, r.provider) for r in rows] == [(q, "auto") for q in want] and rows[0].matches(ov)
+        assert R.gpu_rows(ov) == []
+
+
 FAKE_PLUGIN = """
+from dataclasses import replace
+
 import numpy as np
 from ami.runtime.engines.base import Backend, Engine
 from ami.runtime.engines.onnxruntime import BACKEND as ORT
@@ -383,12 +441,13 @@ class Doubling(Engine):
 
 class FakeBackend(Backend):
     name, title, suffixes, install = "fake", "Fake engine", (".onnx",), "nothing to install"
+    providers, precisions_known = ("npu",), ("fp8",)
 
     def auto_rank(self, path):
         return 1000.0, "it is the fake engine of a test"
 
     def load(self, path, precision, opts):
-        return Doubling(ORT.load(path, precision, opts))
+        return Doubling(ORT.load(path, precision, replace(opts, provider="cpu")))
 
 BACKEND = FakeBackend()
 """
@@ -399,6 +458,9 @@ def test_adding_an_engine_is_one_file_and_one_registry_line(tmp_path, monkeypatc
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setitem(R.REGISTRY, "fake", "ami_fake_engine")
     assert "fake" in {r["name"] for r in R.engine_table()}
+    assert R.engine_choices()[-1] == "fake" and R.provider_choices()[-1] == "npu"
+    assert R.precision_choices() == ("auto", "fp32", "bf16", "fp16", "int8")  # fp8 is no precision ami knows
+    assert E.load_engine(tiny, provider="npu").engine == "fake"  # its provider names it
     eng = E.load_engine(tiny, engine="fake")
     x = _pixels(3)
     np.testing.assert_allclose(eng.predict(x), 0.5 * reference_probs(x), atol=1e-6)
@@ -504,7 +566,7 @@ def test_openvino_caches_compiled_models_on_disk(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert OV.default_cache_dir() == tmp_path / "xdg" / "ami" / "openvino"
     a = E.load_engine(tiny, engine="openvino")
-    assert a.cache_dir == OV.default_cache_dir()
+    assert a.cache_dir.parent == OV.default_cache_dir()  # its own entry, keyed by weights, version, precision, ...
     blobs = sorted(a.cache_dir.glob("*.blob"))
     assert blobs, "OpenVINO wrote no compiled model to its cache"
     b = E.load_engine(tiny, engine="openvino")  # the second start imports the blob
@@ -512,8 +574,8 @@ def test_openvino_caches_compiled_models_on_disk(tiny, tmp_path, monkeypatch):
     np.testing.assert_array_equal(a.predict(x), b.predict(x))
     assert sorted(b.cache_dir.glob("*.blob")) == blobs  # the same model: no second blob
     E.load_engine(tiny, engine="openvino", cache_dir=tmp_path / "elsewhere")
-    assert list((tmp_path / "elsewhere").glob("*.blob"))
-    assert OV.clear_cache(tmp_path / "elsewhere") >= 1 and not list((tmp_path / "elsewhere").glob("*.blob"))
+    assert list((tmp_path / "elsewhere").glob("*/*.blob"))
+    assert OV.clear_cache(tmp_path / "elsewhere") >= 1 and not list((tmp_path / "elsewhere").rglob("*.blob"))
 
 
 @needs_openvino

@@ -116,7 +116,7 @@ def test_ensemble_is_mean_of_fold_probabilities(run_dir, synthetic_folds_root, i
     got = session(out, 1).run(None, {"pixels": images})[0]
     np.testing.assert_allclose(got, (p0 + p1) / 2, atol=1e-5)
     # the runtime's own loader reads it (if that engineer's module is present)
-    engine = pytest.importorskip("ami.runtime.engine")
+    engine = pytest.importorskip("ami.runtime.engines")
     eng = engine.load_engine(out, provider="cpu", threads=1)
     np.testing.assert_allclose(eng.predict(images), got, atol=1e-6)
     assert eng.threshold == meta.threshold

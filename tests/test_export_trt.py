@@ -55,7 +55,7 @@ def test_build_engine_round_trip_on_a_generated_model(generated, tmp_path, preci
 
     from ami.export.onnx_file import write_model
     from ami.export.tensorrt import TOLERANCE, build_engine, fp16_graph, run_plan
-    from ami.runtime.engine import load_engine
+    from ami.runtime.engines import load_engine
     from ami.runtime.engines.tensorrt import write_plan_sidecar
 
     path, x, ref = generated
@@ -112,7 +112,7 @@ def test_plan_from_run(run_dir, synthetic_folds_root, tmp_path, precision):
     assert side["profile"]["min"] == 1 and side["profile"]["max"] == 32
     assert side["extra"]["tensorrt"]["self_check"]["max_abs_diff"] <= (1e-2 if precision == "fp16" else 1e-4)
     assert (tmp_path / "timing.cache").stat().st_size > 0
-    from ami.runtime.engine import load_engine
+    from ami.runtime.engines import load_engine
 
     eng = load_engine(plan)
     x = load_images(stratified(training_samples(synthetic_folds_root), 40, seed=5), eng.meta.preprocess)

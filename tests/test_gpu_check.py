@@ -16,7 +16,7 @@ from ami.bench import gpu_check as GC
 from ami.bench import gpu_env as GE
 from ami.bench import gpu_report as GR
 from ami.bench import gpu_train as GT
-from ami.runtime.engine import ASSETS
+from ami.runtime.engines import ASSETS
 
 torch = pytest.importorskip("torch")
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tomllib
 
-from ami.runtime import engine as E
+from ami.runtime import engines as E
 from ami.runtime import gpu as G
 from ami.runtime.engines import tensorrt as T
 from ami.runtime.preprocess import Preprocess
@@ -404,3 +404,74 @@ def test_resumable_state_keeps_grad_scaler_and_cuda_rng(monkeypatch, tmp_path):
     # a CPU run records neither, and restores from an old state file without them
     assert F.cuda_state(None, torch.device("cpu")) == {}
     F.restore_cuda_state({}, None, torch.device("cpu"))
+
+
+# -- 11. an NVIDIA GPU without a GPU engine is said once, with what to install (issue 26) -----------
+
+FAKE_SMI = """#!/bin/sh
+case "$1" in
+  --query-gpu=*) echo "NVIDIA H200, 580.159.04, 9.0, 143771 MiB" ;;
+  *) echo "| NVIDIA-SMI 580.159.04    Driver Version: 580.159.04    CUDA Version: {cuda}     |" ;;
+esac
+"""
+
+
+def _fake_nvidia_smi(monkeypatch, tmp_path, cuda: str | None):
+    """A PATH holding only a fake nvidia-smi (None: no nvidia-smi at all); no libcuda, no /proc entry."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    if cuda is not None:
+        smi = bin_dir / "nvidia-smi"
+        smi.write_text(FAKE_SMI.format(cuda=cuda))
+        smi.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.setattr(G, "driver_cuda_version", lambda: None)
+    monkeypatch.setattr(G, "PROC_NVIDIA", tmp_path / "no-proc")
+    G.nvidia_gpu.cache_clear()
+
+
+@pytest.fixture
+def fresh_gpu_probe():
+    G.nvidia_gpu.cache_clear()
+    yield
+    G.nvidia_gpu.cache_clear()
+
+
+@pytest.mark.parametrize("cuda, extra", [("13.0", "ami[trt-cu13]"), ("12.4", "ami[trt-cu12]")])
+def test_auto_on_the_cpu_of_a_gpu_box_says_what_to_install(monkeypatch, tmp_path, tiny, fresh_gpu_probe, cuda, extra):
+    from ami.runtime import DIST_NAME
+
+    _fake_nvidia_smi(monkeypatch, tmp_path, cuda)
+    monkeypatch.setattr(type(E.backend("onnxruntime")), "gpu_providers", lambda self: [])  # a CPU-only onnxruntime
+    assert G.nvidia_gpu() == {"name": "NVIDIA H200", "cuda_version": cuda, "cuda_major": int(cuda.split(".")[0])}
+    eng = E.load_engine(tiny)
+    assert eng.device == "cpu"
+    note = (f"this machine has an NVIDIA GPU (NVIDIA H200, driver CUDA {cuda}) but no GPU engine is installed, so the "
+            f"model runs on the CPU; to run it on the GPU: `pip uninstall onnxruntime && pip install onnxruntime-gpu "
+            f"'{extra}'`")
+    assert eng.choice.endswith("; " + note) and eng.choice.count("NVIDIA GPU") == 1
+    assert extra.startswith(DIST_NAME + "[")
+    # a named engine is the user's choice: no note; nor on a box without an NVIDIA GPU
+    assert E.load_engine(tiny, engine="onnxruntime").choice == ""
+    _fake_nvidia_smi(monkeypatch, tmp_path / "none", None)
+    assert G.nvidia_gpu() is None
+    assert "NVIDIA" not in E.load_engine(tiny).choice
+
+
+def test_no_note_when_a_gpu_engine_runs_and_a_failing_smi_is_no_gpu(monkeypatch, tmp_path, tiny, fresh_gpu_probe):
+    _fake_nvidia_smi(monkeypatch, tmp_path, "13.0")
+    monkeypatch.setattr(type(E.backend("onnxruntime")), "gpu_providers", lambda self: ["CUDAExecutionProvider"])
+    _, text = E.choose(tiny)
+    assert text.startswith("auto picked ONNX Runtime") and "no GPU engine" not in text
+    # nvidia-smi present but failing (no driver loaded): not a GPU box
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver'\n"
+                   "exit 9\n")
+    G.nvidia_gpu.cache_clear()
+    assert G.nvidia_gpu() is None
+    # the driver's /proc entry alone is enough; the CUDA version then comes from nvidia-smi or stays unknown
+    (tmp_path / "no-proc" / "0000:17:00.0").mkdir(parents=True)
+    G.nvidia_gpu.cache_clear()
+    assert G.nvidia_gpu() == {"name": "an NVIDIA GPU", "cuda_version": None, "cuda_major": None}
+    assert G.no_gpu_engine_note(G.nvidia_gpu(), ["pip install x"]).startswith(
+        "this machine has an NVIDIA GPU (an NVIDIA GPU, driver CUDA version unknown)")

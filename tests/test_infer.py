@@ -24,7 +24,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from ami.runtime.cli.infer import app
-from ami.runtime.engine import load_engine
+from ami.runtime.engines import load_engine
 from ami.runtime.infer import COLUMNS, InputError, iter_inputs, read_results, run_inference
 from onnx_factory import TINY_PRE, reference_probs, write_model
 
@@ -249,7 +249,7 @@ def test_usage_errors(tmp_path, model, seeded):
 
 
 def test_default_model_and_sample_absent_are_clear(monkeypatch, tmp_path, seeded):
-    from ami.runtime import engines as E  # the door's home (ami.runtime.engine re-exports it)
+    from ami.runtime import engines as E  # the door
     from ami.runtime.cli import infer as cli
 
     monkeypatch.setattr(E, "DEFAULT_MODEL", tmp_path / "assets" / "edge.onnx")
@@ -344,7 +344,7 @@ def test_resume_appends_only_missing_rows(seeded, model, tmp_path, engine):
 
 SLOW_CLI = """
 import sys, time
-from ami.runtime import engine as E
+from ami.runtime.engines import onnxruntime as E
 _orig = E.OrtEngine.predict
 def slow(self, x):
     time.sleep(0.15)

@@ -30,7 +30,7 @@ from ami.runtime import artifact as A
 from ami.runtime import infer as I
 from ami.runtime.artifact import META_KEY, ArtifactError
 from ami.runtime.cli.infer import app
-from ami.runtime.engine import load_engine
+from ami.runtime.engines import load_engine
 from ami.runtime.infer import COLUMNS, InputError, iter_inputs, run_inference
 from onnx_factory import WEIGHTS, build_model, reference_probs, tiny_meta, write_model
 
@@ -40,7 +40,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 # ami-infer with a slow engine, so a second process can meet it mid-run
 SLOW_CLI = """
 import sys, time
-from ami.runtime import engine as E
+from ami.runtime.engines import onnxruntime as E
 _orig = E.OrtEngine.predict
 def slow(self, x):
     import os
@@ -333,7 +333,7 @@ def test_stamp_changes_metadata_only(tmp_path):
 
 
 def test_shipped_models_carry_a_verified_digest():
-    from ami.runtime.engine import ASSETS
+    from ami.runtime.engines import ASSETS
 
     for name in ("edge.onnx", "edge-int8.onnx"):
         assert load_engine(ASSETS / name, provider="cpu").weights_verified, name

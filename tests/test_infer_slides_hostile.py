@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("openslide", reason="ami[slides] is not installed (pip install -e '.[slides]')")
 pytest.importorskip("tifffile", reason="ami[slides] is not installed (pip install -e '.[slides]')")
 
-from ami.runtime.engine import ASSETS, load_engine
+from ami.runtime.engines import ASSETS, load_engine
 from slide_factory import paste, write_slide
 
 SAMPLES = sorted((ASSETS / "samples").glob("*.png"))[:6]

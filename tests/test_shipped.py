@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ami.runtime.artifact import REQUIRED
-from ami.runtime.engine import load_engine
+from ami.runtime.engines import load_engine
 
 ASSETS = Path(__file__).resolve().parents[1] / "runtime" / "assets"
 

@@ -25,7 +25,7 @@ pytest.importorskip("tifffile", reason="tifffile (the dev extra) writes the test
 from ami.runtime import slides as S
 from ami.runtime.artifact import AMIBR_CROP, ArtifactError, ArtifactMeta
 from ami.runtime.cli.infer import app
-from ami.runtime.engine import ASSETS, load_engine
+from ami.runtime.engines import ASSETS, load_engine
 from ami.runtime.infer import InputError, run_inference
 from ami.runtime.preprocess import Preprocess
 from slide_factory import paste, write_slide

@@ -17,8 +17,7 @@ from pathlib import Path
 import typer
 
 from ..artifact import NO_DIGEST_WARNING
-from ..engine import ASSETS, load_engine
-from ..engines import ENGINE_CHOICES
+from ..engines import ASSETS, engine_choices, load_engine, precision_choices, provider_choices
 from ..errors import first_line
 from ..imageio import fast_decoder
 from ..infer import (
@@ -87,22 +86,10 @@ Examples:
 Fmt = Enum("Fmt", {n: n for n in FORMAT_NAMES}, type=str)
 
 
-class Provider(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-    tensorrt = "tensorrt"
-
-
-# Engine names come from the plug-in registry (ami.runtime.engines.REGISTRY).
-EngineName = Enum("EngineName", {n: n for n in ENGINE_CHOICES}, type=str)
-
-
-class Precision(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
-    int8 = "int8"
+# Engine, provider and precision names come from the engines' plug-ins (ami.runtime.engines).
+Provider = Enum("Provider", {n: n for n in provider_choices()}, type=str)
+EngineName = Enum("EngineName", {n: n for n in engine_choices()}, type=str)
+Precision = Enum("Precision", {n: n for n in precision_choices()}, type=str)
 
 
 class Pool(str, Enum):

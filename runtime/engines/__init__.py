@@ -15,7 +15,12 @@ a TensorRT plan runs on TensorRT; an ONNX file on ONNX Runtime's GPU providers w
 onnxruntime-gpu finds them, else OpenVINO when it is installed, else ONNX Runtime on the CPU.
 An engine that fails to load a good file on this machine makes auto fall back to the next one
 (``eng.fallback`` says why); a bad file is refused by the first with :class:`ArtifactError`.
-Naming an ONNX Runtime ``provider`` other than auto implies ``engine="onnxruntime"``.
+Naming a ``provider`` other than auto implies the engine that declares it (ONNX Runtime's).
+
+Every backend declares what it is as data (name, title, file suffixes, providers, precisions,
+options, install hint): the CLI's choices (:func:`engine_choices`, :func:`provider_choices`,
+:func:`precision_choices`), auto-selection and its messages, and the rows parity and latency
+tables run (:func:`engine_rows`) all come from the backends; no engine is named in this module.
 """
 
 from __future__ import annotations
@@ -24,13 +29,23 @@ import importlib
 import os
 from pathlib import Path
 
+from .. import gpu
 from ..artifact import ArtifactError
 from ..models import resolve_model, shipped_model
-from .base import PRECISIONS, Backend, Engine, EngineError, LoadOptions, normalize_precision
+from .base import (
+    PRECISIONS,
+    TRT_EP_MAX_BATCH,
+    Backend,
+    Engine,
+    EngineError,
+    EngineFault,
+    LoadOptions,
+    Row,
+    normalize_precision,
+)
 
 ASSETS = Path(__file__).parent.parent / "assets"
 DEFAULT_MODEL = ASSETS / "edge.onnx"
-TRT_EP_MAX_BATCH = 256
 
 # The registry: engine name -> module defining BACKEND. One line per engine.
 REGISTRY = {
@@ -38,23 +53,48 @@ REGISTRY = {
     "openvino": "ami.runtime.engines.openvino",
     "tensorrt": "ami.runtime.engines.tensorrt",
 }
-ENGINE_CHOICES = ("auto", *REGISTRY)
+ENGINE_CHOICES = ("auto", *REGISTRY)  # the registry as it ships; engine_choices() follows additions
 
-__all__ = ["ASSETS", "DEFAULT_MODEL", "ENGINE_CHOICES", "PRECISIONS", "REGISTRY", "ArtifactError", "Backend", "Engine",
-           "EngineError", "LoadOptions", "backend", "backends", "candidates", "choose", "default_model_path",
-           "engine_table", "load_engine", "resolve_model_path"]
+__all__ = ["ASSETS", "DEFAULT_MODEL", "ENGINE_CHOICES", "PRECISIONS", "REGISTRY", "TRT_EP_MAX_BATCH", "ArtifactError",
+           "Backend", "Engine", "EngineError", "EngineFault", "LoadOptions", "Row", "backend", "backends", "candidates",
+           "choose", "default_model_path", "engine_choices", "engine_rows", "engine_table", "gpu_rows", "load_engine",
+           "precision_choices", "provider_choices", "provider_owner", "resolve_model_path"]
 
 
 def backend(name: str) -> Backend:
     """The plug-in registered as ``name`` (its module is imported on first use; the engine's own
     library only when it is asked to load or to say whether it is installed)."""
     if name not in REGISTRY:
-        raise EngineError(f"unknown engine {name!r}; choose one of {', '.join(ENGINE_CHOICES)}")
+        raise EngineError(f"unknown engine {name!r}; choose one of {', '.join(engine_choices())}")
     return importlib.import_module(REGISTRY[name]).BACKEND
 
 
 def backends() -> list[Backend]:
     return [backend(n) for n in REGISTRY]
+
+
+def engine_choices() -> tuple[str, ...]:
+    """``--engine`` values: auto, then every registered engine."""
+    return ("auto", *REGISTRY)
+
+
+def provider_choices() -> tuple[str, ...]:
+    """``--provider`` values: auto, then every provider a registered engine declares (in registry order)."""
+    return ("auto", *dict.fromkeys(p for b in backends() for p in b.providers))
+
+
+def precision_choices() -> tuple[str, ...]:
+    """``--precision`` values: auto (the artefact's own), then every precision some engine runs at."""
+    known = {q for b in backends() for q in b.precisions_known}
+    return ("auto", *(q for q in PRECISIONS if q in known))
+
+
+def provider_owner(provider: str, path: str | os.PathLike) -> Backend | None:
+    """The engine that loads ``path`` and declares ``provider`` (naming one selects it); None for auto
+    or when no engine that loads the file declares it."""
+    if provider == "auto":
+        return None
+    return next((b for b in _acceptors(Path(path)) if provider in b.providers), None)
 
 
 def _acceptors(path: Path) -> list[Backend]:
@@ -76,33 +116,81 @@ def candidates(path: str | os.PathLike) -> list[tuple[Backend, float, str]]:
     return out
 
 
+def gpu_note(path: str | os.PathLike, picked: Backend) -> str:
+    """'' unless ``picked`` runs ``path`` on the CPU of a machine with an NVIDIA GPU while an engine
+    that loads the file could run it on that GPU: then which GPU, and what to install (once per
+    load: :func:`choose` says it)."""
+    acc = _acceptors(Path(path))
+    if picked.uses_gpu() or any(b.uses_gpu() for b in acc if b.unavailable() is None):
+        return ""
+    capable = [b for b in acc if b.gpu_install(None)]
+    if not capable:
+        return ""
+    found = gpu.nvidia_gpu()
+    if found is None:
+        return ""
+    return gpu.no_gpu_engine_note(found, [b.gpu_install(found["cuda_major"]) for b in capable])
+
+
 def choose(path: str | os.PathLike) -> tuple[Backend, str]:
     """The engine ``--engine auto`` picks for ``path`` on this machine, and why (one sentence)."""
     ranked = candidates(path)
+    acc = _acceptors(Path(path))
     if not ranked:
-        acc = _acceptors(Path(path))
         why = "; ".join(f"{b.name}: {b.unavailable()}" for b in acc)
         raise EngineError(f"no installed engine can run {Path(path).name} ({why})")
-    b, _, reason = ranked[0]
+    b, score, reason = ranked[0]
     others = [f"{o.title}" for o, _, _ in ranked[1:]]
-    missing = [f"{o.title} ({o.install})" for o in _acceptors(Path(path))
-               if o.unavailable() is not None and o.name != "tensorrt"]
+    # engines that load the file and would beat the pick where installed
+    missing = [f"{o.title} ({o.install})" for o in acc if o.unavailable() is not None and o.nominal_rank > score]
     text = f"auto picked {b.title}: {reason}"
     if others:
         text += f"; also installed: {', '.join(others)} (force one with --engine NAME)"
-    if missing and b.name == "onnxruntime":
+    if missing:
         text += f"; not installed: {', '.join(missing)}"
-    return b, text
+    note = gpu_note(path, b)
+    return b, text + (f"; {note}" if note else "")
 
 
 def engine_table() -> list[dict]:
-    """Every registered engine: name, title, installed?, why not, version, file types (for --help and reports)."""
+    """Every registered engine: name, title, installed?, why not, version, file types, providers,
+    precisions and options (for --help and reports)."""
     rows = []
     for b in backends():
         why = b.unavailable()
         rows.append({"name": b.name, "title": b.title, "installed": why is None, "reason": why or "",
-                     "version": b.version() if why is None else "", "suffixes": list(b.suffixes)})
+                     "version": b.version() if why is None else "", "suffixes": list(b.suffixes),
+                     "providers": list(b.providers), "precisions": list(b.precisions_known),
+                     "options": list(b.options), "install": b.install})
     return rows
+
+
+def engine_rows(eng: Engine, *, provider: str = "auto", precisions: list[str] | None = None,
+                gpu_providers: bool = False) -> tuple[list[Row], list[str]]:
+    """The variants of a loaded engine's artefact that parity and latency tables run on its engine
+    here (:meth:`Backend.rows`), kept to ``precisions`` when given; and notes on the precisions
+    asked for that this engine does not offer for the file. Load each with
+    ``load_engine(eng.path, **row.load_kwargs())`` (or reuse ``eng`` where ``row.matches(eng)``)."""
+    b = backend(eng.engine)
+    offered = b.rows(eng.meta.precision, provider, gpu_providers=gpu_providers)
+    wanted = [str(q).lower() for q in precisions] if precisions else None
+    rows = [r for r in offered if wanted is None or r.precision in wanted]
+    have = {r.precision for r in offered}
+    notes = [f"{eng.path.name} / {b.title}: {q} not available here (it runs this {eng.meta.precision} file at "
+             f"{', '.join(sorted(have, key=_precision_order)) or 'no precision'})" for q in (wanted or []) if q not in have]
+    return rows, notes
+
+
+def _precision_order(q: str) -> int:
+    return PRECISIONS.index(q) if q in PRECISIONS else len(PRECISIONS)
+
+
+def gpu_rows(eng: Engine) -> list[Row]:
+    """The variants of ``eng``'s artefact that run on an NVIDIA GPU here through its engine and
+    that ``eng`` itself is not (latency times them beside the CPU rows): e.g. ONNX Runtime's CUDA
+    provider where onnxruntime-gpu has it."""
+    rows, _ = engine_rows(eng, provider="cpu", gpu_providers=True)
+    return [r for r in rows if r.device == "cuda" and not r.matches(eng)]
 
 
 # -- the door ------------------------------------------------------------------------------------
@@ -138,29 +226,25 @@ def load_engine(path: str | os.PathLike | None = None, provider: str = "auto", t
     """Load an ami artefact with one of the registered engines.
 
     ``path``: an ONNX file or a TensorRT plan (``.plan``/``.engine``/``.trt``); None = the model
-    shipped in the package. ``engine``: auto (see the module docstring) | onnxruntime | openvino |
-    tensorrt. ``precision``: None/auto = the artefact's own (fp32 or int8); bf16 = OpenVINO's bf16
-    on a CPU that has it. ``provider``: ONNX Runtime's execution provider (auto | cpu | cuda |
-    tensorrt; a value other than auto selects ONNX Runtime). ``threads``: CPU threads (0 = the
-    engine's default). ``cache_dir``: where compiled models / TensorRT EP engines are cached
-    (default under ``~/.cache/ami``). ``max_batch``: the largest batch of the TensorRT EP profile.
+    shipped in the package. ``engine``: auto (see the module docstring) or one of
+    :func:`engine_choices`. ``precision``: None/auto = the artefact's own (fp32 or int8); bf16 =
+    OpenVINO's bf16 on a CPU that has it (:func:`precision_choices`). ``provider``: an execution
+    provider (:func:`provider_choices`; a value other than auto selects the engine that declares
+    it). ``threads``: CPU threads (0 = the engine's default). ``cache_dir``: where compiled models
+    / TensorRT EP engines are cached (default under ``~/.cache/ami``; each entry is verified at
+    load). ``max_batch``: the largest batch of the TensorRT EP profile.
     """
     p = resolve_model_path(path)
     prec = normalize_precision(precision)
+    if provider not in provider_choices():
+        raise EngineError(f"unknown provider {provider!r}; choose one of {', '.join(provider_choices())}")
     opts = LoadOptions(threads=threads, provider=provider, cache_dir=Path(cache_dir) if cache_dir else None,
                        max_batch=max_batch, device_id=device_id, spin=spin)
-    if engine == "auto" and provider != "auto" and not backend("tensorrt").accepts(p):
-        engine = "onnxruntime"  # an explicit ONNX Runtime provider names the engine
+    owner = provider_owner(provider, p)
+    if engine == "auto" and owner is not None:
+        engine = owner.name  # an explicit provider names its engine
     if engine != "auto":
-        b = backend(engine)
-        if not b.accepts(p) and (b.name == "tensorrt" or backend("tensorrt").accepts(p)):
-            kind = "a TensorRT plan" if backend("tensorrt").accepts(p) else "not a TensorRT plan"
-            raise EngineError(f"{p.name} is {kind}; {b.title} loads {', '.join(b.suffixes)} files "
-                              + ("(a plan runs on TensorRT only)" if kind.startswith("a ") else ""))
-        why = b.unavailable()
-        if why is not None and b.name != "tensorrt":  # TensorRT says itself what is missing, after the side file
-            raise EngineError(why)
-        return b.load(p, prec, opts)
+        return _load_named(backend(engine), p, prec, opts)
 
     ranked = candidates(p)
     if not ranked:  # nothing installed that takes this file: let the one that would say why
@@ -180,7 +264,22 @@ def load_engine(path: str | os.PathLike | None = None, provider: str = "auto", t
         _, text = choose(p)
         if failures:
             eng.fallback = "; ".join(failures) + f"; running on {b.title}"
-            text = f"auto picked {b.title}, the next installed engine: " + "; ".join(failures)
+            note = gpu_note(p, b)
+            text = f"auto picked {b.title}, the next installed engine: " + "; ".join(failures) + (f"; {note}" if note else "")
         eng.choice = text
         return eng
     raise EngineError("; ".join(failures))  # pragma: no cover - the loop returns or raises
+
+
+def _load_named(b: Backend, p: Path, prec: str | None, opts: LoadOptions) -> Engine:
+    """``--engine NAME``: refuse a file of another engine's kind, or an engine not installed, saying why."""
+    acc = _acceptors(p)
+    if b not in acc:
+        kind = acc[0].artefact
+        runs_on = ", ".join(o.title for o in acc)
+        raise EngineError(f"{p.name} is {kind}; {b.title} loads {', '.join(b.suffixes)} files "
+                          f"({kind} runs on {runs_on} only)")
+    why = b.unavailable()
+    if why is not None and not b.late_check:  # a late-checking engine says itself what is missing, after the file
+        raise EngineError(why)
+    return b.load(p, prec, opts)

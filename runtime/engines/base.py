@@ -29,15 +29,25 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact import INPUT_NAME, META_KEY, OUTPUT_NAME, ArtifactError, ArtifactMeta, check_batch_axis
-from ..errors import Unavailable
+from ..errors import EXIT_FAULT, Fault, Unavailable
 
 # Precision names, as artefact metadata and engines report them. "f32" is accepted for "fp32".
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+# Batch range of the TensorRT execution provider's optimisation profile (explicit, so ORT does not
+# rebuild its engine whenever a new batch size shows up).
+TRT_EP_MAX_BATCH = 256
 PRECISION_ALIASES = {"f32": "fp32", "float32": "fp32", "bfloat16": "bf16", "f16": "fp16", "float16": "fp16"}
 
 
 class EngineError(Unavailable, RuntimeError):
-    """The machine cannot run an artefact: an engine or library is missing, or a plan does not fit."""
+    """The machine cannot run an artefact: an engine or library is missing, or a plan does not fit
+    (exit 3). RuntimeError stays a base, so existing ``except RuntimeError`` clauses still catch it."""
+
+
+class EngineFault(EngineError, Fault):
+    """A loaded engine failed or returned nonsense while running (exit 4)."""
+
+    exit_code = EXIT_FAULT
 
 
 def normalize_precision(p: str | None) -> str | None:
@@ -56,14 +66,15 @@ class LoadOptions:
     threads: int = 0  # CPU threads (0 = the engine's default: all physical cores)
     provider: str = "auto"  # ONNX Runtime execution provider: auto | cpu | cuda | tensorrt
     cache_dir: Path | None = None  # compiled-model cache (OpenVINO) / TensorRT EP engine cache
-    max_batch: int = 256  # largest batch of a TensorRT EP optimisation profile
+    max_batch: int = TRT_EP_MAX_BATCH  # largest batch of a TensorRT EP optimisation profile
     device_id: int = 0  # CUDA device
     spin: bool = False  # ONNX Runtime intra-op spinning
 
 
 class Engine:
     """A loaded artefact. ``predict`` takes uint8 NHWC RGB pixels at ``input_size`` and returns
-    float32 probabilities of the Atypical class, shape ``[N]``. One caller thread at a time."""
+    float32 probabilities of the Atypical class, shape ``[N]``. ``predict`` may be called from
+    several threads at once (each engine makes that safe its own way)."""
 
     meta: ArtifactMeta
     provider: str  # what actually runs it, e.g. "CPUExecutionProvider", "OpenVINO 2026.4.1 CPU"
@@ -74,7 +85,9 @@ class Engine:
     fallback: str = ""  # why a faster choice was given up (auto only)
     weights_verified: bool = False  # True: the weights digest in the metadata was recomputed and matched
     choice: str = ""  # how --engine auto chose this engine ("" when the engine was named)
+    provider_choice: str = "auto"  # the --provider it was loaded with
     run_precision: str = ""  # the precision it computes in ("" = the artefact's)
+    cache_note: str = ""  # why a compiled-model cache entry was discarded and rebuilt at this load ("" = it was not)
 
     @property
     def input_size(self) -> int:
@@ -112,6 +125,26 @@ class Engine:
         return f"<{type(self).__name__} {self.describe()}>"
 
 
+@dataclass(frozen=True)
+class Row:
+    """One variant of an artefact on an engine, as parity and latency tables list them:
+    ``load_engine(path, **row.load_kwargs())`` loads it."""
+
+    engine: str  # registry name
+    title: str  # the engine's display name
+    precision: str  # the precision it computes in
+    provider: str = "auto"  # the --provider it runs on (auto: the engine's own choice)
+    device: str = "cpu"  # cpu | cuda: where it computes
+
+    def load_kwargs(self) -> dict:
+        return {"engine": self.engine, "precision": self.precision, "provider": self.provider}
+
+    def matches(self, eng: Engine) -> bool:
+        """True when ``eng`` (an already loaded engine) is this variant."""
+        return eng.engine == self.engine and eng.precision == self.precision and (
+            self.provider == "auto" or eng.provider_choice == self.provider)
+
+
 class Backend:
     """One inference engine as a plug-in; see the module docstring. Subclasses set the class
     attributes and implement :meth:`load`; the rest has sensible defaults."""
@@ -119,7 +152,14 @@ class Backend:
     name: str = ""  # registry key, e.g. "openvino"
     title: str = ""  # for people, e.g. "OpenVINO"
     suffixes: tuple[str, ...] = (".onnx",)  # artefact files it loads
+    artefact: str = "an ONNX model"  # what those files are, for people
     install: str = ""  # how to get it, e.g. "pip install 'ami[openvino]'"
+    providers: tuple[str, ...] = ()  # --provider values it honours; naming one (not auto) selects this engine
+    precisions_known: tuple[str, ...] = ()  # every precision it can run some artefact at (--precision choices)
+    options: tuple[str, ...] = ("threads",)  # the LoadOptions fields it uses
+    nominal_rank: float = 0.0  # its auto rank where installed: a missing engine above the pick is hinted
+    late_check: bool = False  # load() says itself what is missing, after checking the file (a plan's side file)
+    gpu_only: bool = False  # runs on an NVIDIA GPU only (its absence is no news on a CPU box)
 
     def accepts(self, path: str | os.PathLike) -> bool:
         return Path(path).suffix.lower() in self.suffixes
@@ -138,6 +178,22 @@ class Backend:
     def auto_rank(self, path: Path) -> tuple[float, str] | None:
         """(score, reason) for ``--engine auto`` (higher wins), or None when it should not be picked."""
         return None
+
+    def uses_gpu(self) -> bool:
+        """True when this engine, installed here, runs on an NVIDIA GPU."""
+        return False
+
+    def gpu_install(self, cuda_major: int | None) -> str:
+        """What to install for this engine to run on an NVIDIA GPU of a driver of that CUDA major ('' = never)."""
+        return ""
+
+    def rows(self, artefact_precision: str, provider: str = "auto", *, gpu_providers: bool = False) -> list[Row]:
+        """The (precision, provider) variants of one artefact that parity and latency tables run on
+        this engine here: every precision it offers, on ``provider`` when it honours it. With
+        ``gpu_providers``, also its GPU providers usable here (latency times those)."""
+        prov = provider if provider in self.providers else "auto"
+        device = "cuda" if self.gpu_only else "cpu"
+        return [Row(self.name, self.title, q, prov, device) for q in self.precisions(artefact_precision)]
 
     def load(self, path: Path, precision: str | None, opts: LoadOptions) -> Engine:  # pragma: no cover
         raise NotImplementedError
@@ -178,11 +234,6 @@ def parse_batch_sizes(batches: str | Sequence[int]) -> list[int]:
     if not vals or min(vals) < 1:
         raise ValueError(f"needs positive batch sizes, got {batches!r}")
     return sorted(set(vals))
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def missing_library(module: str, label: str, install: str) -> str | None:

@@ -13,18 +13,26 @@ explicit, never OpenVINO's silent default (bf16 on CPUs that have it):
 
 Compiled models are cached on disk (OpenVINO's ``CACHE_DIR``; default ``~/.cache/ami/openvino``,
 under ``$XDG_CACHE_HOME`` when set; ``cache_dir=`` / ``--cache-dir`` to move it), so a second
-start skips the compilation. ``threads`` sets ``INFERENCE_NUM_THREADS`` (0 = OpenVINO's default,
-one per physical core); the latency hint keeps one stream that uses them all.
+start skips the compilation. Each compiled model has its own entry there, keyed by the weights
+digest, OpenVINO's version, the precision, the device and the threads, and sealed by a manifest of
+its files' digests (:mod:`.cache`): a blob changed on disk is found at load, deleted and compiled
+again. ``threads`` sets ``INFERENCE_NUM_THREADS`` (0 = OpenVINO's default, one per physical core);
+the latency hint keeps one stream that uses them all. One engine may be used from several threads:
+each call takes an idle infer request (waiting for one when all are busy) and gives it back.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 from pathlib import Path
 
 import numpy as np
 
-from ..artifact import ArtifactError, ArtifactMeta, check_weights_digest
+from .. import DIST_NAME
+from ..artifact import ArtifactError, ArtifactMeta, check_weights_digest, onnx_weights_digest
+from ..errors import first_line
+from . import cache
 from .base import (
     Backend,
     Engine,
@@ -34,7 +42,6 @@ from .base import (
     cache_root,
     check_io,
     cpu_int8_features,
-    first_line,
     meta_from_props,
     missing_library,
     not_loadable,
@@ -50,7 +57,7 @@ _HINTS = {"fp32": "f32", "bf16": "bf16"}
 
 
 def _ov():
-    return require_library("openvino", "OpenVINO", "pip install 'ami[openvino]'")
+    return require_library("openvino", "OpenVINO", f"pip install '{DIST_NAME}[openvino]'")
 
 
 _CORE = None
@@ -133,31 +140,53 @@ class OpenVinoEngine(Engine):
             raise EngineError(_precision_refusal(self.path.name, art, want))
         self.run_precision = want
         hint = "f32" if want == "int8" else _HINTS[want]  # int8: the layers left in float run in f32
-        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hint, "CACHE_DIR": str(self.cache_dir)}
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hint}
         if threads and threads > 0:
             config["INFERENCE_NUM_THREADS"] = int(threads)
-        try:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            del config["CACHE_DIR"]  # a read-only home: run, just without the cache
-            self.cache_dir = None
+        entry = self._cache_entry(cache_dir, ov.__version__, want, config)
+        if entry is not None:
+            config["CACHE_DIR"] = str(entry.dir)
         try:
             self.compiled = c.compile_model(model, DEVICE, config)
         except Exception as e:  # BLE001
             raise EngineError(f"OpenVINO {ov.__version__} could not compile {self.path.name} for the CPU: "
                               f"{first_line(e)}") from None
-        self._request = self.compiled.create_infer_request()
+        if entry is not None:
+            entry.seal()
+        # Infer requests no thread is using: as many as OpenVINO finds optimal (1 with the latency hint,
+        # whose one stream already uses every thread), made here: creating one while another runs can hang.
+        self._idle: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))):
+            self._idle.put(self.compiled.create_infer_request())
         self._out = self.compiled.output("prob_atypical")
         self.threads = int(self.compiled.get_property("INFERENCE_NUM_THREADS"))
         self.provider = f"OpenVINO {ov.__version__.split('-')[0]} {DEVICE} ({want}, {self.threads} threads)"
+
+    def _cache_entry(self, cache_dir: Path | None, version: str, precision: str, config: dict) -> cache.CacheEntry | None:
+        """The verified cache entry of this compiled model (None: no writable cache folder; it then
+        compiles every time). ``cache_note`` says when a changed entry was discarded."""
+        self.cache_dir = None
+        self.cache_note = ""
+        digest = self.meta.weights_digest or onnx_weights_digest(self.path)
+        try:
+            entry = cache.CacheEntry.open(Path(cache_dir) if cache_dir else default_cache_dir(), engine="openvino",
+                                          weights=digest, version=version, precision=precision, device=DEVICE,
+                                          config=sorted(config.items()))
+        except OSError:
+            return None  # a read-only home: run, just without the cache
+        self.cache_dir, self.cache_note = entry.dir, entry.note
+        return entry
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         x = self.check_batch(pixels)
         if len(x) == 0:
             return np.zeros((0,), np.float32)
-        res = self._request.infer({0: x}, share_inputs=True, share_outputs=False)
-        return np.asarray(res[self._out], dtype=np.float32).reshape(len(x))
+        request = self._idle.get()  # an infer request runs one call at a time: callers take turns
+        try:
+            res = request.infer({0: x}, share_inputs=True, share_outputs=False)
+            return np.asarray(res[self._out], dtype=np.float32).reshape(len(x))
+        finally:
+            self._idle.put(request)
 
 
 def _precision_refusal(name: str, artefact: str, want: str) -> str:
@@ -174,7 +203,10 @@ def _precision_refusal(name: str, artefact: str, want: str) -> str:
 class OvBackend(Backend):
     name = "openvino"
     title = "OpenVINO"
-    install = "pip install 'ami[openvino]'"
+    install = f"pip install '{DIST_NAME}[openvino]'"
+    precisions_known = ("fp32", "bf16", "int8")
+    options = ("threads", "cache_dir")
+    nominal_rank = 50.0
 
     def unavailable(self) -> str | None:
         missing = missing_library("openvino", "OpenVINO", self.install)
@@ -198,7 +230,7 @@ class OvBackend(Backend):
         return ()  # fp16 ONNX artefacts: not a CPU format
 
     def auto_rank(self, path: Path) -> tuple[float, str] | None:
-        return 50.0, (f"OpenVINO {self.version()} is the fastest installed CPU engine (CPU: {cpu_int8_features()}; "
+        return self.nominal_rank, (f"OpenVINO {self.version()} is the fastest installed CPU engine (CPU: {cpu_int8_features()}; "
                       "README: Which engine on which box)")
 
     def load(self, path: Path, precision: str | None, opts: LoadOptions) -> Engine:
@@ -212,10 +244,5 @@ BACKEND = OvBackend()
 
 
 def clear_cache(cache_dir: str | os.PathLike | None = None) -> int:
-    """Delete OpenVINO's compiled-model blobs (``*.blob``) from the cache folder; returns how many."""
-    d = Path(cache_dir) if cache_dir else default_cache_dir()
-    n = 0
-    for f in d.glob("*.blob") if d.is_dir() else ():
-        f.unlink(missing_ok=True)
-        n += 1
-    return n
+    """Delete every compiled-model entry from the cache folder; returns how many."""
+    return cache.clear(Path(cache_dir) if cache_dir else default_cache_dir())

@@ -22,14 +22,16 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import warnings
 from pathlib import Path
 
 import numpy as np
 
+from .. import DIST_NAME
 from ..artifact import INPUT_NAME, OUTPUT_NAME, PLAN_SUFFIXES, ArtifactError, ArtifactMeta, check_weights_digest
-from ..gpu import TRT_MAJORS, tensorrt_major
-from .base import Backend, Engine, EngineError, LoadOptions
+from ..gpu import TRT_MAJORS, tensorrt_major, trt_extra
+from .base import Backend, Engine, EngineError, EngineFault, LoadOptions
 
 SIDECAR_SUFFIX = ".json"
 BUILD_KEYS = ("tensorrt_version", "gpu_name", "compute_capability")
@@ -165,7 +167,8 @@ def check_plan_compatible(build: dict, tensorrt_version: str, device: dict, plan
 class TrtPlanEngine(Engine):
     """Runs a serialised TensorRT engine with the ami I/O contract (``pixels`` uint8 NHWC in,
     ``prob_atypical`` float32 [N] out). Batches above the plan's profile maximum are split;
-    batches below its minimum are padded."""
+    batches below its minimum are padded. One execution context, stream and buffer pair: calls
+    from several threads take turns (a lock)."""
 
     engine, title, device = "tensorrt", "TensorRT", "cuda"
 
@@ -176,6 +179,7 @@ class TrtPlanEngine(Engine):
         trt = _tensorrt()
         cudart = _cudart()
         self._cudart = cudart
+        self._lock = threading.Lock()
         self._bufs: list = []
         self._stream = None
         _ck(cudart, cudart.cudaSetDevice(device_id))
@@ -230,7 +234,7 @@ class TrtPlanEngine(Engine):
         x = np.ascontiguousarray(x)
         out = np.empty(len(x), np.float32)
         if not self._ctx.set_input_shape(INPUT_NAME, tuple(x.shape)):
-            raise EngineError(f"TensorRT refused input shape {list(x.shape)} (profile batch "
+            raise EngineFault(f"TensorRT refused input shape {list(x.shape)} (profile batch "
                               f"{self.min_batch}..{self.max_batch})")
         self._ctx.set_tensor_address(INPUT_NAME, int(self._d_in))
         self._ctx.set_tensor_address(OUTPUT_NAME, int(self._d_out))
@@ -238,7 +242,7 @@ class TrtPlanEngine(Engine):
         d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         _ck(cudart, cudart.cudaMemcpyAsync(self._d_in, x.ctypes.data, x.nbytes, h2d, self._stream))
         if not self._ctx.execute_async_v3(native_handle(self._stream)):
-            raise EngineError("TensorRT execution failed (execute_async_v3 returned False)")
+            raise EngineFault("TensorRT execution failed (execute_async_v3 returned False)")
         _ck(cudart, cudart.cudaMemcpyAsync(out.ctypes.data, self._d_out, out.nbytes, d2h, self._stream))
         _ck(cudart, cudart.cudaStreamSynchronize(self._stream))
         return out[:n]
@@ -247,7 +251,8 @@ class TrtPlanEngine(Engine):
         x = self.check_batch(pixels)
         if len(x) == 0:
             return np.zeros((0,), np.float32)
-        parts = [self._run_chunk(x[i:i + self.max_batch]) for i in range(0, len(x), self.max_batch)]
+        with self._lock:
+            parts = [self._run_chunk(x[i:i + self.max_batch]) for i in range(0, len(x), self.max_batch)]
         return np.concatenate(parts)
 
     def close(self) -> None:
@@ -274,7 +279,14 @@ class TrtBackend(Backend):
     name = "tensorrt"
     title = "TensorRT"
     suffixes = PLAN_SUFFIXES
-    install = "pip install 'ami[trt-cu12]' or 'ami[trt-cu13]' (the CUDA major nvidia-smi prints) on a box with an NVIDIA GPU"
+    artefact = "a TensorRT plan"
+    install = (f"pip install '{DIST_NAME}[trt-cu12]' or '{DIST_NAME}[trt-cu13]' (the CUDA major nvidia-smi prints) "
+               "on a box with an NVIDIA GPU")
+    precisions_known = ("fp32", "fp16", "int8")  # the precision a plan was built with
+    options = ("provider", "device_id")
+    nominal_rank = 100.0
+    late_check = True  # a plan's side file is checked before TensorRT's libraries
+    gpu_only = True
 
     def unavailable(self) -> str | None:
         import importlib.util
@@ -293,7 +305,13 @@ class TrtBackend(Backend):
             return ""
 
     def auto_rank(self, path: Path) -> tuple[float, str] | None:
-        return 100.0, f"{path.name} is a TensorRT plan: only TensorRT runs it"
+        return self.nominal_rank, f"{path.name} is a TensorRT plan: only TensorRT runs it"
+
+    def uses_gpu(self) -> bool:
+        return self.unavailable() is None
+
+    def gpu_install(self, cuda_major: int | None) -> str:
+        return f"pip install '{trt_extra(cuda_major)}'"
 
     def load(self, path: Path, precision: str | None, opts: LoadOptions) -> Engine:
         if opts.provider not in ("auto", "tensorrt"):

@@ -26,8 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..engines import EngineError
-from ..errors import EXIT_FAULT, Fault
+from ..engines import EngineFault
 from ..imageio import MAX_PIXELS
 from ..preprocess import Preprocess
 from .decode import POOLS, CropFiles, decode_pool, default_workers
@@ -37,12 +36,10 @@ from .record import model_record, new_record, read_record, resume_mix, write_rec
 from .report import ProgressLine, Summary
 from .writer import ResultWriter, check_not_an_input, check_side_outputs
 
-
-class InferenceFault(EngineError, Fault):
-    """The engine failed or returned nonsense while running: the run stops (exit 4, a fault; an
-    EngineError raised while loading means the machine cannot run the model, exit 3)."""
-
-    exit_code = EXIT_FAULT
+# The engine failed or returned nonsense while running: the run stops (exit 4, a fault; an
+# EngineError raised while loading means the machine cannot run the model, exit 3). One class,
+# the engines' own, under the name the inference pipeline has always exported.
+InferenceFault = EngineFault
 
 
 def install_stop_handlers(stop: threading.Event) -> Callable[[], None]:
