@@ -12,9 +12,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
 
 
 def _register() -> None:
-    from . import card, gpu_check, latency, parity, table
+    from . import card, evaluate, gpu_check, latency, parity, table
 
-    for mod in (table, parity, latency, card, gpu_check):
+    for mod in (table, parity, latency, card, gpu_check, evaluate):
         mod.register(app)
 
 
