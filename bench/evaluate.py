@@ -279,6 +279,42 @@ def evaluate_set(scorer: Scorer, crops: CropSet, *, n_boot: int = N_BOOT, seed: 
     return rep
 
 
+RECORDED_AFTER = ("scored after training by `ami-bench evaluate RUN {name} --record` from this fold's committed "
+                  "checkpoint (the set was not on disk when the fold was trained)")
+
+
+def record_folds(run: Path, name: str, data_root: str | Path | None = None, batch: int = 64, overwrite: bool = False,
+                 show: bool = True, log=lambda s: None) -> list[str]:
+    """Score each finished fold of ``run`` (its model alone) on the test set ``name`` and write the
+    metrics and per-crop predictions into the fold's metrics.json, as training would have, where
+    the set is recorded absent (every fold with ``overwrite``). Returns the folds written."""
+    from ami.runtime.metrics import evaluate
+    from ami.runtime.rundir import RunDir
+
+    if name not in TEST_SETS:
+        raise EvaluateError(f"--record takes a test set name ({', '.join(TEST_SETS)}), not {name!r}")
+    samples = load_crop_set(name, data_root).samples
+    y = np.array([s.label for s in samples])
+    written = []
+    for fd in RunDir(run).cv_folds():
+        if not fd.is_finished():
+            continue
+        m = fd.metrics()
+        if "auroc" in m.get("tests", {}).get(name, {}) and not overwrite:
+            log(f"fold {fd.fold}: {name} already recorded (pass --overwrite to score it again)")
+            continue
+        p = score(run_scorer(run, str(fd.fold), batch), samples, batch, show)
+        m.setdefault("tests", {})[name] = {**evaluate(y, p, 0.5).to_dict(), "data_fingerprint": None,
+                                           "recorded_after_training": RECORDED_AFTER.format(name=name)}
+        m.setdefault("predictions", {})[name] = [[s.name, int(s.label), round(float(q), 6)] for s, q in zip(samples, p)]
+        m.pop("_dir", None)
+        fd.write_metrics(m)
+        log(f"fold {fd.fold}: {name} BA {m['tests'][name]['balanced_accuracy']:.4f} AUROC {m['tests'][name]['auroc']:.4f} "
+            f"(n={len(samples)}) written to {fd.metrics_path}")
+        written.append(str(fd.fold))
+    return written
+
+
 def check_block(rep: dict) -> None:
     """Fail loudly when no metric could be computed (one class only)."""
     if "undefined" in rep["all"]:
@@ -317,7 +353,7 @@ def register(app: typer.Typer) -> None:
         model: Path = typer.Argument(..., help="Artefact (.onnx, int8 .onnx, TensorRT .plan) or run directory."),
         crops: str = typer.Argument(..., help="Folder with Atypical/ and Normal/, a CSV (path,label[,group]), or a "
                                     f"dataset name under the data root ({', '.join(TEST_SETS)})."),
-        out: Path = typer.Option(..., "--out", "-o", help="Folder for the report (Markdown, JSON, CSV, SVG)."),
+        out: Path | None = typer.Option(None, "--out", "-o", help="Folder for the report (Markdown, JSON, CSV, SVG)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace the report files in an existing --out."),
         data_root: Path | None = typer.Option(None, "--data-root", help="For a dataset name: folder holding AMi-Br/, "
                                               "AtNorM-Br/, AtNorM-MD/ (default: $AMI_DATA_ROOT, else the per-user one)."),
@@ -333,11 +369,22 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(SEED, "--seed", help="Bootstrap seed."),
         mpp: float | None = typer.Option(None, "--mpp", help="Your crops' resolution in um/px, checked against the "
                                          "training crops'."),
+        record: bool = typer.Option(False, "--record", help="Run directory + test set name: score each fold alone and "
+                                    "write the set into the folds' metrics.json where it is recorded absent (what "
+                                    "ami-bench table and card read); no report."),
     ):
         """Score a labelled crop set: metrics with 95 % intervals, per group, data check, ROC and calibration."""
         from .evaluate_report import write_report
 
         try:
+            if record:
+                if not model.is_dir():
+                    raise EvaluateError("--record takes a run directory (its folds' checkpoints are scored)")
+                done = record_folds(model, crops, data_root, batch, overwrite, log=lambda s: typer.echo(s, err=True))
+                typer.echo(f"recorded {crops} for fold(s) {','.join(done) or 'none'} of {model}")
+                return
+            if out is None:
+                raise EvaluateError("pass -o/--out DIR for the report")
             if out.exists() and any(out.iterdir()) and not overwrite:
                 raise EvaluateError(f"{out} exists and is not empty: pass --overwrite to replace its report")
             crop_set = load_crop_set(crops, data_root)
