@@ -37,7 +37,7 @@ from ami.runtime.datasets import (
     resolve_data_root,
 )
 from ami.runtime.engines import EngineError
-from ami.runtime.errors import AmiError, BadInput, Unavailable, first_line
+from ami.runtime.errors import AmiError, BadInput, Fault, Unavailable, first_line
 from ami.runtime.hashing import file_sha256
 from ami.runtime.imageio import ImageError, decode_rgb
 from ami.runtime.metrics import BOOTSTRAP_METHOD, mean_std
@@ -165,15 +165,18 @@ def run_scorer(run: Path, fold: str | None = None, batch: int = 64) -> Scorer:
     """A run directory's fold ensemble (mean probability) or one fold, in PyTorch on the CPU, as
     ``ami-bench parity --run`` builds it; threshold 0.5 (the training protocol)."""
     try:
+        from ami.export import ExportError
         from ami.export.ensemble import reference_probs
-
-        from .parity import ParityError, build_run_models
+        from ami.export.source import resolve_source
+        from ami.train.foldmodel import FoldModelError, load_fold_model
     except ImportError as e:
-        raise Unavailable(f"a run directory needs PyTorch (pip install 'ami[train]'): {e}") from None
+        raise Unavailable(f"a run directory needs PyTorch and the training extras (pip install 'ami[train]'): {e}") from None
     try:
-        models, cfg, src = build_run_models(run, [fold] if fold is not None else "all")
-    except ParityError as e:
-        raise EvaluateError(str(e)) from None
+        src = resolve_source(run, fold if fold is not None else "all")
+        models = [load_fold_model(src.run, f) for f in src.folds]
+    except (ExportError, FoldModelError) as e:
+        raise EvaluateError(first_line(e)) from None
+    cfg = src.cfg
     pre = cfg.preprocess
 
     def predict(pixels: np.ndarray) -> np.ndarray:
@@ -238,7 +241,7 @@ def score(scorer: Scorer, samples: list[Sample], batch: int = 64, show: bool = T
         out.append(scorer.predict(pixels))
     p = np.concatenate(out) if out else np.zeros(0)
     if p.shape != (len(samples),) or not np.isfinite(p).all():
-        raise AmiError(f"{scorer.name} returned {p.shape} scores, some not finite, for {len(samples)} crops")
+        raise Fault(f"{scorer.name} returned {p.shape} scores, or scores that are not finite, for {len(samples)} crops")
     return p
 
 

@@ -96,7 +96,9 @@ def _md_check(rep: dict) -> list[str]:
     for g in d["duplicate_groups"]:
         if g["conflicting"]:
             L.append(f"- Conflicting labels, same bytes: {', '.join(g['crops'])}.")
-    if d["duplicate_groups"]:
+    if not d["duplicate_groups"]:
+        L.append("- No duplicates: the metrics below are also those of the de-duplicated set.")
+    else:
         L.append(f"- De-duplicated set: one copy of each agreeing group kept, every copy of a conflicting group "
                  f"dropped ({len(d['dropped_copies'])} copies and {len(d['dropped_conflicts'])} conflicting crops "
                  f"left out); its metrics follow the all-crops ones.")

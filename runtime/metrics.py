@@ -206,7 +206,7 @@ def reliability(y_true, y_score, bins: int = 10) -> list[dict]:
     """Calibration in ``bins`` equal-width probability bins: per non-empty bin its range, crop count,
     mean predicted probability and observed fraction of atypical crops."""
     y, p = _check(y_true, y_score)
-    edges = np.linspace(0.0, 1.0, bins + 1)
+    edges = np.round(np.linspace(0.0, 1.0, bins + 1), 12)
     which = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, bins - 1)
     out = []
     for b in range(bins):

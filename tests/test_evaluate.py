@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from xml.etree import ElementTree
 
 import numpy as np
 import pytest
@@ -70,8 +71,9 @@ def test_folder_onnx(tmp_path, synthetic_root):
     md = (out / "report.md").read_text()
     assert "| balanced accuracy | " in md and "200 resamples, seed 0" in md and "From `edge-card.json`." in md
     for name in ("roc.svg", "reliability.svg"):
-        svg = (out / name).read_text()
-        assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>") and "<path d=\"M" in svg
+        root = ElementTree.parse(out / name).getroot()  # well-formed SVG with a drawn curve
+        assert root.tag == "{http://www.w3.org/2000/svg}svg"
+        assert any(e.get("d", "").startswith("M") for e in root.iter("{http://www.w3.org/2000/svg}path"))
     rows = list(csv.DictReader((out / "predictions.csv").open()))
     assert len(rows) == len(samples)
     # a second run into the same folder needs --overwrite
