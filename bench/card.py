@@ -457,7 +457,7 @@ def _md_test_sets(c: dict) -> list[str]:
 
     cols = _test_columns()
     L = ["", "## Test sets (never used for any choice)", "", "| artefact | " + " | ".join(
-        f"{view_title(n)} BA / AUROC" for n in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        f"{n if n in TABLE_SETS else view_title(n)} BA / AUROC" for n in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     fs = c["fold_summary"]
     L.append("| fold models, mean | " + " | ".join(
         f"{fs[n]['balanced_accuracy']['mean']:.4f} / {fs[n]['auroc']['mean']:.4f}" if n in fs else "absent"

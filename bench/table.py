@@ -244,7 +244,9 @@ def render_markdown(configs: list[Config], paper: bool = False, ddof: int = DDOF
         row = [_name(c), ",".join(str(k) for k in sorted(c.folds)) or "none"]
         for ds in table_sets():
             for metric, _ in METRICS:
-                row.append(_cell(*c.values(ds, metric), ddof=ddof))
+                vals, why = c.values(ds, metric)
+                part = f" ({len(vals)} of {len(c.folds)} folds)" if 1 < len(vals) < len(c.folds) else ""
+                row.append(_cell(vals, why, ddof=ddof) + part)
                 if paper and ds in TEST_SETS:
                     row.append(_paper_cell(c, ds, metric))
         lines.append("| " + " | ".join(row) + " |")
