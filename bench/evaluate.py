@@ -390,6 +390,8 @@ def register(app: typer.Typer) -> None:
                 raise EvaluateError("pass -o/--out DIR for the report")
             if out.exists() and any(out.iterdir()) and not overwrite:
                 raise EvaluateError(f"{out} exists and is not empty: pass --overwrite to replace its report")
+            if not model.exists():
+                raise EvaluateError(f"{model}: no such model file or run directory")
             crop_set = load_crop_set(crops, data_root)
             scorer = scorer_for(model, fold=fold, engine=engine, precision=precision, provider=provider,
                                 threads=threads, batch=batch)
