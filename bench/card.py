@@ -190,7 +190,7 @@ def _tta_on_validation(run: Path, data_root: Path, log) -> dict:
 
 
 def _throughput(path: Path, batch: int, threads: int, rounds: int, size: int) -> dict:
-    from ami.runtime.engine import load_engine
+    from ami.runtime.engines import load_engine
 
     eng = load_engine(path, provider="cpu", threads=threads)
     x = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
@@ -207,7 +207,7 @@ def _throughput(path: Path, batch: int, threads: int, rounds: int, size: int) ->
 
 
 def _engine_tests(path: Path, data_root: Path) -> dict:
-    from ami.runtime.engine import load_engine
+    from ami.runtime.engines import load_engine
     from ami.runtime.pixels import decode_pixels
 
     eng = load_engine(path, provider="cpu")
@@ -300,7 +300,7 @@ def build_card(run: Path, onnx: Path, int8: Path | None, data_root: Path, thread
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ami.runtime.engine import load_engine
+    from ami.runtime.engines import load_engine
     from ami.train.foldmodel import load_fold_model
 
     rundir = RunDir(run)
