@@ -21,6 +21,7 @@ import typer
 
 from ami.runtime.cli.contract import guard
 from ami.runtime.datasets import available_eval_sets, require_data_root
+from ami.runtime.errors import BadInput
 from ami.runtime.metrics import balanced_accuracy, cross_validated_threshold, evaluate, mean_std
 from ami.runtime.models import resolve_model
 from ami.runtime.rundir import ALL, WEIGHTS, RunDir, read_json
@@ -148,6 +149,11 @@ def _ensemble_tests(folds: dict[str, dict]) -> dict:
             continue
         keys = sorted(probs)
         out[name] = evaluate([labels[k] for k in keys], [float(np.mean(probs[k])) for k in keys]).to_dict()
+        from .table import dedup_views, subset_metrics
+
+        for view, (base, drops) in dedup_views().items():
+            if base == name:
+                out[view] = subset_metrics([[k, labels[k], float(np.mean(probs[k]))] for k in keys], drops)
     return out
 
 
@@ -213,8 +219,81 @@ def _engine_tests(path: Path, data_root: Path) -> dict:
             continue
         imgs = decode_pixels([s.path for s in samples], eng.meta.preprocess)
         p = np.concatenate([eng.predict(imgs[i:i + 256]) for i in range(0, len(imgs), 256)])
-        out[name] = evaluate([s.label for s in samples], p, eng.meta.threshold).to_dict()
+        out.update(_scored(name, samples, p, eng.meta.threshold))
     return out
+
+
+def _scored(name: str, samples: list, p: np.ndarray, threshold: float) -> dict:
+    """{set: metrics} of per-crop scores, plus the de-duplicated view of a set with known duplicates
+    (the same subset ``ami-bench table`` takes: :func:`ami.bench.table.subset_metrics`)."""
+    from .table import dedup_views, subset_metrics
+
+    out = {name: evaluate([s.label for s in samples], p, threshold).to_dict()}
+    rows = [[s.name, s.label, float(q)] for s, q in zip(samples, p)]
+    for view, (base, drops) in dedup_views().items():
+        if base == name:
+            out[view] = subset_metrics(rows, drops, threshold)
+    return out
+
+
+def _torch_tests(weights: Path, model: str, data_root: Path, sets: list[str]) -> dict:
+    """A full checkpoint (the all-crops model) in PyTorch on ``sets``, decoded as the engines decode."""
+    from ami.export.ensemble import reference_probs
+    from ami.runtime.pixels import decode_pixels
+
+    from .parity import build_single_model
+
+    net, cfg = build_single_model(weights, model)
+    out = {}
+    for name, samples in available_eval_sets(data_root).items():
+        if name in sets and not isinstance(samples, str):
+            imgs = decode_pixels([s.path for s in samples], cfg.preprocess)
+            out.update(_scored(name, samples, reference_probs([net.float().eval()], cfg.preprocess, imgs, 64), 0.5))
+    return out
+
+
+def refresh_tests(card: dict, onnx: Path, int8: Path | None, data_root: Path, weights: Path | None, log=print) -> dict:
+    """A card's test-set rows scored again from files, for a test set that arrived after the run was
+    trained (AtNorM-Br): the shipped artefacts on every present set (and its de-duplicated view),
+    the all-crops checkpoint ``weights`` in PyTorch on the sets its training record lacks. Fold and
+    ensemble rows need the fold checkpoints and stay as recorded; the card says so."""
+    log(f"re-scoring {onnx.name} on the present test sets")
+    card["shipped"]["tests"] = _engine_tests(onnx, data_root)
+    if int8 is not None and int8.exists() and "shipped_int8" in card:
+        log(f"re-scoring {int8.name}")
+        card["shipped_int8"]["tests"] = _engine_tests(int8, data_root)
+    recorded = card.get("all_crops_model_pytorch_tests") or {}
+    missing = [n for n in TABLE_SETS if "auroc" not in recorded.get(n, {})]
+    if weights is not None and missing:
+        log(f"all-crops model ({weights.name}, PyTorch) on {', '.join(missing)}")
+        scored = _torch_tests(weights, card["model"], data_root, missing)
+        card["all_crops_model_pytorch_tests"] = {**recorded, **scored}
+        card.setdefault("scored_after_training", {})["all_crops_model_pytorch_tests"] = sorted(scored)
+    card["refreshed"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    card["refreshed_on"] = {"cpu": platform.processor() or platform.machine(), "isa": cpu_isa()}
+    cmd = REFRESH_COMMAND
+    if cmd not in card["reproduce"]:
+        card["reproduce"].append(cmd)
+    return card
+
+
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_isa() -> list[str]:
+    """The vector instruction sets of this CPU that decide int8 / bf16 results (empty when unknown)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in ISA_FLAGS if f in have]
+    except OSError:
+        pass
+    return []
+
+
+REFRESH_COMMAND = ("ami-bench card --refresh runtime/assets/edge-card.json --weights runtime/assets/edge.safetensors "
+                   "--out runtime/assets  # test rows of a set added after training (AtNorM-Br)")
 
 
 def build_card(run: Path, onnx: Path, int8: Path | None, data_root: Path, threads: int = 2, log=print,
@@ -305,8 +384,9 @@ def _md_what_it_is(c: dict) -> list[str]:
     """Title, architecture, weights, preprocessing, threshold, the commands that rebuild it, the recipe."""
     pre = c["preprocess"]
     return [f"# Model card: ami `{c['model']}` ({c['arch']}, {pre['input_size']} px)", "",
-            f"Generated by `ami-bench card` on {c['generated']} from the run directory and the artefacts; "
-            "no number below is typed by hand.", "",
+            f"Generated by `ami-bench card` on {c['generated']} from the run directory and the artefacts"
+            + (f" (test-set rows scored again on {c['refreshed']}, `--refresh`)" if c.get("refreshed") else "")
+            + "; no number below is typed by hand.", "",
             "## What it is",
             f"- Architecture: timm `{c['arch']}`, {c['params']:,} parameters, "
             f"{c['flops_per_crop'] / 1e9:.3f} GFLOPs per crop (torch FlopCounterMode, one {pre['input_size']} px crop).",
@@ -357,9 +437,16 @@ def _md_recipe_choice(c: dict) -> list[str]:
     return L
 
 
+def _test_columns() -> tuple[str, ...]:
+    """The test-set table's columns: every test set (all crops, as the paper), then the de-duplicated views."""
+    from .table import dedup_views
+
+    return TABLE_SETS + tuple(dedup_views())
+
+
 def _md_test_row(name: str, tests: dict) -> str:
     cells = []
-    for n in TABLE_SETS:
+    for n in _test_columns():
         t = tests.get(n)
         cells.append(f"{t['balanced_accuracy']:.4f} / {t['auroc']:.4f}" if t and "auroc" in t else "absent")
     return f"| {name} | " + " | ".join(cells) + " |"
@@ -367,18 +454,39 @@ def _md_test_row(name: str, tests: dict) -> str:
 
 def _md_test_sets(c: dict) -> list[str]:
     """BA / AUROC on each test set: fold models, fold ensemble, all-crops model, the shipped artefacts."""
+    from .table import dedup_views, view_title
+
+    cols = _test_columns()
     L = ["", "## Test sets (never used for any choice)", "", "| artefact | " + " | ".join(
-        f"{n} BA / AUROC" for n in TABLE_SETS) + " |", "|---|---|---|---|"]
+        f"{n if n in TABLE_SETS else view_title(n)} BA / AUROC" for n in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     fs = c["fold_summary"]
     L.append("| fold models, mean | " + " | ".join(
         f"{fs[n]['balanced_accuracy']['mean']:.4f} / {fs[n]['auroc']['mean']:.4f}" if n in fs else "absent"
-        for n in TABLE_SETS) + " |")
+        for n in cols) + " |")
     L.append(_md_test_row("5-fold ensemble (mean probability, PyTorch)", c["fold_ensemble_tests"]))
     if "all_crops_model_pytorch_tests" in c:
         L.append(_md_test_row("all-crops model (PyTorch)", c["all_crops_model_pytorch_tests"]))
     L.append(_md_test_row(f"**shipped** `{c['shipped']['file']}` (ONNX Runtime fp32)", c["shipped"]["tests"]))
     if "shipped_int8" in c:
-        L.append(_md_test_row(f"`{c['shipped_int8']['file']}` (ONNX Runtime int8)", c["shipped_int8"]["tests"]))
+        isa = (c.get("refreshed_on") or {}).get("isa")
+        on = f", on a CPU with {' '.join(isa)}" if isa else ""
+        L.append(_md_test_row(f"`{c['shipped_int8']['file']}` (ONNX Runtime int8{on})", c["shipped_int8"]["tests"]))
+    L.append("")
+    if (c.get("refreshed_on") or {}).get("isa") and "avx512_vnni" not in c["refreshed_on"]["isa"] \
+            and "avx_vnni" not in c["refreshed_on"]["isa"]:
+        L.append("The artefact rows were scored on a CPU without VNNI: the int8 file's uint8 activations can "
+                 "saturate there (see the README's engine table), so its int8 row is this CPU's, not a VNNI CPU's.")
+    for view, (base, drops) in dedup_views().items():
+        L.append(f"{view_title(view)}: the same scores without the release's byte-identical copies ({len(drops)} crops "
+                 f"left out: one copy of each group kept, both sides of a conflicting label dropped); the {base} "
+                 "column is all crops, as the paper reports it.")
+    late = [n for n in TABLE_SETS if n not in fs and "auroc" in c["shipped"]["tests"].get(n, {})]
+    if late:
+        after = c.get("scored_after_training", {}).get("all_crops_model_pytorch_tests", [])
+        L.append(f"{', '.join(late)}: not on disk when the folds were trained, and the fold checkpoints are not kept "
+                 "(only their metrics.json), so the fold-model and ensemble cells stay absent; the artefacts"
+                 + (" and the all-crops checkpoint (shipped as edge.safetensors)" if any(n in after for n in late) else "")
+                 + f" were scored on it afterwards (`ami-bench card --refresh`, {c.get('refreshed', 'at generation')}).")
     return L
 
 
@@ -420,7 +528,8 @@ def register(app: typer.Typer) -> None:
     @app.command("card")
     @guard("ami-bench")
     def card_cmd(
-        run: Path = typer.Argument(..., help="Run directory of the edge model (folds + all/)."),
+        run: Path | None = typer.Argument(None, help="Run directory of the edge model (folds + all/); not with "
+                                          "--refresh."),
         model: str = typer.Option("edge", "--model", metavar="FILE|NAME",
                                   help="The shipped fp32 ONNX: a file, or a shipped model by name."),
         model_int8: str | None = typer.Option(None, "--model-int8", metavar="FILE|NAME",
@@ -430,12 +539,22 @@ def register(app: typer.Typer) -> None:
         threads: int = typer.Option(2, help="ONNX Runtime threads for the speed rows."),
         compare: list[Path] = typer.Option([], "--compare", help="Another run of a candidate recipe (repeatable): "
                                            "adds a validation-only recipe comparison table."),
+        refresh: Path | None = typer.Option(None, "--refresh", help="An existing card JSON: score its artefacts (and "
+                                            "--weights, the all-crops checkpoint, in PyTorch) again on every present "
+                                            "test set and rewrite the card; for a test set added after training."),
+        weights: Path | None = typer.Option(None, "--weights", help="With --refresh: the all-crops model's full "
+                                            "checkpoint (e.g. runtime/assets/edge.safetensors)."),
     ):
         """Write the model card (Markdown + JSON) of a shipped model from its run and artefacts."""
         root = require_data_root(data_root)
         onnx = resolve_model(model)
         int8 = resolve_model(model_int8) if model_int8 else onnx.with_name(onnx.stem + "-int8.onnx")
-        c = build_card(run, onnx, int8, root, threads=threads, log=typer.echo, compare=list(compare))
+        if refresh is not None:
+            c = refresh_tests(json.loads(refresh.read_text()), onnx, int8, root, weights, log=typer.echo)
+        elif run is None:
+            raise BadInput("pass the run directory, or --refresh CARD.json")
+        else:
+            c = build_card(run, onnx, int8, root, threads=threads, log=typer.echo, compare=list(compare))
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{c['model']}-card.json").write_text(scrub(json.dumps(c, indent=1) + "\n", root))
         (out / f"{c['model']}-card.md").write_text(scrub(render_markdown(c), root))

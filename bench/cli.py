@@ -13,9 +13,9 @@ app = AmiTyper(prog="ami-bench", no_args_is_help=True, rich_markup_mode=None,
 
 
 def _register() -> None:
-    from . import card, gpu_check, gpu_hours, latency, parity, table
+    from . import card, evaluate, gpu_check, gpu_hours, latency, parity, table
 
-    for mod in (table, parity, latency, card, gpu_check, gpu_hours):
+    for mod in (table, parity, latency, card, gpu_check, gpu_hours, evaluate):
         mod.register(app)
 
 

@@ -24,14 +24,50 @@ import numpy as np
 import typer
 
 from ami.runtime.cli.contract import guard
-from ami.runtime.datasets import TEST_SETS
+from ami.runtime.datasets import DATASETS, TEST_SETS, known_dedup_drops
 from ami.runtime.errors import BadInput
-from ami.runtime.metrics import MetricError, mean_std, roc_curve
-from ami.runtime.rundir import ALL, CONFIG, RunDir, RunDirError
+from ami.runtime.metrics import MetricError, auroc, balanced_accuracy, mean_std, roc_curve
+from ami.runtime.rundir import ALL, CONFIG, WEIGHTS, RunDir, RunDirError
 from ami.train.registry import PAPER_CITATION, PAPER_TABLE3  # (model, method) -> test set -> metric -> (mean, std)
 
 METRICS = (("balanced_accuracy", "BA"), ("auroc", "AUROC"))
 SHORT = {"AMi-Br-test": "AMi-Br"}
+DEDUP = " (dedup)"  # suffix of a de-duplicated view: "AtNorM-Br (dedup)"
+
+
+def dedup_views() -> dict[str, tuple[str, frozenset[str]]]:
+    """De-duplicated views of the test sets whose release holds duplicates (AtNorM-Br): view name ->
+    (test set, the ``Class/name`` keys left out). Computed from each fold's per-crop predictions, so
+    no run is needed again; they come after the test sets, which keep the paper's numbers (all crops)."""
+    out = {}
+    for ds in TEST_SETS:
+        copies, conflicts = known_dedup_drops(ds)
+        if copies or conflicts:
+            out[ds + DEDUP] = (ds, copies | conflicts)
+    return out
+
+
+def view_title(view: str) -> str:
+    """How a column names a set: "AtNorM-Br (dedup, 709)" for a de-duplicated view."""
+    base, drops = dedup_views().get(view, (view, frozenset()))
+    if base == view:
+        return SHORT.get(view, view)
+    return f"{SHORT.get(base, base)} (dedup, {DATASETS[base].n_total - len(drops)})"
+
+
+def table_sets() -> tuple[str, ...]:
+    """Every column set of the table: the test sets (all crops, as the paper), then the de-duplicated views."""
+    return TEST_SETS + tuple(dedup_views())
+
+
+def subset_metrics(rows: list, drops: frozenset[str], threshold: float = 0.5) -> dict:
+    """BA and AUROC of recorded per-crop predictions ([name, label, p]) without the ``drops`` keys."""
+    kept = [r for r in rows if f"{'Atypical' if r[1] else 'Normal'}/{r[0]}" not in drops]
+    y, p = [r[1] for r in kept], [r[2] for r in kept]
+    try:
+        return {"balanced_accuracy": balanced_accuracy(y, p, threshold), "auroc": auroc(y, p), "n": len(kept)}
+    except MetricError as e:
+        return {"error": str(e)}
 
 
 class TableError(BadInput, ValueError):
@@ -51,10 +87,11 @@ class Config:
     setup: dict = field(default_factory=dict)  # recipe keys and amp, to tell same-label configurations apart
 
     def values(self, dataset: str, metric: str) -> tuple[list[float], str | None]:
-        """Per-fold values, or (empty, 'absent'|'n/a') when there are none to average."""
+        """Per-fold values, or (empty, 'absent'|'n/a') when there are none to average. ``dataset``:
+        a test set or a de-duplicated view of one (:func:`dedup_views`)."""
         vals, absent = [], 0
         for m in self.folds.values():
-            t = m.get("tests", {}).get(dataset)
+            t = fold_test(m, dataset)
             if t is None or "absent" in t:
                 absent += 1
             elif metric in t and t[metric] is not None:
@@ -62,6 +99,24 @@ class Config:
         if vals:
             return vals, None
         return [], "absent" if absent == len(self.folds) and self.folds else "n/a"
+
+
+    def without_checkpoints(self) -> bool:
+        """No fold of this configuration kept its checkpoint (results/ keeps metrics only)."""
+        return not any((Path(m["_dir"]) / WEIGHTS).is_file() for m in self.folds.values())
+
+
+def fold_test(m: dict, dataset: str) -> dict | None:
+    """One fold's record of a test set or of a de-duplicated view of it (subset of its predictions)."""
+    view = dedup_views().get(dataset)
+    if view is None:
+        return m.get("tests", {}).get(dataset)
+    base, drops = view
+    t = m.get("tests", {}).get(base)
+    rows = m.get("predictions", {}).get(base)
+    if t is None or "absent" in t or not rows:
+        return t
+    return subset_metrics(rows, drops, float(t.get("threshold", 0.5)))
 
 
 def _label(model: str, method: str, entry: dict | None = None) -> str:
@@ -183,22 +238,25 @@ def _name(c: Config) -> str:
 
 def render_markdown(configs: list[Config], paper: bool = False, ddof: int = DDOF) -> str:
     head = ["model", "folds"]
-    for ds in TEST_SETS:
+    for ds in table_sets():
         for _metric, short in METRICS:
-            head.append(f"{SHORT.get(ds, ds)} {short}")
-            if paper:
+            head.append(f"{view_title(ds)} {short}")
+            if paper and ds in TEST_SETS:
                 head.append("paper")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in configs:
         row = [_name(c), ",".join(str(k) for k in sorted(c.folds)) or "none"]
-        for ds in TEST_SETS:
+        for ds in table_sets():
             for metric, _ in METRICS:
-                row.append(_cell(*c.values(ds, metric), ddof=ddof))
-                if paper:
+                vals, why = c.values(ds, metric)
+                part = f" ({len(vals)} of {len(c.folds)} folds)" if 1 < len(vals) < len(c.folds) else ""
+                row.append(_cell(vals, why, ddof=ddof) + part)
+                if paper and ds in TEST_SETS:
                     row.append(_paper_cell(c, ds, metric))
         lines.append("| " + " | ".join(row) + " |")
     notes = ["", f"Ours: mean ± {_std_note(ddof)} over the folds listed, read from each fold's metrics.json; "
              "BA at threshold 0.5. 'absent': the dataset is not on disk; 'n/a': no value (e.g. one class only)."]
+    notes += _dedup_notes() + _absent_notes(configs)
     if paper:
         notes.append(f"paper: {PAPER_CITATION}.")
     flagged = [c for c in configs if c.flags]
@@ -208,20 +266,46 @@ def render_markdown(configs: list[Config], paper: bool = False, ddof: int = DDOF
     return "\n".join(lines + notes) + "\n"
 
 
+def _dedup_notes() -> list[str]:
+    return [f"{view_title(v)}: the same fold predictions without the release's duplicates ({len(d)} crops left out: "
+            f"one copy of each byte-identical group kept, every copy of a group with conflicting labels dropped); "
+            f"the {base} columns are all {DATASETS[base].n_total} crops, as the paper reports them."
+            for v, (base, d) in dedup_views().items()]
+
+
+def _absent_notes(configs: list[Config]) -> list[str]:
+    """Why a test set is absent from a configuration that has other sets: it was not on disk when the
+    run was trained, and either no checkpoint is kept to score it now, or one is (how to score it)."""
+    out = []
+    for ds in TEST_SETS:
+        gone = [c for c in configs if c.values(ds, "auroc")[1] == "absent"
+                and any(c.values(o, "auroc")[1] is None for o in TEST_SETS)]
+        lost = [_name(c) for c in gone if c.without_checkpoints()]
+        kept = [c for c in gone if not c.without_checkpoints()]
+        if lost:
+            out.append(f"{ds} absent for {', '.join(lost)}: the set was not on disk when these runs were trained and "
+                       "their fold checkpoints are not kept (only metrics.json), so their fold models cannot be "
+                       "scored on it.")
+        for c in kept:
+            out.append(f"{ds} absent for {_name(c)}: not on disk at training time; its checkpoints are kept: "
+                       f"`ami-bench evaluate {c.runs[0]} {ds} --record` scores each fold.")
+    return out
+
+
 def render_csv(configs: list[Config], paper: bool = False, ddof: int = DDOF) -> str:
     """One row per configuration; the std columns use ``ddof`` (default 0, as the paper)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     head = ["model", "method", "label", "flags", "folds"]
-    for ds in TEST_SETS:
+    for ds in table_sets():
         for metric, _ in METRICS:
             head += [f"{ds}:{metric}:mean", f"{ds}:{metric}:std", f"{ds}:{metric}:n"]
-            if paper:
+            if paper and ds in TEST_SETS:
                 head += [f"{ds}:{metric}:paper_mean", f"{ds}:{metric}:paper_std"]
     w.writerow(head)
     for c in configs:
         row = [c.model, c.method, c.label, ";".join(c.flags), " ".join(str(k) for k in sorted(c.folds))]
-        for ds in TEST_SETS:
+        for ds in table_sets():
             for metric, _ in METRICS:
                 vals, why = c.values(ds, metric)
                 if why:
@@ -229,7 +313,7 @@ def render_csv(configs: list[Config], paper: bool = False, ddof: int = DDOF) -> 
                 else:
                     m, s = mean_std(vals, ddof=ddof)
                     row += [f"{m:.6f}", f"{s:.6f}" if len(vals) > 1 else "", len(vals)]
-                if paper:
+                if paper and ds in TEST_SETS:
                     p = PAPER_TABLE3.get((c.model, c.method))
                     row += [p[ds][metric][0], p[ds][metric][1]] if p else ["", ""]
         w.writerow(row)
@@ -246,6 +330,7 @@ def render_long(configs: list[Config], paper: bool = False) -> str:
             m = c.folds[k]
             sets = [("validation", m.get("validation") or {})] + [(ds, m.get("tests", {}).get(ds) or {})
                                                                   for ds in TEST_SETS]
+            sets += [(v, t) for v in dedup_views() if (t := fold_test(m, v)) and "auroc" in t]  # where scored
             for ds, t in sets:
                 for metric, _ in METRICS:
                     if "absent" in t:

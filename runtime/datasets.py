@@ -294,6 +294,71 @@ def deduplicate(samples: list[Sample], digests: dict[Path, str] | None = None,
                         groups=groups)
 
 
+def known_dedup_drops(name: str) -> tuple[frozenset[str], frozenset[str]]:
+    """(copies, conflicts): the ``Class/name`` keys :func:`deduplicate` drops from the release of
+    ``name``, read from its known-duplicates list alone (no crop is opened): every copy of a group
+    but the first by (label, name), and every member of a group whose labels disagree. Lets a
+    table subset recorded per-crop predictions to the de-duplicated set."""
+    copies: set[str] = set()
+    conflicts: set[str] = set()
+    for members in known_duplicates(name).values():
+        ordered = sorted(members, key=lambda k: (CLASS_DIRS[k.split("/", 1)[0]], k.split("/", 1)[1]))
+        if len({k.split("/", 1)[0] for k in ordered}) > 1:
+            conflicts.update(ordered)
+        else:
+            copies.update(ordered[1:])
+    return frozenset(copies), frozenset(conflicts)
+
+
+LABEL_WORDS = {"atypical": 1, "1": 1, "normal": 0, "0": 0}
+
+
+class CropSetError(BadInput, ValueError):
+    """A labelled crop set (folder or CSV) cannot be read as one."""
+
+
+def labelled_folder(folder: str | os.PathLike) -> list[Sample]:
+    """The crops of a folder in the release layout, ``FOLDER/{Atypical,Normal}/*`` (any image
+    suffix ami reads), sorted by (class, name). Raises CropSetError."""
+    from .infer import IMAGE_SUFFIXES  # what ami-infer reads
+
+    base = Path(folder)
+    if not any((base / c).is_dir() for c in CLASS_DIRS):
+        raise CropSetError(f"{base}: no Atypical/ or Normal/ folder (expected {base}/{{Atypical,Normal}}/*.png)")
+    out = [Sample(p, label, p.name) for cls, label in sorted(CLASS_DIRS.items()) if (base / cls).is_dir()
+           for p in sorted((base / cls).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not out:
+        raise CropSetError(f"{base}: no images under Atypical/ or Normal/")
+    return out
+
+
+def labelled_csv(path: str | os.PathLike) -> tuple[list[Sample], dict[Path, str] | None]:
+    """(crops, groups) of a CSV with columns ``path,label`` and an optional ``group`` column (e.g. a
+    site, scanner or slide). Paths are relative to the CSV's folder; labels are Atypical / Normal
+    (any case) or 1 / 0. ``groups``: crop path -> group, None without the column. Raises
+    CropSetError naming the row."""
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+            cols = {c.strip().lower(): c for c in (rows[0].keys() if rows else [])}
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise CropSetError(f"{path}: cannot read it as CSV ({e})") from None
+    if not rows or "path" not in cols or "label" not in cols:
+        raise CropSetError(f"{path}: needs a header with 'path' and 'label' columns and at least one row")
+    samples, groups = [], ({} if "group" in cols else None)
+    for i, row in enumerate(rows, start=2):
+        raw, word = (row.get(cols["path"]) or "").strip(), (row.get(cols["label"]) or "").strip().lower()
+        if not raw or word not in LABEL_WORDS:
+            raise CropSetError(f"{path}, line {i}: needs a path and a label (Atypical/Normal or 1/0), got "
+                               f"{raw!r}, {word!r}")
+        p = Path(raw) if Path(raw).is_absolute() else path.parent / raw
+        samples.append(Sample(p, LABEL_WORDS[word], p.name))
+        if groups is not None:
+            groups[p] = (row.get(cols["group"]) or "").strip() or "(none)"
+    return samples, groups
+
+
 @dataclass
 class VerifyReport:
     name: str

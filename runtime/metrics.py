@@ -134,9 +134,53 @@ def mean_std(values, ddof: int = 1) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=ddof)) if v.size > ddof else 0.0
 
 
+def rates(y_true, y_score, threshold: float = 0.5) -> dict[str, float]:
+    """The metrics at a threshold plus AUROC: balanced accuracy, AUROC, sensitivity, specificity,
+    PPV (precision) and NPV. PPV / NPV are NaN when nothing is predicted atypical / normal."""
+    c = confusion(y_true, y_score, threshold)
+    sens = c["tp"] / (c["tp"] + c["fn"])
+    spec = c["tn"] / (c["tn"] + c["fp"])
+    return {"balanced_accuracy": 0.5 * (sens + spec), "auroc": auroc(y_true, y_score), "sensitivity": sens,
+            "specificity": spec, "ppv": c["tp"] / (c["tp"] + c["fp"]) if c["tp"] + c["fp"] else math.nan,
+            "npv": c["tn"] / (c["tn"] + c["fn"]) if c["tn"] + c["fn"] else math.nan}
+
+
+BOOTSTRAP_METHOD = "percentile bootstrap, resampling atypical and normal crops separately (stratified by class)"
+
+
+def stratified_bootstrap(y_true, y_score, threshold: float = 0.5, n_boot: int = 2000, alpha: float = 0.05,
+                         seed: int = 0) -> dict[str, tuple[float, float]]:
+    """95 % (``1 - alpha``) confidence intervals of every :func:`rates` metric: ``n_boot`` resamples
+    drawn with replacement within each class (class counts fixed, generator seeded with ``seed``),
+    the metric computed on each, and the ``alpha/2`` and ``1 - alpha/2`` quantiles of those values
+    (resamples where a metric is undefined, e.g. PPV with no atypical call, are left out of its
+    quantiles; a metric undefined on every resample gets (NaN, NaN))."""
+    y, p = _check(y_true, y_score)
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    called = p >= threshold
+    ip = rng.integers(0, pos.size, (n_boot, pos.size))  # drawn up front: one generator call per class
+    ineg = rng.integers(0, neg.size, (n_boot, neg.size))
+    tp = called[pos][ip].sum(axis=1).astype(np.float64)
+    fp = called[neg][ineg].sum(axis=1).astype(np.float64)
+    fn, tn = pos.size - tp, neg.size - fp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        vals = {"balanced_accuracy": 0.5 * (tp / pos.size + tn / neg.size),
+                "auroc": np.array([auroc(np.r_[np.ones(pos.size), np.zeros(neg.size)], np.r_[p[pos][a], p[neg][b]])
+                                   for a, b in zip(ip, ineg)]),
+                "sensitivity": tp / pos.size, "specificity": tn / neg.size,
+                "ppv": tp / (tp + fp), "npv": tn / (tn + fn)}
+    out = {}
+    for k, a in vals.items():
+        a = a[np.isfinite(a)]
+        out[k] = (float(np.quantile(a, alpha / 2)), float(np.quantile(a, 1 - alpha / 2))) if a.size else (math.nan, math.nan)
+    return out
+
+
 def bootstrap_ci(y_true, y_score, metric: str = "balanced_accuracy", n_boot: int = 1000,
                  alpha: float = 0.05, threshold: float = 0.5, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap (stratified by class) confidence interval of one metric."""
+    """Percentile bootstrap (stratified by class) confidence interval of one metric
+    (balanced_accuracy or auroc)."""
     y, p = _check(y_true, y_score)
     rng = np.random.default_rng(seed)
     pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
@@ -147,6 +191,38 @@ def bootstrap_ci(y_true, y_score, metric: str = "balanced_accuracy", n_boot: int
         vals[i] = fn(y[idx], p[idx])
     lo, hi = np.quantile(vals, [alpha / 2, 1 - alpha / 2])
     return float(lo), float(hi)
+
+
+def operating_points(y_true, y_score, thresholds) -> list[dict]:
+    """Sensitivity and specificity (and the confusion counts) at each threshold."""
+    y, p = _check(y_true, y_score)
+    out = []
+    for t in thresholds:
+        c = confusion(y, p, float(t))
+        out.append({"threshold": float(t), "sensitivity": c["tp"] / (c["tp"] + c["fn"]),
+                    "specificity": c["tn"] / (c["tn"] + c["fp"]), **c})
+    return out
+
+
+def reliability(y_true, y_score, bins: int = 10) -> list[dict]:
+    """Calibration in ``bins`` equal-width probability bins: per non-empty bin its range, crop count,
+    mean predicted probability and observed fraction of atypical crops."""
+    y, p = _check(y_true, y_score)
+    edges = np.round(np.linspace(0.0, 1.0, bins + 1), 12)
+    which = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, bins - 1)
+    out = []
+    for b in range(bins):
+        m = which == b
+        if m.any():
+            out.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": int(m.sum()),
+                        "mean_probability": float(p[m].mean()), "fraction_atypical": float(y[m].mean())})
+    return out
+
+
+def expected_calibration_error(bins: list[dict]) -> float:
+    """Crop-weighted mean |observed - predicted| over the :func:`reliability` bins."""
+    n = sum(b["n"] for b in bins)
+    return float(sum(b["n"] * abs(b["fraction_atypical"] - b["mean_probability"]) for b in bins) / n)
 
 
 def cross_validated_threshold(folds: list[tuple]) -> dict:

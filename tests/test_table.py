@@ -181,3 +181,55 @@ def test_same_entry_with_another_recipe_is_its_own_row_and_says_how(tmp_path):
     configs = {c.label: c for c in collect([tmp_path])}
     assert sorted(configs) == ["ami-edge (RegNetX-400MF) · epochs 100", "ami-edge (RegNetX-400MF) · epochs 60"]
     assert sorted(configs["ami-edge (RegNetX-400MF) · epochs 60"].folds) == [0, 1, 2]
+
+
+def test_atnorm_br_dedup_view_is_the_recorded_predictions_without_the_release_duplicates(tmp_path):
+    """The "AtNorM-Br (dedup, 709)" columns: the same fold predictions less the release's extra copies
+    and both sides of its conflicting groups; the AtNorM-Br columns stay all crops."""
+    from ami.bench.table import dedup_views, view_title
+    from ami.runtime.datasets import known_dedup_drops
+    from ami.runtime.metrics import auroc, balanced_accuracy
+
+    copies, conflicts = known_dedup_drops("AtNorM-Br")
+    assert (len(copies), len(conflicts)) == (30, 7) and "Atypical/390.png" in conflicts
+    assert view_title("AtNorM-Br (dedup)") == "AtNorM-Br (dedup, 709)" and list(dedup_views()) == ["AtNorM-Br (dedup)"]
+    run = _make_run(tmp_path, "uni-lora", "uni", "lora", range(2))
+    rng = np.random.default_rng(7)
+    dropped = sorted(copies | conflicts)
+    want = []
+    for k in range(2):
+        path = run / f"fold{k}" / "metrics.json"
+        m = json.loads(path.read_text())
+        rows = [[key.split("/")[1], int(key.startswith("Atypical")), float(rng.random())] for key in dropped]
+        rows += [[f"{900 + i}.png", i % 3 == 0, float(rng.random())] for i in range(60)]
+        rows = [[n, int(y), p] for n, y, p in rows]
+        y, p = [r[1] for r in rows], [r[2] for r in rows]
+        m["tests"]["AtNorM-Br"] = evaluate(y, p).to_dict()
+        m["predictions"]["AtNorM-Br"] = rows
+        path.write_text(json.dumps(m))
+        kept = rows[len(dropped):]  # the 60 crops the release does not duplicate
+        want.append((balanced_accuracy([r[1] for r in kept], [r[2] for r in kept]), auroc([r[1] for r in kept],
+                                                                                          [r[2] for r in kept])))
+    (cfg,) = collect([run])
+    ba, why = cfg.values("AtNorM-Br (dedup)", "balanced_accuracy")
+    assert why is None and ba == [pytest.approx(w[0], abs=1e-12) for w in want]
+    assert cfg.values("AtNorM-Br (dedup)", "auroc")[0] == [pytest.approx(w[1], abs=1e-12) for w in want]
+    assert cfg.values("AtNorM-Br", "balanced_accuracy")[0] != ba
+    md = render_markdown([cfg])
+    assert "| AtNorM-Br (dedup, 709) BA | AtNorM-Br (dedup, 709) AUROC |" in md.splitlines()[0]
+    row = next(ln for ln in md.splitlines() if ln.startswith("| UNI (LoRA) |"))
+    assert row.rstrip(" |").endswith(f"{np.mean([w[1] for w in want]):.4f} ± {np.std([w[1] for w in want]):.4f}")
+    assert "the AtNorM-Br columns are all 746 crops, as the paper reports them" in md
+    long = list(csv.DictReader(io.StringIO(render_long([cfg]))))
+    assert len([r for r in long if r["dataset"] == "AtNorM-Br (dedup)"]) == 2 * 2
+
+
+def test_absent_sets_say_why(tmp_path):
+    """A run trained before AtNorM-Br was on disk: absent, and why (no kept checkpoints / how to score)."""
+    run = _make_run(tmp_path, "uni-lora", "uni", "lora", range(2))
+    md = render_markdown(collect([run]))
+    assert ("AtNorM-Br absent for UNI (LoRA): the set was not on disk when these runs were trained and their fold "
+            "checkpoints are not kept") in md
+    (run / "fold0" / "best.safetensors").write_bytes(b"x")
+    md = render_markdown(collect([run]))
+    assert f"`ami-bench evaluate {run} AtNorM-Br --record` scores each fold" in md
