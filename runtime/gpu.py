@@ -7,7 +7,7 @@ install and what the GPU engines need to say when a library does not fit.
 * :func:`tensorrt_libraries` - whether the TensorRT runtime library (``libnvinfer``) really loads
   in this process. onnxruntime-gpu lists ``TensorrtExecutionProvider`` whether or not it does, and
   then silently runs on CUDA; :mod:`ami.runtime.engine` asks here before claiming the provider.
-* :func:`trt_extra` / :func:`cuda_python_mismatch` - which ``ami[trt-cuXX]`` extra fits the
+* :func:`trt_extra` / :func:`cuda_python_mismatch` - which ``ami-mitosis[trt-cuXX]`` extra fits the
   driver, and a sentence for a person when the installed cuda-python needs a newer driver
   (cuda-python 13 on a CUDA 12 driver fails every call with cudaErrorInsufficientDriver).
 
@@ -26,7 +26,9 @@ import subprocess
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
-CUDA_MAJORS = (12, 13)  # the CUDA majors ami has a TensorRT extra for: ami[trt-cu12], ami[trt-cu13]
+from . import DIST_NAME
+
+CUDA_MAJORS = (12, 13)  # the CUDA majors ami has a TensorRT extra for: ami-mitosis[trt-cu12], ami-mitosis[trt-cu13]
 TRT_MAJORS = (10, 11)  # the TensorRT majors ami builds plans with (ami-export) and runs them with (ami-infer)
 TRT_EP = "TensorrtExecutionProvider"
 
@@ -132,9 +134,9 @@ def tensorrt_libraries() -> tuple[bool, str]:
 def trt_extra(cuda_major: int | None) -> str:
     """The ami extra whose TensorRT and cuda-python builds fit a driver of this CUDA major."""
     if cuda_major is None:
-        return "ami[trt-cu12]"
+        return f"{DIST_NAME}[trt-cu12]"
     m = max([c for c in CUDA_MAJORS if c <= cuda_major] or [CUDA_MAJORS[0]])
-    return f"ami[trt-cu{m}]"
+    return f"{DIST_NAME}[trt-cu{m}]"
 
 
 def cuda_python_mismatch() -> str:
@@ -155,9 +157,9 @@ def cuda_python_mismatch() -> str:
 
 
 def trt_install_hint() -> str:
-    """`pip install 'ami[trt-cuXX]'` for this driver, or both choices when no driver is visible."""
+    """`pip install 'ami-mitosis[trt-cuXX]'` for this driver, or both choices when no driver is visible."""
     drv = driver_cuda_version()
     if drv is None:
-        return ("pip install 'ami[trt-cu12]' or 'ami[trt-cu13]' (the major of the \"CUDA Version\" that nvidia-smi "
+        return (f"pip install '{DIST_NAME}[trt-cu12]' or '{DIST_NAME}[trt-cu13]' (the major of the \"CUDA Version\" that nvidia-smi "
                 "prints)")
     return f"pip install '{trt_extra(drv[0])}' (this driver supports CUDA {drv[0]}.{drv[1]})"

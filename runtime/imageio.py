@@ -5,7 +5,7 @@ against decompression bombs, and turns every failure into an :class:`ImageError`
 a person can act on.
 
 :func:`decode_rgb_fast` is the fast path for the common crop (an 8-bit RGB PNG): OpenCV's PNG
-decoder when ``opencv-python-headless`` is installed (it comes with ``ami[openvino]``; about a
+decoder when ``opencv-python-headless`` is installed (it comes with ``ami-mitosis[openvino]``; about a
 third faster than Pillow here, and the same pixels: PNG is lossless and neither applies gamma),
 straight into a uint8 array. Anything else - another format or PNG colour type, a file OpenCV
 refuses - returns None and goes through :func:`decode_rgb`, which also words the errors.

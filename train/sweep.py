@@ -43,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ami.runtime import splits
+from ami.runtime import DIST_NAME, splits
 from ami.runtime.rundir import FoldDir, RunDir, atomic_write_json, fold_name
 
 from .registry import METHODS, REGISTRY, get, label, table3_configs
@@ -674,7 +674,7 @@ def launch_submitit(jobs: list[dict], conf: dict, cli: dict, max_parallel: int =
     try:
         import submitit
     except ImportError:
-        raise SweepError("--launcher slurm needs submitit: pip install 'ami[slurm]'") from None
+        raise SweepError(f"--launcher slurm needs submitit: pip install '{DIST_NAME}[slurm]'") from None
     if not jobs:
         log("nothing to submit")
         return []
@@ -716,7 +716,7 @@ def launch_ray(jobs: list[dict], conf: dict, cli: dict, address: str | None = No
     try:
         import ray
     except ImportError:
-        raise SweepError("--launcher ray needs Ray: pip install 'ami[ray]'") from None
+        raise SweepError(f"--launcher ray needs Ray: pip install '{DIST_NAME}[ray]'") from None
     if not jobs:
         log("nothing to run")
         return 0
@@ -806,7 +806,7 @@ def _require(launcher: str) -> None:
 
     need = {"slurm": ("submitit", "slurm"), "ray": ("ray", "ray")}.get(launcher)
     if need and importlib.util.find_spec(need[0]) is None:
-        raise SweepError(f"--launcher {launcher} needs {need[0]}: pip install 'ami[{need[1]}]'")
+        raise SweepError(f"--launcher {launcher} needs {need[0]}: pip install '{DIST_NAME}[{need[1]}]'")
 
 
 def _main(argv: list[str]) -> int:

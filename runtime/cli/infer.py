@@ -51,11 +51,11 @@ Examples:
   ami-infer crops/ -o out.csv --resume      finish an interrupted run
   ami-infer crops/ -o out.csv --resume --retry-errors   ... and try the failed crops again
   ami-infer crops/ -o - --no-progress | grep Atypical   stream CSV rows to a pipe
-  ami-infer crops/ --model edge.plan        a TensorRT plan (ami[trt] and a GPU)
-  ami-infer crops/ --model edge-int8.onnx   int8 artefact; with ami[openvino] installed, auto runs it on OpenVINO
+  ami-infer crops/ --model edge.plan        a TensorRT plan (ami-mitosis[trt] and a GPU)
+  ami-infer crops/ --model edge-int8.onnx   int8 artefact; with ami-mitosis[openvino] installed, auto runs it on OpenVINO
   ami-infer crops/ --engine openvino --precision bf16    bf16 on a CPU that has it
   ami-infer --sample                        the real crops shipped with ami
-  ami-infer --slides detections.csv -o res.csv    crops cut from whole-slide images (ami[slides]):
+  ami-infer --slides detections.csv -o res.csv    crops cut from whole-slide images (ami-mitosis[slides]):
                                             rows per detection, res.slides.csv, res.geojson/ for QuPath
 """
 
@@ -149,7 +149,7 @@ def infer(
     slides: Path | None = typer.Option(None, "--slides", metavar="CSV",
                                           help="Detections on whole-slide images: a CSV with slide, x, y (level-0 px of the "
                                                "figure's centre) and optional id. Crops are cut at the model's training "
-                                               "resolution (needs ami[slides]). Instead of PATH."),
+                                               "resolution (needs ami-mitosis[slides]). Instead of PATH."),
     mpp: float | None = typer.Option(None, "--mpp", metavar="UM_PER_PX",
                                         help="With --slides: the um/px of slides whose metadata has none (refused otherwise)."),
     border: str = typer.Option("pad", "--border", metavar="pad|refuse",

@@ -118,7 +118,7 @@ class Backend:
     name: str = ""  # registry key, e.g. "openvino"
     title: str = ""  # for people, e.g. "OpenVINO"
     suffixes: tuple[str, ...] = (".onnx",)  # artefact files it loads
-    install: str = ""  # how to get it, e.g. "pip install 'ami[openvino]'"
+    install: str = ""  # how to get it, e.g. "pip install 'ami-mitosis[openvino]'"
 
     def accepts(self, path: str | os.PathLike) -> bool:
         return Path(path).suffix.lower() in self.suffixes

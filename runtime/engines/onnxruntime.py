@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import DIST_NAME
 from ..artifact import INPUT_NAME, OUTPUT_NAME, ArtifactMeta, check_weights_digest
 from .base import (
     Backend,
@@ -104,7 +105,7 @@ def _provider_list(ort, provider: str, path: Path, meta_json: str, input_size: i
         name = PROVIDER_NAMES[provider]
         if name not in available:
             hint = ("install onnxruntime-gpu (instead of onnxruntime) on a machine with an NVIDIA GPU"
-                    + (" and TensorRT (`pip install 'ami[trt-cu12]'` or `'ami[trt-cu13]'`, by the CUDA Version "
+                    + (f" and TensorRT (`pip install '{DIST_NAME}[trt-cu12]'` or `'{DIST_NAME}[trt-cu13]'`, by the CUDA Version "
                        "nvidia-smi prints)" if provider == "tensorrt" else ""))
             raise EngineError(f"{name} is not available in this onnxruntime "
                               f"{ort.__version__} (available: {', '.join(available)}); "

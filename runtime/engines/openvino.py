@@ -1,4 +1,4 @@
-"""OpenVINO: the fastest engine for ami's ONNX artefacts on an x86 CPU (``pip install 'ami[openvino]'``).
+"""OpenVINO: the fastest engine for ami's ONNX artefacts on an x86 CPU (``pip install 'ami-mitosis[openvino]'``).
 
 It reads the same self-describing ONNX files as ONNX Runtime and checks the same contract (the
 ``ami`` metadata comes through as the model's ``framework/ami`` runtime info). Precision is
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import DIST_NAME
 from ..artifact import ArtifactError, ArtifactMeta, check_weights_digest
 from .base import (
     Backend,
@@ -50,7 +51,7 @@ _HINTS = {"fp32": "f32", "bf16": "bf16"}
 
 
 def _ov():
-    return require_library("openvino", "OpenVINO", "pip install 'ami[openvino]'")
+    return require_library("openvino", "OpenVINO", f"pip install '{DIST_NAME}[openvino]'")
 
 
 _CORE = None
@@ -174,7 +175,7 @@ def _precision_refusal(name: str, artefact: str, want: str) -> str:
 class OvBackend(Backend):
     name = "openvino"
     title = "OpenVINO"
-    install = "pip install 'ami[openvino]'"
+    install = f"pip install '{DIST_NAME}[openvino]'"
 
     def unavailable(self) -> str | None:
         missing = missing_library("openvino", "OpenVINO", self.install)
