@@ -81,14 +81,13 @@ def measure() -> dict:
         nvidia = sum(installed_bytes(n) or 0 for n, _ in dists if n.startswith("nvidia-") or n == "triton")
         rows.append({"line": line, "packages": len(dists), "bytes": total, "nvidia_and_triton_bytes": nvidia,
                      "not_installed_here": unknown})
-    cpu = platform.processor() or platform.machine()
     return {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": f"Linux {platform.machine()}, Python {platform.python_version()} ({cpu})",
+        "machine": f"{platform.system()} {platform.machine()}, Python {platform.python_version()}",
         "method": ("pip install --dry-run --ignore-installed --report resolves each line as a fresh environment "
-                   "would; each distribution counts the file sizes of its installed RECORD on this machine; the "
-                   "project counts its wheel, uncompressed. Distributions not installed here are not counted "
-                   "(listed in results/install-sizes.json)."),
+                   "would; each distribution counts the file sizes of its installed RECORD on the measuring machine; "
+                   "the project counts its wheel, uncompressed. Distributions that machine did not have are "
+                   "not counted (a few small ones, listed in results/install-sizes.json)."),
         "lines": rows,
     }
 

@@ -15,6 +15,10 @@ the benchmark data the other tests use. The rules (docs/contributing-docs.md say
 A comment on the line before the fence changes that: ``<!-- not-run: REASON -->`` (REASON starts
 with one of :data:`SKIP_REASONS`), ``<!-- example: in-checkout, needs-data, exit=N -->``.
 
+An unmarked shell example that would train (``ami-train`` without ``--list``, ``--print-config``,
+``--dry-run``, ``--status`` or ``--help``), download or serve fails without being started, naming
+the command; ``<!-- example: quick-training -->`` lets a run of seconds through.
+
 ``python tests/test_docs_examples.py PAGE...`` prints each example of the pages with its real
 output, for pasting into a ``console`` block.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -37,7 +42,11 @@ SAMPLES = REPO / "runtime" / "assets" / "samples"
 LANGS = ("bash", "console", "python")
 SKIP_REASONS = ("needs a GPU", "needs the network", "needs the gated weights", "long", "serves until stopped")
 CHECKOUT_LINKS = ("results", "runtime")  # what an in-checkout example sees of the checkout
-TIMEOUT_S = 180
+TIMEOUT_S = 120
+# Commands an unmarked example may not start: the test names them instead of running them.
+GUARDS = ((r"(^|[;&|(]\s*|\s)ami-train\b", "trains a model"), (r"\bami-data download\b", "downloads the data"),
+          (r"\bmkdocs serve\b", "serves until stopped"))
+HARMLESS = r"\s--(list|print-config|dry-run|status|help)\b"
 FENCE = re.compile(r"^```([A-Za-z0-9_-]*)\s*$")
 NOT_RUN = re.compile(r"^<!--\s*not-run:\s*(.+?)\s*-->\s*$")
 OPTIONS = re.compile(r"^<!--\s*example:\s*(.+?)\s*-->\s*$")
@@ -169,8 +178,28 @@ def shell(code: str) -> str:
 
 
 def run(argv: list[str], folder: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, cwd=folder, env=environment(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, errors="replace", timeout=TIMEOUT_S)
+    """Run one step in its own process group; on time-out the whole group is killed (a sweep's jobs too)."""
+    proc = subprocess.Popen(argv, cwd=folder, env=environment(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(argv, proc.returncode, out, None)
+
+
+def guarded(ex: Example) -> str | None:
+    """Why a shell example must be marked instead of run (it would train, download or serve), or None."""
+    if ex.lang == "python" or "quick-training" in ex.options:
+        return None
+    for line in ex.code.splitlines():
+        cmd = line.split("#", 1)[0].strip().removeprefix("$ ")
+        for rx, what in GUARDS:
+            if re.search(rx, cmd) and not re.search(HARMLESS, cmd):
+                return f"`{cmd}` {what}"
+    return None
 
 
 def tail(text: str, n: int = 25) -> str:
@@ -240,8 +269,13 @@ def test_example_runs_as_shown(ex, page_folder):
         pytest.skip(f"{ex.name} not run: {ex.not_run}")
     if "needs-data" in ex.options and data_root() is None:
         pytest.skip(f"{ex.name} needs the benchmark data: set AMI_DATA_ROOT to the folder holding AMi-Br/")
-    unknown = set(ex.options) - {"in-checkout", "needs-data", "exit"}
+    unknown = set(ex.options) - {"in-checkout", "needs-data", "exit", "quick-training"}
     assert not unknown, f"{ex.name}: unknown example option(s) {sorted(unknown)}"
+    why = guarded(ex)
+    if why:
+        pytest.fail(f"{ex.name} ({ex.lang}): {why}; not started. Mark the block `<!-- not-run: long (...) -->` "
+                    "(or needs a GPU / the gated weights), or `<!-- example: quick-training -->` for a "
+                    "run of seconds", pytrace=False)
     problems = check(ex, page_folder(ex.page))
     if problems:
         before = FAILED.get(ex.page)
