@@ -94,6 +94,8 @@ def test_user_page_has_no_build_history(page):
         "a path of the build machine": r"/work/|\.\./shared|/root/|/home/",
         "the old install name": r"pip install (?:-e )?'?ami(?:\[|\s|$)",
     }
+    if page.name == "naming.md":  # the page that explains the old name
+        del bad["the old install name"]
     for what, rx in bad.items():
         m = re.search(rx, text, flags=re.I | re.M)
         assert m is None, f"{page.relative_to(REPO)} has {what}: {text[max(0, m.start() - 60):m.end() + 60]!r}"
