@@ -174,7 +174,8 @@ def console_steps(code: str) -> list[tuple[str, list[str]]]:
 def shell(code: str) -> str:
     kept = [(": # not run here: " + ln) if ln.lstrip().startswith(("pip install", "pip uninstall")) else ln
             for ln in code.splitlines()]
-    return "set -e -o pipefail\n" + "\n".join(kept) + "\n"
+    trap = "trap 'echo \"(block line $((LINENO - 2)) failed: $BASH_COMMAND)\" >&2' ERR"
+    return "set -e -o pipefail\n" + trap + "\n" + "\n".join(kept) + "\n"
 
 
 def run(argv: list[str], folder: Path) -> subprocess.CompletedProcess:
@@ -217,7 +218,7 @@ def check(ex: Example, folder: Path) -> list[str]:
         script.write_text(ex.code, encoding="utf-8")
         steps = [([sys.executable, script.name], ex.code.strip().splitlines()[0], None)]
     elif ex.lang == "bash":
-        steps = [(["bash", "-c", shell(ex.code)], ex.code.strip().splitlines()[0], None)]
+        steps = [(["bash", "-c", shell(ex.code)], "the block", None)]
     else:
         steps = [(["bash", "-o", "pipefail", "-c", cmd], cmd, out) for cmd, out in console_steps(ex.code)]
     problems = []
@@ -228,7 +229,8 @@ def check(ex: Example, folder: Path) -> list[str]:
             return [f"`{shown}` ran past {TIMEOUT_S} s (mark it `<!-- not-run: long ... -->`)"]
         code = want_exit if n == len(steps) else 0
         if got.returncode != code:
-            problems.append(f"`{shown}` exited {got.returncode} (expected {code}); its output:\n{tail(got.stdout)}")
+            what = shown if shown == "the block" else f"`{shown}`"
+            problems.append(f"{what} exited {got.returncode} (expected {code}); its output:\n{tail(got.stdout)}")
             break
         if expected is not None and not pattern(expected).fullmatch(clean(got.stdout)):
             problems.append(f"`{shown}`: the output differs from the page.\n  page shows:\n"
