@@ -26,7 +26,7 @@ truncated, not an image, too large, unreadable) become error rows and never stop
 several frames, or a shape or size far from the model's crops, is classified with a note in its row.
 
 \b
-What you can rely on (details: README, "Running ami-infer"):
+What you can rely on (details: docs/guarantees.md):
   one writer    a run locks its -o file; a second run on it (even --resume or --overwrite) is
                 refused with the holder's pid. An input (crop or list file) is never the output.
   resume        FILE.ami.json records the model file's sha256 and the threshold; --resume refuses

@@ -200,7 +200,7 @@ class OvBackend(Backend):
 
     def auto_rank(self, path: Path) -> tuple[float, str] | None:
         return 50.0, (f"OpenVINO {self.version()} is the fastest installed CPU engine (CPU: {cpu_int8_features()}; "
-                      "README: Which engine on which box)")
+                      "docs/engines.md: Which engine on which box)")
 
     def load(self, path: Path, precision: str | None, opts: LoadOptions) -> Engine:
         if opts.provider not in ("auto", "cpu"):
