@@ -16,6 +16,7 @@ which fails the strict build when a file is missing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import sys
@@ -147,10 +148,13 @@ def render_readme(text: str) -> str:
 
 def api_path() -> str:
     """A folder where ``ami/<layer>`` points at this checkout's layers, for the API reference."""
-    root = Path(tempfile.mkdtemp(prefix="ami-docs-api-"))
-    (root / "ami").mkdir()
+    tag = hashlib.sha256(str(REPO).encode()).hexdigest()[:12]
+    root = Path(tempfile.gettempdir()) / f"ami-docs-api-{tag}"
+    (root / "ami").mkdir(parents=True, exist_ok=True)
     for name, folder in LAYERS.items():
-        (root / "ami" / name).symlink_to(REPO / folder, target_is_directory=True)
+        link = root / "ami" / name
+        if not link.is_symlink():
+            link.symlink_to(REPO / folder, target_is_directory=True)
     return str(root)
 
 
