@@ -148,7 +148,7 @@ def test_cuda_python_newer_than_the_driver_is_explained(monkeypatch):
         name = "cudaErrorInsufficientDriver"
 
     monkeypatch.setattr(G, "driver_cuda_version", lambda: (12, 4))
-    with pytest.raises(E.EngineError, match=r"cudaErrorInsufficientDriver; cuda-python 13.0.1 .* 'ami\[trt-cu12\]'"):
+    with pytest.raises(E.EngineError, match=r"cudaErrorInsufficientDriver; cuda-python 13.0.1 .* 'ami-mitosis\[trt-cu12\]'"):
         T._ck(None, (Err(35),))
 
 
