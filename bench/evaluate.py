@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import typer
 
+from ami.runtime import DIST_NAME
 from ami.runtime.artifact import AMIBR_CROP, ArtifactError
 from ami.runtime.datasets import (
     TEST_SETS,
@@ -170,7 +171,7 @@ def run_scorer(run: Path, fold: str | None = None, batch: int = 64) -> Scorer:
         from ami.export.source import resolve_source
         from ami.train.foldmodel import FoldModelError, load_fold_model
     except ImportError as e:
-        raise Unavailable(f"a run directory needs PyTorch and the training extras (pip install 'ami[train]'): {e}") from None
+        raise Unavailable(f"a run directory needs PyTorch and the training extras (pip install '{DIST_NAME}[train]'): {e}") from None
     try:
         src = resolve_source(run, fold if fold is not None else "all")
         models = [load_fold_model(src.run, f) for f in src.folds]

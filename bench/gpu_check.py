@@ -6,7 +6,7 @@ in this order:
 1. **environment** - NVIDIA driver and the CUDA version it supports, GPU name, compute capability
    and memory; torch (and its CUDA / cuDNN), TensorRT, cuda-python, ONNX Runtime, timm, PEFT, onnx
    versions; the ONNX Runtime providers that *really* load (a session is created with each listed
-   one and asked what it runs on), whether TensorRT's library loads, and which ``ami[trt-cuXX]``
+   one and asked what it runs on), whether TensorRT's library loads, and which ``ami-mitosis[trt-cuXX]``
    extra fits the driver (:mod:`ami.bench.gpu_env`);
 2. **PyTorch eager on CUDA** - the path of ``ami-bench latency``'s CUDA rows (uint8 batch to the
    GPU, ``ami.train.data.eval_batch`` there, network, sigmoid) on a tiny generated model, against

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import typer
 
+from ami.runtime import DIST_NAME
 from ami.runtime.cli.contract import guard
 from ami.runtime.datasets import DATASETS, TEST_SETS, known_dedup_drops
 from ami.runtime.errors import BadInput
@@ -358,7 +359,7 @@ def plot_roc(configs: list[Config], out_dir: Path, ddof: int = DDOF) -> dict[str
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise TableError("--roc needs matplotlib (pip install 'ami[train]' or pip install matplotlib)") from None
+        raise TableError(f"--roc needs matplotlib (pip install '{DIST_NAME}[train]' or pip install matplotlib)") from None
     out_dir.mkdir(parents=True, exist_ok=True)
     grid = np.linspace(0, 1, 201)
     made: dict[str, Path | str] = {}

@@ -7,6 +7,9 @@ inference) lives here and imports only numpy, pillow and an inference engine. Ev
 
 __version__ = "0.1.0"
 
-DIST_NAME = "ami"  # the distribution's name on PyPI: every install hint says `pip install 'DIST_NAME[extra]'`
+# The distribution name on the package index: `pip install ami-mitosis` (the name `ami` belongs to an
+# unrelated package). The import name stays `ami` (docs/naming.md says why). Install hints in
+# messages use this constant, e.g. f"pip install '{DIST_NAME}[slides]'".
+DIST_NAME = "ami-mitosis"
 
 CLASS_NAMES = ("Normal", "Atypical")  # index = label; Atypical is the positive class (1)

@@ -6,7 +6,7 @@ or detections on a whole-slide image, and get back the rows ``ami-infer`` writes
     clf = Classifier()                                   # the shipped edge model (or a path, provider=...)
     rows = clf.classify_arrays(crops)                    # uint8 RGB crops: [N, H, W, 3] or a list of [H, W, 3]
     rows = clf.classify_files(["a.png", "b.png"])        # crop files (as ami-infer PATH...)
-    rows = clf.classify_slide("s.svs", [(x, y), ...])    # detections on a slide (needs ami[slides])
+    rows = clf.classify_slide("s.svs", [(x, y), ...])    # detections on a slide (needs ami-mitosis[slides])
     rows = clf.classify_detections("detections.csv")     # as ami-infer --slides
 
 Every call goes through the command line's own pipeline (:func:`~ami.runtime.infer.run`: the same

@@ -187,17 +187,9 @@ def validate_preprocess_dict(p) -> list[str]:
     return out
 
 
-def validate_meta_dict(d) -> list[str]:
-    """Every problem with an artefact's metadata document (types, ranges, required keys); empty
-    when it is usable. Unknown top-level keys are allowed (newer writers, plan build facts)."""
-    if not isinstance(d, dict):
-        return [f"metadata must be a JSON object, got {type(d).__name__}"]
+def _scalar_problems(d: dict) -> list[str]:
+    """Problems of the scalar fields: strings, the threshold and the class names."""
     out = []
-    missing = [k for k in REQUIRED if k not in d]
-    if missing:
-        out.append(f"lacks {', '.join(missing)}")
-    if "format" in d and d["format"] != FORMAT:
-        out.append(f"format {d['format']!r} is not {FORMAT!r}")
     for k in ("model", "method", "threshold_rule", "precision"):
         if k in d and not _text(d[k]):
             out.append(f"{k} must be a non-empty string, got {d[k]!r}")
@@ -215,8 +207,12 @@ def validate_meta_dict(d) -> list[str]:
         if (not isinstance(c, (list, tuple)) or len(c) != 2 or not all(_text(x) for x in c)
                 or len(set(c)) != 2):
             out.append(f"class_names must be two different non-empty names (negative class first), got {c!r}")
-    if "preprocess" in d:
-        out += validate_preprocess_dict(d["preprocess"])
+    return out
+
+
+def _structure_problems(d: dict) -> list[str]:
+    """Problems of the nested fields: preprocessing, folds, the objects, head modules, the digest."""
+    out = validate_preprocess_dict(d["preprocess"]) if "preprocess" in d else []
     if "folds" in d and not isinstance(d["folds"], list):
         out.append(f"folds must be a list, got {d['folds']!r}")
     for k in ("source", "validation", "calibration", "versions", "extra", "crop"):
@@ -229,6 +225,20 @@ def validate_meta_dict(d) -> list[str]:
     if w != "" and not (isinstance(w, str) and DIGEST_RE.match(w)):
         out.append(f"weights_digest must be 'sha256:' and 64 hex digits, got {w!r}")
     return out
+
+
+def validate_meta_dict(d) -> list[str]:
+    """Every problem with an artefact's metadata document (types, ranges, required keys); empty
+    when it is usable. Unknown top-level keys are allowed (newer writers, plan build facts)."""
+    if not isinstance(d, dict):
+        return [f"metadata must be a JSON object, got {type(d).__name__}"]
+    out = []
+    missing = [k for k in REQUIRED if k not in d]
+    if missing:
+        out.append(f"lacks {', '.join(missing)}")
+    if "format" in d and d["format"] != FORMAT:
+        out.append(f"format {d['format']!r} is not {FORMAT!r}")
+    return out + _scalar_problems(d) + _structure_problems(d)
 
 
 def check_batch_axis(shape, path: str | os.PathLike) -> None:

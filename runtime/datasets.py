@@ -320,7 +320,7 @@ class CropSetError(BadInput, ValueError):
 def labelled_folder(folder: str | os.PathLike) -> list[Sample]:
     """The crops of a folder in the release layout, ``FOLDER/{Atypical,Normal}/*`` (any image
     suffix ami reads), sorted by (class, name). Raises CropSetError."""
-    from .infer import IMAGE_SUFFIXES  # what ami-infer reads
+    from .imageio import IMAGE_SUFFIXES  # what ami-infer reads
 
     base = Path(folder)
     if not any((base / c).is_dir() for c in CLASS_DIRS):

@@ -7,7 +7,7 @@ install and what the GPU engines need to say when a library does not fit.
 * :func:`tensorrt_libraries` - whether the TensorRT runtime library (``libnvinfer``) really loads
   in this process. onnxruntime-gpu lists ``TensorrtExecutionProvider`` whether or not it does, and
   then silently runs on CUDA; :mod:`ami.runtime.engines` asks here before claiming the provider.
-* :func:`trt_extra` / :func:`cuda_python_mismatch` - which ``ami[trt-cuXX]`` extra fits the
+* :func:`trt_extra` / :func:`cuda_python_mismatch` - which ``ami-mitosis[trt-cuXX]`` extra fits the
   driver, and a sentence for a person when the installed cuda-python needs a newer driver
   (cuda-python 13 on a CUDA 12 driver fails every call with cudaErrorInsufficientDriver).
 
@@ -33,7 +33,7 @@ from pathlib import Path
 
 from . import DIST_NAME
 
-CUDA_MAJORS = (12, 13)  # the CUDA majors ami has a TensorRT extra for: ami[trt-cu12], ami[trt-cu13]
+CUDA_MAJORS = (12, 13)  # the CUDA majors ami has a TensorRT extra for: ami-mitosis[trt-cu12], ami-mitosis[trt-cu13]
 TRT_MAJORS = (10, 11)  # the TensorRT majors ami builds plans with (ami-export) and runs them with (ami-infer)
 PROC_NVIDIA = Path("/proc/driver/nvidia/gpus")  # one folder per GPU while the NVIDIA driver is loaded (Linux)
 
@@ -162,7 +162,7 @@ def cuda_python_mismatch() -> str:
 
 
 def trt_install_hint() -> str:
-    """`pip install 'ami[trt-cuXX]'` for this driver, or both choices when no driver is visible."""
+    """`pip install 'ami-mitosis[trt-cuXX]'` for this driver, or both choices when no driver is visible."""
     drv = driver_cuda_version()
     if drv is None:
         return (f"pip install '{DIST_NAME}[trt-cu12]' or '{DIST_NAME}[trt-cu13]' (the major of the \"CUDA Version\" "

@@ -5,7 +5,7 @@ against decompression bombs, and turns every failure into an :class:`ImageError`
 a person can act on.
 
 :func:`decode_rgb_fast` is the fast path for the common crop (an 8-bit RGB PNG): OpenCV's PNG
-decoder when ``opencv-python-headless`` is installed (it comes with ``ami[openvino]``; about a
+decoder when ``opencv-python-headless`` is installed (it comes with ``ami-mitosis[openvino]``; about a
 third faster than Pillow here, and the same pixels: PNG is lossless and neither applies gamma),
 straight into a uint8 array. Anything else - another format or PNG colour type, a file OpenCV
 refuses - returns None and goes through :func:`decode_rgb`, which also words the errors.
@@ -24,6 +24,8 @@ from PIL import Image, UnidentifiedImageError
 from .errors import BadInput
 
 # A crop is ~128x128; anything over this many pixels is refused before decoding.
+# the crop files ami-infer reads, by suffix (what the decoders here open)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 MAX_PIXELS = 64_000_000
 # Formats a crop may come in. Pillow would otherwise try every plugin it has (EPS, for one, hands
 # the file to Ghostscript): a file named .png that is something else is refused, not interpreted.

@@ -1,5 +1,5 @@
 """A demo whole-slide image to try ``ami-infer --slides`` on, made from the real crops shipped in the
-package: a real pyramidal tiled TIFF (tifffile, part of ``ami[slides]``) with the crops pasted at
+package: a real pyramidal tiled TIFF (tifffile, part of ``ami-mitosis[slides]``) with the crops pasted at
 known positions on a tissue-like background, and the detections CSV that points at them::
 
     python -m ami.runtime.slide_demo demo/            # demo/demo-slide.tif + demo/detections.csv
@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from . import DIST_NAME
 
 CROP_MPP = 0.25  # the AMi-Br / AtNorM-MD crops
 CROP = 128
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         importlib.import_module("tifffile")
     except ImportError:
-        ap.error("writing the demo slide needs tifffile: pip install 'ami[slides]'")
+        ap.error(f"writing the demo slide needs tifffile: pip install '{DIST_NAME}[slides]'")
     scale = CROP_MPP / a.mpp
     if abs(CROP * scale - round(CROP * scale)) > 1e-6:
         # keep the pasted crops an integer number of pixels wide

@@ -35,7 +35,7 @@ Contract, in order:
 * **Bad slides** (missing, not a slide, unreadable, truncated, no resolution) turn into error rows
   for their detections only; the other slides go on.
 
-Reading uses OpenSlide (the ``ami[slides]`` extra: ``openslide-python`` + ``openslide-bin``), which
+Reading uses OpenSlide (the ``ami-mitosis[slides]`` extra: ``openslide-python`` + ``openslide-bin``), which
 covers Aperio SVS, Hamamatsu NDPI, MIRAX, Leica SCN, Philips TIFF, Ventana, generic tiled TIFF, ...
 The base install does not need it; asking for slides without it is a clear error.
 """
@@ -55,6 +55,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from PIL import Image
 
+from . import DIST_NAME
 from .detections import Detection, detections_on, read_detections
 from .errors import BadInput
 from .infer import MAX_PIXELS, CropFiles, InferenceOptions, InputError, run
@@ -78,7 +79,7 @@ MPP_RANGE = (0.05, 20.0)  # plausible um/px of a scanned slide
 MAX_EMPTY = 0.5  # more of the crop's in-slide area without scanned data than this: an error row
 MPP_TOL = 1e-3  # relative: a level this close to the model's um/px is read as is
 RESAMPLE = Image.Resampling.LANCZOS
-INSTALL_HINT = "reading whole-slide images needs OpenSlide: pip install 'ami[slides]'"
+INSTALL_HINT = f"reading whole-slide images needs OpenSlide: pip install '{DIST_NAME}[slides]'"
 __all__ = ["BORDERS", "COLUMNS", "N_KEY", "SUMMARY_COLUMNS", "Detection", "Slide", "SlideDetections", "SlideError",
            "SlideSummary", "available", "close_slides", "detections_on", "geojson_features", "open_slide",
            "outputs_beside", "read_detections", "require_reader", "run_slides", "source_for", "summarize",

@@ -14,6 +14,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import DIST_NAME
 from .datasets import DatasetError, Sample, amibr_split
 from .errors import BadInput
 
@@ -125,7 +126,7 @@ def compute_folds(root: Path, seed: int = 42) -> list[FoldRow]:
     try:
         from sklearn.model_selection import StratifiedGroupKFold
     except ImportError as e:  # pragma: no cover - depends on the install
-        raise SplitError("computing folds needs scikit-learn: pip install 'ami[train]'") from e
+        raise SplitError(f"computing folds needs scikit-learn: pip install '{DIST_NAME}[train]'") from e
     train, _ = amibr_split(root)
     labels = ["Atypical" if s.label else "Normal" for s in train]
     slides = [s.slide for s in train]

@@ -2,7 +2,7 @@
 ones with the same messages whichever engine reads them, running them, ``engine="auto"``.
 
 Uses tiny ONNX models built by tests/onnx_factory.py (no trained model needed). OpenVINO tests
-skip with the reason where ``ami[openvino]`` is not installed; TensorRT tests that need a GPU skip
+skip with the reason where ``ami-mitosis[openvino]`` is not installed; TensorRT tests that need a GPU skip
 with the reason on CPU machines."""
 
 from __future__ import annotations
@@ -268,7 +268,7 @@ def test_plan_without_tensorrt_is_a_clear_error(tmp_path):
 
 def _gpu_reason() -> str | None:
     if importlib.util.find_spec("tensorrt") is None:
-        return "TensorRT is not installed (CPU machine): `pip install 'ami[trt]'` on a GPU box"
+        return "TensorRT is not installed (CPU machine): `pip install 'ami-mitosis[trt]'` on a GPU box"
     try:
         T.gpu_info()
     except Exception as e:
@@ -370,7 +370,7 @@ def test_registry_lists_every_engine_as_one_plugin():
     assert rows["onnxruntime"]["installed"] and rows["onnxruntime"]["version"]
     assert rows["openvino"]["installed"] == (OV_MISSING is None)
     if not rows["tensorrt"]["installed"]:
-        assert "pip install 'ami[trt-cu12]'" in rows["tensorrt"]["reason"]
+        assert "pip install 'ami-mitosis[trt-cu12]'" in rows["tensorrt"]["reason"]
     with pytest.raises(E.EngineError, match="unknown engine 'npu'; choose one of auto, onnxruntime, openvino, tensorrt"):
         E.load_engine(None, engine="npu")
     with pytest.raises(E.EngineError, match="unknown precision 'fp8'"):
@@ -481,7 +481,7 @@ def test_auto_picks_the_best_installed_engine_and_says_why(tiny, monkeypatch):
     eng = E.load_engine(tiny)
     if not ORT.BACKEND.gpu_providers():
         assert eng.engine == "onnxruntime" and eng.provider == "CPUExecutionProvider"
-        assert "not installed: OpenVINO (pip install 'ami[openvino]')" in eng.choice
+        assert "not installed: OpenVINO (pip install 'ami-mitosis[openvino]')" in eng.choice
     with pytest.raises(E.EngineError, match="OpenVINO is not installed \\(test\\)"):
         E.load_engine(tiny, engine="openvino")
 

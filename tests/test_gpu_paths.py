@@ -132,15 +132,15 @@ def test_trt_extras_pin_one_cuda_major_each():
         cp = next(r for r in reqs if r.startswith("cuda-python"))
         assert f">={major}" in cp and f"<{major + 1}" in cp, cp
         assert not any(r.split(">")[0].split("<")[0].strip() == "tensorrt" for r in reqs)  # the metapackage picks CUDA 13
-    assert G.trt_extra(12) == "ami[trt-cu12]" and G.trt_extra(13) == "ami[trt-cu13]"
-    assert G.trt_extra(14) == "ami[trt-cu13]" and G.trt_extra(None) == "ami[trt-cu12]"
+    assert G.trt_extra(12) == "ami-mitosis[trt-cu12]" and G.trt_extra(13) == "ami-mitosis[trt-cu13]"
+    assert G.trt_extra(14) == "ami-mitosis[trt-cu13]" and G.trt_extra(None) == "ami-mitosis[trt-cu12]"
 
 
 def test_cuda_python_newer_than_the_driver_is_explained(monkeypatch):
     monkeypatch.setattr(G, "cuda_python_version", lambda: "13.0.1")
     monkeypatch.setattr(G, "driver_cuda_version", lambda: (12, 4))
     msg = G.cuda_python_mismatch()
-    assert "cuda-python 13.0.1 is built for CUDA 13" in msg and "CUDA 12.4" in msg and "ami[trt-cu12]" in msg
+    assert "cuda-python 13.0.1 is built for CUDA 13" in msg and "CUDA 12.4" in msg and "ami-mitosis[trt-cu12]" in msg
     monkeypatch.setattr(G, "driver_cuda_version", lambda: (13, 0))
     assert G.cuda_python_mismatch() == ""
 
@@ -148,7 +148,7 @@ def test_cuda_python_newer_than_the_driver_is_explained(monkeypatch):
         name = "cudaErrorInsufficientDriver"
 
     monkeypatch.setattr(G, "driver_cuda_version", lambda: (12, 4))
-    with pytest.raises(E.EngineError, match=r"cudaErrorInsufficientDriver; cuda-python 13.0.1 .* 'ami\[trt-cu12\]'"):
+    with pytest.raises(E.EngineError, match=r"cudaErrorInsufficientDriver; cuda-python 13.0.1 .* 'ami-mitosis\[trt-cu12\]'"):
         T._ck(None, (Err(35),))
 
 

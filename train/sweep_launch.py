@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from ami.runtime import DIST_NAME
+
 from .sweep_jobs import SweepJob, run_job, status
 from .sweep_plan import BUSY_EXIT, LOGS, SLURM_DIR, SweepError, log_path, record_path, timestamp, write_record
 
@@ -201,7 +203,7 @@ def launch_submitit(jobs: list[dict], conf: dict, cli: dict, max_parallel: int =
     try:
         import submitit
     except ImportError:
-        raise SweepError("--launcher slurm needs submitit: pip install 'ami[slurm]'") from None
+        raise SweepError(f"--launcher slurm needs submitit: pip install '{DIST_NAME}[slurm]'") from None
     if not jobs:
         log("nothing to submit")
         return []
@@ -243,7 +245,7 @@ def launch_ray(jobs: list[dict], conf: dict, cli: dict, address: str | None = No
     try:
         import ray
     except ImportError:
-        raise SweepError("--launcher ray needs Ray: pip install 'ami[ray]'") from None
+        raise SweepError(f"--launcher ray needs Ray: pip install '{DIST_NAME}[ray]'") from None
     if not jobs:
         log("nothing to run")
         return 0

@@ -38,7 +38,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from ami.runtime import hashing
+from ami.runtime import DIST_NAME, hashing
 from ami.runtime.errors import Unavailable
 
 from .registry import ModelConfig
@@ -193,7 +193,7 @@ def _from_package(spec: str, tried: list[str], label: str, extra: str | None):
         path = package_file(spec)
         sd = read_state_dict(path)
     except (ValueError, OSError) as e:
-        how = f" (pip install 'ami[{extra}]')" if extra else ""
+        how = f" (pip install '{DIST_NAME}[{extra}]')" if extra else ""
         tried.append(f"{label} {spec}: {e}{how}")
         return None
     return sd, {"kind": "package", "source": spec, "file": str(path.name), "sha256": file_sha256(path)}
@@ -309,7 +309,7 @@ def _from_hub(hub_id: str, tried: list[str], label: str):
     try:
         importlib.import_module("huggingface_hub")
     except ImportError:
-        tried.append(f"{label} {hub_id}: huggingface_hub is not installed (pip install 'ami[train]')")
+        tried.append(f"{label} {hub_id}: huggingface_hub is not installed (pip install '{DIST_NAME}[train]')")
         return None
     hit = _cache_hit(repo, cache, tried, label, hub_id)
     if hit is not None:

@@ -47,7 +47,7 @@ truncated, not an image, too large, unreadable) become error rows and never stop
 several frames, or a shape or size far from the model's crops, is classified with a note in its row.
 
 \b
-What you can rely on (details: README, "Running ami-infer"):
+What you can rely on (details: docs/guarantees.md):
   one writer    a run locks its -o file; a second run on it (even --resume or --overwrite) is
                 refused with the holder's pid. An input (crop or list file) is never the output.
   resume        FILE.ami.json records the model file's sha256, the threshold, the engine and its
@@ -73,11 +73,11 @@ Examples:
   ami-infer crops/ -o out.csv --resume      finish an interrupted run
   ami-infer crops/ -o out.csv --resume --retry-errors   ... and try the failed crops again
   ami-infer crops/ -o - --no-progress | grep Atypical   stream CSV rows to a pipe
-  ami-infer crops/ --model edge.plan        a TensorRT plan (ami[trt] and a GPU)
-  ami-infer crops/ --model edge-int8.onnx   int8 artefact; with ami[openvino] installed, auto runs it on OpenVINO
+  ami-infer crops/ --model edge.plan        a TensorRT plan (ami-mitosis[trt] and a GPU)
+  ami-infer crops/ --model edge-int8.onnx   int8 artefact; with ami-mitosis[openvino] installed, auto runs it on OpenVINO
   ami-infer crops/ --engine openvino --precision bf16    bf16 on a CPU that has it
   ami-infer --sample                        the real crops shipped with ami
-  ami-infer --slides detections.csv -o res.csv    crops cut from whole-slide images (ami[slides]):
+  ami-infer --slides detections.csv -o res.csv    crops cut from whole-slide images (ami-mitosis[slides]):
                                             rows per detection, res.slides.csv, res.geojson/ for QuPath
 """
 
@@ -155,7 +155,7 @@ def infer(
     slides: Path | None = typer.Option(None, "--slides", metavar="CSV",
                                           help="Detections on whole-slide images: a CSV with slide, x, y (level-0 px of the "
                                                "figure's centre) and optional id. Crops are cut at the model's training "
-                                               "resolution (needs ami[slides]). Instead of PATH."),
+                                               "resolution (needs ami-mitosis[slides]). Instead of PATH."),
     mpp: float | None = typer.Option(None, "--mpp", metavar="UM_PER_PX",
                                         help="With --slides: the um/px of slides whose metadata has none (refused otherwise)."),
     border: str = typer.Option("pad", "--border", metavar="pad|refuse",
@@ -170,8 +170,6 @@ def infer(
     args = checked_args(args)
     engine = open_engine(args)
     if args.slides is not None:
-        from .infer_slides import run_slides_cli
-
         code = run_slides_cli(args, engine)
     else:
         summary, tap = classify(args, engine, gather_crops(args))
@@ -295,6 +293,21 @@ def classify(a: InferArgs, engine, crops: list[str]):
     with kept_on_fault(a):
         summary = run_pipeline(crops, engine, "-" if str(a.output) == "-" else a.output, a.options(protect=protect, tap=tap))
     return summary, tap
+
+
+def run_slides_cli(a: InferArgs, engine) -> int:
+    """``--slides``: run on the detections of ``a.slides``, print the run's and the per-slide summary
+    (to stderr when the rows stream to stdout); return the exit code. Errors are raised (main turns
+    them into one line and their exit code)."""
+    from .. import slides as S
+
+    crop = engine.meta.training_crop()
+    note = " (assumed: the artefact does not record it)" if crop["assumed"] else ""
+    typer.echo(f"crops: {crop['size_px']} px at {crop['mpp']:g} um/px, centred{note}; border: {a.border}", err=True)
+    with kept_on_fault(a):
+        summary, sums = S.run_slides(a.slides, engine, "-" if str(a.output) == "-" else a.output,
+                                     slide_mpp=a.mpp, border=a.border, options=a.options())
+    return report(a, summary, noun="detections", more=tuple(S.summary_lines(sums, a.output, stream=a.stream)))
 
 
 @contextlib.contextmanager

@@ -153,7 +153,7 @@ class Backend:
     title: str = ""  # for people, e.g. "OpenVINO"
     suffixes: tuple[str, ...] = (".onnx",)  # artefact files it loads
     artefact: str = "an ONNX model"  # what those files are, for people
-    install: str = ""  # how to get it, e.g. "pip install 'ami[openvino]'"
+    install: str = ""  # how to get it, e.g. "pip install 'ami-mitosis[openvino]'"
     providers: tuple[str, ...] = ()  # --provider values it honours; naming one (not auto) selects this engine
     precisions_known: tuple[str, ...] = ()  # every precision it can run some artefact at (--precision choices)
     options: tuple[str, ...] = ("threads",)  # the LoadOptions fields it uses

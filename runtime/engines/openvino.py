@@ -1,4 +1,4 @@
-"""OpenVINO: the fastest engine for ami's ONNX artefacts on an x86 CPU (``pip install 'ami[openvino]'``).
+"""OpenVINO: the fastest engine for ami's ONNX artefacts on an x86 CPU (``pip install 'ami-mitosis[openvino]'``).
 
 It reads the same self-describing ONNX files as ONNX Runtime and checks the same contract (the
 ``ami`` metadata comes through as the model's ``framework/ami`` runtime info). Precision is

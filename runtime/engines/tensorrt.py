@@ -12,7 +12,7 @@ A plan only runs on the exact TensorRT version and GPU architecture it was built
 checks both *before* deserialising and refuses a mismatch with that reason (instead of a crash).
 
 Everything GPU-side is imported lazily: ``tensorrt`` and ``cuda-python`` (``cuda.bindings``) are the
-``ami[trt-cu12]`` / ``ami[trt-cu13]`` extras (one per CUDA major), never needed on a CPU box. The API used is TensorRT 10/11's name-based one
+``ami-mitosis[trt-cu12]`` / ``ami-mitosis[trt-cu13]`` extras (one per CUDA major), never needed on a CPU box. The API used is TensorRT 10/11's name-based one
 (``num_io_tensors``, ``get_tensor_name``, ``set_input_shape``, ``set_tensor_address``,
 ``execute_async_v3``). ``ami.export`` reuses :func:`write_plan_sidecar` and :func:`gpu_info`.
 (This module was ``ami.runtime.trt`` before engines became plug-ins.)

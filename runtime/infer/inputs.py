@@ -13,9 +13,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ..errors import BadInput
+from ..imageio import IMAGE_SUFFIXES
 from .cells import COLUMNS, LEGACY_COLUMNS, csv_uncell
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 LIST_SUFFIXES = (".txt", ".csv")
 LIST_COLUMNS = ("path", "file", "filename", "image", "dataset_uid")  # a CSV list: first of these present
 ENCODING = dict(encoding="utf-8", errors="surrogateescape")  # file names need not be valid UTF-8
