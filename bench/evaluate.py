@@ -42,6 +42,7 @@ from ami.runtime.errors import AmiError, BadInput, Fault, Unavailable, first_lin
 from ami.runtime.hashing import file_sha256
 from ami.runtime.imageio import ImageError, decode_rgb
 from ami.runtime.metrics import BOOTSTRAP_METHOD, mean_std
+from ami.runtime.models import resolve_model, shipped_model
 
 N_BOOT = 2000
 SEED = 0
@@ -354,7 +355,7 @@ Writes OUT/report.md, report.json, predictions.csv, roc.svg, reliability.svg. Ex
 def register(app: typer.Typer) -> None:
     @app.command("evaluate", epilog=EPILOG)
     def evaluate_cmd(
-        model: Path = typer.Argument(..., help="Artefact (.onnx, int8 .onnx, TensorRT .plan) or run directory."),
+        model: Path = typer.Argument(..., help="Artefact (.onnx, int8 .onnx, TensorRT .plan), a shipped model by name (edge, edge-int8) or a run directory."),
         crops: str = typer.Argument(..., help="Folder with Atypical/ and Normal/, a CSV (path,label[,group]), or a "
                                     f"dataset name under the data root ({', '.join(TEST_SETS)})."),
         out: Path | None = typer.Option(None, "--out", "-o", help="Folder for the report (Markdown, JSON, CSV, SVG)."),
@@ -391,8 +392,11 @@ def register(app: typer.Typer) -> None:
                 raise EvaluateError("pass -o/--out DIR for the report")
             if out.exists() and any(out.iterdir()) and not overwrite:
                 raise EvaluateError(f"{out} exists and is not empty: pass --overwrite to replace its report")
+            if not model.exists() and shipped_model(str(model)) is not None:
+                model = resolve_model(str(model))  # a shipped model by name: edge, edge-int8
             if not model.exists():
-                raise EvaluateError(f"{model}: no such model file or run directory")
+                raise EvaluateError(f"{model}: no such model file, run directory or shipped model "
+                                    "(`ami-infer --list-models` lists them)")
             crop_set = load_crop_set(crops, data_root)
             scorer = scorer_for(model, fold=fold, engine=engine, precision=precision, provider=provider,
                                 threads=threads, batch=batch)

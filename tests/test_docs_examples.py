@@ -12,8 +12,8 @@ the benchmark data the other tests use. The rules (docs/contributing-docs.md say
   matches any lines; ``...`` in a line matches any text in it.
 - ``python``: the block runs as one script.
 
-A comment on the line before the fence changes that: ``<!-- not-run: REASON -->`` (REASON starts
-with one of :data:`SKIP_REASONS`), ``<!-- example: in-checkout, needs-data, exit=N -->``.
+A comment on the lines right before the fence changes that: ``<!-- not-run: REASON -->`` (REASON starts
+with one of :data:`SKIP_REASONS`), ``<!-- example: in-checkout, needs-data, needs-slides, exit=N -->``.
 
 An unmarked shell example that would train (``ami-train`` without ``--list``, ``--print-config``,
 ``--dry-run``, ``--status`` or ``--help``), download or serve fails without being started, naming
@@ -25,6 +25,7 @@ output, for pasting into a ``console`` block.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -89,8 +90,10 @@ def extract(page: Path) -> list[Example]:
         while j < len(lines) and lines[j].rstrip() != "```":
             j += 1
         if lang in LANGS:
-            prev = lines[start - 1].strip() if start > 0 else ""
-            skip, opts = NOT_RUN.match(prev), OPTIONS.match(prev)
+            k, skip, opts = start - 1, None, None
+            while k >= 0 and lines[k].strip().startswith("<!--"):  # the comments right above the fence
+                skip, opts = skip or NOT_RUN.match(lines[k].strip()), opts or OPTIONS.match(lines[k].strip())
+                k -= 1
             found.append(Example(page, start + 1, lang, "\n".join(lines[start + 1:j]) + "\n",
                                  skip.group(1) if skip else None, parse_options(opts.group(1)) if opts else {}))
         i = j + 1
@@ -271,7 +274,9 @@ def test_example_runs_as_shown(ex, page_folder):
         pytest.skip(f"{ex.name} not run: {ex.not_run}")
     if "needs-data" in ex.options and data_root() is None:
         pytest.skip(f"{ex.name} needs the benchmark data: set AMI_DATA_ROOT to the folder holding AMi-Br/")
-    unknown = set(ex.options) - {"in-checkout", "needs-data", "exit", "quick-training"}
+    if "needs-slides" in ex.options and importlib.util.find_spec("openslide") is None:
+        pytest.skip(f"{ex.name} needs the slides extra (OpenSlide), which is not installed")
+    unknown = set(ex.options) - {"in-checkout", "needs-data", "needs-slides", "exit", "quick-training"}
     assert not unknown, f"{ex.name}: unknown example option(s) {sorted(unknown)}"
     why = guarded(ex)
     if why:

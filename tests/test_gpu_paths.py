@@ -437,7 +437,7 @@ def fresh_gpu_probe():
     G.nvidia_gpu.cache_clear()
 
 
-@pytest.mark.parametrize("cuda, extra", [("13.0", "ami[trt-cu13]"), ("12.4", "ami[trt-cu12]")])
+@pytest.mark.parametrize("cuda, extra", [("13.0", "ami-mitosis[trt-cu13]"), ("12.4", "ami-mitosis[trt-cu12]")])
 def test_auto_on_the_cpu_of_a_gpu_box_says_what_to_install(monkeypatch, tmp_path, tiny, fresh_gpu_probe, cuda, extra):
     from ami.runtime import DIST_NAME
 
