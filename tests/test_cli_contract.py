@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -70,6 +71,8 @@ MISSING_ROOT_CASES = {
 
 @pytest.mark.parametrize("prog", sorted(MISSING_ROOT_CASES))
 def test_a_missing_data_root_is_one_line_saying_where_ami_looked(prog, tmp_path):
+    if prog == "ami-train" and importlib.util.find_spec("torch") is None:
+        pytest.skip("ami-train needs torch (the train extra), not installed: it says so instead (tested below)")
     nowhere = tmp_path / "no-data-here"
     r = _tool(prog, *MISSING_ROOT_CASES[prog], cwd=tmp_path, env={"AMI_DATA_ROOT": str(nowhere)})
     assert r.returncode == errors.EXIT_BAD_INPUT, r.stdout + r.stderr
@@ -135,6 +138,17 @@ def test_an_unexpected_exception_is_one_line_and_exit_4(prog, tmp_path):
     assert debug.stderr.strip().splitlines()[-1] == _lines(r)[0]
     env = _tool(prog, *args, patch=patch, cwd=tmp_path, env={"AMI_DEBUG": "1"})
     assert env.returncode == errors.EXIT_FAULT and "Traceback (most recent call last)" in env.stderr
+
+
+def test_a_missing_optional_library_is_one_line_naming_the_extra_and_exit_3(tmp_path):
+    """On a base install (no torch) `ami-train` cannot start: one line naming the extra, exit 3."""
+    script = RUNNER.replace('raise RuntimeError("boom: the first line\\nthe second line")',
+                            'raise ModuleNotFoundError("No module named \'torch\'", name="torch")')
+    patch, args = UNEXPECTED_CASES["ami-data"]
+    r = subprocess.run([sys.executable, "-c", script, TOOLS["ami-data"], "ami-data", patch, *args], cwd=tmp_path,
+                       env={**os.environ, "AMI_DEBUG": ""}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == errors.EXIT_UNAVAILABLE, r.stdout + r.stderr
+    assert _lines(r) == ["ami-data: error: this needs torch, which is not installed: pip install 'ami-mitosis[train]'"]
 
 
 def test_debug_flag_is_taken_out_before_the_parser_sees_it():

@@ -106,8 +106,10 @@ EXAMPLES = [ex for page in PAGES for ex in extract(page)]
 # ---- running ---------------------------------------------------------------------------------
 
 def data_root() -> Path | None:
-    env = os.environ.get("AMI_DATA_ROOT")
-    cand = Path(env) if env else REPO.parent / "shared" / "data" / "ami-br-benchmark"
+    """The benchmark data as every ami command finds it: $AMI_DATA_ROOT, else the per-user default."""
+    from ami.runtime.datasets import resolve_data_root
+
+    cand = resolve_data_root(None)
     return cand if (cand / "AMi-Br").is_dir() else None
 
 

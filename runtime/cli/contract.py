@@ -26,7 +26,14 @@ from typing import Any, NoReturn
 
 import typer
 
-from ..errors import EXIT_FAULT, EXIT_INTERRUPTED, AmiError, first_line
+from .. import DIST_NAME
+from ..errors import EXIT_FAULT, EXIT_INTERRUPTED, EXIT_UNAVAILABLE, AmiError, first_line
+
+# The extra that brings each optional library a command may import (pyproject's extras).
+EXTRA_OF = {"torch": "train", "torchvision": "train", "timm": "train", "peft": "train", "safetensors": "train",
+            "huggingface_hub": "train", "sklearn": "train", "matplotlib": "train", "onnx": "export",
+            "onnxscript": "export", "openvino": "openvino", "cv2": "openvino", "openslide": "slides",
+            "tifffile": "slides", "submitit": "slurm", "ray": "ray"}
 
 ENV_DEBUG = "AMI_DEBUG"
 DEBUG_FLAG = "--debug"
@@ -153,6 +160,12 @@ def run(app: typer.Typer, prog: str, argv: Sequence[str] | None = None) -> NoRet
         os._exit(1)
     except AmiError as e:
         _end(error_line(prog, e), e.exit_code)
+    except ModuleNotFoundError as e:  # an optional library of an extra this install lacks: exit 3
+        extra = EXTRA_OF.get((e.name or "").split(".")[0])
+        if extra is None:
+            _end(internal_error_line(prog, e), EXIT_FAULT)
+        _end(f"{prog}: error: this needs {e.name}, which is not installed: pip install '{DIST_NAME}[{extra}]'",
+             EXIT_UNAVAILABLE)
     except Exception as e:  # the contract: any other failure is one line and exit 4
         _end(internal_error_line(prog, e), EXIT_FAULT)
     sys.exit(0)  # pragma: no cover - click's standalone mode always exits
