@@ -105,6 +105,19 @@ EXAMPLES = [ex for page in PAGES for ex in extract(page)]
 
 # ---- running ---------------------------------------------------------------------------------
 
+def missing_imports(code: str) -> list[str]:
+    """The top-level modules a Python example imports that this install lacks."""
+    import ast
+
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return []
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and not n.level]
+    return sorted({m.split(".")[0] for m in names if importlib.util.find_spec(m.split(".")[0]) is None})
+
+
 def data_root() -> Path | None:
     """The benchmark data as every ami command finds it: $AMI_DATA_ROOT, else the per-user default."""
     from ami.runtime.datasets import resolve_data_root
@@ -276,6 +289,8 @@ def test_example_runs_as_shown(ex, page_folder):
         pytest.skip(f"{ex.name} not run: {ex.not_run}")
     if "needs-data" in ex.options and data_root() is None:
         pytest.skip(f"{ex.name} needs the benchmark data: set AMI_DATA_ROOT to the folder holding AMi-Br/")
+    if ex.lang == "python" and (absent := missing_imports(ex.code)):
+        pytest.skip(f"{ex.name} imports {', '.join(absent)}, not installed (an extra of this install)")
     if "needs-slides" in ex.options and importlib.util.find_spec("openslide") is None:
         pytest.skip(f"{ex.name} needs the slides extra (OpenSlide), which is not installed")
     unknown = set(ex.options) - {"in-checkout", "needs-data", "needs-slides", "exit", "quick-training"}
