@@ -524,8 +524,16 @@ def _md_choices(c: dict) -> list[str]:
             "at 8x the cost."]
 
 
+EPILOG = """\b
+Examples:
+  ami-bench card runs/edge -o cards/                          # edge-card.md and edge-card.json from the run
+  ami-bench card runs/edge --compare runs/edge-candidate -o cards/    # + a validation-only recipe comparison
+  ami-bench card runs/edge --model my-edge.onnx --model-int8 my-edge-int8.onnx -o cards/
+  ami-bench card --refresh edge-card.json --weights edge.safetensors -o cards/   # score a test set added later"""
+
+
 def register(app: typer.Typer) -> None:
-    @app.command("card")
+    @app.command("card", epilog=EPILOG)
     @guard("ami-bench")
     def card_cmd(
         run: Path | None = typer.Argument(None, help="Run directory of the edge model (folds + all/); not with "
@@ -535,7 +543,8 @@ def register(app: typer.Typer) -> None:
         model_int8: str | None = typer.Option(None, "--model-int8", metavar="FILE|NAME",
                                                  help="The shipped int8 ONNX (default: NAME-int8.onnx beside --model)."),
         out: Path = typer.Option(Path("."), "--out", "-o", help="Folder for <model>-card.md and <model>-card.json."),
-        data_root: Path | None = typer.Option(None, "--data-root"),
+        data_root: Path | None = typer.Option(None, "--data-root", help="Folder holding AMi-Br/, AtNorM-Br/, "
+                                               "AtNorM-MD/ (default: $AMI_DATA_ROOT, else the per-user one)."),
         threads: int = typer.Option(2, help="ONNX Runtime threads for the speed rows."),
         compare: list[Path] = typer.Option([], "--compare", help="Another run of a candidate recipe (repeatable): "
                                            "adds a validation-only recipe comparison table."),

@@ -342,11 +342,11 @@ def scorer_for(model: Path, *, fold: str | None, engine: str, precision: str | N
 
 EPILOG = """\b
 Examples:
-  ami-bench evaluate runtime/assets/edge.onnx our_crops/ -o eval-ours        # Atypical/ and Normal/ inside
+  ami-bench evaluate edge our_crops/ -o eval-ours                           # the shipped model; Atypical/ and Normal/ inside
   ami-bench evaluate edge-int8.onnx crops.csv -o eval-sites                  # path,label[,group] per line
   ami-bench evaluate edge.onnx AtNorM-Br --data-root DATA -o eval-br         # a dataset under the data root
-  ami-bench evaluate results/lite0-lora AtNorM-Br -o eval-run                # a run's fold ensemble (PyTorch)
-  ami-bench evaluate results/lite0-lora --fold 2 my_crops/ -o eval-fold2     # one fold of it
+  ami-bench evaluate runs/lite0-lora AtNorM-Br -o eval-run                   # a run's fold ensemble (PyTorch)
+  ami-bench evaluate runs/lite0-lora --fold 2 my_crops/ -o eval-fold2        # one fold of it
 
 Writes OUT/report.md, report.json, predictions.csv, roc.svg, reliability.svg. Exit codes: 0 done,
 2 bad input (model, crops, flags; nothing written), 3 missing engine / library, 4 fault."""

@@ -232,7 +232,7 @@ EPILOG = """Examples:
   ami-bench gpu-check --out results/gpu-check            # on a GPU box: at most ~7 minutes
   ami-bench gpu-check --out results/gpu-check --crops my-crops/   # with the end-to-end ami-infer row
   python bench/gpu_check.py --out results/gpu-check      # the same from a checkout that is not installed
-  ami-bench gpu-check --out /tmp/rehearsal --device cpu --models efficientnetv2_m:full,uni:lora
+  ami-bench gpu-check --out rehearsal/ --device cpu --models efficientnetv2_m:full,uni:lora
 
 Writes DIR/gpu-check.md and DIR/gpu-check.json (and DIR/latency.{json,md}); exit code 1 when a part
 failed, 0 when every part passed or was skipped with its reason."""

@@ -97,10 +97,17 @@ def read_report(path: Path) -> dict:
         raise GpuHoursError(f"cannot read {path}: {e}") from None
 
 
+EPILOG = """\b
+Examples:
+  ami-bench gpu-hours gpu-check/gpu-check.json                    # the table on stdout
+  ami-bench gpu-hours gpu-check/gpu-check.json -o gpu-hours.md --source "H200, 2026-12-04"   # named source
+"""
+
+
 def register(app) -> None:
     import typer
 
-    @app.command("gpu-hours")
+    @app.command("gpu-hours", epilog=EPILOG)
     def gpu_hours_cmd(
         report: Path = typer.Argument(..., help="A gpu-check.json written by ami-bench gpu-check on a GPU box."),
         out: Path | None = typer.Option(None, "--out", "-o", help="Write the Markdown table here (else stdout)."),

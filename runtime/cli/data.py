@@ -17,18 +17,31 @@ from ..splits import FOLDS_FILE, SplitError, check_against_data, folds_sha256, l
 from . import DATA_ROOT_HELP
 from .contract import AmiTyper, run
 
+# ami-data's help is rendered by rich: one example per paragraph (a blank line between examples).
+VERIFY_EPILOG = ("Examples:\n\n"
+                 "  ami-data verify --data-root ~/data/ami-br-benchmark    # every dataset, every PNG decoded\n\n"
+                 "  ami-data verify --quick    # counts and fingerprints only, at $AMI_DATA_ROOT or the default root\n\n"
+                 "  ami-data verify --data-root ~/data/ami-br-benchmark --dataset AMi-Br --dataset AtNorM-MD"
+                 "    # a partial data root, on purpose")
+FOLDS_EPILOG = ("Examples:\n\n"
+                "  ami-data folds --data-root ~/data/ami-br-benchmark\n\n"
+                "  AMI_DATA_ROOT=~/data/ami-br-benchmark ami-data folds")
+DOWNLOAD_EPILOG = ("Examples:\n\n"
+                   "  ami-data download --data-root ~/data/ami-br-benchmark    # then: ami-data verify with the same root\n\n"
+                   "  ami-data download --data-root ~/data/ami-br-benchmark --timeout 60    # a slow network")
+
 app = AmiTyper(prog="ami-data", no_args_is_help=True, help=(
     "Check, download and split the AMi-Br / AtNorM-Br / AtNorM-MD datasets.\n\n"
     "Examples:\n\n"
     "  ami-data verify --data-root ~/data/ami-br-benchmark\n\n"
-    "  AMI_DATA_ROOT=/data/ami ami-data folds\n\n"
+    "  AMI_DATA_ROOT=~/data/ami-br-benchmark ami-data folds\n\n"
     "  ami-data download --data-root ~/data/ami-br-benchmark"))
 
 UPSTREAM_REPO = "DeepMicroscopy/AMi-Br_Benchmark"
 UPSTREAM_COMMIT = "3acf4da"  # the commit shared/data was copied from
 
 
-@app.command()
+@app.command(epilog=VERIFY_EPILOG)
 def verify(data_root: Path | None = typer.Option(None, "--data-root", help=DATA_ROOT_HELP),
            quick: bool = typer.Option(False, "--quick", help="Skip decoding every PNG (counts and fingerprints only)."),
            dataset: list[str] | None = typer.Option(
@@ -90,7 +103,7 @@ def verify(data_root: Path | None = typer.Option(None, "--data-root", help=DATA_
     raise typer.Exit(1 if bad else 0)
 
 
-@app.command()
+@app.command(epilog=FOLDS_EPILOG)
 def folds(data_root: Path | None = typer.Option(None, "--data-root", help=DATA_ROOT_HELP),
           write: bool = typer.Option(False, "--write", help="Rewrite the pinned folds file (maintainers only).")):
     """Show the pinned 5-fold split (slide-grouped, stratified) and check it equals a fresh computation."""
@@ -115,7 +128,7 @@ def folds(data_root: Path | None = typer.Option(None, "--data-root", help=DATA_R
     raise typer.Exit(0 if same else 1)
 
 
-@app.command()
+@app.command(epilog=DOWNLOAD_EPILOG)
 def download(data_root: Path | None = typer.Option(None, "--data-root", help=DATA_ROOT_HELP),
              commit: str = typer.Option(UPSTREAM_COMMIT, help="Upstream commit to fetch."),
              timeout: float = typer.Option(20.0, help="Network timeout, seconds.")):
