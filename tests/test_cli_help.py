@@ -146,6 +146,7 @@ def test_every_help_has_examples_that_parse(prog, path):
 # its command's --help, and runs from an empty folder with no data root.
 RUN_AS_WRITTEN = [
     ("ami-infer", (), "ami-infer --sample"),
+    ("ami-infer", (), "ami-infer --list-models"),
     ("ami-train", (), "ami-train --list"),
     ("ami-train", (), "ami-train -m virchow2 --method lora --print-config"),
 ]

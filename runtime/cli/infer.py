@@ -33,6 +33,7 @@ from ..infer import (
     iter_inputs,
 )
 from ..infer import run as run_pipeline
+from ..models import model_lines
 from .contract import guard, run
 
 PROG = "ami-infer"
@@ -74,7 +75,8 @@ Examples:
   ami-infer crops/ -o out.csv --resume --retry-errors   ... and try the failed crops again
   ami-infer crops/ -o - --no-progress | grep Atypical   stream CSV rows to a pipe
   ami-infer crops/ --model edge.plan        a TensorRT plan (ami-mitosis[trt] and a GPU)
-  ami-infer crops/ --model edge-int8.onnx   int8 artefact; with ami-mitosis[openvino] installed, auto runs it on OpenVINO
+  ami-infer crops/ --model edge-int8        the shipped int8 model; with ami-mitosis[openvino] installed, auto runs it on OpenVINO
+  ami-infer --list-models                   the shipped models by name
   ami-infer crops/ --engine openvino --precision bf16    bf16 on a CPU that has it
   ami-infer --sample                        the real crops shipped with ami
   ami-infer --slides detections.csv -o res.csv    crops cut from whole-slide images (ami-mitosis[slides]):
@@ -121,8 +123,9 @@ def infer(
                                                "(./ami-infer.jsonl with --format jsonl)."),
     fmt: Fmt | None = typer.Option(None, "--format", case_sensitive=False,
                                       help="csv or jsonl. Default: from the output's extension, else csv."),
-    model: Path | None = typer.Option(None, "--model", metavar="FILE",
-                                         help="An exported ami ONNX model or TensorRT plan. Default: the edge model shipped in the package."),
+    model: Path | None = typer.Option(None, "--model", metavar="FILE|NAME",
+                                         help="An exported ami ONNX model or TensorRT plan, or a shipped model by name "
+                                              "(edge, edge-int8; see --list-models). Default: edge."),
     threshold: float | None = typer.Option(None, "--threshold", min=0.0, max=1.0,
                                               help="Decision threshold on prob_atypical. Default: the model's (from its metadata)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Crops per engine call."),
@@ -149,6 +152,7 @@ def infer(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file (never one another run "
                                    "holds, never an input)."),
     sample: bool = typer.Option(False, "--sample", help="Run on the sample crops shipped with the package."),
+    list_models: bool = typer.Option(False, "--list-models", help="List the shipped models (name, file, size) and exit."),
     pool: Pool = typer.Option(Pool.thread, "--pool", case_sensitive=False,
                               help="Decoding pool: threads (default, fastest here) or processes."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress line with crops/s on stderr."),
@@ -162,6 +166,10 @@ def infer(
                                help="With --slides: crops reaching past the slide's edge are padded black as in training "
                                     "and flagged in the 'padded' column (pad), or become error rows (refuse)."),
 ):
+    if list_models:
+        for line in model_lines():
+            typer.echo(line)
+        raise typer.Exit(0)
     args = InferArgs(paths=tuple(paths or ()), output=output, fmt=fmt.value if fmt else None, model=model,
                      threshold=threshold, batch_size=batch_size, workers=workers, threads=threads,
                      engine=engine_name.value, precision=precision.value, provider=provider.value, resume=resume,
