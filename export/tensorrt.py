@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ami.runtime.artifact import INPUT_NAME, OUTPUT_NAME
+from ami.runtime.atomic import atomic_write_bytes
 from ami.runtime.engines.base import parse_batch_sizes
 from ami.runtime.gpu import TRT_MAJORS, tensorrt_major
 from ami.runtime.tolerances import FP32_PROB_TOL
@@ -238,9 +239,7 @@ def build_engine(onnx_path: Path, plan_path: Path, *, input_size: int, batches=(
         if not save_cache:
             raise OSError("it belongs to another TensorRT version or GPU")
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_name(cache_path.name + f".tmp{os.getpid()}")
-        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-        os.replace(tmp, cache_path)
+        atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
     except OSError as e:
         log(f"trt: timing cache not saved ({e})")
     return {"version": trt.__version__, "major": major, "strongly_typed": True, "gpu_name": gpu["gpu_name"],

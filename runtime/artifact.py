@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import CLASS_NAMES
+from .atomic import atomic_write_bytes
 from .errors import BadInput
 from .hashing import file_sha256
 from .preprocess import Preprocess
@@ -408,10 +409,5 @@ def stamp_weights_digest(path: str | os.PathLike) -> str:
         raise ArtifactError(f"{p} has no '{META_KEY}' metadata to stamp")
     meta_records = [_len_field(_MODEL_METADATA, _len_field(1, k.encode()) + _len_field(2, v.encode()))
                     for k, v in props]
-    tmp = p.with_name(p.name + ".stamp.tmp")
-    with open(tmp, "wb") as f:
-        f.write(b"".join(kept[:at] + meta_records + kept[at:]))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, p)
+    atomic_write_bytes(p, b"".join(kept[:at] + meta_records + kept[at:]))
     return digest

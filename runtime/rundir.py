@@ -22,13 +22,13 @@ file, ``pkg:PACKAGE/PATH``); :class:`WeightsSource` is its typed reading, so no 
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from .atomic import atomic_write_json  # re-exported: the run records' writers
 from .errors import BadInput
 from .splits import N_FOLDS
 
@@ -172,22 +172,6 @@ def read_json(path: Path, fields: Fields | None = None, required: tuple[str, ...
     except OSError as e:
         raise RunDirError(f"{path} cannot be read ({e.strerror or e})") from None
     return check_fields(path, record, fields or {}, required)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never a part
-    (the temporary file is per process, so two processes replacing the same record never mix)."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
 
 
 @dataclass(frozen=True)

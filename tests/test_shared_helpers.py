@@ -173,3 +173,22 @@ def test_int8_head_from_metadata_else_the_registry():
     graph = types.SimpleNamespace(graph=types.SimpleNamespace(node=nodes, input=[types.SimpleNamespace(name="pixels")]))
     excl, n_net = excluded_nodes(graph, ["head.fc"])
     assert n_net == 3 and excl == ["/pre/Cast", "/folds.0/net/head/fc/Gemm", "/post/Sigmoid"]
+
+
+def test_atomic_writes_replace_whole_and_leave_nothing_on_failure(tmp_path):
+    from ami.runtime import atomic
+
+    target = tmp_path / "record.json"
+    atomic.atomic_write_json(target, {"a": 1})
+    assert target.read_text() == '{\n "a": 1\n}\n'
+    atomic.atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"new"
+
+    def half_then_fail(tmp):
+        tmp.write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic.atomic_write_via(target, half_then_fail)
+    assert target.read_bytes() == b"new"  # the old content, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["record.json"]  # no temporary file left

@@ -20,8 +20,8 @@ files the run directory (:mod:`ami.runtime.rundir`) names.
 from __future__ import annotations
 
 import csv
+import io
 import math
-import os
 import platform
 import time
 from abc import ABC, abstractmethod
@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ami.runtime import __version__, sampling
+from ami.runtime.atomic import atomic_write_text, atomic_write_via
 from ami.runtime.datasets import Sample, available_eval_sets
 from ami.runtime.metrics import MetricError, best_threshold, evaluate
 from ami.runtime.preprocess import Preprocess
@@ -308,22 +309,17 @@ class Progress:
 
 # -- records --------------------------------------------------------------------------------------------
 def atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_via(path, lambda tmp: torch.save(obj, tmp))
 
 
 def write_history(path: Path, history: list[dict]) -> None:
     """history.csv: one row per epoch, columns ``epoch`` first, then the others sorted."""
     keys = sorted({k for h in history for k in h}, key=lambda k: (k != "epoch", k))
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(history)
-    os.replace(tmp, path)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(history)
+    atomic_write_text(path, buf.getvalue())
 
 
 def metrics_or_reason(y, p, threshold=0.5) -> dict:

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ami.runtime import DIST_NAME, hashing
+from ami.runtime.atomic import atomic_write_via
 from ami.runtime.errors import Unavailable
 
 from .registry import ModelConfig
@@ -501,9 +502,7 @@ def save_weights(model: nn.Module, path: Path, metadata: dict | None = None, key
 
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if keys is None or k in keys}
     metadata = {**(metadata or {}), **({CONTENTS: TRAINABLE} if keys is not None else {})}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(sd, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
-    os.replace(tmp, path)
+    atomic_write_via(path, lambda tmp: save_file(sd, str(tmp), metadata={k: str(v) for k, v in metadata.items()}))
 
 
 def is_partial(path: Path) -> bool:

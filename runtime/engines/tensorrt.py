@@ -30,6 +30,7 @@ import numpy as np
 
 from .. import DIST_NAME
 from ..artifact import INPUT_NAME, OUTPUT_NAME, PLAN_SUFFIXES, ArtifactError, ArtifactMeta, check_weights_digest
+from ..atomic import atomic_write_text
 from ..gpu import TRT_MAJORS, tensorrt_major, trt_extra
 from .base import Backend, Engine, EngineError, EngineFault, LoadOptions
 
@@ -57,9 +58,7 @@ def write_plan_sidecar(plan: str | os.PathLike, meta: ArtifactMeta, **build) -> 
     if missing:
         raise ValueError(f"plan side file needs {', '.join(missing)}")
     out = sidecar_path(plan)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(plan_sidecar_json(meta, **build), encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write_text(out, plan_sidecar_json(meta, **build))
     return out
 
 
