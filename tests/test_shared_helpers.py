@@ -192,3 +192,20 @@ def test_atomic_writes_replace_whole_and_leave_nothing_on_failure(tmp_path):
         atomic.atomic_write_via(target, half_then_fail)
     assert target.read_bytes() == b"new"  # the old content, whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["record.json"]  # no temporary file left
+
+
+def test_a_state_file_that_is_not_amis_is_one_clear_error(tmp_path):
+    """--resume on a fold whose state.pt is another tool's file, damaged, or lacks ami's keys."""
+    torch = pytest.importorskip("torch", reason="the training state is a torch file (the train extra)")
+    from ami.runtime.rundir import RunDirError
+    from ami.train.loop import load_resume_state
+
+    bad = tmp_path / "state.pt"
+    bad.write_bytes(b"PK\x03\x04 not a torch file")
+    with pytest.raises(RunDirError, match=r"state\.pt: not an ami training state \(.*\); delete it to train this fold"):
+        load_resume_state(bad, ("model", "opt"))
+    torch.save({"model": {}}, bad)
+    with pytest.raises(RunDirError, match=r"state\.pt: not an ami training state \(no opt\); delete it"):
+        load_resume_state(bad, ("model", "opt"))
+    torch.save({"model": {}, "opt": {}}, bad)
+    assert set(load_resume_state(bad, ("model", "opt"))) == {"model", "opt"}

@@ -37,6 +37,7 @@ from .loop import (
     cpu_bf16_native,
     epoch_batches,
     grad_scaler,
+    load_resume_state,
     make_optimizer,
     metrics_or_reason,
     pick_device,
@@ -245,7 +246,7 @@ class EndToEndTrainer(FoldTrainer):
         return _Fold(model, keep, train_set, val_set, opt, schedule, ema, scaler, g, step, steps)
 
     def _resume(self, run: Run, fd: FoldDir, f: _Fold) -> None:
-        st = torch.load(fd.state, map_location="cpu", weights_only=True)
+        st = load_resume_state(fd.state, ("model", "opt", "sched", "rng", "torch_rng"))
         if st.get("model_contents") == TRAINABLE:
             load_partial_state(f.model, st["model"])
         else:

@@ -53,6 +53,7 @@ from .loop import (
     atomic_torch_save,
     autocast,
     epoch_batches,
+    load_resume_state,
     make_optimizer,
     metrics_or_reason,
     recipe_loss,
@@ -275,7 +276,7 @@ class LinearProbeTrainer(FoldTrainer):
         g = torch.Generator().manual_seed(seed)
         progress, best_head = Progress(), None
         if fd.state.exists():
-            st = torch.load(fd.state, map_location="cpu", weights_only=True)
+            st = load_resume_state(fd.state, ("head", "opt", "sched", "rng"))
             head.load_state_dict(st["head"])
             opt.load_state_dict(st["opt"])
             schedule.load_state_dict(st["sched"])

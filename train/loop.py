@@ -39,7 +39,7 @@ from ami.runtime.atomic import atomic_write_text, atomic_write_via
 from ami.runtime.datasets import Sample, available_eval_sets
 from ami.runtime.metrics import MetricError, best_threshold, evaluate
 from ami.runtime.preprocess import Preprocess
-from ami.runtime.rundir import FoldDir
+from ami.runtime.rundir import FoldDir, RunDirError
 
 from . import data as D
 from .registry import Recipe
@@ -308,6 +308,23 @@ class Progress:
 
 
 # -- records --------------------------------------------------------------------------------------------
+def load_resume_state(path: Path, keys: tuple[str, ...]) -> dict:
+    """A fold's ``state.pt`` for ``--resume`` (tensors only, ``weights_only``: no pickled code runs).
+    A file that is not ami's training state (another tool's, damaged, from an incompatible run) is
+    one :class:`RunDirError` naming the file and what to do, not the loader's traceback."""
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for a foreign or damaged file
+        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise RunDirError(f"{path}: not an ami training state ({type(e).__name__}: {msg}); delete it to "
+                          "train this fold from the start") from None
+    missing = [k for k in keys if not isinstance(st, dict) or k not in st]
+    if missing:
+        raise RunDirError(f"{path}: not an ami training state (no {', '.join(missing)}); delete it to train "
+                          "this fold from the start")
+    return st
+
+
 def atomic_torch_save(obj, path: Path) -> None:
     atomic_write_via(path, lambda tmp: torch.save(obj, tmp))
 
