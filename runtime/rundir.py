@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .atomic import atomic_write_json  # re-exported: the run records' writers
+from .atomic import atomic_write_json
 from .errors import BadInput
 from .splits import N_FOLDS
 

@@ -28,8 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .atomic import atomic_write_bytes
 from .infer import RowTap, csv_cell
-from .rundir import atomic_write_bytes
 
 Z95 = 1.959963984540054  # two-sided 95 % normal quantile
 SUMMARY_COLUMNS = ("slide", "detections", "classified", "atypical", "normal", "atypical_ratio", "ci95_low",

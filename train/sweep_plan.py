@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ami.runtime import splits
+from ami.runtime.atomic import atomic_write_json
 from ami.runtime.errors import BadInput
-from ami.runtime.rundir import FoldDir, RunDir, RunDirError, atomic_write_json, check_fields, fold_name
+from ami.runtime.rundir import FoldDir, RunDir, RunDirError, check_fields, fold_name
 
 from .registry import METHODS, REGISTRY, get, table3_configs
 

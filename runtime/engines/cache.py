@@ -26,8 +26,8 @@ import os
 import shutil
 from pathlib import Path
 
+from ..atomic import atomic_write_json
 from ..hashing import file_sha256
-from ..rundir import atomic_write_json
 
 MANIFEST = "ami-cache-manifest.json"
 FORMAT = "ami-engine-cache/1"

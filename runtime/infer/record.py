@@ -14,8 +14,8 @@ import socket
 import time
 from pathlib import Path
 
+from ..atomic import atomic_write_bytes
 from ..hashing import file_sha256
-from ..rundir import atomic_write_bytes
 from .inputs import InputError
 
 RECORD_SUFFIX = ".ami.json"

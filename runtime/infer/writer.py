@@ -20,7 +20,7 @@ try:  # POSIX: one writer per output file, enforced by the kernel
 except ImportError:  # pragma: no cover - Windows: no lock (documented)
     fcntl = None  # type: ignore[assignment]
 
-from ..rundir import atomic_write_bytes
+from ..atomic import atomic_write_bytes
 from .cells import COLUMNS, LEGACY_COLUMNS
 from .formats import get_format, row_dicts, scan_output
 from .inputs import InputError
