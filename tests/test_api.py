@@ -69,8 +69,8 @@ def _block(kind: str) -> str:
 
 
 def test_readme_slide_example_runs_as_written(tmp_path):
-    pytest.importorskip("openslide", reason="ami[slides] is not installed (pip install -e '.[slides]')")
-    pytest.importorskip("tifffile", reason="ami[slides] is not installed (pip install -e '.[slides]')")
+    pytest.importorskip("openslide", reason="the slides extra is not installed (pip install -e '.[slides]')")
+    pytest.importorskip("tifffile", reason="the slides extra is not installed (pip install -e '.[slides]')")
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     printed = []
     for line in _block("bash").splitlines():

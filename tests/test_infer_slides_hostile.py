@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("openslide", reason="ami[slides] is not installed (pip install -e '.[slides]')")
-pytest.importorskip("tifffile", reason="ami[slides] is not installed (pip install -e '.[slides]')")
+pytest.importorskip("openslide", reason="the slides extra is not installed (pip install -e '.[slides]')")
+pytest.importorskip("tifffile", reason="the slides extra is not installed (pip install -e '.[slides]')")
 
 from ami.runtime.engines import ASSETS, load_engine
 from slide_factory import paste, write_slide

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-pytest.importorskip("openslide", reason="ami[slides] is not installed (pip install -e '.[slides]')")
+pytest.importorskip("openslide", reason="the slides extra is not installed (pip install -e '.[slides]')")
 pytest.importorskip("tifffile", reason="tifffile (the dev extra) writes the test slides")
 
 from ami.runtime import slides as S

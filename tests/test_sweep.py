@@ -302,7 +302,7 @@ def test_slurm_submission_scripts_ask_for_the_requested_resources(tmp_path, monk
 
 @pytest.mark.slow
 def test_ray_launcher_runs_a_job_per_task(synthetic_folds_root, tmp_path):
-    pytest.importorskip("ray", reason="Ray is not installed (pip install 'ami[ray]')")
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'ami-mitosis[ray]')")
     root = tmp_path / "ray"
     (job,) = S.expand("uni", root, methods="linear", folds="0", options=_opts(synthetic_folds_root, tmp_path))
     S.write_manifest(root, "uni", [job])
