@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 LATENCY = REPO / "results" / "bench" / "latency.json"
 CARD = REPO / "runtime" / "assets" / "edge-card.json"
 SIZES = REPO / "results" / "install-sizes.json"
+GPU_CHECK = REPO / "results" / "gpu" / "h200-2026-12-04" / "gpu-check.json"  # the GPU-hour table's source
 LAYERS = {"runtime": "runtime", "train": "train", "export": "export", "bench": "bench"}
 # Pages other helpers write; until they land the site builds with a placeholder that says so.
 PENDING = {"guarantees.md": "What `ami-infer` guarantees", "evaluate.md": "Evaluate a model"}
@@ -70,7 +71,7 @@ def headline() -> str:
     """The README's small table: the shipped model's quality and its speed on the measured machine."""
     lat, card = _json(LATENCY), _json(CARD)
     tests = card["shipped"]["tests"]
-    amibr, md = tests["AMi-Br-test"], tests["AtNorM-MD"]
+    amibr, md, br, brd = tests["AMi-Br-test"], tests["AtNorM-MD"], tests["AtNorM-Br"], tests["AtNorM-Br (dedup)"]
     where = machine_name(lat)
     ort = _row(lat, "ONNX Runtime", "edge.onnx", "fp32", 64)["stats"]["crops_per_s"]
     ov8 = _row(lat, "OpenVINO", "edge-int8.onnx", "int8", 64)["stats"]["crops_per_s"]
@@ -83,11 +84,28 @@ def headline() -> str:
         f"{amibr['auroc']:.3f} | any machine: ONNX Runtime or OpenVINO fp32, identical labels (`results/bench/parity.md`) | `runtime/assets/edge-card.json` |",
         f"| shipped `edge.onnx`, AtNorM-MD: BA / AUROC | {md['balanced_accuracy']:.3f} / "
         f"{md['auroc']:.3f} | any machine, as above | `runtime/assets/edge-card.json` |",
+        f"| shipped `edge.onnx`, AtNorM-Br, all {br['n']} crops / de-duplicated {brd['n']}: BA / AUROC | "
+        f"{br['balanced_accuracy']:.3f} / {br['auroc']:.3f}, {brd['balanced_accuracy']:.3f} / {brd['auroc']:.3f} | "
+        "any machine, as above | `runtime/assets/edge-card.json` |",
         f"| model only, batch 64: ONNX Runtime fp32 / OpenVINO int8 | {ort:,.0f} / {ov8:,.0f} crops/s | {where} "
         "| `results/bench/latency.json` |",
         f"| `ami-infer` end to end on {e2e['crops']} PNG crops, OpenVINO int8 | {e2e['crops_per_s']:,.0f} crops/s "
         f"({e2e['crops_per_s'] / ref:.1f}x the public scripts' PyTorch loop) | {where} | `results/bench/latency.json` |",
+        gpu_hours_row(),
     ])
+
+
+def gpu_hours_row() -> str:
+    """Table 3's training cost on the measured GPU (ami-bench gpu-hours from a gpu-check record)."""
+    from ami.bench.gpu_hours import gpu_hours
+
+    rep = _json(GPU_CHECK)
+    rows = gpu_hours(rep)
+    steps, total = sum(r["training_h"] for r in rows), sum(r["with_evaluation_h"] for r in rows)
+    gpu = rep["sections"]["environment"]["data"]["nvidia_smi"]["gpus"][0]["name"]
+    return (f"| Table 3, all {len(rows)} configurations x 5 folds at the 100-epoch ceiling | {total:.1f} GPU-hours "
+            f"({steps:.1f} of training steps) | {gpu} ({rep['created'][:10]}) | "
+            f"`results/gpu/gpu-hours.md` |")
 
 
 def exit_codes() -> str:
