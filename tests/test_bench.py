@@ -31,6 +31,7 @@ from ami.bench import timing as T
 from ami.runtime.artifact import INPUT_NAME, META_KEY, OUTPUT_NAME, ArtifactMeta
 from ami.runtime.engines import backend, load_engine
 from ami.train.registry import get
+from bench_cli import cli_app
 
 BATCHES = (1, 8)
 OV_MISSING = backend("openvino").unavailable()
@@ -46,18 +47,6 @@ def cpu_variants(artefact_precision: str) -> list[tuple[str, str]]:
     return out
 
 
-def cli_app(module):
-    """A fresh ``ami-bench``-like app holding one verb module (as bench/cli.py registers it)."""
-    import typer
-
-    app = typer.Typer(add_completion=False, rich_markup_mode=None)
-
-    @app.callback()
-    def _root():  # keeps the verb a sub-command
-        pass
-
-    module.register(app)
-    return app
 
 
 # -- a small real-architecture model in the artefact contract -------------------------------------

@@ -14,31 +14,22 @@ from xml.etree import ElementTree
 
 import numpy as np
 import pytest
-import typer
 from typer.testing import CliRunner
 
 from ami.bench import evaluate as E
 from ami.runtime.datasets import load_eval_set
 from ami.runtime.metrics import auroc, balanced_accuracy, rates
+from bench_cli import cli_app
 
 REPO = Path(__file__).resolve().parents[1]
 EDGE = REPO / "runtime" / "assets" / "edge.onnx"
 FAST = ["--resamples", "200", "--engine", "onnxruntime", "--threads", "1"]
 
 
-def _app():
-    app = typer.Typer(add_completion=False, rich_markup_mode=None)
-
-    @app.callback()
-    def _root():
-        pass
-
-    E.register(app)
-    return app
 
 
 def _run(*args):
-    return CliRunner().invoke(_app(), ["evaluate", *map(str, args)])
+    return CliRunner().invoke(cli_app(E), ["evaluate", *map(str, args)])
 
 
 def _report(out: Path) -> dict:

@@ -29,21 +29,11 @@ from ami.bench import parity as P
 from ami.bench import parity_report as PR
 from ami.runtime.artifact import stamp_weights_digest
 from ami.runtime.datasets import TEST_SETS, load_eval_set
+from bench_cli import cli_app
 
 SAMPLE = 64
 
 
-def cli_app(module):
-    import typer
-
-    app = typer.Typer(add_completion=False, rich_markup_mode=None)
-
-    @app.callback()
-    def _root():
-        pass
-
-    module.register(app)
-    return app
 
 
 def _quiet(*_a, **_k):
