@@ -276,18 +276,30 @@ class Deduplicated:
     groups: list[DuplicateGroup]
 
 
+def dedup_rule(groups) -> tuple[set[tuple[int, str]], set[tuple[int, str]]]:
+    """The de-duplication rule, once: for groups of identical crops given as (label, name) pairs,
+    (the copies to drop: all but the first by (label, name) of a group whose labels agree; the
+    conflicts to drop: every member of a group whose labels disagree)."""
+    copies: set[tuple[int, str]] = set()
+    conflicts: set[tuple[int, str]] = set()
+    for members in groups:
+        ordered = sorted(members)
+        if len({label for label, _ in ordered}) > 1:
+            conflicts.update(ordered)
+        else:
+            copies.update(ordered[1:])
+    return copies, conflicts
+
+
 def deduplicate(samples: list[Sample], digests: dict[Path, str] | None = None,
                 groups: list[DuplicateGroup] | None = None) -> Deduplicated:
     """The de-duplicated set (order of ``samples`` kept): conflicting groups dropped, one copy of
     the others."""
     groups = duplicate_groups(samples, digests) if groups is None else groups
-    copies: set[Path] = set()
-    conflicts: set[Path] = set()
-    for g in groups:
-        if g.conflicting:
-            conflicts.update(s.path for s in g.samples)
-        else:
-            copies.update(s.path for s in g.samples[1:])
+    by_key = {(s.label, s.name): s.path for g in groups for s in g.samples}
+    drop_copies, drop_conflicts = dedup_rule([(s.label, s.name) for s in g.samples] for g in groups)
+    copies = {by_key[k] for k in drop_copies}
+    conflicts = {by_key[k] for k in drop_conflicts}
     return Deduplicated(kept=[s for s in samples if s.path not in copies and s.path not in conflicts],
                         dropped_copies=[s for s in samples if s.path in copies],
                         dropped_conflicts=[s for s in samples if s.path in conflicts],
@@ -299,15 +311,13 @@ def known_dedup_drops(name: str) -> tuple[frozenset[str], frozenset[str]]:
     ``name``, read from its known-duplicates list alone (no crop is opened): every copy of a group
     but the first by (label, name), and every member of a group whose labels disagree. Lets a
     table subset recorded per-crop predictions to the de-duplicated set."""
-    copies: set[str] = set()
-    conflicts: set[str] = set()
-    for members in known_duplicates(name).values():
-        ordered = sorted(members, key=lambda k: (CLASS_DIRS[k.split("/", 1)[0]], k.split("/", 1)[1]))
-        if len({k.split("/", 1)[0] for k in ordered}) > 1:
-            conflicts.update(ordered)
-        else:
-            copies.update(ordered[1:])
-    return frozenset(copies), frozenset(conflicts)
+    def label_name(key: str) -> tuple[int, str]:
+        cls, file = key.split("/", 1)
+        return CLASS_DIRS[cls], file
+
+    copies, conflicts = dedup_rule([label_name(k) for k in members] for members in known_duplicates(name).values())
+    words = {v: k for k, v in CLASS_DIRS.items()}
+    return (frozenset(f"{words[lb]}/{n}" for lb, n in copies), frozenset(f"{words[lb]}/{n}" for lb, n in conflicts))
 
 
 LABEL_WORDS = {"atypical": 1, "1": 1, "normal": 0, "0": 0}
